@@ -1,0 +1,379 @@
+"""The Method interface, the method registry, adapter layers and target-module matching.
+
+Everything outside `methods/` knows a method only through `Method` and `AdapterLayer`: it never branches on a
+method's name or reaches into its parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import AdapterLoadError, ConfigError
+
+# Per-architecture default targets, as PEFT and LLaMA-Factory users expect them.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+}
+
+ALL_LINEAR = "all-linear"
+# Matches the block index of a module inside a layer stack, e.g. `model.layers.3.self_attn.q_proj` -> 3.
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Settings shared by every method; each method subclasses this with its own fields."""
+
+    target_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        """Build a config, naming the closest valid key for any unknown one."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in values if k not in fields]
+        if unknown:
+            raise ConfigError(_unknown_key_message(unknown[0], fields, f"{cls.method} config"))
+        return cls(**values)
+
+
+def _unknown_key_message(key: str, valid: set[str] | list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+    return f"Unknown key '{key}' in {where}.{hint}"
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one base module and holds any number of named adapters of one method; one of them is active.
+
+    The base module stays at `self.base_layer`, so its parameters keep PEFT's `<module>.base_layer.<param>` names.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.merged_adapters: list[str] = []
+
+    # --- what each method's layer implements ---
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """This layer's parameters of adapter `name` (the live ones: loading copies into them), keyed by our
+        internal names, with no adapter name inside."""
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def probe_input(self) -> torch.Tensor | None:
+        """A small input for checking that merging reproduces the unmerged output (None: no check)."""
+        return None
+
+    def merge(self, name: str) -> None:
+        """Fold adapter `name` into the base weights; raise if the method cannot merge."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights.")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError
+
+    # --- shared behaviour ---
+    @property
+    def use_adapter(self) -> bool:
+        """Whether forward should add the active adapter (it may be absent, disabled, or already merged in)."""
+        return not self.disabled and self.active_adapter is not None and not self.merged_adapters
+
+    def set_active(self, name: str | None) -> None:
+        if self.merged_adapters:
+            self.unmerge()
+        self.active_adapter = name if name in self.adapter_names() else None
+
+
+class ModulesToSave(AdapterLayer):
+    """A full trainable copy of a module (e.g. a classification head) per adapter, as PEFT's `modules_to_save`."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.copies = nn.ModuleDict()
+
+    def add(self, name: str) -> None:
+        clone = copy.deepcopy(self.base_layer)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = clone
+
+    def adapter_names(self) -> list[str]:
+        return list(self.copies.keys())
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {f"saved.{k}": p for k, p in self.copies[name].named_parameters()}
+
+    def delete_adapter(self, name: str) -> None:
+        del self.copies[name]
+
+    def merge(self, name: str) -> None:
+        self.base_layer.load_state_dict(self.copies[name].state_dict())
+        self.merged_adapters = [name]
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("A merged modules_to_save copy replaced the original module and cannot be undone.")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.use_adapter:
+            return self.copies[self.active_adapter](*args, **kwargs)
+        return self.base_layer(*args, **kwargs)
+
+
+class Method:
+    """One adapter of one method on one model. Subclasses implement `attach`; the rest has sensible defaults.
+
+    Training hooks, called by the trainer for every method:
+      - `param_groups(lr)`: optimizer parameter groups (LoRA+ gives lora_B its own learning rate).
+      - `prepare(trainer)`: runs once before training (LoRA-drop's selection phase).
+      - `on_step_end(step)`: runs after every optimizer step (AdaLoRA's rank allocation).
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, config: MethodConfig, adapter_name: str) -> None:
+        self.model = model
+        self.config = config
+        self.adapter_name = adapter_name
+
+    def attach(self) -> None:
+        """Insert this adapter's layers into `self.model` and mark its parameters trainable."""
+        raise NotImplementedError
+
+    # --- state ---
+    def layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for path, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer) and self.adapter_name in module.adapter_names():
+                yield path, module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This adapter's tensors, keyed `<module path>.<internal name>`, ready for `io.peft_format`."""
+        return {f"{path}.{key}": t for path, layer in self.layers() for key, t in layer.adapter_state(self.adapter_name).items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], label: Callable[[str], str] = str) -> None:
+        """Load tensors keyed as `state_dict()` returns them; every expected key must be there with its shape.
+
+        `label` renders a key for error messages (the file's own key name, say).
+        """
+        expected = self.state_dict()
+        for key, tensor in expected.items():
+            if key not in state:
+                raise AdapterLoadError(
+                    f"The adapter has no tensor '{label(key)}' that this model needs: it was saved for another base "
+                    "model or with another config."
+                )
+            if tuple(state[key].shape) != tuple(tensor.shape):
+                raise AdapterLoadError(
+                    f"Shape mismatch for '{label(key)}': the file has {tuple(state[key].shape)}, this model needs "
+                    f"{tuple(tensor.shape)}. The adapter was trained on a different base model."
+                )
+        unexpected = sorted(set(state) - set(expected))
+        if unexpected:
+            raise AdapterLoadError(
+                f"The adapter has a tensor '{label(unexpected[0])}' that this model has no place for "
+                f"({len(unexpected)} such tensors): it was saved for another base model."
+            )
+        with torch.no_grad():
+            for key, param in expected.items():
+                param.copy_(state[key])
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This adapter's trainable parameters (what the optimizer gets): exactly the parameters it saves."""
+        return [(k, t) for k, t in self.state_dict().items() if isinstance(t, nn.Parameter) and t.requires_grad]
+
+    # --- training hooks ---
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": [p for _, p in self.trainable_parameters()], "lr": lr}]
+
+    def prepare(self, trainer: Any) -> None:
+        """Called once before the first step."""
+
+    def on_step_end(self, step: int) -> None:
+        """Called after every optimizer step."""
+
+    # --- modules_to_save, shared by every method ---
+    def attach_modules_to_save(self) -> None:
+        for name in self.config.modules_to_save or []:
+            paths = [p for p, _ in self.model.named_modules() if p == name or p.endswith(f".{name}")]
+            if not paths:
+                raise ConfigError(
+                    f"modules_to_save '{name}' matches no module. Candidates: {', '.join(top_level_modules(self.model))}."
+                )
+            for path in paths:
+                module = self.model.get_submodule(path)
+                if not isinstance(module, ModulesToSave):
+                    module = ModulesToSave(module)
+                    replace_module(self.model, path, module)
+                module.add(self.adapter_name)
+                module.set_active(self.adapter_name)
+
+
+# --- registry ---
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its `name`."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, sorted(_REGISTRY), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown method '{name}'.{hint} Available methods: {', '.join(sorted(_REGISTRY))}.")
+    return _REGISTRY[name]
+
+
+def method_for_config(config: MethodConfig) -> type[Method]:
+    return get_method(config.method)
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# --- target-module matching ---
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
+    if not layers_pattern:
+        match = _LAYER_INDEX.match(path)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def candidate_modules(model: nn.Module, types: tuple[type, ...] = (*LINEAR_TYPES, nn.Embedding)) -> list[str]:
+    """Distinct short names of the modules a method could target, for error messages."""
+    names = {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, types) and path}
+    return sorted(names)
+
+
+def top_level_modules(model: nn.Module) -> list[str]:
+    return sorted({path.rsplit(".", 1)[-1] for path, _ in model.named_modules() if path and not path[-1].isdigit()})
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: list[str] | str | None,
+    *,
+    layers_to_transform: list[int] | int | None = None,
+    layers_pattern: list[str] | str | None = None,
+    types: tuple[type, ...] = (*LINEAR_TYPES, nn.Embedding),
+    exclude: list[str] | None = None,
+) -> list[str]:
+    """Paths of the modules to adapt.
+
+    `target_modules` is a list of names (a module matches if its path equals a name or ends with `.name`), a regex
+    (full match on the path), `all-linear` (every linear layer but the output head), or None for the architecture's
+    default. Raises ConfigError, listing the model's candidate names, when nothing matches.
+    """
+    if target_modules is None:
+        model_type = _model_type(model)
+        if model_type not in DEFAULT_TARGETS:
+            raise ConfigError(
+                f"No default target modules for model type '{model_type}'; set target_modules (lora_target) to some "
+                f"of: {', '.join(candidate_modules(model, types))}, or 'all-linear'."
+            )
+        target_modules = DEFAULT_TARGETS[model_type]
+    if isinstance(target_modules, str) and "," in target_modules and target_modules != ALL_LINEAR:
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    if isinstance(target_modules, list) and target_modules == [ALL_LINEAR]:
+        target_modules = ALL_LINEAR
+
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    excluded = set(exclude or [])
+    found = []
+    for path, module in model.named_modules():
+        if not path or isinstance(module, AdapterLayer) or not isinstance(module, types):
+            continue
+        if any(path == e or path.endswith(f".{e}") or f".{e}." in f".{path}." for e in excluded):
+            continue
+        if target_modules == ALL_LINEAR:
+            hit = isinstance(module, LINEAR_TYPES) and module is not output_head
+        elif isinstance(target_modules, str):
+            hit = re.fullmatch(target_modules, path) is not None
+        else:
+            hit = any(path == t or path.endswith(f".{t}") for t in target_modules)
+        if hit and layers_to_transform is not None:
+            wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+            hit = _layer_index(path, layers_pattern) in wanted
+        if hit:
+            found.append(path)
+    # A path inside an adapter layer is the wrapped base layer: target the wrapper, not its child.
+    found = [p.removesuffix(".base_layer") for p in found]
+    if not found:
+        where = f" in layers {layers_to_transform}" if layers_to_transform is not None else ""
+        raise ConfigError(
+            f"target_modules {target_modules!r} matched no module{where}. "
+            f"This model's candidate modules are: {', '.join(candidate_modules(model, types))}."
+        )
+    return found
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def trainable_report(model: nn.Module) -> str:
+    """The trainable-parameter line in PEFT's wording, so logs compare one to one."""
+    trainable, total = count_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"

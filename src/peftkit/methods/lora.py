@@ -1,0 +1,289 @@
+"""LoRA (Hu et al. 2021), with rsLoRA scaling (Kalajdzievski 2023) and DoRA (Liu et al. 2024).
+
+A target layer W gets a low-rank update: y = W x + s * B A x, with A [r, in], B [out, r] and s = alpha / r
+(rsLoRA: alpha / sqrt(r)). DoRA splits the updated weight into magnitude and direction:
+W' = m * (W + s B A) / ||W + s B A||, the norm taken per output feature and m a learned vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import ConfigError
+from .base import LINEAR_TYPES, AdapterLayer, Method, MethodConfig, find_targets, register, replace_module
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclasses.dataclass
+class LoraConfig(MethodConfig):
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    bias: str = "none"
+    init_lora_weights: bool | str = True
+    fan_in_fan_out: bool = False
+
+    method = "lora"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"LoRA rank r (lora_rank) must be a positive integer, got {self.r!r}.")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}.")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(f"init_lora_weights must be true, false or 'gaussian', got {self.init_lora_weights!r}.")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraLayer(AdapterLayer):
+    """Shared bookkeeping of the linear and embedding variants; tensors live in one ParameterDict per role."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()  # DoRA only
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA norms at merge time, to unmerge exactly
+
+    def _holders(self) -> dict[str, nn.ParameterDict]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_magnitude": self.lora_magnitude}
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {key: holder[name] for key, holder in self._holders().items() if name in holder}
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def delete_adapter(self, name: str) -> None:
+        for holder in (*self._holders().values(), self.lora_dropout):
+            if name in holder:
+                del holder[name]
+        self.scaling.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that inspects `layer.weight` (transformers, generation utils) still works."""
+        return self.base_layer.weight
+
+    def _base_weight(self) -> torch.Tensor:
+        """Base weight as [out, in] (GPT-2's Conv1D stores [in, out]); embeddings as [dim, vocab]."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B A in [out, in] layout and fp32."""
+        return (self.lora_B[name] @ self.lora_A[name]).float() * self.scaling[name]
+
+    def _dora_scale(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        """m / ||W + delta|| per output feature, detached from the graph as the DoRA paper recommends (Sec. 4.3)."""
+        norm = torch.linalg.norm(self._base_weight().float() + delta, dim=1).detach()
+        return self.lora_magnitude[name].float() / norm
+
+    def _init_magnitude(self, name: str) -> None:
+        with torch.no_grad():
+            norm = torch.linalg.norm(self._base_weight().float() + self.delta_weight(name), dim=1)
+        self.lora_magnitude[name] = nn.Parameter(norm)
+
+    def _set_base_weight(self, w_out_in: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def merge(self, name: str) -> None:
+        if self.merged_adapters:
+            self.unmerge()
+        delta = self.delta_weight(name)
+        w = self._base_weight().float()
+        if name in self.lora_magnitude:
+            norm = torch.linalg.norm(w + delta, dim=1)
+            self._merged_norms[name] = norm
+            merged = (self.lora_magnitude[name].float() / norm).unsqueeze(1) * (w + delta)
+        else:
+            merged = w + delta
+        self._set_base_weight(merged)
+        self.merged_adapters = [name]
+
+    def unmerge(self) -> None:
+        for name in self.merged_adapters:
+            w = self._base_weight().float()
+            if name in self.lora_magnitude:
+                w = w / (self.lora_magnitude[name].float() / self._merged_norms.pop(name)).unsqueeze(1)
+            self._set_base_weight(w - self.delta_weight(name))
+        self.merged_adapters = []
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on nn.Linear or GPT-2's Conv1D (fan_in_fan_out: weight stored [in, out])."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    def add(self, name: str, cfg: LoraConfig) -> None:
+        device = self.base_layer.weight.device
+        A = torch.empty(cfg.r, self.in_features, device=device)
+        B = torch.zeros(self.out_features, cfg.r, device=device)
+        if cfg.init_lora_weights == "gaussian":
+            nn.init.normal_(A, std=1 / cfg.r)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's default, as PEFT does
+        if cfg.init_lora_weights is False:
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.lora_dropout[name] = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.scaling[name] = cfg.scaling
+        if cfg.use_dora:
+            self._init_magnitude(name)
+
+    def probe_input(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return torch.randn(2, 4, self.in_features, device=w.device).to(w.dtype)
+
+    def _base_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _set_base_weight(self, w_out_in: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        with torch.no_grad():
+            w.copy_((w_out_in.T if self.fan_in_fan_out else w_out_in).to(w.dtype))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if not self.use_adapter:
+            return result
+        name = self.active_adapter
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        dropout = self.lora_dropout[name]
+        h = dropout(x.to(A.dtype))
+        lora = F.linear(F.linear(h, A), B) * s
+        if name not in self.lora_magnitude:
+            return result + lora.to(result.dtype)
+        # DoRA: y = (m/||W'||) * (W x + s B A x) + bias, written as a correction on top of the base output.
+        scale = self._dora_scale(name, self.delta_weight(name).detach())
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_out = result.to(A.dtype)
+            if self.base_layer.bias is not None:
+                base_out = base_out - self.base_layer.bias.to(A.dtype)
+        else:
+            base_out = F.linear(h, self._base_weight().to(A.dtype))
+        return result + ((scale - 1) * base_out + scale * lora).to(result.dtype)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on nn.Embedding: A [r, vocab] is looked up like an embedding table, B [dim, r] maps it up."""
+
+    def add(self, name: str, cfg: LoraConfig) -> None:
+        vocab, dim = self.base_layer.weight.shape
+        device = self.base_layer.weight.device
+        A = torch.zeros(cfg.r, vocab, device=device)
+        B = torch.empty(dim, cfg.r, device=device)
+        nn.init.normal_(B)  # A is zero instead of B, as in PEFT, so lookups start as a no-op but get gradients
+        if cfg.init_lora_weights is False:
+            nn.init.normal_(A)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.lora_dropout[name] = nn.Identity()
+        self.scaling[name] = cfg.scaling
+        if cfg.use_dora:
+            self._init_magnitude(name)
+
+    def _holders(self) -> dict[str, nn.ParameterDict]:
+        return {"lora_emb_A": self.lora_A, "lora_emb_B": self.lora_B, "lora_magnitude": self.lora_magnitude}
+
+    def probe_input(self) -> torch.Tensor:
+        return torch.randint(0, self.base_layer.num_embeddings, (2, 8), device=self.base_layer.weight.device)
+
+    def _base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight.T  # [dim, vocab]: "output features" are the embedding dimensions
+
+    def _set_base_weight(self, w_out_in: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.base_layer.weight.copy_(w_out_in.T.to(self.base_layer.weight.dtype))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if not self.use_adapter:
+            return result
+        name = self.active_adapter
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        emb = self.base_layer
+        after_a = F.embedding(x, A.T, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+        lora = (after_a @ B.T) * s
+        if name not in self.lora_magnitude:
+            return result + lora.to(result.dtype)
+        scale = self._dora_scale(name, self.delta_weight(name).detach())
+        return (result.to(A.dtype) * scale + scale * lora).to(result.dtype)
+
+
+@register
+class Lora(Method):
+    """Low-rank adapters on linear and embedding layers."""
+
+    name = "lora"
+    config_class = LoraConfig
+    config: LoraConfig
+
+    def attach(self) -> None:
+        cfg = self.config
+        paths = find_targets(
+            self.model,
+            cfg.target_modules,
+            layers_to_transform=cfg.layers_to_transform,
+            layers_pattern=cfg.layers_pattern,
+            types=(*LINEAR_TYPES, nn.Embedding, LoraLayer),
+            exclude=cfg.modules_to_save,
+        )
+        if cfg.target_modules is None:  # record what the architecture default resolved to, as PEFT does
+            cfg.target_modules = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        for path in paths:
+            module = self.model.get_submodule(path)
+            if isinstance(module, AdapterLayer) and not isinstance(module, LoraLayer):
+                raise ConfigError(f"'{path}' already carries a {type(module).__name__}; LoRA cannot wrap it again.")
+            if not isinstance(module, LoraLayer):
+                module = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
+                replace_module(self.model, path, module)
+            if isinstance(module, LoraLinear) and module.fan_in_fan_out:
+                cfg.fan_in_fan_out = True
+            module.add(self.adapter_name, cfg)
+        self._train_biases()
+        self.attach_modules_to_save()
+
+    def _bias_params(self) -> dict[str, nn.Parameter]:
+        if self.config.bias == "all":
+            return {n: p for n, p in self.model.named_parameters() if n.endswith("bias") and "lora_" not in n}
+        if self.config.bias == "lora_only":
+            return {
+                f"{path}.base_layer.bias": layer.base_layer.bias
+                for path, layer in self.layers()
+                if isinstance(layer, LoraLayer) and getattr(layer.base_layer, "bias", None) is not None
+            }
+        return {}
+
+    def _train_biases(self) -> None:
+        for p in self._bias_params().values():
+            p.requires_grad_(True)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**super().state_dict(), **self._bias_params()}
