@@ -1,0 +1,162 @@
+"""`peftkit` command line: parse, call the library, print. Errors print one line; `--debug` shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from typing import Any
+
+from .errors import PeftkitError
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import run_sft
+
+    run_sft(load_config(args.config, args.overrides))
+
+
+def _load_chat_model(args: argparse.Namespace) -> Any:
+    from .models import load_model_and_tokenizer
+    from .serve import ChatEngine
+    from .tuned import TunedModel
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.adapter:
+        model = TunedModel.load(model, args.adapter)
+    return ChatEngine(model, tokenizer)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    engine = _load_chat_model(args)
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.once is not None:
+        print(engine.reply([*system, {"role": "user", "content": args.once}], **gen))
+        return
+    print("Chat with the model. /clear starts over, /exit quits.", file=sys.stderr)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            query = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if query == "/exit":
+            return
+        if query == "/clear":
+            history = []
+            print("History cleared.", file=sys.stderr)
+            continue
+        if not query:
+            continue
+        history.append({"role": "user", "content": query})
+        print("Assistant: ", end="", flush=True)
+        answer = ""
+        for piece in engine.stream([*system, *history], **gen):
+            print(piece, end="", flush=True)
+            answer += piece
+        print()
+        history.append({"role": "assistant", "content": answer.strip()})
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .export import export_merged
+
+    cfg = load_config(args.config, args.overrides, do_train=False)
+    if not cfg.export_dir:
+        raise PeftkitError("export needs export_dir (e.g. `peftkit export cfg.yaml export_dir=out/merged`).")
+    out = export_merged(
+        cfg.model_name_or_path,
+        cfg.adapter_name_or_path,
+        cfg.export_dir,
+        export_size=cfg.export_size,
+        dtype=cfg.infer_dtype,
+        overwrite=cfg.overwrite_output_dir,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    print(f"Wrote the merged model to {out}")
+
+
+def cmd_env(args: argparse.Namespace) -> None:
+    import torch
+    import transformers
+
+    from . import __version__
+    from .models import peftkit_home
+    from .train.precision import bf16_is_faster
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = {
+        "peftkit": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "bf16 faster than fp32": bf16_is_faster(device),
+        "cache dir (PEFTKIT_HOME)": str(peftkit_home()),
+    }
+    for name in ("peft", "bitsandbytes", "gguf", "datasets"):
+        try:
+            rows[name] = __import__(name).__version__
+        except ImportError:
+            rows[name] = "not installed"
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Fine-tune, chat with and export language models.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML config: peftkit train cfg.yaml [key=value ...]")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("chat", help="chat with a model (and adapter)")
+    p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or built-in alias")
+    p.add_argument("--adapter", help="adapter folder (peftkit or PEFT format)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--once", metavar="QUESTION", help="answer one question, print only the answer, and exit")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("export", help="merge an adapter into its base model and save the result")
+    p.add_argument("config", nargs="?", help="YAML with model_name_or_path, adapter_name_or_path, export_dir")
+    p.add_argument("overrides", nargs="*", help="key=value settings")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("env", help="print versions, devices and the cache folder")
+    p.set_defaults(func=cmd_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config:  # `peftkit export key=value ...` without a file
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    try:
+        args.func(args)
+    except PeftkitError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""One YAML file plus `key=value` overrides -> one typed, validated `TrainConfig`, before any model is loaded.
+
+Training keys are Hugging Face `TrainingArguments` names; model, data and method keys are LLaMA-Factory's, so its
+example YAML files load unchanged. Every check and its error message lives here, so a run never fails an hour in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import types
+import typing
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import yaml
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .methods import MethodConfig
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+EVAL_STRATEGIES = ("no", "steps", "epoch")
+SAVE_STRATEGIES = ("steps", "epoch", "no")
+STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")  # LLaMA-Factory's
+SUPPORTED_STAGES = ("sft",)
+INFER_DTYPES = ("auto", "float32", "float16", "bfloat16")
+EXPORT_FORMATS = ("hf", "gguf", "ollama")
+
+_NOT_HERE = "single-device training only; multi-GPU settings have no effect"
+_NO_MEDIA = "text-only models for now; multimodal settings have no effect"
+_NO_HUB = "uploading is not supported (no network); push the output_dir yourself"
+# Keys from LLaMA-Factory configs that are accepted so its files load, with a warning saying why they do nothing.
+IGNORED_KEYS: dict[str, str] = {
+    "ddp_timeout": _NOT_HERE, "ddp_find_unused_parameters": _NOT_HERE, "deepspeed": _NOT_HERE, "fsdp": _NOT_HERE,
+    "fsdp_config": _NOT_HERE, "ray_run_name": _NOT_HERE,
+    "flash_attn": "attention uses transformers' default implementation for the model",
+    "enable_liger_kernel": "Liger kernels are not used", "use_unsloth": "Unsloth is not used",
+    "preprocessing_batch_size": "tokenization is not batched by this setting",
+    "dataloader_pin_memory": "memory pinning is not configurable",
+    "push_to_hub": _NO_HUB, "hub_model_id": _NO_HUB, "hub_strategy": _NO_HUB, "hub_private_repo": _NO_HUB,
+    "tokenized_path": "data is tokenized at the start of each run; saving tokenized data is not implemented",
+    "streaming": "datasets are loaded into memory; streaming is not implemented",
+    "neat_packing": "`packing` is always neat here (packed examples never attend to each other); "
+    "neat_packing: true turns packing on",
+    "include_num_input_tokens_seen": "tokens per second are always logged",
+    "quantization_bit": "QLoRA is not implemented yet", "quantization_type": "QLoRA is not implemented yet",
+    "double_quantization": "QLoRA is not implemented yet",
+    "image_max_pixels": _NO_MEDIA, "video_max_pixels": _NO_MEDIA, "freeze_vision_tower": _NO_MEDIA,
+    "media_dir": _NO_MEDIA,
+    "run_name": "runs are named by output_dir", "logging_dir": "logs go to output_dir/trainer_log.jsonl",
+}
+_ALIASES = {"evaluation_strategy": "eval_strategy"}  # old TrainingArguments name -> current
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a run, flat as in LLaMA-Factory's YAML; built by `load_config`, validated on creation."""
+
+    # --- model ---
+    model_name_or_path: str | None = None  # required: a hub id or local folder (None only to give a clear error)
+    adapter_name_or_path: str | None = None  # continue training, or export, this adapter
+    trust_remote_code: bool = False
+    # --- method ---
+    stage: str = "sft"
+    finetuning_type: str = "lora"  # a name from peftkit.available_methods()
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # None -> 2 * lora_rank, as in LLaMA-Factory
+    lora_dropout: float = 0.0
+    lora_target: str | list[str] | None = "all"  # "all": every linear layer; "q_proj,v_proj"; None/"default": per model
+    additional_target: list[str] | None = None  # modules trained in full and saved with the adapter (modules_to_save)
+    use_rslora: bool = False
+    use_dora: bool = False
+    # --- data ---
+    dataset: list[str] | None = None  # names in dataset_dir/dataset_info.json; "a,b" is split
+    eval_dataset: list[str] | None = None
+    dataset_dir: str = "data"
+    template: str | None = None  # None: the tokenizer's own chat template
+    cutoff_len: int = 2048
+    max_samples: int | None = None
+    val_size: int | float = 0.0  # a fraction in [0, 1), or a count >= 1, of `dataset` held out for evaluation
+    packing: bool = False  # always "neat": packed examples never attend to each other
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    overwrite_cache: bool = False
+    preprocessing_num_workers: int | None = None
+    dataloader_num_workers: int = 0
+    # --- training (TrainingArguments) ---
+    do_train: bool = True
+    do_eval: bool = False
+    do_predict: bool = False
+    output_dir: str = "saves/run"
+    overwrite_output_dir: bool = False
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    optim: str = "adamw_torch"  # the only optimizer; other names warn and fall back to it
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    lr_scheduler_type: str = "linear"
+    lr_scheduler_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    logging_steps: int = 10
+    eval_strategy: str = "no"
+    eval_steps: int | None = None  # None -> logging_steps, as in TrainingArguments
+    save_strategy: str = "steps"
+    save_steps: int = 500
+    save_total_limit: int | None = None  # keep only the newest N checkpoints
+    save_only_model: bool = False  # checkpoints hold only the adapter: smaller, but training cannot resume from them
+    load_best_model_at_end: bool = False
+    metric_for_best_model: str = "eval_loss"
+    resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or true for the newest in output_dir
+    seed: int = 42
+    bf16: bool | None = None  # None: bf16 where the device supports it
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    report_to: str | list[str] = "none"  # only "none": metrics go to output_dir/trainer_log.jsonl
+    plot_loss: bool = False
+    # --- generation and export ---
+    max_new_tokens: int = 512
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    do_sample: bool = False
+    export_dir: str | None = None
+    export_size: int = 5  # shard size in GB
+    export_format: str = "hf"
+    infer_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def method_config(self) -> MethodConfig:
+        """The `finetuning_type` method's config, from the LLaMA-Factory keys that its config class has."""
+        from .methods import get_method
+
+        target = self.lora_target
+        if target in ("all", "all-linear"):
+            target = "all-linear"
+        elif isinstance(target, str):  # "default" or "" -> None: the architecture's default targets
+            target = [t.strip() for t in target.split(",") if t.strip() and t.strip() != "default"] or None
+        values = dict(
+            r=self.lora_rank, lora_alpha=self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank,
+            lora_dropout=self.lora_dropout, use_rslora=self.use_rslora, use_dora=self.use_dora,
+            target_modules=target, modules_to_save=self.additional_target or None,
+        )
+        cls = get_method(self.finetuning_type).config_class
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values, saved into checkpoints so a run can be reproduced."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Flat `key: value` pairs -> config: old names renamed, LLaMA-Factory-only keys warned about, others refused."""
+        values = _rename_aliases(values)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in [k for k in values if k not in fields]:
+            if key not in IGNORED_KEYS:
+                known = sorted(fields | IGNORED_KEYS.keys() | _ALIASES.keys())
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else " See peftkit.config.TrainConfig for valid keys."
+                raise ConfigError(f"Unknown key '{key}'.{hint}")
+            value = values.pop(key)
+            if value is None:  # explicitly off: nothing to warn about
+                continue
+            if key == "quantization_bit":
+                raise ConfigError(f"quantization_bit={value}: QLoRA is not implemented yet; "
+                                  "remove quantization_bit to train LoRA on the unquantized model.")
+            if key == "neat_packing" and value is True:
+                values["packing"] = True
+            warnings.warn(f"Ignoring {key}={value!r}: {IGNORED_KEYS[key]}.", UserWarning, stacklevel=3)
+        return cls(**values)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), **kw: Any) -> TrainConfig:
+    """The YAML file, then `key=value` overrides, then keyword arguments; later ones win."""
+    values = _rename_aliases(_read_yaml(path)) if path else {}
+    values.update(_rename_aliases(parse_overrides(overrides)))
+    values.update(_rename_aliases(kw))
+    return TrainConfig.from_dict(values)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`["learning_rate=5e-5", "packing=true"]` -> a dict; each value is read as YAML, so `true` and `[a, b]` work."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = str(item).partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            raise ConfigError(f"Override '{item}' is not key=value; write e.g. learning_rate=5e-5, without spaces.")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key] = raw  # e.g. a path with YAML-special characters: keep the text as given
+    return out
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists() or p.is_dir():
+        what = "is a folder, not a file" if p.is_dir() else "does not exist"
+        raise ConfigError(f"Config file '{p}' {what}. Check the path, or pass only key=value settings.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or e
+        raise ConfigError(f"Config file '{p}' is not valid YAML{where}: {problem}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError(f"Config file '{p}' must hold `key: value` lines at the top level, not a {kind}.")
+    return data
+
+
+def _rename_aliases(values: Mapping[str, Any]) -> dict[str, Any]:
+    values = dict(values)
+    for old, new in _ALIASES.items():
+        if old in values:
+            if new in values:
+                raise ConfigError(f"Both {old} and {new} are set; keep only {new} ({old} is its old name).")
+            warnings.warn(f"{old} is the old name of {new}; please rename it.", UserWarning, stacklevel=3)
+            values[new] = values.pop(old)
+    return values
+
+
+# --- types: what YAML and the command line produce -> the field's type ---
+_BAD = object()
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               list: "a list of strings (or 'a,b')", dict: "a mapping"}
+
+
+def _convert(value: Any, kind: type) -> Any:
+    """`value` as `kind`, or _BAD. PyYAML reads `5e-5` as a string, so numeric strings count as numbers."""
+    if kind is bool:
+        text = str(value).lower()
+        return value if isinstance(value, bool) else (text == "true") if text in ("true", "false") else _BAD
+    if isinstance(value, bool):  # a bool is an int to Python, but `lora_rank: true` is a mistake
+        return _BAD
+    if kind in (int, float) and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if kind is float and isinstance(value, (int, float)):
+        return float(value)
+    if kind is int and (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+        return int(value)
+    if kind is str and isinstance(value, (str, int)):
+        return str(value)
+    if kind is list and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if kind is list and isinstance(value, (list, tuple)) and all(type(v) in (str, int) for v in value):
+        return [str(v).strip() for v in value]
+    if kind is dict and isinstance(value, str):  # a JSON or YAML mapping, as TrainingArguments accepts
+        with contextlib.suppress(yaml.YAMLError):
+            value = yaml.safe_load(value)
+    if kind is dict and (value is None or isinstance(value, dict)):
+        return dict(value or {})
+    return _BAD
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    kinds = [typing.get_origin(a) or a for a in (typing.get_args(tp) if union else (tp,))]
+    if value is None and type(None) in kinds:
+        return None
+    for kind in kinds:
+        if kind is not type(None) and (out := _convert(value, kind)) is not _BAD:
+            return out
+    names = [_TYPE_NAMES.get(k, "null") for k in kinds]
+    raise ConfigError(f"{key} must be {' or '.join(names)}, got {value!r}.")
+
+
+# --- values: (key, test, what the value must be); None values are not tested ---
+_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("learning_rate", lambda v: v > 0, "greater than 0 (e.g. 1e-4)"),
+    *[(k, lambda v: v >= 1, "at least 1") for k in (
+        "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "cutoff_len",
+        "lora_rank", "logging_steps", "save_steps", "eval_steps", "save_total_limit", "max_samples", "export_size",
+        "max_new_tokens")],
+    *[(k, lambda v: v >= 0, "at least 0") for k in (
+        "weight_decay", "warmup_steps", "max_grad_norm", "dataloader_num_workers", "preprocessing_num_workers",
+        "temperature", "top_k")],
+    ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("lora_alpha", lambda v: v > 0, "greater than 0"),
+    ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_epsilon", lambda v: v > 0, "greater than 0"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("repetition_penalty", lambda v: v > 0, "greater than 0"),
+    ("val_size", lambda v: 0 <= v < 1 or (v >= 1 and float(v).is_integer()), "a fraction in [0, 1) or a count >= 1"),
+]
+
+
+def _check_choice(key: str, value: Any, options: Sequence[str]) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), list(options), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key} '{value}' is not one of: {', '.join(options)}.{hint}")
+
+
+def _validate(c: TrainConfig) -> None:
+    """Types first, then each value, then combinations; fills the defaults that depend on other keys."""
+    for f in dataclasses.fields(c):
+        setattr(c, f.name, _coerce(f.name, getattr(c, f.name), _HINTS[f.name]))
+    if not c.model_name_or_path:
+        raise ConfigError("model_name_or_path is required: a Hugging Face hub id or a local model folder.")
+    for key, ok, must in _RULES:
+        value = getattr(c, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key} must be {must}, got {value!r}.")
+    if c.val_size >= 1:
+        c.val_size = int(c.val_size)
+    if isinstance(c.resume_from_checkpoint, str) and c.resume_from_checkpoint.lower() in ("true", "false"):
+        c.resume_from_checkpoint = c.resume_from_checkpoint.lower() == "true"
+
+    if c.stage not in SUPPORTED_STAGES:
+        verb = "is not supported yet" if c.stage in STAGES else "is unknown"
+        raise ConfigError(f"stage '{c.stage}' {verb}: LLaMA-Factory's stages are {', '.join(STAGES)}; "
+                          f"supported here: {', '.join(SUPPORTED_STAGES)}.")
+    try:
+        from .methods import available_methods
+    except ImportError:  # the method registry is checked again when the method is built
+        pass
+    else:
+        _check_choice("finetuning_type", c.finetuning_type, available_methods())
+    for key, options in (("lr_scheduler_type", LR_SCHEDULERS), ("eval_strategy", EVAL_STRATEGIES),
+                         ("save_strategy", SAVE_STRATEGIES), ("infer_dtype", INFER_DTYPES),
+                         ("export_format", EXPORT_FORMATS)):
+        _check_choice(key, getattr(c, key), options)
+    if c.optim != "adamw_torch":
+        warnings.warn(f"optim '{c.optim}' is not supported; using adamw_torch (torch.optim.AdamW).", stacklevel=2)
+        c.optim = "adamw_torch"
+    reporters = [c.report_to] if isinstance(c.report_to, str) else c.report_to
+    if any(r != "none" for r in reporters):
+        warnings.warn(f"report_to={c.report_to!r} is not supported; metrics go to output_dir/trainer_log.jsonl "
+                      "(set plot_loss: true for a loss plot).", stacklevel=2)
+
+    if c.num_train_epochs <= 0 and c.max_steps <= 0:
+        raise ConfigError(f"Nothing to train: num_train_epochs is {c.num_train_epochs} and max_steps is "
+                          f"{c.max_steps}; set num_train_epochs > 0 or max_steps > 0.")
+    if c.bf16 and c.fp16:
+        raise ConfigError("bf16 and fp16 are both true; choose one.")
+    if c.eval_strategy == "steps" and c.eval_steps is None:
+        c.eval_steps = c.logging_steps
+    if c.load_best_model_at_end and not c.eval_dataset and c.val_size == 0:
+        raise ConfigError("load_best_model_at_end needs an evaluation set: set eval_dataset, or val_size (e.g. 0.1).")
+    if c.load_best_model_at_end and c.eval_strategy == "no":
+        raise ConfigError("load_best_model_at_end needs evaluation during training: set eval_strategy: steps or epoch.")
+    if c.do_train and not c.dataset:
+        raise ConfigError("do_train needs a dataset: set dataset to names from dataset_dir/dataset_info.json "
+                          "(e.g. dataset: identity,alpaca_en_demo), or do_train: false.")
+
+
+_HINTS = typing.get_type_hints(TrainConfig)

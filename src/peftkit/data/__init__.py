@@ -1,0 +1,28 @@
+"""SFT data: dataset_info.json and files -> canonical conversations -> chat template + loss mask -> (packed) batches.
+
+    train, eval = build_sft_dataset(tokenizer, "alpaca_en_demo", "data", cutoff_len=1024, val_size=0.1)
+    batch = SFTCollator(tokenizer.pad_token_id)(train[:8])
+"""
+
+from .dataset import DataReport, DatasetStats, build_sft_dataset, default_cache_dir, load_conversations
+from .formats import Conversation
+from .packing import SFTCollator, pack
+from .templates import IGNORE_INDEX, TEMPLATES, ChatTemplate, StringTemplate, Template, encode, get_template
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TEMPLATES",
+    "ChatTemplate",
+    "Conversation",
+    "DataReport",
+    "DatasetStats",
+    "SFTCollator",
+    "StringTemplate",
+    "Template",
+    "build_sft_dataset",
+    "default_cache_dir",
+    "encode",
+    "get_template",
+    "load_conversations",
+    "pack",
+]

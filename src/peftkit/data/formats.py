@@ -1,0 +1,188 @@
+"""Alpaca, ShareGPT and OpenAI-messages rows -> one canonical `Conversation`, so templates see a single shape.
+
+Canonical roles: `system` (first only), then alternating prompt turns (`user`, `tool` = a tool's result) and answer
+turns (`assistant`, `function_call` = the model calling a tool, content a JSON `{"name", "arguments"}`), ending on an
+answer. Rows that break this are skipped by the caller and counted, never silently repaired.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from ..errors import ConfigError
+
+ROLES = ("system", "user", "assistant", "function_call", "tool")
+PROMPT_ROLES = ("user", "tool")
+ANSWER_ROLES = ("assistant", "function_call")
+
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"}
+
+
+@dataclasses.dataclass
+class Conversation:
+    """One training conversation: `messages` as [{"role", "content"}], `tools` a JSON list of tool schemas or None."""
+
+    messages: list[dict[str, str]]
+    tools: str | None = None
+    source: str = ""  # the dataset it came from, for reports
+    row: int = -1  # its row in that dataset, for reports
+
+
+class RowError(ValueError):
+    """A row that cannot become a valid conversation; the message is the reason shown to the user."""
+
+
+def to_conversation(row: dict[str, Any], formatting: str, columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+    if formatting == "alpaca":
+        messages, tools = _alpaca(row, columns), None
+    else:
+        messages, tools = _sharegpt(row, columns, tags, openai=formatting == "openai")
+    check_turns(messages)
+    return Conversation(messages=messages, tools=tools)
+
+
+def check_turns(messages: list[dict[str, str]]) -> None:
+    """Raise RowError unless the turns alternate prompt -> answer and end on an answer."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not turns:
+        raise RowError("no turns")
+    for i, m in enumerate(turns):
+        role = m["role"]
+        if role == "system":
+            raise RowError(f"system turn at position {i + 1}; only the first turn may be a system prompt")
+        if not m["content"].strip():
+            raise RowError("empty answer" if role in ANSWER_ROLES else f"empty {role} turn")
+        want = PROMPT_ROLES if i % 2 == 0 else ANSWER_ROLES
+        if role not in want:
+            if i == 0:
+                raise RowError(f"starts with a '{role}' turn; the first turn must be user")
+            side = "prompt" if role in PROMPT_ROLES else "answer"
+            raise RowError(f"two {side} turns in a row ('{turns[i - 1]['role']}' then '{role}') at turn {i}")
+    if turns[-1]["role"] not in ANSWER_ROLES:
+        raise RowError(f"does not end with an assistant turn (ends with '{turns[-1]['role']}')")
+
+
+def _text(row: dict[str, Any], column: str | None, *, required: bool = False) -> str:
+    if column is None:
+        return ""
+    if column not in row:
+        if required:
+            raise RowError(f"missing column '{column}' (row has: {', '.join(sorted(row))})")
+        return ""
+    value = row[column]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"column '{column}' holds {type(value).__name__}, not text")
+    return value
+
+
+def _alpaca(row: dict[str, Any], columns: dict[str, str]) -> list[dict[str, str]]:
+    """instruction + "\\n" + input is the user turn, output the answer; history pairs come first."""
+    prompt = _text(row, columns.get("prompt", "instruction"), required=True)
+    answer = _text(row, columns.get("response", "output"), required=True)
+    query = _text(row, columns.get("query", "input"))
+    messages = []
+    system = _text(row, columns.get("system"))
+    if system.strip():
+        messages.append({"role": "system", "content": system})
+    history = row.get(columns["history"]) if columns.get("history") else None
+    if history:
+        if not isinstance(history, list) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in history
+        ):
+            raise RowError(f"column '{columns['history']}' must be a list of [user, assistant] text pairs")
+        for old_prompt, old_answer in history:
+            messages += [{"role": "user", "content": old_prompt}, {"role": "assistant", "content": old_answer}]
+    user = "\n".join(t for t in (prompt, query) if t)
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def _sharegpt(row: dict[str, Any], columns: dict[str, str], tags: dict[str, str], *, openai: bool):
+    tag = {**(OPENAI_TAGS if openai else SHAREGPT_TAGS), **tags}
+    column = columns.get("messages", "messages" if openai else "conversations")
+    if column not in row:
+        raise RowError(f"missing column '{column}' (row has: {', '.join(sorted(row))})")
+    raw = row[column]
+    if isinstance(raw, str):  # CSV and some parquet exports store the list as JSON text
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise RowError(f"column '{column}' is text that is not a JSON list of messages") from None
+    if not isinstance(raw, list):
+        raise RowError(f"column '{column}' holds {type(raw).__name__}, not a list of messages")
+    role_of = {tag["user_tag"]: "user", tag["assistant_tag"]: "assistant", tag["observation_tag"]: "tool",
+               tag["function_tag"]: "function_call", tag["system_tag"]: "system"}
+    messages: list[dict[str, str]] = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise RowError(f"message {i} is {type(m).__name__}, not an object")
+        raw_role = m.get(tag["role_tag"])
+        if raw_role not in role_of:
+            raise RowError(f"message {i} has role '{raw_role}' under key '{tag['role_tag']}'; known roles: "
+                           f"{', '.join(map(str, role_of))} (set `tags` in dataset_info.json if yours differ)")
+        role, content = role_of[raw_role], m.get(tag["content_tag"])
+        if role == "assistant" and m.get("tool_calls"):  # OpenAI style: a tool call hidden in an assistant message
+            calls = [c.get("function", c) if isinstance(c, dict) else c for c in m["tool_calls"]]
+            role, content = "function_call", json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+        content = _content_text(content, i)
+        if role == "tool" and messages and messages[-1]["role"] == "tool":  # parallel tool results: one turn
+            messages[-1]["content"] += "\n" + content
+            continue
+        messages.append({"role": role, "content": content})
+    system = _text(row, columns.get("system"))
+    if system.strip() and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    if messages and messages[0]["role"] == "system" and not messages[0]["content"].strip():
+        messages = messages[1:]
+    return messages, _tools(row, columns.get("tools", "tools" if openai else None))
+
+
+def _content_text(content: Any, i: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(p.get("text", "") for p in content)  # OpenAI content parts, text only
+    if isinstance(content, (dict, list)):
+        return json.dumps(content, ensure_ascii=False)
+    raise RowError(f"message {i} content is {type(content).__name__}, not text")
+
+
+def _tools(row: dict[str, Any], column: str | None) -> str | None:
+    value = row.get(column) if column else None
+    if value in (None, "", [], "[]"):
+        return None
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError:
+            raise RowError(f"column '{column}' is not valid JSON") from None
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def detect_format(row: dict[str, Any], name: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    """Guess (formatting, columns, tags) for a file not in dataset_info.json, from its first row."""
+    for column in ("messages", "conversations", "conversation"):
+        msgs = row.get(column)
+        if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict):
+            columns = {"messages": column, **{c: c for c in ("system", "tools") if c in row}}
+            if "role" in msgs[0]:
+                return "openai", columns, {}
+            if "from" in msgs[0]:
+                return "sharegpt", columns, {}
+    if "instruction" in row and "output" in row:
+        return "alpaca", {c: c for c in ("system", "history") if c in row}, {}
+    hint = " It looks like plain text for pretraining; SFT needs prompts with answers." if set(row) == {"text"} else ""
+    raise ConfigError(
+        f"Cannot tell the format of '{name}' from its columns ({', '.join(sorted(row))}).{hint} Register it in "
+        "dataset_info.json with `formatting` and `columns` (alpaca: prompt/query/response; sharegpt: messages)."
+    )

@@ -1,0 +1,103 @@
+"""Packing several short examples into one row, and the collator that batches rows (packed or not).
+
+A packed row keeps its examples apart: `position_ids` restart at 0 per example and the collator's 4-D mask is
+block-diagonal causal, so no token attends across examples. Since every example's labels[0] is -100 (see
+`templates.encode`), the shifted loss never asks one example's last token to predict the next example's first:
+the packed loss equals the unpacked loss.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .templates import IGNORE_INDEX
+
+
+def pack(examples: list[dict[str, list[int]]], cutoff_len: int) -> list[dict[str, list[int]]]:
+    """Best-fit-decreasing packing into rows of at most `cutoff_len` tokens; deterministic for a given input."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))  # stable: ties keep order
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, bin index), sorted
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        if n > cutoff_len:
+            raise ConfigError(f"An example has {n} tokens, more than cutoff_len={cutoff_len}; truncate before packing.")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, b = free.pop(k)
+        else:
+            space, b = cutoff_len, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if space - n > 0:
+            bisect.insort(free, (space - n, b))
+    rows = []
+    for members in bins:
+        row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+        for i in members:
+            ex = examples[i]
+            row["input_ids"] += ex["input_ids"]
+            row["labels"] += [IGNORE_INDEX] + list(ex["labels"][1:])
+            row["position_ids"] += list(range(len(ex["input_ids"])))
+            row["seq_lens"].append(len(ex["input_ids"]))
+        rows.append(row)
+    return rows
+
+
+class SFTCollator:
+    """Right-pads a list of examples into tensors: input_ids, labels (-100 on padding), attention_mask.
+
+    Packed rows (with `seq_lens`) also get `position_ids` and a 4-D additive float `attention_mask`
+    [B, 1, L, L] (0 = may attend, dtype-min = may not) that is causal within each example, blocks attention
+    across examples and to padding. transformers 5 passes a 4-D mask to the attention kernel unchanged, so it must
+    already have the model's dtype: pass `mask_dtype=model.dtype` for bf16/fp16 models. Its size is B*L*L
+    elements (8 x 4096^2 in bf16 is 256 MiB); models that reject 4-D masks raise a clear error on the first batch.
+    """
+
+    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None, *,
+                 mask_dtype: torch.dtype = torch.float32) -> None:
+        # Padding is masked out and never labelled, so any id works when the tokenizer defines none.
+        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.mask_dtype = mask_dtype
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("SFTCollator got an empty batch.")
+        lengths = [len(f["input_ids"]) for f in features]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(features)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        for b, (f, n) in enumerate(zip(features, lengths)):
+            input_ids[b, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[b, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention_mask[b, :n] = 1
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if any("seq_lens" in f for f in features):
+            out["position_ids"], out["attention_mask"] = self._packed(features, lengths, width)
+        return out
+
+    def _packed(self, features, lengths, width) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = len(features)
+        position_ids = torch.zeros((batch, width), dtype=torch.long)
+        segment = torch.zeros((batch, width), dtype=torch.long)  # 1, 2, ... per example; 0 on padding
+        for b, (f, n) in enumerate(zip(features, lengths)):
+            seq_lens = f.get("seq_lens") or [n]
+            if sum(seq_lens) != n:
+                raise ValueError(f"seq_lens {seq_lens} do not add up to the row's {n} tokens.")
+            position_ids[b, :n] = torch.cat([torch.arange(s) for s in seq_lens])
+            segment[b, :n] = torch.repeat_interleave(torch.arange(1, len(seq_lens) + 1), torch.as_tensor(seq_lens))
+        same = segment[:, :, None] == segment[:, None, :]
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        allowed = same & causal & (segment != 0)[:, None, :]
+        mask = torch.zeros((batch, 1, width, width), dtype=self.mask_dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(self.mask_dtype).min)
+        return position_ids, mask

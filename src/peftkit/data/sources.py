@@ -1,0 +1,198 @@
+"""Where data comes from: LLaMA-Factory's `dataset_info.json` registry, plain file paths, and the file readers."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+DATA_CONFIG = "dataset_info.json"
+EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+_ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "ranking", "split", "num_samples", "subset", "folder",
+               "file_sha1", *_HUB_KEYS}
+
+
+@dataclasses.dataclass
+class DatasetAttr:
+    """One dataset as `dataset_info.json` describes it, resolved to files on disk."""
+
+    name: str
+    files: list[Path]
+    formatting: str | None = "alpaca"  # None: detect from the first row (unregistered files)
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    split: str = "train"
+    num_samples: int | None = None
+    entry: dict[str, Any] = dataclasses.field(default_factory=dict)  # the raw registry entry, for cache keys
+
+
+def split_names(dataset: list[str] | str | None) -> list[str]:
+    """Accept LLaMA-Factory's `a,b` as well as a list."""
+    if dataset is None:
+        return []
+    items = dataset.split(",") if isinstance(dataset, str) else list(dataset)
+    return [str(n).strip() for n in items if str(n).strip()]
+
+
+def load_registry(dataset_dir: str | Path) -> dict[str, dict[str, Any]] | None:
+    path = Path(dataset_dir) / DATA_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        registry = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); fix the file or remove it.") from e
+    if not isinstance(registry, dict):
+        raise ConfigError(f"{path} must map dataset names to entries, like LLaMA-Factory's data/{DATA_CONFIG}.")
+    return registry
+
+
+def resolve_datasets(dataset: list[str] | str, dataset_dir: str | Path) -> list[DatasetAttr]:
+    """Turn dataset names (registry names or file paths) into file lists plus their format settings."""
+    names = split_names(dataset)
+    if not names:
+        raise ConfigError("No dataset given; set `dataset` to a name in dataset_info.json or a data file path.")
+    dataset_dir = Path(dataset_dir)
+    registry = load_registry(dataset_dir)
+    attrs = []
+    for name in names:
+        if registry is not None and name in registry:
+            attrs.append(_from_entry(name, registry[name], dataset_dir))
+            continue
+        path = _as_data_path(name, dataset_dir)
+        if path is not None:
+            attrs.append(DatasetAttr(name=name, files=_files_in(path, name), formatting=None))
+        elif registry is None:
+            raise ConfigError(
+                f"Dataset '{name}' is not a data file and there is no {DATA_CONFIG} in dataset_dir '{dataset_dir}'. "
+                f"Pass a .json/.jsonl/.csv/.parquet file path, or set dataset_dir to a folder with a {DATA_CONFIG}."
+            )
+        else:
+            close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.5)
+            hint = f" Closest names: {', '.join(close)}." if close else ""
+            raise ConfigError(
+                f"Dataset '{name}' is neither in {dataset_dir / DATA_CONFIG} nor a data file.{hint} "
+                "Add an entry with a file_name, or pass a file path."
+            )
+    return attrs
+
+
+def _from_entry(name: str, entry: dict[str, Any], dataset_dir: Path) -> DatasetAttr:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"Entry '{name}' in {DATA_CONFIG} must be an object with at least a file_name.")
+    unknown = set(entry) - _ENTRY_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        close = difflib.get_close_matches(key, sorted(_ENTRY_KEYS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown key '{key}' in {DATA_CONFIG} entry '{name}'.{hint}")
+    if entry.get("ranking"):
+        raise ConfigError(
+            f"Dataset '{name}' is a ranking (preference) dataset with chosen/rejected answers; SFT needs one answer "
+            "per prompt. Use it with a preference-training stage, or pick an SFT dataset."
+        )
+    media = [c for c in ("images", "videos", "audios") if c in (entry.get("columns") or {})]
+    if media:
+        raise ConfigError(f"Dataset '{name}' has {'/'.join(media)} columns; peftkit trains on text only. Pick a text dataset.")
+    if "kto_tag" in (entry.get("columns") or {}):
+        raise ConfigError(
+            f"Dataset '{name}' is a KTO dataset (answers labelled good or bad); SFT would also learn the bad ones. "
+            "Pick an SFT dataset."
+        )
+    if "file_name" not in entry:
+        where = ", ".join(f"{k}={entry[k]}" for k in _HUB_KEYS if k in entry)
+        if where:
+            raise ConfigError(
+                f"Dataset '{name}' lives on the hub ({where}) and this machine is offline; download it into "
+                f"dataset_dir '{dataset_dir}' and add a file_name entry for it in {DATA_CONFIG}."
+            )
+        raise ConfigError(f"Entry '{name}' in {DATA_CONFIG} has no file_name; add the data file's name.")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt", "openai"):
+        raise ConfigError(f"Dataset '{name}': formatting '{formatting}' is unknown; use alpaca, sharegpt or openai.")
+    split = entry.get("split", "train")
+    if split != "train":
+        raise ConfigError(
+            f"Dataset '{name}' asks for split '{split}', but a local file has only one split; point a separate "
+            f"{DATA_CONFIG} entry at the file holding that split."
+        )
+    path = dataset_dir / entry["file_name"]
+    if not path.exists():
+        raise ConfigError(f"Dataset '{name}': file_name '{entry['file_name']}' does not exist in '{dataset_dir}'.")
+    return DatasetAttr(
+        name=name, files=_files_in(path, name), formatting=formatting, columns=dict(entry.get("columns") or {}),
+        tags=dict(entry.get("tags") or {}), split=split, num_samples=entry.get("num_samples"), entry=entry,
+    )
+
+
+def _as_data_path(name: str, dataset_dir: Path) -> Path | None:
+    for path in (dataset_dir / name, Path(name).expanduser()):
+        if path.is_dir() or (path.is_file() and path.suffix.lower() in EXTENSIONS):
+            return path
+    return None
+
+
+def _files_in(path: Path, name: str) -> list[Path]:
+    """A file, or every data file of one type in a folder (sorted, so the order is stable)."""
+    if path.is_file():
+        if path.suffix.lower() not in EXTENSIONS:
+            raise ConfigError(f"Dataset '{name}': '{path}' has an unknown type; use .json, .jsonl, .csv or .parquet.")
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+    if not files:
+        raise ConfigError(f"Dataset '{name}': folder '{path}' holds no .json/.jsonl/.csv/.parquet files.")
+    kinds = {EXTENSIONS[p.suffix.lower()] for p in files}
+    if len(kinds) > 1:
+        raise ConfigError(f"Dataset '{name}': folder '{path}' mixes file types ({', '.join(sorted(kinds))}); keep one.")
+    return files
+
+
+def read_rows(attr: DatasetAttr) -> list[dict[str, Any]]:
+    """Read every row of a dataset's files, in file order."""
+    rows: list[dict[str, Any]] = []
+    for path in attr.files:
+        kind = EXTENSIONS[path.suffix.lower()]
+        rows.extend(_read_json(path) if kind == "json" else _read_csv(path) if kind == "csv" else _read_parquet(path))
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    """A JSON array of objects, or JSON lines; plain `json` is much faster than `datasets` for files this size."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}.") from e
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}, line {i}, is not valid JSON: {e}. Fix or delete that line.") from e
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"{path} must hold a JSON array of objects, or one JSON object per line.")
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return [dict(r) for r in csv.DictReader(f)]
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise ConfigError(f"Reading {path} needs the `datasets` package: pip install datasets") from e
+    # A local file goes through the packaged parquet builder: no network access is attempted.
+    return load_dataset("parquet", data_files=[str(path)], split="train").to_list()

@@ -1,0 +1,5 @@
+"""Export: merged model folders (and later GGUF and Ollama)."""
+
+from .merge import export_merged
+
+__all__ = ["export_merged"]

@@ -1,0 +1,5 @@
+"""Chat and serving: one generation engine shared by `peftkit chat`, predict and the API."""
+
+from .chat import ChatEngine
+
+__all__ = ["ChatEngine"]

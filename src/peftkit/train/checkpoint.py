@@ -1,0 +1,120 @@
+"""Checkpoints: adapter, optimizer, scheduler, RNG states, data position and config, written atomically, so that a
+resumed run continues exactly where the interrupted one stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..io import peft_format
+from ..methods.base import Method
+
+PREFIX = "checkpoint-"
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Where training is: enough to continue it exactly."""
+
+    global_step: int = 0
+    epoch: int = 0  # the epoch in progress
+    batch_in_epoch: int = 0  # micro-batches of that epoch already consumed
+    tokens_seen: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    state: TrainerState,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: dict[str, Any],
+    base_model_name: str | None,
+    save_total_limit: int | None = None,
+) -> Path:
+    """Write `output_dir/checkpoint-<step>` through a temporary folder, then prune the oldest beyond the limit."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / f"{PREFIX}{state.global_step}"
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{final.name}."))
+    try:
+        peft_format.save_adapter(method, tmp, base_model_name)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng_state.pt")
+        (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
+        (tmp / "train_config.json").write_text(json.dumps(config, indent=2, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if save_total_limit:
+        for old in list_checkpoints(out)[:-save_total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    found = []
+    for p in Path(output_dir).glob(f"{PREFIX}*"):
+        m = re.fullmatch(rf"{PREFIX}(\d+)", p.name)
+        if m and (p / STATE_NAME).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(resume: str | bool | None, output_dir: str | os.PathLike) -> Path | None:
+    """`resume_from_checkpoint`: a path, or True for the latest checkpoint in output_dir."""
+    if not resume:
+        return None
+    if resume is True:
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise ConfigError(f"resume_from_checkpoint is true, but '{output_dir}' holds no checkpoint-* folder.")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise ConfigError(f"resume_from_checkpoint: '{path}' is not a checkpoint folder (no {STATE_NAME}).")
+    return path
+
+
+def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
+    """Restore everything `save_checkpoint` wrote; returns the trainer state to continue from."""
+    peft_format.load_weights(method, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    _set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
+    return TrainerState(**json.loads((path / STATE_NAME).read_text()))

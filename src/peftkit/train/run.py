@@ -1,0 +1,67 @@
+"""`peftkit train`: config -> model + method -> data -> trainer -> saved adapter."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..tuned import TunedModel
+from .precision import base_dtype
+from .trainer import Trainer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_sft(cfg: Any) -> dict[str, Any]:
+    """Train the configured method on the configured data; returns the train results (also in train_results.json)."""
+    from ..data import SFTCollator, build_sft_dataset
+    from ..models import base_model_id, load_model_and_tokenizer
+
+    out = cfg.output_dir
+    if not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+        from pathlib import Path
+
+        if (Path(out) / "adapter_model.safetensors").exists():
+            raise ConfigError(
+                f"output_dir '{out}' already holds a trained adapter; set overwrite_output_dir: true to replace it, "
+                "or resume_from_checkpoint: true to continue."
+            )
+    seed_everything(cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = base_dtype(cfg.bf16, cfg.fp16, device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    model.to(device)
+    train_data, eval_data = build_sft_dataset(
+        tokenizer,
+        cfg.dataset,
+        cfg.dataset_dir,
+        template=cfg.template,
+        cutoff_len=cfg.cutoff_len,
+        max_samples=cfg.max_samples,
+        val_size=cfg.val_size,
+        eval_dataset=cfg.eval_dataset,
+        train_on_prompt=cfg.train_on_prompt,
+        mask_history=cfg.mask_history,
+        packing=cfg.packing,
+        seed=cfg.seed,
+        overwrite_cache=cfg.overwrite_cache,
+    )
+    seed_everything(cfg.seed)  # adapter init must not depend on what data loading drew
+    if cfg.adapter_name_or_path:
+        tuned = TunedModel.load(model, cfg.adapter_name_or_path, trainable=True)
+    else:
+        tuned = TunedModel(model, cfg.method_config())
+    print(tuned.trainable_report())
+    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id)
+    trainer = Trainer(cfg, tuned, train_data, collator, eval_data, base_model_name=base_model_id(model), tokenizer=tokenizer)
+    results = trainer.train()
+    print(f"Saved the adapter to {out} ({results['train_runtime']:.0f} s, {results['train_tokens_per_second']:.0f} tokens/s)")
+    return results

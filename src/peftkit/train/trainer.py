@@ -1,0 +1,250 @@
+"""The training loop: readable top to bottom, and it knows methods only through their hooks.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches. The loss of a step is the sum of token losses over
+all its micro-batches divided by their total number of label tokens, so accumulation gives exactly the gradient of
+one big batch however the tokens fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ..tuned import TunedModel
+from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint
+
+LOG_NAME = "trainer_log.jsonl"
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over label tokens, number of label tokens)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss, int((labels != -100).sum())
+
+
+class Trainer:
+    """Fine-tunes the active adapter of a TunedModel on tokenized examples (dicts of input_ids / labels)."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        tuned: TunedModel,
+        train_data: list[dict],
+        collator: Callable[[list[dict]], dict[str, torch.Tensor]],
+        eval_data: list[dict] | None = None,
+        base_model_name: str | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.tuned = tuned
+        self.method = tuned.method
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.collator = collator
+        self.base_model_name = base_model_name
+        self.tokenizer = tokenizer
+        self.device = next(tuned.model.parameters()).device
+        self.output_dir = Path(cfg.output_dir)
+        self.state = TrainerState()
+
+        bs, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+        self.batches_per_epoch = math.ceil(len(train_data) / bs)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / ga)
+        if cfg.max_steps and cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = math.ceil(self.steps_per_epoch * cfg.num_train_epochs)
+        self.method.prepare(self)
+        self.optimizer = torch.optim.AdamW(
+            self.method.param_groups(cfg.learning_rate),
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = get_scheduler(
+            cfg.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=self.total_steps,
+            scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None,
+        )
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    # --- data order: a fixed permutation per epoch, so a resumed run sees the same batches ---
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        return torch.randperm(len(self.train_data), generator=g).tolist()
+
+    def _micro_batches(self) -> Any:
+        """Yield (epoch, index in epoch, batch) from the saved position onwards, forever (the step count stops us)."""
+        bs = self.cfg.per_device_train_batch_size
+        epoch, start = self.state.epoch, self.state.batch_in_epoch
+        while True:
+            order = self._epoch_order(epoch)
+            for i in range(start, self.batches_per_epoch):
+                rows = [self.train_data[j] for j in order[i * bs:(i + 1) * bs]]
+                yield epoch, i, self.collator(rows)
+            epoch, start = epoch + 1, 0
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # --- the loop ---
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+        if resume_from is not None:
+            self.state = load_checkpoint(resume_from, self.method, self.optimizer, self.scheduler)
+        if cfg.gradient_checkpointing:
+            self.tuned.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.output_dir / LOG_NAME
+        if resume_from is None:
+            log_path.write_text("")
+        self.tuned.train()
+
+        ga = cfg.gradient_accumulation_steps
+        batches = self._micro_batches()
+        window_loss = window_tokens = 0.0
+        start_time, start_tokens = time.perf_counter(), self.state.tokens_seen
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step", dynamic_ncols=True)
+        while self.state.global_step < self.total_steps:
+            group = []
+            for _ in range(ga):
+                epoch, index, batch = next(batches)
+                group.append(batch)
+                self.state.epoch, self.state.batch_in_epoch = epoch, index + 1
+                if index + 1 == self.batches_per_epoch:  # an epoch's last partial group still makes a step
+                    self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
+                    break
+            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+            step_loss = 0.0
+            for batch in group:
+                batch = self._to_device(batch)
+                loss_sum, _ = token_loss_sum(self.tuned, batch)
+                (loss_sum / max(n_tokens, 1)).backward()
+                step_loss += loss_sum.item()
+                self.state.tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in self.method.trainable_parameters()], cfg.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.global_step += 1
+            self.method.on_step_end(self.state.global_step)
+            window_loss += step_loss
+            window_tokens += n_tokens
+
+            step = self.state.global_step
+            elapsed = time.perf_counter() - start_time
+            tok_s = (self.state.tokens_seen - start_tokens) / max(elapsed, 1e-9)
+            bar.update(1)
+            if step % cfg.logging_steps == 0 or step == self.total_steps:
+                loss = window_loss / max(window_tokens, 1)
+                self._log(log_path, {"step": step, "epoch": round(self._epoch_float(), 4), "loss": round(loss, 6),
+                                     "learning_rate": lr, "tokens_per_second": round(tok_s, 1)})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                window_loss = window_tokens = 0.0
+            if self._should_eval(step):
+                self._evaluate_and_track(log_path)
+            if cfg.save_strategy != "no" and cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
+                self._save_checkpoint()
+        bar.close()
+        if self.eval_data and cfg.eval_strategy != "no" and not any(
+            e.get("step") == self.state.global_step and "eval_loss" in e for e in self.state.log_history
+        ):
+            self._evaluate_and_track(log_path)
+        if cfg.load_best_model_at_end and self._best_state is not None:
+            with torch.no_grad():
+                for key, t in self.method.state_dict().items():
+                    t.copy_(self._best_state[key])
+        return self._finish(time.perf_counter() - start_time, self.state.tokens_seen - start_tokens)
+
+    def _epoch_float(self) -> float:
+        return self.state.epoch + self.state.batch_in_epoch / max(self.batches_per_epoch, 1)
+
+    def _should_eval(self, step: int) -> bool:
+        if not self.eval_data or self.cfg.eval_strategy == "no":
+            return False
+        if self.cfg.eval_strategy == "epoch":
+            return self.state.batch_in_epoch == 0
+        return bool(self.cfg.eval_steps) and step % self.cfg.eval_steps == 0
+
+    def _log(self, path: Path, entry: dict[str, Any]) -> None:
+        self.state.log_history.append(entry)
+        with path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the eval set."""
+        self.tuned.eval()
+        total, count = 0.0, 0
+        bs = self.cfg.per_device_eval_batch_size
+        for i in tqdm(range(0, len(self.eval_data), bs), desc="eval", leave=False, dynamic_ncols=True):
+            loss_sum, n = token_loss_sum(self.tuned, self._to_device(self.collator(self.eval_data[i:i + bs])))
+            total += loss_sum.item()
+            count += n
+        self.tuned.train()
+        return total / max(count, 1)
+
+    def _evaluate_and_track(self, log_path: Path) -> None:
+        loss = self.evaluate()
+        self._log(log_path, {"step": self.state.global_step, "epoch": round(self._epoch_float(), 4), "eval_loss": round(loss, 6)})
+        if self.state.best_metric is None or loss < self.state.best_metric:
+            self.state.best_metric, self.state.best_step = loss, self.state.global_step
+            self._best_state = {k: t.detach().clone() for k, t in self.method.state_dict().items()}
+
+    def _save_checkpoint(self) -> None:
+        save_checkpoint(self.output_dir, self.state, self.method, self.optimizer, self.scheduler,
+                        self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(vars(self.cfg)),
+                        self.base_model_name, self.cfg.save_total_limit)
+
+    def _finish(self, runtime: float, tokens: int) -> dict[str, Any]:
+        from ..io import peft_format
+        from .plot import plot_loss
+
+        peft_format.save_adapter(self.method, self.output_dir, self.base_model_name)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(self.output_dir)
+        trainable, total = self.tuned.parameter_counts()
+        train_losses = [e["loss"] for e in self.state.log_history if "loss" in e]
+        results = {
+            "train_runtime": round(runtime, 3),
+            "train_tokens_per_second": round(tokens / max(runtime, 1e-9), 2),
+            "train_steps": self.state.global_step,
+            "train_loss": train_losses[-1] if train_losses else None,
+            "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+            "trainable_params": trainable,
+            "all_params": total,
+            "best_eval_loss": self.state.best_metric,
+            "best_step": self.state.best_step,
+        }
+        (self.output_dir / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        if self.cfg.plot_loss:
+            plot_loss(self.state.log_history, self.output_dir / "training_loss.png")
+        return results
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak resident memory of this process (CPU) or peak allocated GPU memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
