@@ -29,19 +29,19 @@ def make_cfg(tmp_path, **overrides) -> SimpleNamespace:
 
 
 def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
-    """Variable-length rows with a learnable answer (the prompt's tokens repeated), loss on the answer only."""
+    """Variable-length random prompts with an easily learnt answer (fixed tokens), loss on the answer only."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n):
         prompt = torch.randint(3, VOCAB, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
-        answer = prompt[:4]
+        answer = [5, 6, 7, 8, prompt[0]]
         rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
     return rows
 
 
 def tuned_llama(dropout: float = 0.0) -> TunedModel:
     torch.manual_seed(0)
-    return TunedModel(tiny_llama(), LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+    return TunedModel(tiny_llama(initializer_range=0.3), LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
 
 
 def run(cfg, data, eval_data=None, tuned=None) -> tuple[Trainer, dict]:

@@ -63,9 +63,10 @@ def _fingerprint(path: Path) -> str:
 
 def _convert(gguf: Path, target: Path) -> None:
     """Dequantize the GGUF once into a safetensors folder: later loads take under a second instead of ~20 s."""
-    print(f"peftkit: converting {gguf.name} to safetensors once (~20 s); later loads reuse {target}", file=sys.stderr)
+    print(f"peftkit: converting {gguf.name} to safetensors once (~30 s); later loads reuse {target}", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
         _from_pretrained(AutoModelForCausalLM, str(gguf), dtype=torch.float32).save_pretrained(tmp)  # + generation config
         _from_pretrained(AutoTokenizer, str(gguf)).save_pretrained(tmp)

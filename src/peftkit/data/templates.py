@@ -2,11 +2,12 @@
 
 A template renders a conversation to one string and reports the character spans of each answer (content + end
 token). `encode` tokenizes the whole string once, so training ids are exactly what rendering at inference gives,
-then maps span edges to token positions by tokenizing each prefix and matching it against the full ids.
+then maps the character spans to token positions.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import difflib
 import json
@@ -271,9 +272,7 @@ def encode(conv: Conversation, template: Template, tokenizer: Any, *, cutoff_len
     example never learns to predict the first of the next.
     """
     text, spans = template.answer_spans(conv.messages, tokenizer, tools=conv.tools, last_only=mask_history)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    tok_spans = [(_token_edge(tokenizer, text, a, ids, end=False), _token_edge(tokenizer, text, b, ids, end=True))
-                 for a, b in spans]
+    ids, tok_spans = token_spans(tokenizer, text, spans)
     tok_spans = [(s, e) for s, e in tok_spans if e > s]
     if not tok_spans:
         raise RowError("the answer renders to no tokens")
@@ -292,15 +291,29 @@ def encode(conv: Conversation, template: Template, tokenizer: Any, *, cutoff_len
     return {"input_ids": ids, "labels": labels}, truncated
 
 
-def _token_edge(tokenizer: Any, text: str, pos: int, ids: list[int], *, end: bool) -> int:
-    """Index of the first token at or after character `pos`, as far as the full tokenization agrees.
+def token_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]], *, use_offsets: bool = True
+                ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Tokenize `text` once; map character spans to token spans. A token straddling an edge counts as answer.
 
-    A token that straddles `pos` (BPE merged across the boundary) counts as answer on both edges.
+    Fast tokenizers report each token's characters (one pass); others tokenize each prefix and match it against
+    the full ids. Both give the same spans (tests check it on the demo data).
     """
+    if use_offsets and getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [s for s, _ in enc["offset_mapping"]]
+        ends = [e for _, e in enc["offset_mapping"]]
+        edges = [(bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)) for a, b in spans]
+        return list(enc["input_ids"]), edges
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids, [(_prefix_edge(tokenizer, text, a, ids, end=False), _prefix_edge(tokenizer, text, b, ids, end=True))
+                 for a, b in spans]
+
+
+def _prefix_edge(tokenizer: Any, text: str, pos: int, ids: list[int], *, end: bool) -> int:
     head = tokenizer.encode(text[:pos], add_special_tokens=False)
     if ids[: len(head)] == head:
         return len(head)
-    n = 0
+    n = 0  # the tokenizations part where a token straddles `pos`
     while n < len(head) and n < len(ids) and head[n] == ids[n]:
         n += 1
     return n + 1 if end else n
