@@ -126,7 +126,7 @@ def _from_pretrained(auto_cls: Any, name_or_path: str, **kw: Any) -> Any:
         raise ModelLoadError(f"Could not load '{name_or_path}' from {source}: {e}") from e
 
 
-def _parse_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
+def parse_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
         return dtype or "auto"
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
@@ -141,7 +141,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, tru
         raise ConfigError(f"Unknown task {task!r}; use one of: {', '.join(TASKS)}.")
     if num_labels is not None and task != "seq-cls":
         raise ConfigError("num_labels only applies to task='seq-cls'; drop it or set task='seq-cls'.")
-    kw: dict[str, Any] = {"dtype": _parse_dtype(dtype), "trust_remote_code": trust_remote_code}
+    kw: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
     if num_labels is not None:
         kw["num_labels"] = num_labels
     model = _from_pretrained(TASKS[task], name_or_path, **kw)

@@ -25,20 +25,17 @@ def export_merged(
 ) -> Path:
     """Write base + merged adapter to `export_dir` (safetensors sharded at `export_size` GB, tokenizer, generation
     config), through a temporary folder so an interrupted export leaves nothing half-written."""
-    from ..models import load_model_and_tokenizer
+    from ..models import load_model_and_tokenizer, parse_dtype
 
     out = Path(export_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"export_dir '{out}' is not empty; choose another folder or set overwrite_output_dir: true.")
     # Merge in float32 so the rounding happens once, when the merged weights are cast to the export dtype.
     model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype="float32", trust_remote_code=trust_remote_code)
-    target_dtype = model.dtype if dtype in (None, "auto") else dtype
     if adapter_dir:
         model = TunedModel.load(model, adapter_dir).merge_and_unload()
-    if target_dtype is not None and target_dtype != "auto":
-        from ..models import resolve_dtype
-
-        model = model.to(resolve_dtype(target_dtype))
+    if dtype not in (None, "auto"):  # "auto" keeps the float32 the merge was done in
+        model = model.to(parse_dtype(dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
