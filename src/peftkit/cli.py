@@ -100,10 +100,12 @@ def cmd_env(args: argparse.Namespace) -> None:
         "bf16 faster than fp32": bf16_is_faster(device),
         "cache dir (PEFTKIT_HOME)": str(peftkit_home()),
     }
-    for name in ("peft", "bitsandbytes", "gguf", "datasets"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("accelerate", "peft", "bitsandbytes", "gguf", "datasets"):
         try:
-            rows[name] = __import__(name).__version__
-        except ImportError:
+            rows[name] = version(name)
+        except PackageNotFoundError:
             rows[name] = "not installed"
     width = max(map(len, rows))
     for key, value in rows.items():

@@ -6,7 +6,7 @@
 
 from .dataset import DataReport, DatasetStats, build_sft_dataset, default_cache_dir, load_conversations
 from .formats import Conversation
-from .packing import SFTCollator, pack
+from .packing import SFTCollator, check_packing_support, pack
 from .templates import IGNORE_INDEX, TEMPLATES, ChatTemplate, StringTemplate, Template, encode, get_template
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "StringTemplate",
     "Template",
     "build_sft_dataset",
+    "check_packing_support",
     "default_cache_dir",
     "encode",
     "get_template",

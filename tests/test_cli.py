@@ -1,0 +1,59 @@
+"""The command line: export of a merged model, env, and one-line errors."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_llama
+from transformers import AutoModelForCausalLM
+
+from peftkit import LoraConfig, TunedModel
+from peftkit.cli import main
+
+
+def test_export_merged_reloads_in_transformers(tmp_path, input_ids, capsys) -> None:
+    base_dir, adapter_dir, export_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    tiny_llama().save_pretrained(base_dir)
+    tuned = TunedModel(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, use_dora=True, target_modules="all-linear"))
+    with torch.no_grad():
+        for t in tuned.method.state_dict().values():
+            t.add_(torch.randn_like(t) * 0.2)
+    tuned.eval()
+    with torch.no_grad():
+        expected = tuned(input_ids=input_ids).logits
+    tuned.save(adapter_dir)
+    # the tiny model has no tokenizer of its own: borrow none, export must still write the weights
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                            eos_token="<unk>").save_pretrained(base_dir)
+
+    args = [f"model_name_or_path={base_dir}", f"adapter_name_or_path={adapter_dir}", f"export_dir={export_dir}",
+            "export_size=1"]
+    assert main(["export", *args]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(export_dir).eval()
+    with torch.no_grad():
+        assert (merged(input_ids=input_ids).logits - expected).abs().max() <= 1e-5
+    assert (export_dir / "tokenizer.json").is_file() and (export_dir / "generation_config.json").is_file()
+
+    # an existing export is not overwritten without overwrite_output_dir
+    assert main(["export", *args]) == 1
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "Traceback" not in err
+    assert main(["export", *args, "overwrite_output_dir=true"]) == 0
+
+
+def test_errors_print_one_line(tmp_path, capsys) -> None:
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "missing.yaml" in err and len(err.splitlines()) == 1
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model_name_or_path: x\ndataset: identity\nlearning_rat: 1e-4\n")
+    assert main(["train", str(cfg)]) == 1
+    assert "Did you mean 'learning_rate'" in capsys.readouterr().err
+
+
+def test_env(capsys) -> None:
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "transformers" in out and "PEFTKIT_HOME" in out

