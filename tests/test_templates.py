@@ -28,8 +28,8 @@ CONVERSATIONS = [
                   {"role": "user", "content": "Count to three, one per line."},
                   {"role": "assistant", "content": "1\n2\n3"},
                   {"role": "user", "content": "Say 你好 in English."},
-                  {"role": "assistant", "content": "**Hello** -- that is what 你好 means."}]),
-    Conversation([{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": "Hello -- that is what 你好 means, in **bold**."}]),
+    Conversation([{"role": "user", "content": "Weather in Paris, please"},
                   {"role": "function_call", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
                   {"role": "tool", "content": '{"temp_c": 21}'},
                   {"role": "assistant", "content": "It is 21 degrees C in Paris."}], tools=TOOLS),
@@ -77,8 +77,7 @@ def expected_answers(template, tokenizer, conv: Conversation) -> list[str]:
         if m["role"] not in ("assistant", "function_call"):
             continue
         if isinstance(template, StringTemplate):
-            fmt = template.answer if m["role"] == "assistant" else template.function_call or template.answer.replace(
-                "{content}", "<tool_call>\n{content}\n</tool_call>")
+            fmt = template.answer_format(m["role"])
             out.append(template._fill(fmt, tokenizer, m["content"]) + template._fill(template.eot, tokenizer))
         else:  # SmolLM2's own template has no tool-call syntax: a call is plain assistant text
             out.append(m["content"] + "<|im_end|>")
@@ -102,8 +101,8 @@ def test_own_template_matches_apply_chat_template(tok) -> None:
     template = get_template(None, tok)
     for conv in CONVERSATIONS[:2]:
         example, _ = encode(conv, template, tok, cutoff_len=4096)
-        whole = tok.apply_chat_template(conv.messages, tokenize=True)
-        assert example["input_ids"] == list(whole["input_ids"] if isinstance(whole, dict) else whole)
+        whole = tok.apply_chat_template(conv.messages, tokenize=True, return_dict=True)["input_ids"]
+        assert example["input_ids"] == list(whole)
         # Every generation prompt is a token prefix of the conversation: training sees what inference will.
         for k, m in enumerate(conv.messages):
             if m["role"] == "assistant":
@@ -134,6 +133,14 @@ def test_offsets_and_prefix_tokenization_agree_on_demo_data(tok) -> None:
         for conv in convs:
             text, spans = template.answer_spans(conv.messages, tok, tools=conv.tools)
             assert token_spans(tok, text, spans) == token_spans(tok, text, spans, use_offsets=False)
+
+
+def test_token_straddling_the_answer_edge_is_labelled(tok) -> None:
+    """BPE merges `Assistant:` + `**Hi**` into `:**`: that token is trained on, or the answer's start would be lost."""
+    conv = Conversation([{"role": "user", "content": "Greet."}, {"role": "assistant", "content": "**Hi**"}])
+    example, _ = encode(conv, get_template("default", tok), tok, cutoff_len=4096)
+    (run,) = labelled_runs(example)
+    assert tok.decode(run[:1]) == ":**" and tok.decode(run) == ":**Hi**<|im_end|>"
 
 
 def test_mask_history_and_train_on_prompt(tok) -> None:

@@ -88,6 +88,9 @@ def load_conversations(dataset: list[str] | str, dataset_dir: str, *, max_sample
 
 
 def _load(attrs: list[DatasetAttr], max_samples: int | None, seed: int, report: DataReport) -> list[Conversation]:
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ConfigError(f"max_samples must be a positive integer (or unset for all rows), got {max_samples!r}.")
     conversations = []
     for attr in attrs:
         rows = read_rows(attr)
@@ -127,7 +130,7 @@ def _load(attrs: list[DatasetAttr], max_samples: int | None, seed: int, report: 
 
 def default_cache_dir() -> Path:
     home = os.environ.get("PEFTKIT_HOME")
-    return Path(home) / "datasets" if home else Path.home() / ".cache" / "peftkit" / "datasets"
+    return (Path(home).expanduser() if home else Path.home() / ".cache" / "peftkit") / "datasets"
 
 
 def build_sft_dataset(
@@ -149,7 +152,8 @@ def build_sft_dataset(
 ) -> tuple[list[dict], list[dict] | None]:
     """Tokenized SFT examples (input_ids, labels; packed rows add position_ids, seq_lens): (train, eval or None).
 
-    `eval_dataset` wins over `val_size`; the result is cached on disk, keyed by everything that changes it.
+    `eval_dataset` wins over `val_size`; with `packing` both splits are packed. The result is cached on disk, keyed
+    by everything that changes it, so a second run starts at once.
     """
     if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len < 2:
         raise ConfigError(f"cutoff_len must be an integer >= 2, got {cutoff_len!r}.")
@@ -279,7 +283,7 @@ def _read_cache(path: Path) -> tuple[list[dict], list[dict] | None] | None:
         with np.load(path, allow_pickle=False) as z:
             splits = [_rows_from(z, s) if f"{s}_ids" in z else None for s in ("train", "eval")]
             report = DataReport.from_dict(json.loads(str(z["report"])))
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 -- any unreadable cache is simply rebuilt
         logger.warning("Ignoring unreadable dataset cache %s (%s); tokenizing again.", path, e)
         return None
     train, evals = splits

@@ -37,7 +37,8 @@ class RowError(ValueError):
     """A row that cannot become a valid conversation; the message is the reason shown to the user."""
 
 
-def to_conversation(row: dict[str, Any], formatting: str, columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+def to_conversation(row: dict[str, Any], formatting: str, columns: dict[str, str],
+                    tags: dict[str, str]) -> Conversation:
     if formatting == "alpaca":
         messages, tools = _alpaca(row, columns), None
     else:

@@ -97,10 +97,12 @@ def _from_entry(name: str, entry: dict[str, Any], dataset_dir: Path) -> DatasetA
             f"Dataset '{name}' is a ranking (preference) dataset with chosen/rejected answers; SFT needs one answer "
             "per prompt. Use it with a preference-training stage, or pick an SFT dataset."
         )
-    media = [c for c in ("images", "videos", "audios") if c in (entry.get("columns") or {})]
+    columns = entry.get("columns") or {}
+    media = [c for c in ("images", "videos", "audios") if c in columns]
     if media:
-        raise ConfigError(f"Dataset '{name}' has {'/'.join(media)} columns; peftkit trains on text only. Pick a text dataset.")
-    if "kto_tag" in (entry.get("columns") or {}):
+        raise ConfigError(f"Dataset '{name}' has {'/'.join(media)} columns; peftkit trains on text only. "
+                          "Pick a text dataset.")
+    if "kto_tag" in columns:
         raise ConfigError(
             f"Dataset '{name}' is a KTO dataset (answers labelled good or bad); SFT would also learn the bad ones. "
             "Pick an SFT dataset."

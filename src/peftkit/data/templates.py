@@ -81,6 +81,11 @@ class StringTemplate(Template):
     default_system: str = ""
     system_in_first_user: bool = False  # no system turn (Mistral): the system text opens the first user turn
 
+    def answer_format(self, role: str) -> str:
+        if role == "assistant":
+            return self.answer
+        return self.function_call or self.answer.replace("{content}", TOOL_CALL)
+
     def _fill(self, fmt: str, tokenizer: Any, content: str = "") -> str:
         fmt = fmt.replace("{bos}", tokenizer.bos_token or "").replace("{eos}", tokenizer.eos_token or "")
         return fmt.replace("{content}", content)  # last, so content is never scanned for placeholders
@@ -101,10 +106,9 @@ class StringTemplate(Template):
             elif role == "tool":
                 text += fill(self.tool or self.user, content)
             else:
-                fmt = self.answer if role == "assistant" else (self.function_call or self.answer.replace("{content}", TOOL_CALL))
                 text += fill(self.assistant_header)
                 start = len(text)
-                text += fill(fmt, content) + fill(self.eot)
+                text += fill(self.answer_format(role), content) + fill(self.eot)
                 spans.append((start, len(text)))
                 text += fill(self.sep)
         if add_generation_prompt:

@@ -22,7 +22,7 @@ def seed_everything(seed: int) -> None:
 
 def run_sft(cfg: Any) -> dict[str, Any]:
     """Train the configured method on the configured data; returns the train results (also in train_results.json)."""
-    from ..data import SFTCollator, build_sft_dataset
+    from ..data import SFTCollator, build_sft_dataset, check_packing_support
     from ..models import base_model_id, load_model_and_tokenizer
 
     out = cfg.output_dir
@@ -60,7 +60,9 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     else:
         tuned = TunedModel(model, cfg.method_config())
     print(tuned.trainable_report())
-    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id)
+    if cfg.packing:
+        check_packing_support(model)
+    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, mask_dtype=model.dtype)
     trainer = Trainer(cfg, tuned, train_data, collator, eval_data, base_model_name=base_model_id(model), tokenizer=tokenizer)
     results = trainer.train()
     print(f"Saved the adapter to {out} ({results['train_runtime']:.0f} s, {results['train_tokens_per_second']:.0f} tokens/s)")

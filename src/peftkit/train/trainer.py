@@ -140,7 +140,7 @@ class Trainer:
                 loss_sum, _ = token_loss_sum(self.tuned, batch)
                 (loss_sum / max(n_tokens, 1)).backward()
                 step_loss += loss_sum.item()
-                self.state.tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                self.state.tokens_seen += real_tokens(batch)
             if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for _, p in self.method.trainable_parameters()], cfg.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
@@ -241,6 +241,16 @@ class Trainer:
         if self.cfg.plot_loss:
             plot_loss(self.state.log_history, self.output_dir / "training_loss.png")
         return results
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens in a batch; a packed batch carries a 4-D mask whose diagonal is 0 exactly there."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch["input_ids"].numel()
+    if mask.dim() == 4:
+        return int((mask[:, 0].diagonal(dim1=-2, dim2=-1) == 0).sum())
+    return int(mask.sum())
 
 
 def peak_memory_mb(device: torch.device) -> float:
