@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 VOCAB = 128
+
+# LLaMA-Factory's demo data sets: ../shared/data beside the checkout (as on CI), or where PEFTKIT_TEST_DATA says.
+SHARED_DATA = os.environ.get("PEFTKIT_TEST_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def tiny_llama(seed: int = 0, initializer_range: float = 0.02) -> LlamaForCausalLM:

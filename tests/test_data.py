@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 from test_templates import smollm2_tokenizer
 
 from peftkit import ConfigError
 from peftkit.data import IGNORE_INDEX, build_sft_dataset, load_conversations
 
-DATA = "/work/shared/data"
+DATA = SHARED_DATA
 
 
 @pytest.fixture(scope="module")

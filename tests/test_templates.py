@@ -10,13 +10,14 @@ import logging
 import os
 
 import pytest
+from conftest import SHARED_DATA
 from transformers import AutoTokenizer
 
 from peftkit import ConfigError
 from peftkit.data import IGNORE_INDEX, TEMPLATES, Conversation, encode, get_template, load_conversations
 from peftkit.data.templates import StringTemplate, token_spans
 
-DATA = "/work/shared/data"
+DATA = SHARED_DATA
 TOOLS = json.dumps([{"name": "get_weather", "description": "Weather for a city",
                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}])
 CONVERSATIONS = [

@@ -1,0 +1,107 @@
+"""The README's quickstart, end to end on the real smollm2-135m: train LoRA on the shipped identity data, then chat."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chat(model: str, question: str, adapter: Path | None, env: dict) -> str:
+    cmd = [sys.executable, "-m", "peftkit.cli", "chat", "--model", model, "--once", question]
+    if adapter:
+        cmd += ["--adapter", str(adapter)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+@pytest.mark.slow
+def test_quickstart_teaches_a_new_identity(smollm2, tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = tmp_path / "quickstart"
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit.cli", "train", "examples/quickstart.yaml", f"output_dir={out}"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trainable params:" in done.stdout
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.3 * log[0]["loss"]
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["train_runtime"] < 300  # the README promises under 5 minutes on 2 cores
+
+    tuned = chat(smollm2, "Who are you?", out, env)
+    assert "Ember" in tuned and "Lumen Labs" in tuned
+    assert tuned == chat(smollm2, "Who are you?", out, env)  # greedy: deterministic
+    base = chat(smollm2, "Who are you?", None, env)
+    assert base and "Ember" not in base
+
+
+LLAMA_FACTORY_EXAMPLE = """\
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+
+### dataset
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+"""
+
+
+@pytest.mark.slow
+def test_llama_factory_example_runs(smollm2, tmp_path) -> None:
+    """LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, with only the model and data pointed at local files
+    (and a short run: max_steps=2)."""
+    cfg = tmp_path / "llama3_lora_sft.yaml"
+    cfg.write_text(LLAMA_FACTORY_EXAMPLE)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit.cli", "train", str(cfg), f"model_name_or_path={smollm2}",
+         f"dataset_dir={SHARED_DATA}", f"output_dir={out}", "max_steps=2", "logging_steps=1"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ddp_timeout" in done.stderr  # accepted with a warning, not silently
+    assert len((out / "trainer_log.jsonl").read_text().splitlines()) == 2
+    assert (out / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
