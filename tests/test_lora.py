@@ -155,6 +155,9 @@ def test_two_adapters_switch_and_disable(tmp_path, input_ids) -> None:
     randomize(tuned, seed=1)
     tuned.add_adapter("chat", LoraConfig(r=2, use_dora=True, target_modules=["q_proj", "o_proj"]))
     assert tuned.active_adapter == "sql"
+    assert [p for p, _ in tuned.adapters["chat"].layers()] == [
+        f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "o_proj")
+    ]
     sql = logits(tuned, input_ids)
     tuned.set_adapter("chat")
     randomize(tuned, seed=2)

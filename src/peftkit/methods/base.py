@@ -327,14 +327,18 @@ def find_targets(
 
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     excluded = set(exclude or [])
+    adapted = {p for p, m in model.named_modules() if isinstance(m, AdapterLayer)}
     found = []
     for path, module in model.named_modules():
-        if not path or isinstance(module, AdapterLayer) or not isinstance(module, types):
+        if not path or any(path.startswith(f"{a}.") for a in adapted):
+            continue  # the internals of an adapter layer: the layer itself stands for its base module
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        if not isinstance(base, types):
             continue
         if any(path == e or path.endswith(f".{e}") or f".{e}." in f".{path}." for e in excluded):
             continue
         if target_modules == ALL_LINEAR:
-            hit = isinstance(module, LINEAR_TYPES) and module is not output_head
+            hit = isinstance(base, LINEAR_TYPES) and base is not output_head
         elif isinstance(target_modules, str):
             hit = re.fullmatch(target_modules, path) is not None
         else:
@@ -344,8 +348,6 @@ def find_targets(
             hit = _layer_index(path, layers_pattern) in wanted
         if hit:
             found.append(path)
-    # A path inside an adapter layer is the wrapped base layer: target the wrapper, not its child.
-    found = [p.removesuffix(".base_layer") for p in found]
     if not found:
         where = f" in layers {layers_to_transform}" if layers_to_transform is not None else ""
         raise ConfigError(

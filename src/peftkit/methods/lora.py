@@ -252,7 +252,6 @@ class Lora(Method):
             cfg.target_modules,
             layers_to_transform=cfg.layers_to_transform,
             layers_pattern=cfg.layers_pattern,
-            types=(*LINEAR_TYPES, nn.Embedding, LoraLayer),
             exclude=cfg.modules_to_save,
         )
         if cfg.target_modules is None:  # record what the architecture default resolved to, as PEFT does
