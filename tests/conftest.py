@@ -14,6 +14,49 @@ VOCAB = 128
 # LLaMA-Factory's demo data sets: ../shared/data beside the checkout (as on CI), or where PEFTKIT_TEST_DATA says.
 SHARED_DATA = os.environ.get("PEFTKIT_TEST_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
 
+# LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, verbatim: it must run once the model and data are local.
+LLAMA_FACTORY_EXAMPLE = """\
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+
+### dataset
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+"""
+
 
 def tiny_llama(seed: int = 0, initializer_range: float = 0.02) -> LlamaForCausalLM:
     """A larger `initializer_range` lets the logits move far enough for training tests (RMSNorm bounds them)."""

@@ -7,59 +7,11 @@ import warnings
 
 import pytest
 
+from conftest import LLAMA_FACTORY_EXAMPLE
+
 from peftkit import ConfigError, LoraConfig
 from peftkit.config import IGNORED_KEYS, TrainConfig, load_config, parse_overrides
 
-# LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, verbatim but for local model and data paths.
-LLAMA_FACTORY_EXAMPLE = """\
-### model
-model_name_or_path: MODEL_DIR
-trust_remote_code: true
-
-### method
-stage: sft
-do_train: true
-finetuning_type: lora
-lora_rank: 8
-lora_target: all
-
-### dataset
-dataset: identity,alpaca_en_demo
-dataset_dir: DATA_DIR
-template: llama3
-cutoff_len: 2048
-max_samples: 1000
-overwrite_cache: true
-preprocessing_num_workers: 16
-dataloader_num_workers: 4
-
-### output
-output_dir: saves/llama3-8b/lora/sft
-logging_steps: 10
-save_steps: 500
-plot_loss: true
-overwrite_output_dir: true
-save_only_model: false
-report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
-
-### train
-per_device_train_batch_size: 1
-gradient_accumulation_steps: 8
-learning_rate: 1.0e-4
-num_train_epochs: 3.0
-lr_scheduler_type: cosine
-warmup_ratio: 0.1
-bf16: true
-ddp_timeout: 180000000
-resume_from_checkpoint: null
-
-### eval
-# eval_dataset: alpaca_en_demo
-# val_size: 0.1
-# per_device_eval_batch_size: 1
-# eval_strategy: steps
-# eval_steps: 500
-"""
 
 BASE = ["model_name_or_path=local/model", "dataset=alpaca_en_demo"]
 
@@ -67,7 +19,8 @@ BASE = ["model_name_or_path=local/model", "dataset=alpaca_en_demo"]
 @pytest.fixture
 def example(tmp_path):
     path = tmp_path / "llama3_lora_sft.yaml"
-    text = LLAMA_FACTORY_EXAMPLE.replace("MODEL_DIR", str(tmp_path / "model")).replace("DATA_DIR", str(tmp_path / "data"))
+    text = LLAMA_FACTORY_EXAMPLE.replace("meta-llama/Meta-Llama-3-8B-Instruct", str(tmp_path / "model")).replace(
+        "cutoff_len:", f"dataset_dir: {tmp_path / 'data'}\ncutoff_len:")
     path.write_text(text)
     return path
 

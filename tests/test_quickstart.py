@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import LLAMA_FACTORY_EXAMPLE, SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,50 +43,6 @@ def test_quickstart_teaches_a_new_identity(smollm2, tmp_path) -> None:
     assert tuned == chat(smollm2, "Who are you?", out, env)  # greedy: deterministic
     base = chat(smollm2, "Who are you?", None, env)
     assert base and "Ember" not in base
-
-
-LLAMA_FACTORY_EXAMPLE = """\
-### model
-model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
-trust_remote_code: true
-
-### method
-stage: sft
-do_train: true
-finetuning_type: lora
-lora_rank: 8
-lora_target: all
-
-### dataset
-dataset: identity,alpaca_en_demo
-template: llama3
-cutoff_len: 2048
-max_samples: 1000
-overwrite_cache: true
-preprocessing_num_workers: 16
-dataloader_num_workers: 4
-
-### output
-output_dir: saves/llama3-8b/lora/sft
-logging_steps: 10
-save_steps: 500
-plot_loss: true
-overwrite_output_dir: true
-save_only_model: false
-report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
-
-### train
-per_device_train_batch_size: 1
-gradient_accumulation_steps: 8
-learning_rate: 1.0e-4
-num_train_epochs: 3.0
-lr_scheduler_type: cosine
-warmup_ratio: 0.1
-bf16: true
-ddp_timeout: 180000000
-resume_from_checkpoint: null
-"""
-
 
 @pytest.mark.slow
 def test_llama_factory_example_runs(smollm2, tmp_path) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -18,6 +16,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
 from .errors import ConfigError, ModelLoadError
+from .io.atomic import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -64,21 +63,11 @@ def _fingerprint(path: Path) -> str:
 def _convert(gguf: Path, target: Path) -> None:
     """Dequantize the GGUF once into a safetensors folder: later loads take under a second instead of ~20 s."""
     print(f"peftkit: converting {gguf.name} to safetensors once (~30 s); later loads reuse {target}", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-    try:
+    with atomic_dir(target, keep_existing=True) as tmp:  # keep_existing: another process won the race
         _from_pretrained(AutoModelForCausalLM, str(gguf), dtype=torch.float32).save_pretrained(tmp)  # + generation config
         _from_pretrained(AutoTokenizer, str(gguf)).save_pretrained(tmp)
         if not AutoTokenizer.from_pretrained(tmp, local_files_only=True).chat_template:
             raise ModelLoadError(f"Converting {gguf} lost the tokenizer's chat template; please report this as a bug.")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise  # not a lost race: a real failure to report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race (keep theirs), or conversion failed
 
 
 def resolve_model_path(name_or_path: str) -> str:

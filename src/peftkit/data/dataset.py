@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..io.atomic import atomic_write
 from .formats import Conversation, RowError, detect_format, to_conversation
 from .packing import pack
 from .sources import DatasetAttr, read_rows, resolve_datasets, split_names
@@ -269,10 +269,11 @@ def _write_cache(path: Path, train: list[dict], evals: list[dict] | None, report
         arrays[f"{split}_seq_lens"] = np.array([n for r in rows for n in r.get("seq_lens", ())], dtype=np.int64)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+                np.savez(f, **arrays)
+
+        atomic_write(path, write)
     except OSError as e:  # a read-only or full disk costs the next run time, not this one
         logger.warning("Could not write the dataset cache %s (%s); the next run will tokenize again.", path, e)
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
+from ..io.atomic import atomic_dir
 from ..tuned import TunedModel
 
 
@@ -36,15 +35,7 @@ def export_merged(
         model = TunedModel.load(model, adapter_dir).merge_and_unload()
     if dtype not in (None, "auto"):  # "auto" keeps the float32 the merge was done in
         model = model.to(parse_dtype(dtype))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=f"{export_size}GB")
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

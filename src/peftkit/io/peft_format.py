@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import AdapterLoadError
+from .atomic import atomic_write
 from ..methods.base import Method, MethodConfig
 from ..methods.lora import LoraConfig
 
@@ -130,19 +130,6 @@ def config_from_peft(raw: dict[str, Any], where: str) -> MethodConfig:
 
 
 # --- files ---
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_adapter(method: Method, directory: str | os.PathLike, base_model_name_or_path: str | None) -> None:
     """Write `method`'s adapter into `directory` exactly as PEFT's `save_pretrained` would."""
     out = Path(directory)
@@ -152,9 +139,9 @@ def save_adapter(method: Method, directory: str | os.PathLike, base_model_name_o
         config.task_type = task_type_for(method.model)
     peft_type = _PEFT_TYPE[config.method]
     tensors = {peft_key(k, peft_type): t.detach().contiguous().cpu() for k, t in method.state_dict().items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config_to_peft(config, base_model_name_or_path), indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_config(directory: str | os.PathLike) -> MethodConfig:

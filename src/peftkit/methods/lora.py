@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
-from .base import LINEAR_TYPES, AdapterLayer, Method, MethodConfig, find_targets, register, replace_module
+from .base import AdapterLayer, Method, MethodConfig, find_targets, register, replace_module
 
 BIAS_MODES = ("none", "all", "lora_only")
 

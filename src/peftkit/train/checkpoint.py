@@ -8,7 +8,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..io import peft_format
+from ..io.atomic import atomic_dir
 from ..methods.base import Method
 
 PREFIX = "checkpoint-"
@@ -64,22 +64,14 @@ def save_checkpoint(
 ) -> Path:
     """Write `output_dir/checkpoint-<step>` through a temporary folder, then prune the oldest beyond the limit."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     final = out / f"{PREFIX}{state.global_step}"
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{final.name}."))
-    try:
+    with atomic_dir(final) as tmp:
         peft_format.save_adapter(method, tmp, base_model_name)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
         (tmp / "train_config.json").write_text(json.dumps(config, indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if save_total_limit:
         for old in list_checkpoints(out)[:-save_total_limit]:
             shutil.rmtree(old)
