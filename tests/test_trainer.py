@@ -145,3 +145,16 @@ def test_load_best_model_at_end(tmp_path) -> None:
     best_step = min(evals, key=evals.get)
     assert results["best_step"] == best_step and results["best_eval_loss"] == pytest.approx(evals[best_step], abs=1e-6)
     assert trainer.evaluate() == pytest.approx(evals[best_step], abs=1e-5)
+
+
+def test_token_loss_matches_transformers_loss() -> None:
+    """Trimming logits to label positions changes nothing: same mean loss as transformers' own, padding included."""
+    from peftkit.train import token_loss_sum
+
+    tuned = tuned_llama()
+    batch = SFTCollator(pad_token_id=0)(synthetic_examples(4))
+    with torch.no_grad():
+        total, n = token_loss_sum(tuned, batch)
+        reference = tuned(**batch).loss
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    assert (total / n).item() == pytest.approx(reference.item(), abs=1e-6)

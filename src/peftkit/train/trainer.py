@@ -25,15 +25,20 @@ LOG_NAME = "trainer_log.jsonl"
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over label tokens, number of label tokens)."""
+    """(sum of next-token cross-entropies over label tokens, number of label tokens).
+
+    Logits are computed only at positions whose next token is a label (`logits_to_keep`): the vocabulary projection
+    of prompt tokens is wasted work, a fifth of a small model's compute.
+    """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
+    logits = model(**inputs, logits_to_keep=keep).logits.float()
+    targets = targets[:, keep]
     loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
-    return loss, int((labels != -100).sum())
+    return loss, int((targets != -100).sum())
 
 
 class Trainer:
