@@ -61,3 +61,18 @@ def test_llama_factory_example_runs(smollm2, tmp_path) -> None:
     assert "ddp_timeout" in done.stderr  # accepted with a warning, not silently
     assert len((out / "trainer_log.jsonl").read_text().splitlines()) == 2
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_interactive_chat(smollm2) -> None:
+    """Multi-turn chat on stdin: answers stream after 'Assistant:', /clear forgets, /exit quits."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit.cli", "chat", "--model", smollm2, "--max-new-tokens", "24"],
+        input="What is the capital of France?\nAnd of Italy?\n/clear\n/exit\n",
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers = [line for line in done.stdout.splitlines() if "Assistant:" in line]
+    assert len(answers) == 2 and "Paris" in answers[0] and "Rome" in answers[1]
+    assert "History cleared" in done.stderr

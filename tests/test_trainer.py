@@ -158,3 +158,10 @@ def test_token_loss_matches_transformers_loss() -> None:
         reference = tuned(**batch).loss
     assert n == int((batch["labels"][:, 1:] != -100).sum())
     assert (total / n).item() == pytest.approx(reference.item(), abs=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path) -> None:
+    data = synthetic_examples(8)
+    plain, _ = run(make_cfg(tmp_path / "a", max_steps=3), data)
+    ckpt, _ = run(make_cfg(tmp_path / "b", max_steps=3, gradient_checkpointing=True), data)
+    assert [e["loss"] for e in read_log(plain.cfg)] == pytest.approx([e["loss"] for e in read_log(ckpt.cfg)], abs=1e-5)
