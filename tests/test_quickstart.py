@@ -48,7 +48,7 @@ def test_quickstart_teaches_a_new_identity(smollm2, tmp_path) -> None:
 @pytest.mark.slow
 def test_llama_factory_example_runs(smollm2, tmp_path) -> None:
     """LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, with only the model and data pointed at local files
-    (and a short run: 2 steps of 2 accumulated rows; bf16 stays on, as the file asks, though slower on this CPU)."""
+    (and a short run: 2 steps of 2 accumulated rows)."""
     cfg = tmp_path / "llama3_lora_sft.yaml"
     cfg.write_text(LLAMA_FACTORY_EXAMPLE)
     out = tmp_path / "out"
