@@ -45,12 +45,13 @@ def real_tokens(kwargs: dict) -> int:
 
 def count_tokens(model: torch.nn.Module) -> dict:
     """Hook the transformers model so every training forward (grad enabled) adds its real tokens to the counter."""
-    counter = {"tokens": 0, "forwards": 0}
+    counter = {"tokens": 0, "forwards": 0, "first_forward": None}
 
     def hook(_module, _args, kwargs):
         if torch.is_grad_enabled():
             counter["tokens"] += real_tokens(kwargs)
             counter["forwards"] += 1
+            counter["first_forward"] = counter["first_forward"] or time.perf_counter()
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return counter
@@ -70,8 +71,13 @@ def eval_loss(model: torch.nn.Module, rows: list[dict]) -> float:
     return total / count
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def timed(train, counter: dict) -> tuple[object, dict]:
+    """Call train(); wall time, setup time before the first forward, and peak RSS taken right after training."""
+    start = time.perf_counter()
+    out = train()
+    wall = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return out, dict(wall_s=wall, setup_s=counter["first_forward"] - start, counter=counter, rss=rss)
 
 
 # --------------------------------------------------------------------------------------------- one run (child)
@@ -105,11 +111,9 @@ def run_peftkit(spec: dict) -> dict:
         check_packing_support(model)
     counter = count_tokens(model)
     trainer = Trainer(cfg, tuned, train_rows, SFTCollator(pad_token_id=tok.pad_token_id, mask_dtype=model.dtype))
-    start = time.perf_counter()
-    results = trainer.train()
-    wall = time.perf_counter() - start
-    return dict(wall_s=wall, counter=counter, rss=peak_rss_mib(), eval_model=tuned, eval_rows=eval_rows,
-                trainable=tuned.parameter_counts()[0], dtype=str(dtype), train_loss=results["train_loss"],
+    results, timing = timed(trainer.train, counter)
+    return dict(timing, eval_model=tuned, eval_rows=eval_rows, trainable=tuned.parameter_counts()[0],
+                dtype=str(dtype).removeprefix("torch."), train_loss=results["train_loss"],
                 examples_per_row=sum(len(r.get("seq_lens", [0])) for r in train_rows) / len(train_rows))
 
 
@@ -153,60 +157,70 @@ def run_hf(spec: dict) -> dict:
         save_strategy="no", use_cpu=True, bf16=spec["bf16"], disable_tqdm=True, dataloader_num_workers=0,
         train_sampling_strategy=spec["sampler"])
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
-    start = time.perf_counter()
-    out = trainer.train()
-    wall = time.perf_counter() - start
-    return dict(wall_s=wall, counter=counter, rss=peak_rss_mib(), eval_model=model, eval_rows=eval_rows,
-                trainable=model.get_nb_trainable_parameters()[0], dtype="float32" + (" + bf16 autocast" if spec["bf16"]
-                                                                                      else ""),
-                train_loss=out.training_loss, examples_per_row=1.0)
+    out, timing = timed(trainer.train, counter)
+    return dict(timing, eval_model=model, eval_rows=eval_rows, trainable=model.get_nb_trainable_parameters()[0],
+                dtype="float32" + (" + bf16 autocast" if spec["bf16"] else ""), train_loss=out.training_loss,
+                examples_per_row=1.0)
 
 
 def child(spec: dict) -> None:
     r = run_peftkit(spec) if spec["impl"] == "peftkit" else run_hf(spec)
-    rss_train = r["rss"]  # before eval, so the eval pass (same for both) does not set the peak
     loss = eval_loss(r["eval_model"], r["eval_rows"]) if spec["eval"] else None
     tokens = r["counter"]["tokens"]
     result = {k: v for k, v in spec.items() if k not in ("data_dir", "output_dir")}
     result.update(tokens=tokens, forwards=r["counter"]["forwards"], wall_s=round(r["wall_s"], 2),
-                  tokens_per_s=round(tokens / r["wall_s"], 1), peak_rss_mib=round(rss_train, 1),
+                  setup_s=round(r["setup_s"], 2), load_avg_at_end=os.getloadavg()[0],
+                  tokens_per_s=round(tokens / r["wall_s"], 1), peak_rss_mib=round(r["rss"], 1),
                   eval_loss=None if loss is None else round(loss, 5), trainable_params=r["trainable"],
                   base_dtype=r["dtype"], train_loss=r["train_loss"], examples_per_row=round(r["examples_per_row"], 3))
     Path(spec["result_path"]).write_text(json.dumps(result))
 
 
 # --------------------------------------------------------------------------------------------- orchestration (parent)
-def spawn(spec: dict, tmp: str) -> dict:
-    """Run one configuration in a fresh interpreter; its peak RSS and timings are its own."""
+def spawn(spec: dict, tmp: str, timeout: float | None = None) -> dict:
+    """Run one configuration in a fresh interpreter; its peak RSS and timings are its own. A probe may time out."""
     spec = dict(spec, output_dir=tempfile.mkdtemp(dir=tmp), result_path=tempfile.mktemp(dir=tmp, suffix=".json"))
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
-    print(f"  running {spec['name']:<24} [{spec['targets']}, {spec['steps']} steps] ...", end=" ", flush=True)
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
-                          text=True)
+    print(f"  {spec['name']:<28} [{spec['targets']}, {spec['steps']} steps] ...", end=" ", flush=True)
+    load_before, start = os.getloadavg()[0], time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"timed out after {timeout:.0f} s")
+        return dict(spec, timed_out=True, process_s=round(time.perf_counter() - start, 1), tokens_per_s=None)
     if proc.returncode != 0:
         print("FAILED")
         raise SystemExit(f"{spec['name']} failed:\n{proc.stderr[-4000:]}")
     result = json.loads(Path(spec["result_path"]).read_text())
-    print(f"{result['tokens_per_s']:8.1f} tok/s, {result['peak_rss_mib']:.0f} MiB, {result['wall_s']:.1f} s")
+    result.update(load_avg_at_start=load_before, process_s=round(time.perf_counter() - start, 1))
+    print(f"{result['tokens_per_s']:7.1f} tok/s, {result['peak_rss_mib']:.0f} MiB, train {result['wall_s']:.0f} s"
+          f" (load avg {load_before:.1f} -> {result['load_avg_at_end']:.1f})")
     return result
 
 
 def pick_hf_best(base: dict, args, tmp: str) -> tuple[dict, list[dict]]:
-    """Short probes of what HF offers on this machine; the fastest becomes HF-best (HF-default wins if none beats it)."""
-    steps = args.probe_steps
-    candidates = [dict(name="probe hf-default"), dict(name="probe hf-bf16", bf16=True),
+    """Short probes of what HF offers on this machine; the fastest becomes HF-best (HF-default wins if none beats it).
+
+    All probes train on the same rows in the same order, so a probe that times out is slower than
+    (HF-default probe's tokens) / timeout.
+    """
+    spec = dict(base, impl="hf", steps=args.probe_steps, warmup=0, eval=False)
+    default = spawn(dict(spec, name="probe hf-default"), tmp)
+    timeout = 20 + 1.5 * default["process_s"]  # 1.5x slower than the default is out of the running anyway
+    candidates = [dict(name="probe hf-bf16", bf16=True),
                   dict(name="probe hf-group_by_length", sampler="group_by_length"),
                   dict(name="probe hf-padding-free", collator="flatten")]
-    probes = [spawn(dict(base, impl="hf", steps=steps, warmup=1, eval=False, **c), tmp) for c in candidates]
-    if probes[1]["tokens_per_s"] > probes[0]["tokens_per_s"]:  # bf16 helps here: try it with padding-free too
-        probes.append(spawn(dict(base, impl="hf", steps=steps, warmup=1, eval=False, name="probe hf-padding-free-bf16",
-                                 collator="flatten", bf16=True), tmp))
-    best = max(probes[1:], key=lambda p: p["tokens_per_s"])
-    if best["tokens_per_s"] <= probes[0]["tokens_per_s"]:
-        best = probes[0]
-    keys = ("bf16", "sampler", "collator")
-    return {k: best[k] for k in keys} | {"name": "hf-best (" + best["name"].removeprefix("probe hf-") + ")"}, probes
+    probes = [default] + [spawn(dict(spec, **c), tmp, timeout) for c in candidates]
+    bf16 = probes[1]
+    if bf16.get("timed_out"):
+        bf16["tokens_per_s_upper_bound"] = round(default["tokens"] / timeout, 1)
+    elif bf16["tokens_per_s"] > default["tokens_per_s"]:  # bf16 helps here: try it with padding-free too
+        probes.append(spawn(dict(spec, name="probe hf-padding-free-bf16", collator="flatten", bf16=True), tmp, timeout))
+    best = max(probes, key=lambda p: p["tokens_per_s"] or 0.0)
+    name = best["name"].removeprefix("probe hf-")
+    return {k: best[k] for k in ("bf16", "sampler", "collator")} | {"name": f"hf-best ({name})"}, probes
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -215,7 +229,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def report(runs: list[dict], targets: list[str]) -> tuple[str, list[dict]]:
     lines = ["| config | run | tokens/s | x HF-default | x HF-best | peak RSS MiB | RSS / HF-default | RSS / HF-best "
-             "| eval loss | vs HF-default | wall s | steps | real tokens |", "|" + "---|" * 13]
+             "| eval loss | vs HF-default | train s | steps | real tokens | LoRA params |", "|" + "---|" * 14]
     checks = []
     for t in targets:
         rs = [r for r in runs if r["targets"] == t]
@@ -230,7 +244,7 @@ def report(runs: list[dict], targets: list[str]) -> tuple[str, list[dict]]:
             lines.append(f"| {t} | {r['name']} | {r['tokens_per_s']:.0f} | {r['x_hf_default']:.2f} | "
                          f"{r['x_hf_best']:.2f} | {r['peak_rss_mib']:.0f} | {r['rss_vs_hf_default']:.2f} | "
                          f"{r['rss_vs_hf_best']:.2f} | {r['eval_loss']:.4f} | {rel:+.2%} | {r['wall_s']:.0f} | "
-                         f"{r['steps']} | {r['tokens']} |")
+                         f"{r['steps']} | {r['tokens']} | {r['trainable_params']} |")
             if r["impl"] == "peftkit":
                 checks.append({"config": t, "run": r["name"],
                                ">=2.5x HF-default tokens/s": r["x_hf_default"] >= TARGETS_MET["x_hf_default"],
@@ -250,73 +264,82 @@ def machine() -> dict:
     import transformers
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "load_avg_at_start": os.getloadavg()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per full run")
-    p.add_argument("--quick", action="store_true", help="smoke test: 3 steps per run, 2-step probes, 8 eval rows")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (~25 s each on 2 cores at 4 x 2)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 step per run and probe, 4 eval rows")
     p.add_argument("--targets", choices=["q_v", "all-linear", "both"], default="both")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sft_throughput.json"))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--cutoff-len", type=int, default=1024)
-    p.add_argument("--eval-rows", type=int, default=64)
-    p.add_argument("--probe-steps", type=int, default=6)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--eval-rows", type=int, default=24, help="held-out rows for the eval loss")
+    p.add_argument("--probe-steps", type=int, default=1, help="steps per HF-best probe")
+    p.add_argument("--lr", type=float, default=1e-3, help="high, so a few steps move the eval loss visibly")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(json.loads(args.child))
     if args.quick:
-        args.steps, args.probe_steps, args.eval_rows = 3, 2, 8
+        args.steps, args.probe_steps, args.eval_rows = 1, 1, 4
     targets = ["q_v", "all-linear"] if args.targets == "both" else [args.targets]
     base = dict(data_dir=args.data_dir, cutoff_len=args.cutoff_len, eval_rows=args.eval_rows, seed=args.seed,
                 batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, steps=args.steps,
-                warmup=max(1, args.steps // 10), logging_steps=max(1, args.steps // 10), eval=True, packing=False,
-                bf16=False, sampler="sequential", collator="pad", targets=targets[0])
+                warmup=args.steps // 10, logging_steps=1, eval=True, packing=False, bf16=False,
+                sampler="sequential", collator="pad", targets=targets[0])
     info = machine()
     started = time.time()
+    per_row, base_loss = prepare(base)
+    print(f"Eval loss of the base model on {args.eval_rows} held-out rows: {base_loss:.4f}")
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="sft_bench_") as tmp:
-        print(f"HF-best probes ({args.probe_steps} steps, {targets[0]}):")
+        print(f"HF-best probes ({args.probe_steps} step(s), {targets[0]}):")
         hf_best, probes = pick_hf_best(base, args, tmp)
         # A packed row holds several examples: fewer steps at batch size 1, so every run sees about the same examples.
-        packed_steps = max(1, round(args.steps * args.batch_size / examples_per_packed_row(base)))
+        packed_steps = max(1, round(args.steps * args.batch_size / per_row))
         for t in targets:
             print(f"{t}:")
             cfg = dict(base, targets=t)
             runs += [spawn(dict(cfg, impl="peftkit", name="peftkit", role="peftkit"), tmp),
                      spawn(dict(cfg, impl="peftkit", name="peftkit-packing", role="peftkit-packing", packing=True,
-                                    batch_size=1, steps=packed_steps), tmp),
+                                batch_size=1, steps=packed_steps), tmp),
                      spawn(dict(cfg, impl="hf", name="hf-default", role="hf-default"), tmp),
                      spawn(dict(cfg, impl="hf", role="hf-best", **hf_best), tmp)]
     table, checks = report(runs, targets)
-    print(f"\n{table}\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, transformers "
-          f"{info['transformers']}, peft {info['peft']}; load average at start {info['load_avg_at_start']}. "
-          "Timings on a shared 2-core machine are noisy.")
+    bf16 = probes[1]
+    bf16_note = (f"timed out: < {bf16['tokens_per_s_upper_bound']} tok/s" if bf16.get("timed_out")
+                 else f"{bf16['tokens_per_s']} tok/s")
+    print(f"\n{table}\n\nHF probes: " + ", ".join(f"{p['name'].removeprefix('probe ')} "
+                                                 f"{p['tokens_per_s'] or '-'} tok/s" for p in probes)
+          + f" (bf16 autocast: {bf16_note}); HF-best = {hf_best['name']}.\nBase model eval loss {base_loss:.4f}. "
+          f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, transformers {info['transformers']}, "
+          f"peft {info['peft']}. Timings on a shared 2-core machine are noisy (load averages are in the JSON).")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": info,
                                "settings": {k: v for k, v in vars(args).items() if k != "child"},
-                               "hf_best_choice": hf_best, "probes": probes, "runs": runs, "targets_met": checks,
-                               "total_wall_s": round(time.time() - started, 1), "table": table}, indent=2) + "\n")
-    print(f"Wrote {out}")
+                               "base_eval_loss": round(base_loss, 5), "hf_best_choice": hf_best, "probes": probes,
+                               "runs": runs, "targets_met": checks, "total_wall_s": round(time.time() - started, 1),
+                               "table": table}, indent=2) + "\n")
+    print(f"Wrote {out} ({time.time() - started:.0f} s in all)")
 
 
-def examples_per_packed_row(cfg: dict) -> float:
-    """Mean examples per packed row of cutoff_len tokens (this also warms peftkit's dataset cache for the children)."""
+def prepare(cfg: dict) -> tuple[float, float]:
+    """Warm peftkit's dataset cache for the children; mean examples per packed row; the base model's eval loss."""
     import peftkit
 
-    tok = peftkit.load_tokenizer("smollm2-135m")
-    load_data(cfg, tok, False)
+    model, tok = peftkit.load_model_and_tokenizer("smollm2-135m", dtype=torch.float32)
+    _, eval_rows = load_data(cfg, tok, False)
     packed, _ = load_data(cfg, tok, True)
-    return sum(len(r["seq_lens"]) for r in packed) / len(packed)
+    return sum(len(r["seq_lens"]) for r in packed) / len(packed), eval_loss(model, eval_rows)
 
 
 if __name__ == "__main__":
