@@ -11,12 +11,13 @@ import torch
 
 
 def _matmul_seconds(dtype: torch.dtype, device: str) -> float:
-    a = torch.randn(256, 512, device=device).to(dtype)
-    w = torch.randn(512, 512, device=device).to(dtype)
+    a = torch.randn(512, 1024, device=device).to(dtype)
+    w = torch.randn(1024, 1024, device=device).to(dtype)
     torch.nn.functional.linear(a, w)  # warm up
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(5):
-        torch.nn.functional.linear(a, w)
+    torch.nn.functional.linear(a, w)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -27,7 +28,12 @@ def bf16_is_faster(device: str) -> bool:
     """Whether bf16 matmuls beat fp32 here; on CUDA, whether bf16 is supported at all."""
     if device == "cuda":
         return torch.cuda.is_bf16_supported()
-    return _matmul_seconds(torch.bfloat16, device) < 0.8 * _matmul_seconds(torch.float32, device)
+    # Alternate and keep each dtype's best time, so a busy moment on a shared machine cannot decide alone.
+    bf16, fp32 = float("inf"), float("inf")
+    for _ in range(3):
+        fp32 = min(fp32, _matmul_seconds(torch.float32, device))
+        bf16 = min(bf16, _matmul_seconds(torch.bfloat16, device))
+    return bf16 < 0.8 * fp32
 
 
 def base_dtype(bf16: bool | None, fp16: bool, device: str) -> torch.dtype:
