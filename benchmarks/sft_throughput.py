@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from peftkit.train.trainer import real_tokens  # the same count the trainer reports, for both sides
+
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"q_v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 BUSY_LOAD = (os.cpu_count() or 2) + 1.0  # a run's own threads load ~cores; more means other work competed
@@ -33,17 +35,6 @@ TARGETS_MET = {"x_hf_default": 2.5, "x_hf_best": 1.5, "eval_rel": 0.02}  # from 
 
 
 # --------------------------------------------------------------------------------------------- shared measurements
-def real_tokens(kwargs: dict) -> int:
-    """Non-pad tokens of one forward: 2-D mask sum; 4-D additive mask (peftkit packing) diagonal; no mask: all."""
-    mask = kwargs.get("attention_mask")
-    if mask is None:
-        return kwargs["input_ids"].numel()
-    if mask.dim() == 4:
-        diag = mask[:, 0].diagonal(dim1=-2, dim2=-1)
-        return int((diag if mask.dtype == torch.bool else diag == 0).sum())
-    return int(mask.sum())
-
-
 def count_tokens(model: torch.nn.Module) -> dict:
     """Hook the transformers model so every training forward (grad enabled) adds its real tokens to the counter."""
     counter = {"tokens": 0, "forwards": 0, "first_forward": None}

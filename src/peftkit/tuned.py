@@ -12,7 +12,15 @@ from torch import nn
 
 from .errors import AdapterLoadError, ConfigError, PeftkitError
 from .io import peft_format
-from .methods.base import AdapterLayer, Method, MethodConfig, count_parameters, method_for_config, trainable_report
+from .methods.base import (
+    AdapterLayer,
+    Method,
+    MethodConfig,
+    count_parameters,
+    method_for_config,
+    replace_module,
+    trainable_report,
+)
 
 DEFAULT_ADAPTER = "default"
 
@@ -158,9 +166,7 @@ class TunedModel(nn.Module):
         """Remove every adapter layer (keeping whatever was merged) and return the plain base model."""
         for path, module in list(self.model.named_modules()):
             if isinstance(module, AdapterLayer):
-                parent_path, _, child = path.rpartition(".")
-                parent = self.model.get_submodule(parent_path) if parent_path else self.model
-                setattr(parent, child, module.base_layer)
+                replace_module(self.model, path, module.base_layer)
         self.adapters.clear()
         self.active_adapter = None
         return self.model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,6 @@ def run_sft(cfg: Any) -> dict[str, Any]:
 
     out = cfg.output_dir
     if not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-        from pathlib import Path
-
         if (Path(out) / "adapter_model.safetensors").exists():
             raise ConfigError(
                 f"output_dir '{out}' already holds a trained adapter; set overwrite_output_dir: true to replace it, "

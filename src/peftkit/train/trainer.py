@@ -249,12 +249,14 @@ class Trainer:
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-padding tokens in a batch; a packed batch carries a 4-D mask whose diagonal is 0 exactly there."""
+    """Non-padding tokens in a batch (or a forward's keyword arguments). A packed batch carries a 4-D mask whose
+    diagonal marks them: 0 in an additive float mask, True in a boolean one."""
     mask = batch.get("attention_mask")
     if mask is None:
         return batch["input_ids"].numel()
     if mask.dim() == 4:
-        return int((mask[:, 0].diagonal(dim1=-2, dim2=-1) == 0).sum())
+        diag = mask[:, 0].diagonal(dim1=-2, dim2=-1)
+        return int((diag if mask.dtype == torch.bool else diag == 0).sum())
     return int(mask.sum())
 
 
