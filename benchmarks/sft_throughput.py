@@ -83,7 +83,7 @@ def load_data(spec: dict, tokenizer, packing: bool) -> tuple[list[dict], list[di
 def run_peftkit(spec: dict) -> dict:
     import peftkit
     from peftkit.config import load_config
-    from peftkit.data import SFTCollator, check_packing_support
+    from peftkit.data import SFTCollator
     from peftkit.train import Trainer
     from peftkit.train.precision import base_dtype
 
@@ -99,10 +99,9 @@ def run_peftkit(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     tuned = peftkit.TunedModel(model, peftkit.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                          target_modules=TARGETS[spec["targets"]]))
-    if spec["packing"]:
-        check_packing_support(model)
     counter = count_tokens(model)
-    trainer = Trainer(cfg, tuned, train_rows, SFTCollator(pad_token_id=tok.pad_token_id, mask_dtype=model.dtype))
+    collator = SFTCollator(pad_token_id=tok.pad_token_id, padding_free=True)  # peftkit's default for this model
+    trainer = Trainer(cfg, tuned, train_rows, collator)
     results, timing = timed(trainer.train, counter)
     return dict(timing, eval_model=tuned, eval_rows=eval_rows, trainable=tuned.parameter_counts()[0],
                 dtype=str(dtype).removeprefix("torch."), train_loss=results["train_loss"],

@@ -117,3 +117,55 @@ def test_half_precision_mask_and_unsupported_attention() -> None:
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ConfigError, match="attn_implementation='sdpa'"):
         check_packing_support(model)
+
+
+# --- padding-free batches: one flattened row, per-example causal attention ---
+
+def loss_and_grads(model, batch: dict) -> tuple[float, int, list[torch.Tensor]]:
+    from peftkit.train.trainer import token_loss_sum
+
+    model.zero_grad()
+    total, count = token_loss_sum(model, batch)
+    total.backward()
+    return total.item(), count, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+def test_padding_free_equals_padded(arch: str) -> None:
+    """The same examples, padded or flattened (and packed, then flattened): same loss sum, count and gradients."""
+    from peftkit.train.varlen import supports_padding_free
+
+    model = TINY_MODELS[arch]()
+    assert supports_padding_free(model)
+    examples = synthetic_examples(8)
+    padded = SFTCollator(pad_token_id=0)(examples)
+    flat = SFTCollator(pad_token_id=0, padding_free=True)(examples)
+    assert flat["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    assert "attention_mask" not in flat and flat["cu_seq_lens_q"][-1] == flat["input_ids"].shape[1]
+    ref_sum, ref_count, ref_grads = loss_and_grads(model, padded)
+    for batch in (flat, SFTCollator(pad_token_id=0, padding_free=True)(pack(examples, CUTOFF))):
+        total, count, grads = loss_and_grads(model, batch)
+        assert count == ref_count and abs(total - ref_sum) / ref_count < 1e-5
+        assert len(grads) == len(ref_grads)
+        assert all(torch.allclose(g, r, atol=1e-5, rtol=1e-4) for g, r in zip(grads, ref_grads))
+    assert model.config._attn_implementation == "sdpa"  # switched back after the forward
+
+
+def test_padding_free_marks_example_starts_and_keeps_sliding_windows() -> None:
+    """Each example's first token is never a target, even in rows whose labels did not say so; a sliding window
+    shorter than an example is honoured (Mistral-style), matching the model's own masked attention."""
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
+    flat = SFTCollator(pad_token_id=0, padding_free=True)(rows)
+    assert flat["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1]] and flat["cu_seq_lens_q"].tolist() == [0, 3, 5]
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=5)).eval()
+    examples = synthetic_examples(6, seed=3)
+    ref_sum, ref_count, _ = loss_and_grads(model, SFTCollator(pad_token_id=0)(examples))
+    total, count, _ = loss_and_grads(model, SFTCollator(pad_token_id=0, padding_free=True)(examples))
+    assert count == ref_count and abs(total - ref_sum) / count < 1e-5

@@ -83,6 +83,7 @@ class TrainConfig:
     max_samples: int | None = None
     val_size: int | float = 0.0  # a fraction in [0, 1), or a count >= 1, of `dataset` held out for evaluation
     packing: bool = False  # always "neat": packed examples never attend to each other
+    padding_free: bool = True  # a micro-batch is one unpadded row with per-example attention (train/varlen.py)
     train_on_prompt: bool = False
     mask_history: bool = False
     overwrite_cache: bool = False

@@ -65,7 +65,13 @@ def check_packing_support(model: Any) -> None:
 
 
 class SFTCollator:
-    """Right-pads a list of examples into tensors: input_ids, labels (-100 on padding), attention_mask.
+    """Lays a list of examples (or packed rows) out as tensors, padded or padding-free.
+
+    With `padding_free=True` every example goes end to end into one row [1, total tokens] with `position_ids`
+    restarting per example and `cu_seq_lens_q` marking the starts; the model must run under
+    `train.varlen.varlen_attention`, which keeps examples apart. Nothing is padded and no mask is built.
+
+    Otherwise rows are right-padded into input_ids, labels (-100 on padding) and attention_mask.
 
     Packed rows (with `seq_lens`) also get `position_ids` and a 4-D additive float `attention_mask`
     [B, 1, L, L] (0 = may attend, dtype-min = may not) that is causal within each example, blocks attention
@@ -76,7 +82,8 @@ class SFTCollator:
     """
 
     def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None, *,
-                 mask_dtype: torch.dtype = torch.float32) -> None:
+                 mask_dtype: torch.dtype = torch.float32, padding_free: bool = False) -> None:
+        self.padding_free = padding_free
         # Padding is masked out and never labelled, so any id works when the tokenizer defines none.
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -85,6 +92,8 @@ class SFTCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("SFTCollator got an empty batch.")
+        if self.padding_free:
+            return self._flattened(features)
         lengths = [len(f["input_ids"]) for f in features]
         width = max(lengths)
         if self.pad_to_multiple_of:
@@ -101,6 +110,30 @@ class SFTCollator:
         if any("seq_lens" in f for f in features):
             out["position_ids"], out["attention_mask"] = self._packed(features, lengths, width)
         return out
+
+    @staticmethod
+    def _flattened(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        seq_lens: list[int] = []
+        for f in features:
+            lens = f.get("seq_lens") or [len(f["input_ids"])]
+            if sum(lens) != len(f["input_ids"]):
+                raise ValueError(f"seq_lens {lens} do not add up to the row's {len(f['input_ids'])} tokens.")
+            start = len(input_ids)
+            input_ids += f["input_ids"]
+            labels += f["labels"]
+            for n in lens:  # an example's first token is never a target: it would be predicted from the previous one
+                labels[start] = IGNORE_INDEX
+                start += n
+            seq_lens += lens
+        lens_t = torch.as_tensor(seq_lens)
+        return {
+            "input_ids": torch.as_tensor(input_ids, dtype=torch.long)[None],
+            "labels": torch.as_tensor(labels, dtype=torch.long)[None],
+            "position_ids": torch.cat([torch.arange(n) for n in seq_lens])[None],
+            "cu_seq_lens_q": torch.cat([torch.zeros(1, dtype=torch.int32), lens_t.cumsum(0).to(torch.int32)]),
+        }
 
     def _packed(self, features, lengths, width) -> tuple[torch.Tensor, torch.Tensor]:
         batch = len(features)

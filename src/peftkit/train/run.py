@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from ..errors import ConfigError
 from ..tuned import TunedModel
 from .precision import base_dtype
 from .trainer import Trainer
+from .varlen import supports_padding_free
 
 
 def seed_everything(seed: int) -> None:
@@ -59,9 +61,13 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     else:
         tuned = TunedModel(model, cfg.method_config())
     print(tuned.trainable_report())
-    if cfg.packing:
+    padding_free = cfg.padding_free and supports_padding_free(model)
+    if cfg.padding_free and not padding_free:
+        warnings.warn(f"padding_free: {type(model).__name__}'s attention cannot run padding-free here; "
+                      "batches are padded instead.", stacklevel=2)
+    if cfg.packing and not padding_free:
         check_packing_support(model)
-    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, mask_dtype=model.dtype)
+    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, mask_dtype=model.dtype, padding_free=padding_free)
     trainer = Trainer(cfg, tuned, train_data, collator, eval_data, base_model_name=base_model_id(model), tokenizer=tokenizer)
     results = trainer.train()
     print(f"Saved the adapter to {out} ({results['train_runtime']:.0f} s, {results['train_tokens_per_second']:.0f} tokens/s)")

@@ -20,6 +20,7 @@ from transformers import get_scheduler
 
 from ..tuned import TunedModel
 from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .varlen import varlen_attention
 
 LOG_NAME = "trainer_log.jsonl"
 
@@ -28,12 +29,17 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     """(sum of next-token cross-entropies over label tokens, number of label tokens).
 
     Logits are computed only at positions whose next token is a label (`logits_to_keep`): the vocabulary projection
-    of prompt tokens is wasted work, a fifth of a small model's compute.
+    of prompt tokens is wasted work, a fifth of a small model's compute. In a padding-free batch (one row, see
+    `SFTCollator`) these are exactly the label positions; in a padded batch, every column that has one.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = batch["labels"][:, 1:]
     keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
-    logits = model(**inputs, logits_to_keep=keep).logits.float()
+    if "cu_seq_lens_q" in batch:
+        with varlen_attention(model):
+            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits.float()
+    else:
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits.float()
     targets = targets[:, keep]
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
@@ -117,7 +123,11 @@ class Trainer:
         if resume_from is not None:
             self.state = load_checkpoint(resume_from, self.method, self.optimizer, self.scheduler)
         if cfg.gradient_checkpointing:
-            self.tuned.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = self.tuned.model
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.output_dir / LOG_NAME
         if resume_from is None:

@@ -1,0 +1,95 @@
+"""Padding-free ("varlen") attention: a micro-batch laid out as one row of concatenated examples.
+
+The collator (`SFTCollator(padding_free=True)`) writes every example of a micro-batch, packed or not, into a single
+row and records where each example starts in `cu_seq_lens_q` (cumulative lengths, FlashAttention's convention).
+Nothing is padded, so no compute goes to pad tokens, and the vocabulary projection can be limited to exactly the
+label positions. Attention runs per example with causal SDPA, so its cost is the sum of squared example lengths
+rather than the square of the row: no example sees another and no L x L mask is ever built.
+
+transformers routes attention through a registry; `varlen_attention(model)` switches a model to our entry for the
+duration of a forward. Models not built on that registry, or with attention features SDPA lacks (logit softcapping,
+attention sinks), keep padded batches: see `supports_padding_free`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "peftkit_varlen"
+_SUPPORTED_BASE = ("sdpa", "eager")
+
+
+def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None,
+                       sliding_window: int | None) -> torch.Tensor:
+    n = q.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if sliding_window is None or n <= sliding_window:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    i = torch.arange(n, device=q.device)
+    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < sliding_window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function: query/key/value are [1, heads, tokens, head_dim]."""
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        raise RuntimeError("peftkit's padding-free attention needs one flattened row and its cu_seq_lens_q; "
+                           "build batches with SFTCollator(padding_free=True).")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise RuntimeError("This model's attention uses softcapping or sinks, which padding-free attention does not "
+                           "implement; set padding_free: false.")
+    if dropout and module.training:
+        raise RuntimeError("Padding-free attention does not apply attention dropout; set padding_free: false.")
+    bounds = cu_seq_lens_q.tolist()
+    parts = [
+        _segment_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling, sliding_window)
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, varlen_attention_forward)
+
+
+def supports_padding_free(model: torch.nn.Module) -> bool:
+    """Whether the model's attention goes through transformers' registry with a kernel we can replace exactly."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in _SUPPORTED_BASE + (ATTN_NAME,):
+        return False
+    if getattr(config, "attn_logit_softcapping", None) or not getattr(config, "is_causal", True):
+        return False
+    if getattr(config, "attention_dropout", 0.0):
+        return False
+    return getattr(model, "_supports_attention_backend", False) or getattr(model, "_supports_sdpa", False)
+
+
+@contextmanager
+def varlen_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run the model's attention layers with padding-free attention inside the block, as loaded outside it."""
+    _register()
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = ATTN_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
