@@ -128,11 +128,21 @@ def test_hooks_are_called(tmp_path) -> None:
         calls["groups"] += 1
         return original_groups(lr)
 
+    def on_step_end(step: int) -> None:  # AdaLoRA's allocation reads the step's gradients: they must still be there
+        assert all(p.grad is not None for _, p in method.trainable_parameters())
+        calls["steps"].append(step)
+
+    def loss_term() -> torch.Tensor:
+        calls["terms"] += 1
+        return sum(p.sum() for _, p in method.trainable_parameters()) * 0.0
+
+    calls["terms"] = 0
     method.prepare = lambda trainer: calls.__setitem__("prepare", calls["prepare"] + 1)
-    method.on_step_end = lambda step: calls["steps"].append(step)
+    method.on_step_end = on_step_end
     method.param_groups = param_groups
-    run(make_cfg(tmp_path, max_steps=3), synthetic_examples(8), tuned=tuned)
-    assert calls == {"prepare": 1, "steps": [1, 2, 3], "groups": 1}
+    method.loss_term = loss_term
+    run(make_cfg(tmp_path, max_steps=3, gradient_accumulation_steps=2), synthetic_examples(12), tuned=tuned)
+    assert calls == {"prepare": 1, "steps": [1, 2, 3], "groups": 1, "terms": 6}  # one term per micro-batch
 
 
 def test_load_best_model_at_end(tmp_path) -> None:

@@ -71,9 +71,31 @@ class TrainConfig:
     lora_alpha: float | None = None  # None -> 2 * lora_rank, as in LLaMA-Factory
     lora_dropout: float = 0.0
     lora_target: str | list[str] | None = "all"  # "all": every linear layer; "q_proj,v_proj"; None/"default": per model
+    target_modules: str | list[str] | None = None  # PEFT's name, for any method; None: the method's own default
     additional_target: list[str] | None = None  # modules trained in full and saved with the adapter (modules_to_save)
     use_rslora: bool = False
     use_dora: bool = False
+    loraplus_lr_ratio: float | None = None  # LoRA+: lora_B learns at learning_rate x this (16 is the paper's)
+    loraplus_lr_embedding: float = 1e-6  # LoRA+: learning rate of embedding LoRA's B
+    lora_drop_sample_ratio: float = 0.1  # LoRA-drop: share of the training data for the selection phase
+    lora_drop_threshold: float = 0.9  # LoRA-drop: keep the most important layers up to this share of importance
+    lora_drop_steps: int | None = None  # LoRA-drop: selection-phase steps; None: one pass over the sample
+    init_r: int = 12  # AdaLoRA: starting rank of every module
+    target_r: int = 8  # AdaLoRA: average rank at the end of the budget schedule
+    tinit: int = 0  # AdaLoRA: steps of warm-up before pruning starts
+    tfinal: int = 0  # AdaLoRA: steps at the end with the final budget fixed
+    deltaT: int = 1  # AdaLoRA: steps between two budget allocations
+    adalora_beta1: float = 0.85  # AdaLoRA: EMA factor of the sensitivity
+    adalora_beta2: float = 0.85  # AdaLoRA: EMA factor of the uncertainty
+    orth_reg_weight: float = 0.5  # AdaLoRA: weight of the orthogonality regulariser
+    feedforward_modules: str | list[str] | None = None  # IA3: targets whose input (not output) is scaled
+    adapter_type: str = "houlsby"  # bottleneck adapters: houlsby | pfeiffer
+    adapter_size: int | None = None  # bottleneck width; None: hidden_size / reduction_factor
+    reduction_factor: float = 16  # bottleneck adapters
+    adapter_non_linearity: str = "relu"  # bottleneck adapters: relu | gelu | silu | tanh
+    freeze_trainable_layers: int = 2  # freeze: train the last N layers (negative: the first N)
+    freeze_trainable_modules: str | list[str] = "all"  # freeze: module names inside those layers, or all
+    freeze_extra_modules: str | list[str] | None = None  # freeze: modules outside the layers to train, e.g. embed_tokens
     # --- data ---
     dataset: list[str] | None = None  # names in dataset_dir/dataset_info.json; "a,b" is split
     eval_dataset: list[str] | None = None
@@ -141,24 +163,38 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+        self._check_method_keys()
 
     def method_config(self) -> MethodConfig:
-        """The `finetuning_type` method's config, from the LLaMA-Factory keys that its config class has."""
+        """The `finetuning_type` method's config, from the keys its config class declares (`yaml_keys`)."""
         from .methods import get_method
 
-        target = self.lora_target
-        if target in ("all", "all-linear"):
-            target = "all-linear"
-        elif isinstance(target, str):  # "default" or "" -> None: the architecture's default targets
-            target = [t.strip() for t in target.split(",") if t.strip() and t.strip() != "default"] or None
-        values = dict(
-            r=self.lora_rank, lora_alpha=self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank,
-            lora_dropout=self.lora_dropout, use_rslora=self.use_rslora, use_dora=self.use_dora,
-            target_modules=target, modules_to_save=self.additional_target or None,
-        )
         cls = get_method(self.finetuning_type).config_class
+        values = {field: getattr(self, key) for key, field in cls.yaml_keys.items()}
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        if "lora_alpha" in values and values["lora_alpha"] is None:
+            values["lora_alpha"] = 2 * self.lora_rank  # LLaMA-Factory's default
+        if "target_modules" in names:
+            target = self.target_modules
+            if target is None and "lora_target" in cls.yaml_keys:
+                target = self.lora_target
+            values["target_modules"] = _targets(target)
+        if "modules_to_save" in names:
+            values["modules_to_save"] = self.additional_target or None
+        return cls(**values)
+
+    def _check_method_keys(self) -> None:
+        """Build the method config now, so impossible values fail before any work; warn about keys set for another
+        method (e.g. `lora_rank` with `finetuning_type: ia3`), which would otherwise be silently ignored."""
+        from .methods import get_method, method_keys
+
+        self.method_config()
+        own = set(get_method(self.finetuning_type).config_class.yaml_keys)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, methods in method_keys().items():
+            if key not in own and getattr(self, key) != defaults[key]:
+                warnings.warn(f"{key} is a setting of {', '.join(methods)}, not of finetuning_type "
+                              f"'{self.finetuning_type}': it is ignored.", UserWarning, stacklevel=4)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values, saved into checkpoints so a run can be reproduced."""
@@ -185,6 +221,19 @@ class TrainConfig:
                 values["packing"] = True
             warnings.warn(f"Ignoring {key}={value!r}: {IGNORED_KEYS[key]}.", UserWarning, stacklevel=3)
         return cls(**values)
+
+
+def _targets(target: str | list[str] | None) -> str | list[str] | None:
+    """LLaMA-Factory's target spellings -> PEFT's: "all" -> "all-linear", "a,b" -> [a, b], "default"/"" -> None."""
+    if target in ("all", "all-linear"):
+        return "all-linear"
+    if isinstance(target, str) and not _is_regex(target):
+        return [t.strip() for t in target.split(",") if t.strip() and t.strip() != "default"] or None
+    return target
+
+
+def _is_regex(text: str) -> bool:
+    return any(ch in text for ch in "*+?[]()|\\^$")
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), **kw: Any) -> TrainConfig:

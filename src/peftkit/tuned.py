@@ -55,7 +55,12 @@ class TunedModel(nn.Module):
         """Attach a new adapter; the first one becomes active (use `set_adapter` to switch)."""
         if name in self.adapters:
             raise ConfigError(f"An adapter named '{name}' already exists; pick another name or delete it first.")
-        method = method_for_config(config)(self.model, config, name)
+        method_cls = method_for_config(config)
+        in_place = [m.name for m in self.adapters.values() if m.in_place] + ([method_cls.name] if method_cls.in_place else [])
+        if in_place and self.adapters:
+            raise ConfigError(f"'{in_place[0]}' trains the base model's own weights, so it cannot share a model with "
+                              "other adapters; load the base model again for another adapter.")
+        method = method_cls(self.model, config, name)
         method.attach()
         self.adapters[name] = method
         self.set_adapter(self.active_adapter or name)
@@ -95,6 +100,10 @@ class TunedModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the plain base model inside this block: `with tuned.disable_adapter(): base_logits = tuned(x).logits`."""
+        in_place = [m.name for m in self.adapters.values() if m.in_place]
+        if in_place:
+            raise PeftkitError(f"'{in_place[0]}' changed the base weights themselves; there is no base model left to "
+                               "run without it. Load the base model separately to compare.")
         layers = list(self._adapter_layers())
         for layer in layers:
             if layer.merged_adapters:
@@ -124,7 +133,13 @@ class TunedModel(nn.Module):
         return count_parameters(self.model)
 
     def trainable_report(self) -> str:
-        return trainable_report(self.model)
+        """PEFT's trainable-parameter line, the optimizer state it costs, and the active method's notes."""
+        trainable, _ = self.parameter_counts()
+        lines = [trainable_report(self.model), f"AdamW state: {8 * trainable / 2**20:,.1f} MiB (two fp32 moments per "
+                                               "trainable parameter)"]
+        if self.active_adapter is not None:
+            lines += self.method.notes()
+        return "\n".join(lines)
 
     def print_trainable_parameters(self) -> None:
         print(self.trainable_report())
@@ -140,8 +155,10 @@ class TunedModel(nn.Module):
         method = self.adapters.get(name) if name else None
         if method is None:
             raise ConfigError(f"No adapter named '{name}' to merge.")
+        if method.in_place:
+            return  # its training already changed the base weights
         if not method.mergeable:
-            raise PeftkitError(f"Adapter '{name}' ({method.name}) cannot be merged into the base weights.")
+            raise PeftkitError(not_mergeable_message(method))
         for layer in self._adapter_layers():
             if name not in layer.adapter_names():
                 continue
@@ -178,7 +195,7 @@ class TunedModel(nn.Module):
 
         for name in adapter_names or list(self.adapters):
             target = Path(directory) if name == DEFAULT_ADAPTER or len(self.adapters) == 1 else Path(directory) / name
-            peft_format.save_adapter(self.adapters[name], target, base_model_id(self.model))
+            self.adapters[name].save(target, base_model_id(self.model))
 
     save_pretrained = save  # the name transformers and PEFT users type
 
@@ -207,6 +224,16 @@ class TunedModel(nn.Module):
         tuned = cls(model)
         tuned.load_adapter(directory, name, trainable=trainable)
         return tuned
+
+
+def not_mergeable_message(method: Method) -> str:
+    """Why `method` cannot be merged, and which methods can (for merge and export errors)."""
+    from .methods import available_methods, get_method
+
+    can = [n for n in available_methods() if get_method(n).mergeable]
+    return (f"{method.name} adapters cannot be merged into the base weights: their layers add new computation (e.g. "
+            f"a non-linearity or new tokens) that no weight change reproduces. Serve the adapter unmerged "
+            f"(peftkit chat --adapter), or train a mergeable method: {', '.join(can)}.")
 
 
 def _check_merge(layer: AdapterLayer, before: torch.Tensor, after: torch.Tensor) -> None:

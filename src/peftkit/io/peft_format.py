@@ -37,7 +37,17 @@ _SUFFIXES: dict[str, list[tuple[str, str]]] = {
         (".lora_magnitude", ".lora_magnitude_vector"),
     ],
 }
-_PEFT_TYPE = {"lora": "LORA"}
+_PEFT_TYPE = {"lora": "LORA"}  # our method name -> PEFT's peft_type, for the methods PEFT also has
+# Methods PEFT lacks are saved with peft_type "PEFTKIT_<NAME>" (PEFT refuses to load them rather than mistaking them
+# for its own) and their config's fields as they are.
+OWN_PREFIX = "PEFTKIT_"
+_NOT_CONFIG = ("peft_type", "base_model_name_or_path", "peft_version", "peftkit_version", "inference_mode", "revision")
+
+
+def peft_type_of(config: MethodConfig) -> str:
+    if isinstance(config, LoraConfig):  # LoRA variants (LoRA+, LoRA-drop) save as plain LoRA
+        return "LORA"
+    return _PEFT_TYPE.get(config.method) or OWN_PREFIX + config.method.upper()
 
 # PEFT config keys that change the math and that peftkit does not implement yet: loading must not silently ignore them.
 _UNSUPPORTED_LORA = {
@@ -107,6 +117,10 @@ def config_to_peft(config: MethodConfig, base_model_name_or_path: str | None) ->
             "use_dora": config.use_dora,
             "use_rslora": config.use_rslora,
         }
+    peft_type = peft_type_of(config)
+    if peft_type.startswith(OWN_PREFIX):
+        return {**config.to_dict(), "peft_type": peft_type, "base_model_name_or_path": base_model_name_or_path,
+                "inference_mode": True}
     raise AdapterLoadError(f"No PEFT file format is defined for method '{config.method}'.")
 
 
@@ -125,7 +139,16 @@ def config_from_peft(raw: dict[str, Any], where: str) -> MethodConfig:
         if values.get("init_lora_weights") not in (True, False, "gaussian"):
             values["init_lora_weights"] = True  # only affects initialisation, which loading overwrites
         return LoraConfig(**values)
-    supported = ", ".join(sorted(_SUFFIXES))
+    if isinstance(peft_type, str) and peft_type.startswith(OWN_PREFIX):
+        from ..errors import ConfigError
+        from ..methods import get_method
+
+        try:
+            cls = get_method(peft_type[len(OWN_PREFIX):].lower()).config_class
+            return cls.from_dict({k: v for k, v in raw.items() if k not in _NOT_CONFIG})
+        except ConfigError as e:
+            raise AdapterLoadError(f"{where} was written by a peftkit with other methods or settings: {e}") from e
+    supported = ", ".join(sorted(set(_PEFT_TYPE.values())))
     raise AdapterLoadError(f"{where} has peft_type {peft_type!r}; peftkit reads these PEFT types: {supported}.")
 
 
@@ -137,7 +160,7 @@ def save_adapter(method: Method, directory: str | os.PathLike, base_model_name_o
     config = method.config
     if config.task_type is None:
         config.task_type = task_type_for(method.model)
-    peft_type = _PEFT_TYPE[config.method]
+    peft_type = peft_type_of(config)
     tensors = {peft_key(k, peft_type): t.detach().contiguous().cpu() for k, t in method.state_dict().items()}
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config_to_peft(config, base_model_name_or_path), indent=2, sort_keys=True) + "\n"
@@ -172,7 +195,7 @@ def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_weights(method: Method, directory: str | os.PathLike) -> None:
     """Load the tensors in `directory` into an attached `method`, checking every name and shape."""
-    peft_type = _PEFT_TYPE[method.config.method]
+    peft_type = peft_type_of(method.config)
     file_tensors = read_weights(directory)
     to_internal = {peft_key(k, peft_type): k for k in method.state_dict()}
     state: dict[str, torch.Tensor] = {}

@@ -9,6 +9,7 @@ from .base import (
     find_targets,
     get_method,
     method_for_config,
+    method_keys,
     trainable_report,
 )
 from .lora import LoraConfig
@@ -22,5 +23,6 @@ __all__ = [
     "find_targets",
     "get_method",
     "method_for_config",
+    "method_keys",
     "trainable_report",
 ]

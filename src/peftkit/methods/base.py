@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import re
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -50,6 +51,9 @@ class MethodConfig:
     task_type: str | None = None
 
     method: ClassVar[str] = ""
+    # TrainConfig (YAML) key -> field of this config, e.g. {"lora_rank": "r"}. `target_modules` and `modules_to_save`
+    # are filled by TrainConfig for every method that has them; list them here only under another YAML name.
+    yaml_keys: ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,14 +161,19 @@ class Method:
     """One adapter of one method on one model. Subclasses implement `attach`; the rest has sensible defaults.
 
     Training hooks, called by the trainer for every method:
+      - `prepare(trainer)`: runs once before the optimizer is built (LoRA-drop's selection phase).
       - `param_groups(lr)`: optimizer parameter groups (LoRA+ gives lora_B its own learning rate).
-      - `prepare(trainer)`: runs once before training (LoRA-drop's selection phase).
-      - `on_step_end(step)`: runs after every optimizer step (AdaLoRA's rank allocation).
+      - `loss_term()`: an extra loss added to every micro-batch's loss (AdaLoRA's orthogonality regulariser).
+      - `on_step_end(step)`: runs after every optimizer step, gradients still in place (AdaLoRA's rank allocation).
+
+    In-place methods (`in_place = True`: full, freeze) train the base model's own tensors instead of adding layers:
+    they are already "merged", cannot be disabled, and only one can be on a model.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     mergeable: ClassVar[bool] = True
+    in_place: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: MethodConfig, adapter_name: str) -> None:
         self.model = model
@@ -223,8 +232,23 @@ class Method:
     def prepare(self, trainer: Any) -> None:
         """Called once before the first step."""
 
+    def loss_term(self) -> torch.Tensor | None:
+        """An extra loss for this micro-batch (already weighted), or None."""
+        return None
+
     def on_step_end(self, step: int) -> None:
-        """Called after every optimizer step."""
+        """Called after every optimizer step, before the gradients are cleared."""
+
+    # --- reporting and saving ---
+    def notes(self) -> list[str]:
+        """Lines for the trainable-parameter report (e.g. which layers BitFit gave new biases)."""
+        return []
+
+    def save(self, directory: str | os.PathLike, base_model_name_or_path: str | None) -> None:
+        """Write this adapter to `directory`: PEFT's format by default (see io/peft_format.py)."""
+        from ..io import peft_format
+
+        peft_format.save_adapter(self, directory, base_model_name_or_path)
 
     # --- modules_to_save, shared by every method ---
     def attach_modules_to_save(self) -> None:
@@ -267,6 +291,15 @@ def method_for_config(config: MethodConfig) -> type[Method]:
 
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def method_keys() -> dict[str, list[str]]:
+    """Every method-specific YAML key -> the methods whose config reads it (for "that key is not for this method")."""
+    keys: dict[str, list[str]] = {}
+    for name, cls in sorted(_REGISTRY.items()):
+        for key in cls.config_class.yaml_keys:
+            keys.setdefault(key, []).append(name)
+    return keys
 
 
 # --- target-module matching ---

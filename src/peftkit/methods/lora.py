@@ -34,6 +34,8 @@ class LoraConfig(MethodConfig):
     fan_in_fan_out: bool = False
 
     method = "lora"
+    yaml_keys = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                 "lora_target": "target_modules", "use_rslora": "use_rslora", "use_dora": "use_dora"}
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:

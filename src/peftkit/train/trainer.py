@@ -153,7 +153,11 @@ class Trainer:
             for batch in group:
                 batch = self._to_device(batch)
                 loss_sum, _ = token_loss_sum(self.tuned, batch)
-                (loss_sum / max(n_tokens, 1)).backward()
+                loss = loss_sum / max(n_tokens, 1)
+                extra = self.method.loss_term()
+                if extra is not None:
+                    loss = loss + extra / len(group)
+                loss.backward()
                 step_loss += loss_sum.item()
                 self.state.tokens_seen += real_tokens(batch)
             if cfg.max_grad_norm and cfg.max_grad_norm > 0:
@@ -161,9 +165,9 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
             self.state.global_step += 1
-            self.method.on_step_end(self.state.global_step)
+            self.method.on_step_end(self.state.global_step)  # AdaLoRA reads this step's gradients
+            self.optimizer.zero_grad(set_to_none=True)
             window_loss += step_loss
             window_tokens += n_tokens
 
@@ -233,10 +237,9 @@ class Trainer:
                         self.base_model_name, self.cfg.save_total_limit)
 
     def _finish(self, runtime: float, tokens: int) -> dict[str, Any]:
-        from ..io import peft_format
         from .plot import plot_loss
 
-        peft_format.save_adapter(self.method, self.output_dir, self.base_model_name)
+        self.method.save(self.output_dir, self.base_model_name)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.output_dir)
         trainable, total = self.tuned.parameter_counts()
