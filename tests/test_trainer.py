@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
+from conftest import tiny_llama
 
 from peftkit import LoraConfig, TunedModel
 from peftkit.data import SFTCollator
 from peftkit.train import Trainer
 from peftkit.train.checkpoint import list_checkpoints
 
-
-def make_cfg(tmp_path, **overrides) -> SimpleNamespace:
-    cfg = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, per_device_eval_batch_size=4,
-        gradient_accumulation_steps=1, learning_rate=1e-2, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-        adam_epsilon=1e-8, num_train_epochs=2.0, max_steps=-1, lr_scheduler_type="linear", lr_scheduler_kwargs={},
-        warmup_ratio=0.0, warmup_steps=0, max_grad_norm=1.0, logging_steps=1, eval_steps=None, eval_strategy="no",
-        save_steps=500, save_strategy="steps", save_total_limit=None, seed=7, gradient_checkpointing=False,
-        resume_from_checkpoint=None, load_best_model_at_end=False, plot_loss=False,
-    )
-    cfg.update(overrides)
-    return SimpleNamespace(**cfg)
-
-
-def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
-    """Variable-length random prompts with an easily learnt answer (fixed tokens), loss on the answer only."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        prompt = torch.randint(3, VOCAB, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
-        answer = [5, 6, 7, 8, prompt[0]]
-        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
-    return rows
+import helpers
+from helpers import make_cfg, read_log, synthetic_examples
 
 
 def tuned_llama(dropout: float = 0.0) -> TunedModel:
@@ -45,13 +23,7 @@ def tuned_llama(dropout: float = 0.0) -> TunedModel:
 
 
 def run(cfg, data, eval_data=None, tuned=None) -> tuple[Trainer, dict]:
-    trainer = Trainer(cfg, tuned or tuned_llama(), data, SFTCollator(pad_token_id=0), eval_data)
-    return trainer, trainer.train()
-
-
-def read_log(cfg) -> list[dict]:
-    path = f"{cfg.output_dir}/trainer_log.jsonl"
-    return [json.loads(line) for line in open(path) if line.strip()]
+    return helpers.run(cfg, data, tuned or tuned_llama(), eval_data)
 
 
 def test_loss_goes_down_and_artifacts(tmp_path) -> None:
