@@ -10,6 +10,15 @@ from peftkit import LoraConfig, TunedModel
 from peftkit.cli import main
 
 
+def save_word_tokenizer(folder) -> None:
+    """The tiny model has no tokenizer of its own; export needs one to copy."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                            eos_token="<unk>").save_pretrained(folder)
+
+
 def test_export_merged_reloads_in_transformers(tmp_path, input_ids, capsys) -> None:
     base_dir, adapter_dir, export_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
     tiny_llama().save_pretrained(base_dir)
@@ -21,12 +30,7 @@ def test_export_merged_reloads_in_transformers(tmp_path, input_ids, capsys) -> N
     with torch.no_grad():
         expected = tuned(input_ids=input_ids).logits
     tuned.save(adapter_dir)
-    # the tiny model has no tokenizer of its own: borrow none, export must still write the weights
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
-
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
-                            eos_token="<unk>").save_pretrained(base_dir)
+    save_word_tokenizer(base_dir)
 
     args = [f"model_name_or_path={base_dir}", f"adapter_name_or_path={adapter_dir}", f"export_dir={export_dir}",
             "export_size=1"]
@@ -57,3 +61,22 @@ def test_env(capsys) -> None:
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "transformers" in out and "PEFTKIT_HOME" in out
+
+
+def test_export_refuses_tensors_the_config_cannot_hold(tmp_path, capsys) -> None:
+    """SSF merged into Llama's bias-free linears creates biases that LlamaConfig (attention_bias=False) would drop."""
+    from peftkit.methods.ssf import SsfConfig
+
+    base_dir, adapter_dir, export_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    tiny_llama().save_pretrained(base_dir)
+    save_word_tokenizer(base_dir)
+    tuned = TunedModel(AutoModelForCausalLM.from_pretrained(base_dir), SsfConfig(target_modules=["o_proj"]))
+    with torch.no_grad():
+        for t in tuned.method.state_dict().values():
+            t.add_(torch.randn_like(t) * 0.2)
+    tuned.save(adapter_dir)
+    args = [f"model_name_or_path={base_dir}", f"adapter_name_or_path={adapter_dir}", f"export_dir={export_dir}"]
+    assert main(["export", *args]) == 1
+    err = capsys.readouterr().err
+    assert "o_proj.bias" in err and "would drop them" in err and "Traceback" not in err
+    assert not export_dir.exists()  # nothing half-written

@@ -142,8 +142,11 @@ def test_token_loss_matches_transformers_loss() -> None:
     assert (total / n).item() == pytest.approx(reference.item(), abs=1e-6)
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tmp_path) -> None:
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, padding_free: bool) -> None:
+    """Also padding-free: the recomputation in the backward pass must run the same (per-example) attention."""
     data = synthetic_examples(8)
-    plain, _ = run(make_cfg(tmp_path / "a", max_steps=3), data)
-    ckpt, _ = run(make_cfg(tmp_path / "b", max_steps=3, gradient_checkpointing=True), data)
+    plain, _ = helpers.run(make_cfg(tmp_path / "a", max_steps=3), data, tuned_llama(), padding_free=padding_free)
+    ckpt, _ = helpers.run(make_cfg(tmp_path / "b", max_steps=3, gradient_checkpointing=True), data, tuned_llama(),
+                          padding_free=padding_free)
     assert [e["loss"] for e in read_log(plain.cfg)] == pytest.approx([e["loss"] for e in read_log(ckpt.cfg)], abs=1e-5)

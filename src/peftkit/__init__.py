@@ -9,19 +9,40 @@
 
 from . import methods  # registers every method
 from .errors import AdapterLoadError, ConfigError, ModelLoadError, PeftkitError
-from .methods import LoraConfig, MethodConfig, available_methods, get_method
+from .methods import (
+    AdaLoraConfig,
+    AdapterConfig,
+    BitFitConfig,
+    FreezeConfig,
+    FullConfig,
+    Ia3Config,
+    LoraConfig,
+    LoraDropConfig,
+    MethodConfig,
+    SsfConfig,
+    available_methods,
+    get_method,
+)
 from .models import load_model, load_model_and_tokenizer, load_tokenizer
 from .tuned import TunedModel
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdapterConfig",
     "AdapterLoadError",
+    "BitFitConfig",
     "ConfigError",
+    "FreezeConfig",
+    "FullConfig",
+    "Ia3Config",
     "LoraConfig",
+    "LoraDropConfig",
     "MethodConfig",
     "ModelLoadError",
     "PeftkitError",
+    "SsfConfig",
     "TunedModel",
     "available_methods",
     "get_method",

@@ -226,14 +226,14 @@ class TunedModel(nn.Module):
         return tuned
 
 
-def not_mergeable_message(method: Method) -> str:
-    """Why `method` cannot be merged, and which methods can (for merge and export errors)."""
+def not_mergeable_message(method: Method | type[Method]) -> str:
+    """Why `method` (an adapter, or its class) cannot be merged, and which methods can (for merge and export errors)."""
     from .methods import available_methods, get_method
 
     can = [n for n in available_methods() if get_method(n).mergeable]
-    return (f"{method.name} adapters cannot be merged into the base weights: their layers add new computation (e.g. "
-            f"a non-linearity or new tokens) that no weight change reproduces. Serve the adapter unmerged "
-            f"(peftkit chat --adapter), or train a mergeable method: {', '.join(can)}.")
+    return (f"finetuning_type '{method.name}' cannot be merged into the base weights: its layers add computation "
+            f"(e.g. a non-linearity or new tokens) that no weight change reproduces. Use the adapter unmerged (peftkit "
+            f"chat --adapter, or TunedModel.load), or train a mergeable finetuning_type: {', '.join(can)}.")
 
 
 def _check_merge(layer: AdapterLayer, before: torch.Tensor, after: torch.Tensor) -> None:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PeftkitError
+from ..io import peft_format
 from ..io.atomic import atomic_dir
-from ..tuned import TunedModel
+from ..methods import method_for_config
+from ..tuned import TunedModel, not_mergeable_message
 
 
 def export_merged(
@@ -29,6 +31,10 @@ def export_merged(
     out = Path(export_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"export_dir '{out}' is not empty; choose another folder or set overwrite_output_dir: true.")
+    if adapter_dir:  # refuse an adapter that cannot merge before spending time on loading the model
+        method_cls = method_for_config(peft_format.read_config(adapter_dir))
+        if not method_cls.mergeable:
+            raise PeftkitError(not_mergeable_message(method_cls))
     # Merge in float32 so the rounding happens once, when the merged weights are cast to the export dtype.
     model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype="float32", trust_remote_code=trust_remote_code)
     if adapter_dir:
@@ -37,5 +43,26 @@ def export_merged(
         model = model.to(parse_dtype(dtype))
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=f"{export_size}GB")
+        _check_config_holds(model, tmp)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+def _check_config_holds(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """Refuse an export that transformers would load without some merged tensor.
+
+    Merging can create tensors the architecture's config does not build (SSF or BitFit give Llama's bias-free linears
+    a bias); `from_pretrained` would silently drop them and the exported model would differ from the trained one.
+    The saved config is instantiated on the meta device, which costs no memory, and its tensors are compared.
+    """
+    config = type(model.config).from_pretrained(folder)
+    with torch.device("meta"):
+        skeleton = type(model)._from_config(config)
+    lost = sorted(set(model.state_dict()) - set(skeleton.state_dict()))
+    if lost:
+        raise PeftkitError(
+            f"The merged model has {len(lost)} tensors (e.g. '{lost[0]}') that {type(model).__name__}'s config does "
+            "not build, so transformers would drop them on load and the export would not match the trained model. "
+            "Serve the adapter unmerged (peftkit chat --adapter), or train it on modules that already have those "
+            "tensors (e.g. SSF or BitFit only on layers that have a bias)."
+        )

@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import AdapterLoadError
 from .atomic import atomic_write
+from ..methods.adalora import AdaLoraConfig
 from ..methods.base import Method, MethodConfig
+from ..methods.ia3 import Ia3Config
 from ..methods.lora import LoraConfig
 
 CONFIG_NAME = "adapter_config.json"
@@ -36,8 +38,12 @@ _SUFFIXES: dict[str, list[tuple[str, str]]] = {
         (".lora_emb_B", ".lora_embedding_B"),
         (".lora_magnitude", ".lora_magnitude_vector"),
     ],
+    "IA3": [(".ia3_scale", ".ia3_l")],
+    # AdaLoRA: our names are PEFT's (no ".weight": PEFT keeps them in ParameterDicts); ranknum is not saved.
+    "ADALORA": [(".lora_A", ".lora_A"), (".lora_E", ".lora_E"), (".lora_B", ".lora_B")],
 }
-_PEFT_TYPE = {"lora": "LORA"}  # our method name -> PEFT's peft_type, for the methods PEFT also has
+# our method name -> PEFT's peft_type, for the methods PEFT also has
+_PEFT_TYPE = {"lora": "LORA", "ia3": "IA3", "adalora": "ADALORA"}
 # Methods PEFT lacks are saved with peft_type "PEFTKIT_<NAME>" (PEFT refuses to load them rather than mistaking them
 # for its own) and their config's fields as they are.
 OWN_PREFIX = "PEFTKIT_"
@@ -117,6 +123,24 @@ def config_to_peft(config: MethodConfig, base_model_name_or_path: str | None) ->
             "use_dora": config.use_dora,
             "use_rslora": config.use_rslora,
         }
+    if isinstance(config, Ia3Config):
+        return {
+            "auto_mapping": None,
+            "base_model_name_or_path": base_model_name_or_path,
+            "exclude_modules": config.exclude_modules,
+            "fan_in_fan_out": config.fan_in_fan_out,
+            "feedforward_modules": config.feedforward_modules,
+            "inference_mode": True,
+            "init_ia3_weights": config.init_ia3_weights,
+            "modules_to_save": config.modules_to_save,
+            "peft_type": "IA3",
+            "peft_version": PEFT_VERSION,
+            "revision": None,
+            "target_modules": config.target_modules,
+            "task_type": config.task_type,
+        }
+    if isinstance(config, AdaLoraConfig):
+        return _adalora_config_to_peft(config, base_model_name_or_path)
     peft_type = peft_type_of(config)
     if peft_type.startswith(OWN_PREFIX):
         return {**config.to_dict(), "peft_type": peft_type, "base_model_name_or_path": base_model_name_or_path,
@@ -139,6 +163,10 @@ def config_from_peft(raw: dict[str, Any], where: str) -> MethodConfig:
         if values.get("init_lora_weights") not in (True, False, "gaussian"):
             values["init_lora_weights"] = True  # only affects initialisation, which loading overwrites
         return LoraConfig(**values)
+    if peft_type == "IA3":
+        return _ia3_config_from_peft(raw, where)
+    if peft_type == "ADALORA":
+        return _adalora_config_from_peft(raw, where)
     if isinstance(peft_type, str) and peft_type.startswith(OWN_PREFIX):
         from ..errors import ConfigError
         from ..methods import get_method
@@ -152,6 +180,134 @@ def config_from_peft(raw: dict[str, Any], where: str) -> MethodConfig:
     raise AdapterLoadError(f"{where} has peft_type {peft_type!r}; peftkit reads these PEFT types: {supported}.")
 
 
+_IA3_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out", "modules_to_save",
+               "init_ia3_weights", "task_type")
+_PEFT_BASE_FIELDS = ("peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                     "inference_mode")
+
+
+def _ia3_config_from_peft(raw: dict[str, Any], where: str) -> Ia3Config:
+    """PEFT 0.21's IA3 config has nothing we lack; a field of a later release that is set (not null/false/empty)
+    may change the maths, so it is refused rather than ignored."""
+    for key, value in raw.items():
+        if key not in _IA3_FIELDS and key not in _PEFT_BASE_FIELDS and value not in (None, False, {}, []):
+            raise AdapterLoadError(f"{where} uses PEFT's IA3 setting '{key}' ({value!r}), which peftkit does not "
+                                   "support.")
+    values = {k: raw[k] for k in _IA3_FIELDS if raw.get(k) is not None}
+    for key in ("target_modules", "feedforward_modules", "exclude_modules"):
+        if isinstance(values.get(key), list):
+            values[key] = sorted(values[key])
+        elif isinstance(values.get(key), str) and values[key] != "all-linear":
+            values[key] = f"(?:{values[key]})"  # a regex to PEFT even without regex characters, which Ia3Config splits
+    values["init_ia3_weights"] = True  # only affects initialisation, which loading overwrites
+    return Ia3Config(**values)
+
+
+# --- AdaLoRA: PEFT saves only the triplets its rank_pattern keeps ---
+_ADALORA_ROWS = (("lora_A", 0), ("lora_E", 0), ("lora_B", 1))  # tensor, and the dimension that indexes triplets
+_ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
+                   "lora_alpha", "lora_dropout", "fan_in_fan_out", "target_modules", "layers_to_transform",
+                   "layers_pattern", "modules_to_save", "task_type")
+
+
+def _adalora_config_to_peft(config: AdaLoraConfig, base_model_name_or_path: str | None) -> dict[str, Any]:
+    pattern = config.rank_pattern
+    return {
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "beta1": config.beta1,
+        "beta2": config.beta2,
+        "bias": "none",
+        "deltaT": config.deltaT,
+        "fan_in_fan_out": config.fan_in_fan_out,
+        "inference_mode": True,
+        "init_lora_weights": config.init_lora_weights,
+        "init_r": config.init_r,
+        "layers_pattern": config.layers_pattern,
+        "layers_to_transform": config.layers_to_transform,
+        "loftq_config": {},
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": config.modules_to_save,
+        "orth_reg_weight": config.orth_reg_weight,
+        "peft_type": "ADALORA",
+        "peft_version": PEFT_VERSION,
+        "r": 8,  # LoraConfig's default, unused by AdaLoRA (PEFT warns when it is anything else)
+        "rank_pattern": None if pattern is None else {f"{path}.lora_E": list(mask) for path, mask in pattern.items()},
+        "revision": None,
+        "target_modules": config.target_modules,
+        "target_r": config.target_r,
+        "task_type": config.task_type,
+        "tfinal": config.tfinal,
+        "tinit": config.tinit,
+        "total_step": config.total_step,
+        "use_dora": False,
+        "use_rslora": False,
+    }
+
+
+def _adalora_config_from_peft(raw: dict[str, Any], where: str) -> AdaLoraConfig:
+    unsupported = {**{k: v for k, v in _UNSUPPORTED_LORA.items() if k != "rank_pattern"}, "bias": "none"}
+    for key, neutral in unsupported.items():
+        if raw.get(key, neutral) not in (neutral, None, {}, False):
+            raise AdapterLoadError(f"{where} uses PEFT's '{key}' ({raw[key]!r}), which peftkit's AdaLoRA does not "
+                                   "support.")
+    values = {k: raw[k] for k in _ADALORA_FIELDS if raw.get(k) is not None}
+    if isinstance(values.get("target_modules"), list):
+        values["target_modules"] = sorted(values["target_modules"])
+    if raw.get("rank_pattern"):  # {"<module>.lora_E": [bool] * init_r}; older files may keep the adapter name
+        values["rank_pattern"] = {k.rsplit(".lora_E", 1)[0]: [bool(b) for b in mask]
+                                  for k, mask in raw["rank_pattern"].items()}
+    from ..errors import ConfigError
+
+    try:
+        return AdaLoraConfig(**values)
+    except ConfigError as e:
+        raise AdapterLoadError(f"{where} holds an AdaLoRA config peftkit cannot use: {e}") from e
+
+
+def _adalora_prune(config: AdaLoraConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep only the triplets `rank_pattern` keeps, as PEFT's get_peft_model_state_dict does (a layer already built
+    at its pruned size, i.e. loaded, is written as it is)."""
+    state = dict(state)
+    for path, mask in (config.rank_pattern or {}).items():
+        keep = torch.tensor(mask, dtype=torch.bool)
+        for name, dim in _ADALORA_ROWS:
+            t = state.get(f"{path}.{name}")
+            if t is not None and t.shape[dim] == len(mask):
+                state[f"{path}.{name}"] = t[keep.to(t.device)] if dim == 0 else t[:, keep.to(t.device)]
+    return state
+
+
+def _adalora_unprune(
+    method: Method, state: dict[str, torch.Tensor], directory: str | os.PathLike
+) -> dict[str, torch.Tensor]:
+    """Put a pruned file's triplets back in place when the layers are at full rank (resuming a run from a
+    checkpoint): pruned triplets come back as zeros, and the file's rank pattern becomes the method's."""
+    pattern = read_config(directory).rank_pattern
+    if not pattern:
+        return state
+    live = method.state_dict()
+    state = dict(state)
+    for path, mask in pattern.items():
+        keep = torch.tensor(mask, dtype=torch.bool)
+        for name, dim in _ADALORA_ROWS:
+            key = f"{path}.{name}"
+            if key in state and key in live and live[key].shape[dim] == len(mask) != state[key].shape[dim] \
+                    and state[key].shape[dim] == int(keep.sum()):
+                full = torch.zeros(live[key].shape, dtype=state[key].dtype)
+                if dim == 0:
+                    full[keep] = state[key]
+                else:
+                    full[:, keep] = state[key]
+                state[key] = full
+    method.config.rank_pattern = pattern
+    return state
+
+
 # --- files ---
 def save_adapter(method: Method, directory: str | os.PathLike, base_model_name_or_path: str | None) -> None:
     """Write `method`'s adapter into `directory` exactly as PEFT's `save_pretrained` would."""
@@ -161,7 +317,15 @@ def save_adapter(method: Method, directory: str | os.PathLike, base_model_name_o
     if config.task_type is None:
         config.task_type = task_type_for(method.model)
     peft_type = peft_type_of(config)
-    tensors = {peft_key(k, peft_type): t.detach().contiguous().cpu() for k, t in method.state_dict().items()}
+    state = method.state_dict()
+    if peft_type == "ADALORA":
+        state = _adalora_prune(config, state)
+    tensors = {peft_key(k, peft_type): t.detach().contiguous().cpu() for k, t in state.items()}
+    seen: set[int] = set()
+    for key, t in tensors.items():  # a tensor tied across layers (LoRA-drop): safetensors wants each key its own copy
+        if t.untyped_storage().data_ptr() in seen:
+            tensors[key] = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config_to_peft(config, base_model_name_or_path), indent=2, sort_keys=True) + "\n"
     atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
@@ -170,6 +334,10 @@ def save_adapter(method: Method, directory: str | os.PathLike, base_model_name_o
 def read_config(directory: str | os.PathLike) -> MethodConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
+        if (Path(directory) / "config.json").is_file():
+            raise AdapterLoadError(f"'{directory}' is a full model folder (config.json, no {CONFIG_NAME}), e.g. the "
+                                   "output of finetuning_type: full: pass it as the model (model_name_or_path, "
+                                   "--model), not as an adapter.")
         raise AdapterLoadError(f"No {CONFIG_NAME} in '{directory}': is this an adapter folder saved by peftkit or PEFT?")
     try:
         raw = json.loads(path.read_text())
@@ -210,6 +378,10 @@ def load_weights(method: Method, directory: str | os.PathLike) -> None:
         else:
             if key.endswith(".base_layer.weight"):
                 continue  # PEFT's save_embedding_layers copy of the base embedding: the base model already has it
+            if peft_type == "ADALORA" and key.endswith(".ranknum"):
+                continue  # written by some PEFT releases; always init_r, which the config already gives
             state[key] = tensor  # reported as unexpected below, under the file's own name
+    if peft_type == "ADALORA":
+        state = _adalora_unprune(method, state, directory)
     from_internal = {v: k for k, v in to_internal.items()}
     method.load_state_dict(state, label=lambda k: from_internal.get(k, k))

@@ -1,6 +1,7 @@
 """Fine-tuning methods, one module each; importing this package registers them all."""
 
-from . import lora  # noqa: F401  (registers "lora")
+from .adalora import AdaLoraConfig
+from .adapter import AdapterConfig
 from .base import (
     AdapterLayer,
     Method,
@@ -12,13 +13,27 @@ from .base import (
     method_keys,
     trainable_report,
 )
+from .bitfit import BitFitConfig
+from .freeze import FreezeConfig
+from .full import FullConfig
+from .ia3 import Ia3Config
 from .lora import LoraConfig
+from .lora_drop import LoraDropConfig
+from .ssf import SsfConfig
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdapterConfig",
     "AdapterLayer",
+    "BitFitConfig",
+    "FreezeConfig",
+    "FullConfig",
+    "Ia3Config",
     "LoraConfig",
+    "LoraDropConfig",
     "Method",
     "MethodConfig",
+    "SsfConfig",
     "available_methods",
     "find_targets",
     "get_method",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from ..errors import ConfigError
 from .base import AdapterLayer, Method, MethodConfig, find_targets, register, replace_module
 
 BIAS_MODES = ("none", "all", "lora_only")
+# Parameters that get no weight decay, as transformers' Trainer (and LLaMA-Factory's LoRA+ optimizer) decide it.
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 
 
 @dataclasses.dataclass
@@ -32,10 +35,13 @@ class LoraConfig(MethodConfig):
     bias: str = "none"
     init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
+    loraplus_lr_ratio: float | None = None  # LoRA+: lora_B learns at learning_rate x this; training only, not saved
+    loraplus_lr_embedding: float = 1e-6  # LoRA+: learning rate of embedding LoRA's B
 
     method = "lora"
     yaml_keys = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-                 "lora_target": "target_modules", "use_rslora": "use_rslora", "use_dora": "use_dora"}
+                 "lora_target": "target_modules", "use_rslora": "use_rslora", "use_dora": "use_dora",
+                 "loraplus_lr_ratio": "loraplus_lr_ratio", "loraplus_lr_embedding": "loraplus_lr_embedding"}
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -48,6 +54,12 @@ class LoraConfig(MethodConfig):
             raise ConfigError(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}.")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ConfigError(f"init_lora_weights must be true, false or 'gaussian', got {self.init_lora_weights!r}.")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ConfigError(f"loraplus_lr_ratio must be greater than 0 (the LoRA+ paper uses 16; values >= 1 make "
+                              f"lora_B learn faster than lora_A), got {self.loraplus_lr_ratio!r}.")
+        if not self.loraplus_lr_embedding > 0:
+            raise ConfigError(f"loraplus_lr_embedding must be greater than 0 (default 1e-6), "
+                              f"got {self.loraplus_lr_embedding!r}.")
 
     @property
     def scaling(self) -> float:
@@ -288,3 +300,44 @@ class Lora(Method):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**super().state_dict(), **self._bias_params()}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B learns at lr x loraplus_lr_ratio, since with A and B at one
+        rate feature learning is inefficient in wide models. Groups as LLaMA-Factory's LoRA+ optimizer: embedding LoRA's
+        B at loraplus_lr_embedding, its A with the linear A's; biases and norm weights without weight decay. Unlike
+        LLaMA-Factory and PEFT, other 1-D tensors (DoRA magnitudes, biases) stay at lr: the paper speeds up B only.
+        """
+        ratio = self.config.loraplus_lr_ratio
+        if ratio is None:
+            return super().param_groups(lr)
+        linear_b: set[int] = set()
+        embedding_b: set[int] = set()
+        for _, layer in self.layers():
+            if isinstance(layer, LoraLayer):
+                B = layer.lora_B[self.adapter_name]
+                (embedding_b if isinstance(layer, LoraEmbedding) else linear_b).add(id(B))
+        no_decay = {id(p) for path, module in self.model.named_modules() for name, p in module.named_parameters(
+            recurse=False) if isinstance(module, nn.LayerNorm) or _NO_DECAY.search(f"{path}.{name}".lower())}
+        groups: dict[str, list[nn.Parameter]] = {"lora_A": [], "no_decay": [], "lora_B": [], "lora_embedding_B": []}
+        seen: set[int] = set()
+        for _, p in self.trainable_parameters():
+            if id(p) in seen:  # a tensor shared by several layers goes into the optimizer once
+                continue
+            seen.add(id(p))
+            key = ("lora_embedding_B" if id(p) in embedding_b else "lora_B" if id(p) in linear_b
+                   else "no_decay" if id(p) in no_decay else "lora_A")  # "lora_A": A and all else at lr
+            groups[key].append(p)
+        settings: dict[str, dict[str, float]] = {
+            "lora_A": {"lr": lr},  # first, so the trainer logs the base learning rate
+            "no_decay": {"lr": lr, "weight_decay": 0.0},
+            "lora_B": {"lr": lr * ratio},
+            "lora_embedding_B": {"lr": self.config.loraplus_lr_embedding},
+        }
+        return [{"name": key, "params": params, **settings[key]} for key, params in groups.items() if params]
+
+    def notes(self) -> list[str]:
+        cfg = self.config
+        if cfg.loraplus_lr_ratio is None:
+            return []
+        return [f"LoRA+: lora_B learns at {cfg.loraplus_lr_ratio:g} x learning_rate, embedding LoRA's B at "
+                f"{cfg.loraplus_lr_embedding:g}"]

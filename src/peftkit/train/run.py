@@ -30,10 +30,10 @@ def run_sft(cfg: Any) -> dict[str, Any]:
 
     out = cfg.output_dir
     if not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-        if (Path(out) / "adapter_model.safetensors").exists():
+        if any((Path(out) / name).exists() for name in ("adapter_model.safetensors", "config.json")):  # config: full
             raise ConfigError(
-                f"output_dir '{out}' already holds a trained adapter; set overwrite_output_dir: true to replace it, "
-                "or resume_from_checkpoint: true to continue."
+                f"output_dir '{out}' already holds a trained adapter or model; set overwrite_output_dir: true to "
+                "replace it, or resume_from_checkpoint: true to continue."
             )
     seed_everything(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"

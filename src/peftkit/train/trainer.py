@@ -20,7 +20,7 @@ from transformers import get_scheduler
 
 from ..tuned import TunedModel
 from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .varlen import varlen_attention
+from .varlen import attention_for
 
 LOG_NAME = "trainer_log.jsonl"
 
@@ -35,10 +35,7 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = batch["labels"][:, 1:]
     keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
-    if "cu_seq_lens_q" in batch:
-        with varlen_attention(model):
-            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits.float()
-    else:
+    with attention_for(model, batch):
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits.float()
     targets = targets[:, keep]
     loss = torch.nn.functional.cross_entropy(
@@ -152,12 +149,13 @@ class Trainer:
             step_loss = 0.0
             for batch in group:
                 batch = self._to_device(batch)
-                loss_sum, _ = token_loss_sum(self.tuned, batch)
-                loss = loss_sum / max(n_tokens, 1)
-                extra = self.method.loss_term()
-                if extra is not None:
-                    loss = loss + extra / len(group)
-                loss.backward()
+                with attention_for(self.tuned, batch):
+                    loss_sum, _ = token_loss_sum(self.tuned, batch)
+                    loss = loss_sum / max(n_tokens, 1)
+                    extra = self.method.loss_term()
+                    if extra is not None:
+                        loss = loss + extra / len(group)
+                    loss.backward()
                 step_loss += loss_sum.item()
                 self.state.tokens_seen += real_tokens(batch)
             if cfg.max_grad_norm and cfg.max_grad_norm > 0:

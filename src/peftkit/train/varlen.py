@@ -13,8 +13,8 @@ attention sinks), keep padded batches: see `supports_padding_free`.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +93,9 @@ def varlen_attention(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = before
+
+
+def attention_for(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ContextManager[None]:
+    """The attention a batch needs: padding-free for flattened batches, the model's own otherwise. The trainer holds
+    it over forward *and* backward, since gradient checkpointing recomputes attention during the backward pass."""
+    return varlen_attention(model) if "cu_seq_lens_q" in batch else nullcontext()

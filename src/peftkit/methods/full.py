@@ -1,0 +1,88 @@
+"""Full fine-tuning: every parameter of the model trains, and the result is a complete transformers model folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .base import Method, MethodConfig, register
+
+# A PEFT adapter beside a model makes transformers load the adapter's base model instead of this one.
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def reject_adapter_keys(config: MethodConfig, instead: str) -> None:
+    """In-place methods choose what trains by their own keys; PEFT's targeting keys would be silently ignored."""
+    for key, value in (("target_modules", config.target_modules), ("modules_to_save", config.modules_to_save),
+                       ("layers_to_transform", config.layers_to_transform), ("layers_pattern", config.layers_pattern)):
+        if value not in (None, [], ""):
+            raise ConfigError(f"{key} ({value!r}) does not apply to finetuning_type '{config.method}': {instead}")
+
+
+@dataclasses.dataclass
+class FullConfig(MethodConfig):
+    method = "full"
+
+    def __post_init__(self) -> None:
+        reject_adapter_keys(self, "every parameter trains. Remove it, or use freeze / lora to train a part.")
+
+
+@register
+class Full(Method):
+    """Trains the base model's own weights, all of them; they are kept in float32 while training (as the trainer
+    keeps every trainable tensor), so bf16 rounding never swallows small AdamW updates."""
+
+    name = "full"
+    config_class = FullConfig
+    in_place = True
+
+    def attach(self) -> None:
+        self._upcast_from = None
+        for p in self.model.parameters():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                self._upcast_from = p.dtype
+        if self._upcast_from is not None:
+            self.model.float()  # one dtype for the whole model: no casts at module boundaries
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter under its own name; a tied lm_head shares embed_tokens' tensor and appears once."""
+        return dict(self.model.named_parameters())
+
+    def notes(self) -> list[str]:
+        n = sum(p.numel() for _, p in self.trainable_parameters())
+        grad_bytes = sum(p.numel() * p.element_size() for _, p in self.trainable_parameters())
+        lines = [f"Gradients: {grad_bytes / 2**20:,.1f} MiB (one per parameter: {n:,d} trainable, the whole model)"]
+        if self._upcast_from is not None:
+            lines.append(f"Full fine-tuning keeps the weights in float32 (upcast from {self._upcast_from}); the saved "
+                         "model is float32 too (peftkit export can cast it).")
+        return lines
+
+    def save(self, directory: str | os.PathLike, base_model_name_or_path: str | None) -> None:
+        """Write a complete transformers model folder (`AutoModelForCausalLM.from_pretrained(directory)` loads it).
+
+        The folder may hold the run's logs and checkpoints, so it cannot be swapped whole: the model is written to a
+        temporary folder inside it, the old config.json is removed first and the new one moved in last, so a crash in
+        between leaves a folder that is not a model rather than a model with mixed weights.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".full-model.tmp-"))
+        try:
+            self.model.save_pretrained(tmp)
+            written = {p.name for p in tmp.iterdir()}
+            (out / "config.json").unlink(missing_ok=True)
+            stale = [p for p in out.glob("model*.safetensors*") if p.name not in written]
+            for p in stale + [out / name for name in _ADAPTER_FILES]:
+                p.unlink(missing_ok=True)
+            for name in sorted(written - {"config.json"}) + ["config.json"]:
+                os.replace(tmp / name, out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
