@@ -307,16 +307,14 @@ def main() -> None:
         write_split(Path(args.data_dir), data)
         base = spawn({"impl": "base", "name": "base model", "keys": common_keys(args, data, f"{tmp}/base")}, tmp)
         record.update(base_eval_loss=base["eval_loss"], eval_rows=base["eval_rows"])
-        for name in names:
-            keys = dict(common_keys(args, data, f"{tmp}/{name}"), **METHODS[name])
-            record["runs"].append(spawn({"impl": "peftkit", "name": name, "keys": keys}, tmp))
-            out.write_text(json.dumps(record, indent=2) + "\n")
-        if not args.no_hf:
-            keys = dict(common_keys(args, data, f"{tmp}/hf"), **METHODS["lora"])
-            record["runs"].append(spawn({"impl": "hf", "name": "hf-peft-lora", "keys": keys}, tmp))
-    record["total_wall_s"] = round(time.time() - started, 1)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    write_docs(record, REPO / "docs")
+        specs = [("hf", "hf-peft-lora", METHODS["lora"])] if not args.no_hf else []
+        specs += [("peftkit", name, METHODS[name]) for name in names]
+        for impl, name, method_keys in specs:
+            keys = dict(common_keys(args, data, f"{tmp}/{name}"), **method_keys)
+            record["runs"].append(spawn({"impl": impl, "name": name, "keys": keys}, tmp))
+            record["total_wall_s"] = round(time.time() - started, 1)
+            out.write_text(json.dumps(record, indent=2) + "\n")  # results so far survive an interrupted run
+            write_docs(record, REPO / "docs")
     print(f"Wrote {out}, docs/methods.md and docs/methods_eval_loss.png ({record['total_wall_s']:.0f} s)")
 
 

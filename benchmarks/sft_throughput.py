@@ -1,6 +1,6 @@
 """LoRA SFT throughput: peftkit's Trainer against transformers.Trainer + PEFT on the same model, data and settings.
 
-    python benchmarks/sft_throughput.py                      # full run, both target configs (~10 min on 2 idle cores)
+    python benchmarks/sft_throughput.py                      # full run, both target configs (~25 min on 2 idle cores)
     python benchmarks/sft_throughput.py --quick --targets q_v  # smoke test
 
 Every run is a separate subprocess, so its peak RSS is its own. Both sides train on the same token ids and labels
@@ -265,7 +265,7 @@ def machine() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (~25 s each on 2 cores at 4 x 2)")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per run (~1-2 min each on 2 cores at 4 x 2)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 step per run and probe, 4 eval rows")
     p.add_argument("--targets", choices=["q_v", "all-linear", "both"], default="both")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))

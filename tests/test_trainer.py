@@ -150,3 +150,14 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, padding_free: bo
     ckpt, _ = helpers.run(make_cfg(tmp_path / "b", max_steps=3, gradient_checkpointing=True), data, tuned_llama(),
                           padding_free=padding_free)
     assert [e["loss"] for e in read_log(plain.cfg)] == pytest.approx([e["loss"] for e in read_log(ckpt.cfg)], abs=1e-5)
+
+
+def test_save_only_model_checkpoints_hold_the_adapter_and_refuse_to_resume(tmp_path) -> None:
+    from peftkit import ConfigError
+
+    cfg = make_cfg(tmp_path, max_steps=4, save_steps=2, save_only_model=True)
+    run(cfg, synthetic_examples(8))
+    ckpt = list_checkpoints(cfg.output_dir)[-1]
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "optimizer.pt").exists()
+    with pytest.raises(ConfigError, match="save_only_model"):
+        run(make_cfg(tmp_path, max_steps=6, resume_from_checkpoint=str(ckpt)), synthetic_examples(8))

@@ -61,15 +61,21 @@ def save_checkpoint(
     config: dict[str, Any],
     base_model_name: str | None,
     save_total_limit: int | None = None,
+    only_model: bool = False,
 ) -> Path:
-    """Write `output_dir/checkpoint-<step>` through a temporary folder, then prune the oldest beyond the limit."""
+    """Write `output_dir/checkpoint-<step>` through a temporary folder, then prune the oldest beyond the limit.
+
+    `only_model` (save_only_model) leaves out the optimizer, scheduler and RNG states: a third of the size for LoRA
+    (AdamW keeps two moments per weight), but training cannot resume from it.
+    """
     out = Path(output_dir)
     final = out / f"{PREFIX}{state.global_step}"
     with atomic_dir(final) as tmp:
         peft_format.save_adapter(method, tmp, base_model_name)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng_state.pt")
+        if not only_model:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(_rng_state(), tmp / "rng_state.pt")
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
         (tmp / "train_config.json").write_text(json.dumps(config, indent=2, default=str))
     if save_total_limit:
@@ -105,6 +111,10 @@ def resolve_checkpoint(resume: str | bool | None, output_dir: str | os.PathLike)
 
 def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
     """Restore everything `save_checkpoint` wrote; returns the trainer state to continue from."""
+    if not (path / "optimizer.pt").is_file():
+        raise ConfigError(f"'{path}' holds only the adapter (saved with save_only_model: true), not the optimizer and "
+                          "RNG states needed to resume exactly. Start a new run from it with adapter_name_or_path, or "
+                          "resume from a checkpoint saved without save_only_model.")
     peft_format.load_weights(method, path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))

@@ -232,7 +232,8 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         save_checkpoint(self.output_dir, self.state, self.method, self.optimizer, self.scheduler,
                         self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(vars(self.cfg)),
-                        self.base_model_name, self.cfg.save_total_limit)
+                        self.base_model_name, self.cfg.save_total_limit,
+                        only_model=getattr(self.cfg, "save_only_model", False))
 
     def _finish(self, runtime: float, tokens: int) -> dict[str, Any]:
         from .plot import plot_loss
