@@ -42,6 +42,10 @@ def test_loss_goes_down_and_artifacts(tmp_path) -> None:
     saved = json.loads((out / "train_results.json").read_text())
     assert saved["train_steps"] == 64 and saved["trainable_params"] == results["trainable_params"] > 0
     assert saved["peak_memory_mb"] > 0 and saved["train_tokens_per_second"] > 0
+    # tokens/s measures training: the evaluations' time is reported apart and left out
+    assert 0 < saved["eval_runtime"] < saved["train_runtime"]
+    train_only = saved["train_runtime"] - saved["eval_runtime"]
+    assert saved["train_tokens_per_second"] == pytest.approx(trainer.state.tokens_seen / train_only, rel=1e-2)
 
 
 def test_accumulation_equals_big_batch(tmp_path) -> None:

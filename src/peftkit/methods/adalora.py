@@ -28,10 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
-from .base import LINEAR_TYPES, AdapterLayer, Method, MethodConfig, find_targets, register, replace_module
+from .base import (
+    LINEAR_TYPES,
+    AdapterLayer,
+    LinearAdapterLayer,
+    Method,
+    MethodConfig,
+    find_targets,
+    register,
+    replace_module,
+)
 
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
@@ -101,7 +109,7 @@ def check_schedule(cfg: AdaLoraConfig, total_step: int) -> None:
         )
 
 
-class AdaLoraLinear(AdapterLayer):
+class AdaLoraLinear(LinearAdapterLayer):
     """The SVD-form update on nn.Linear or GPT-2's Conv1D (weight stored [in, out])."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -111,10 +119,6 @@ class AdaLoraLinear(AdapterLayer):
         self.lora_B = nn.ParameterDict()  # P, left singular vectors [out, r]
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        w = base_layer.weight
-        in_out = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        self.in_features, self.out_features = in_out
 
     def add(self, name: str, cfg: AdaLoraConfig, rank: int) -> None:
         device = self.base_layer.weight.device
@@ -148,26 +152,9 @@ class AdaLoraLinear(AdapterLayer):
         if self.active_adapter == name:
             self.active_adapter = None
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
     def delta_weight(self, name: str) -> torch.Tensor:
         """s * P diag(λ) Q in [out, in] layout and fp32."""
         return (self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name])).float() * self.scaling[name]
-
-    def probe_input(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return torch.randn(2, 4, self.in_features, device=w.device).to(w.dtype)
-
-    def _base_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
-
-    def _set_base_weight(self, w_out_in: torch.Tensor) -> None:
-        w = self.base_layer.weight
-        with torch.no_grad():
-            w.copy_((w_out_in.T if self.fan_in_fan_out else w_out_in).to(w.dtype))
 
     def merge(self, name: str) -> None:
         if self.merged_adapters:

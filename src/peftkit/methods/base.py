@@ -122,6 +122,38 @@ class AdapterLayer(nn.Module):
         self.active_adapter = name if name in self.adapter_names() else None
 
 
+class LinearAdapterLayer(AdapterLayer):
+    """An adapter layer on nn.Linear or GPT-2's Conv1D, which stores its weight [in, out] (`fan_in_fan_out`).
+
+    Methods do their weight maths in [out, in] through `_base_weight` / `_set_base_weight`, whatever the layout.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that inspects `layer.weight` (transformers, generation utils) still works."""
+        return self.base_layer.weight
+
+    def probe_input(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return torch.randn(2, 4, self.in_features, device=w.device).to(w.dtype)
+
+    def _base_weight(self) -> torch.Tensor:
+        """The base weight as [out, in]."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _set_base_weight(self, w_out_in: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        with torch.no_grad():
+            w.copy_((w_out_in.T if self.fan_in_fan_out else w_out_in).to(w.dtype))
+
+
 class ModulesToSave(AdapterLayer):
     """A full trainable copy of a module (e.g. a classification head) per adapter, as PEFT's `modules_to_save`."""
 

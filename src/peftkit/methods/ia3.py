@@ -16,10 +16,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
-from .base import ALL_LINEAR, LINEAR_TYPES, AdapterLayer, Method, MethodConfig, find_targets, register, replace_module
+from .base import (
+    ALL_LINEAR,
+    LINEAR_TYPES,
+    AdapterLayer,
+    LinearAdapterLayer,
+    Method,
+    MethodConfig,
+    find_targets,
+    register,
+    replace_module,
+)
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for the decoder models we
 # load, so an adapter trained with defaults here is the one PEFT users get with defaults there.
@@ -113,16 +122,13 @@ def _excluded(path: str, exclude: list[str] | str | None) -> bool:
     return path in exclude or any(path.endswith(f".{name}") for name in exclude)
 
 
-class Ia3Layer(AdapterLayer):
+class Ia3Layer(LinearAdapterLayer):
     """(IA)³ vectors on nn.Linear or GPT-2's Conv1D (weight stored [in, out])."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.ia3_scale = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        w = base_layer.weight
-        self.in_features, self.out_features = w.shape if self.fan_in_fan_out else w.shape[::-1]
         self._saved_bias: torch.Tensor | None = None  # the bias before merging, to unmerge it exactly
         self._saved_weight: torch.Tensor | None = None  # only when a zero in l makes dividing back impossible
 
@@ -146,15 +152,6 @@ class Ia3Layer(AdapterLayer):
         self.feedforward.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight, so code that inspects `layer.weight` (transformers, generation utils) still works."""
-        return self.base_layer.weight
-
-    def probe_input(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return torch.randn(2, 4, self.in_features, device=w.device).to(w.dtype)
 
     def _weight_factor(self, name: str) -> torch.Tensor:
         """l shaped to broadcast over the stored weight: [out, 1] / [1, in] for Linear, transposed for Conv1D."""

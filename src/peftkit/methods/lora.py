@@ -15,10 +15,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
-from .base import AdapterLayer, Method, MethodConfig, find_targets, register, replace_module
+from .base import (
+    AdapterLayer,
+    LinearAdapterLayer,
+    Method,
+    MethodConfig,
+    find_targets,
+    register,
+    replace_module,
+)
 
 BIAS_MODES = ("none", "all", "lora_only")
 # Parameters that get no weight decay, as transformers' Trainer (and LLaMA-Factory's LoRA+ optimizer) decide it.
@@ -67,7 +74,10 @@ class LoraConfig(MethodConfig):
 
 
 class LoraLayer(AdapterLayer):
-    """Shared bookkeeping of the linear and embedding variants; tensors live in one ParameterDict per role."""
+    """Shared bookkeeping of the linear and embedding variants; tensors live in one ParameterDict per role.
+
+    Each variant gives its base weight as [out, in] through `_base_weight` / `_set_base_weight`.
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -100,10 +110,6 @@ class LoraLayer(AdapterLayer):
         """The base weight, so code that inspects `layer.weight` (transformers, generation utils) still works."""
         return self.base_layer.weight
 
-    def _base_weight(self) -> torch.Tensor:
-        """Base weight as [out, in] (GPT-2's Conv1D stores [in, out]); embeddings as [dim, vocab]."""
-        raise NotImplementedError
-
     def delta_weight(self, name: str) -> torch.Tensor:
         """s * B A in [out, in] layout and fp32."""
         return (self.lora_B[name] @ self.lora_A[name]).float() * self.scaling[name]
@@ -117,9 +123,6 @@ class LoraLayer(AdapterLayer):
         with torch.no_grad():
             norm = torch.linalg.norm(self._base_weight().float() + self.delta_weight(name), dim=1)
         self.lora_magnitude[name] = nn.Parameter(norm)
-
-    def _set_base_weight(self, w_out_in: torch.Tensor) -> None:
-        raise NotImplementedError
 
     def merge(self, name: str) -> None:
         if self.merged_adapters:
@@ -144,14 +147,8 @@ class LoraLayer(AdapterLayer):
         self.merged_adapters = []
 
 
-class LoraLinear(LoraLayer):
+class LoraLinear(LoraLayer, LinearAdapterLayer):
     """LoRA on nn.Linear or GPT-2's Conv1D (fan_in_fan_out: weight stored [in, out])."""
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
 
     def add(self, name: str, cfg: LoraConfig) -> None:
         device = self.base_layer.weight.device
@@ -169,19 +166,6 @@ class LoraLinear(LoraLayer):
         self.scaling[name] = cfg.scaling
         if cfg.use_dora:
             self._init_magnitude(name)
-
-    def probe_input(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return torch.randn(2, 4, self.in_features, device=w.device).to(w.dtype)
-
-    def _base_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
-
-    def _set_base_weight(self, w_out_in: torch.Tensor) -> None:
-        w = self.base_layer.weight
-        with torch.no_grad():
-            w.copy_((w_out_in.T if self.fan_in_fan_out else w_out_in).to(w.dtype))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -93,6 +93,7 @@ class Trainer:
             scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None,
         )
         self._best_state: dict[str, torch.Tensor] | None = None
+        self._eval_seconds = 0.0  # time spent evaluating during train(), left out of tokens/s
 
     # --- data order: a fixed permutation per epoch, so a resumed run sees the same batches ---
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -170,7 +171,7 @@ class Trainer:
             window_tokens += n_tokens
 
             step = self.state.global_step
-            elapsed = time.perf_counter() - start_time
+            elapsed = time.perf_counter() - start_time - self._eval_seconds  # training speed: evaluations excluded
             tok_s = (self.state.tokens_seen - start_tokens) / max(elapsed, 1e-9)
             bar.update(1)
             if step % cfg.logging_steps == 0 or step == self.total_steps:
@@ -223,7 +224,9 @@ class Trainer:
         return total / max(count, 1)
 
     def _evaluate_and_track(self, log_path: Path) -> None:
+        start = time.perf_counter()
         loss = self.evaluate()
+        self._eval_seconds += time.perf_counter() - start
         self._log(log_path, {"step": self.state.global_step, "epoch": round(self._epoch_float(), 4), "eval_loss": round(loss, 6)})
         if self.state.best_metric is None or loss < self.state.best_metric:
             self.state.best_metric, self.state.best_step = loss, self.state.global_step
@@ -244,8 +247,9 @@ class Trainer:
         trainable, total = self.tuned.parameter_counts()
         train_losses = [e["loss"] for e in self.state.log_history if "loss" in e]
         results = {
-            "train_runtime": round(runtime, 3),
-            "train_tokens_per_second": round(tokens / max(runtime, 1e-9), 2),
+            "train_runtime": round(runtime, 3),  # wall time, evaluations included (as transformers reports it)
+            "eval_runtime": round(self._eval_seconds, 3),
+            "train_tokens_per_second": round(tokens / max(runtime - self._eval_seconds, 1e-9), 2),
             "train_steps": self.state.global_step,
             "train_loss": train_losses[-1] if train_losses else None,
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
