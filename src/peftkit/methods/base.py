@@ -206,6 +206,7 @@ class Method:
     config_class: ClassVar[type[MethodConfig]]
     mergeable: ClassVar[bool] = True
     in_place: ClassVar[bool] = False
+    output_kind: ClassVar[str] = "adapter"  # what `save` writes, for messages: "adapter" or "model"
 
     def __init__(self, model: nn.Module, config: MethodConfig, adapter_name: str) -> None:
         self.model = model

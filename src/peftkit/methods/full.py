@@ -41,6 +41,7 @@ class Full(Method):
     name = "full"
     config_class = FullConfig
     in_place = True
+    output_kind = "model"
 
     def attach(self) -> None:
         self._upcast_from = None

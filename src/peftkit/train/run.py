@@ -70,5 +70,6 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, mask_dtype=model.dtype, padding_free=padding_free)
     trainer = Trainer(cfg, tuned, train_data, collator, eval_data, base_model_name=base_model_id(model), tokenizer=tokenizer)
     results = trainer.train()
-    print(f"Saved the adapter to {out} ({results['train_runtime']:.0f} s, {results['train_tokens_per_second']:.0f} tokens/s)")
+    print(f"Saved the {tuned.method.output_kind} to {out} ({results['train_runtime']:.0f} s, "
+          f"{results['train_tokens_per_second']:.0f} tokens/s)")
     return results
