@@ -124,11 +124,12 @@ def test_hooks_are_called(tmp_path) -> None:
 def test_load_best_model_at_end(tmp_path) -> None:
     """With a learning rate that diverges late, the best (lowest eval loss) adapter is the one kept."""
     cfg = make_cfg(tmp_path, max_steps=12, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
-                   lr_scheduler_type="constant", learning_rate=0.3)
+                   lr_scheduler_type="constant", learning_rate=3.0)
     eval_data = synthetic_examples(8, seed=1)
     trainer, results = run(cfg, synthetic_examples(16), eval_data=eval_data)
     evals = {e["step"]: e["eval_loss"] for e in read_log(cfg) if "eval_loss" in e}
     best_step = min(evals, key=evals.get)
+    assert best_step < 12 and evals[12] > evals[best_step] + 0.1  # the final adapter is not the best one
     assert results["best_step"] == best_step and results["best_eval_loss"] == pytest.approx(evals[best_step], abs=1e-6)
     assert trainer.evaluate() == pytest.approx(evals[best_step], abs=1e-5)
 
@@ -165,3 +166,28 @@ def test_save_only_model_checkpoints_hold_the_adapter_and_refuse_to_resume(tmp_p
     assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "optimizer.pt").exists()
     with pytest.raises(ConfigError, match="save_only_model"):
         run(make_cfg(tmp_path, max_steps=6, resume_from_checkpoint=str(ckpt)), synthetic_examples(8))
+
+
+def test_load_best_model_at_end_survives_a_resume(tmp_path) -> None:
+    """The best adapter so far travels in each checkpoint: a run killed after its best step and resumed still ends
+    with the best adapter, as an uninterrupted run does."""
+    common = dict(max_steps=12, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, save_steps=4,
+                  lr_scheduler_type="constant", learning_rate=3.0)  # best at step 6, before the kill at step 9
+    eval_data, data = synthetic_examples(8, seed=1), synthetic_examples(16)
+    ref, ref_results = run(make_cfg(tmp_path / "ref", **common), data, eval_data=eval_data)
+
+    cfg = make_cfg(tmp_path / "killed", **common)
+    trainer = Trainer(cfg, tuned_llama(), data, SFTCollator(pad_token_id=0), eval_data)
+
+    def die(step: int) -> None:
+        if step == 9:
+            raise Interrupt
+
+    trainer.method.on_step_end = die
+    with pytest.raises(Interrupt):
+        trainer.train()
+    resumed, results = run(make_cfg(tmp_path / "killed", resume_from_checkpoint=True, **common), data,
+                           eval_data=eval_data)
+    assert results["best_step"] == ref_results["best_step"] < 9
+    assert resumed.evaluate() == pytest.approx(ref.evaluate(), abs=1e-6)
+    assert resumed.evaluate() == pytest.approx(ref_results["best_eval_loss"], abs=1e-5)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
 from ..io import peft_format
@@ -22,6 +23,7 @@ from ..methods.base import Method
 
 PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
+BEST_NAME = "best_adapter_state.safetensors"
 
 
 @dataclass
@@ -62,6 +64,7 @@ def save_checkpoint(
     base_model_name: str | None,
     save_total_limit: int | None = None,
     only_model: bool = False,
+    best_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `output_dir/checkpoint-<step>` through a temporary folder, then prune the oldest beyond the limit.
 
@@ -76,12 +79,19 @@ def save_checkpoint(
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng_state.pt")
+        if best_state is not None:  # load_best_model_at_end: the best adapter so far, so a resumed run still has it
+            save_file({k: t.contiguous().cpu() for k, t in best_state.items()}, tmp / BEST_NAME)
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
         (tmp / "train_config.json").write_text(json.dumps(config, indent=2, default=str))
     if save_total_limit:
         for old in list_checkpoints(out)[:-save_total_limit]:
             shutil.rmtree(old)
     return final
+
+
+def load_best_state(path: Path) -> dict[str, torch.Tensor] | None:
+    """The best adapter tensors saved with a checkpoint (internal keys), or None."""
+    return load_file(path / BEST_NAME) if (path / BEST_NAME).is_file() else None
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..tuned import TunedModel
-from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import TrainerState, load_best_state, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .varlen import attention_for
 
 LOG_NAME = "trainer_log.jsonl"
@@ -120,6 +120,7 @@ class Trainer:
         resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume_from is not None:
             self.state = load_checkpoint(resume_from, self.method, self.optimizer, self.scheduler)
+            self._best_state = load_best_state(resume_from)
         if cfg.gradient_checkpointing:
             model = self.tuned.model
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
@@ -236,7 +237,8 @@ class Trainer:
         save_checkpoint(self.output_dir, self.state, self.method, self.optimizer, self.scheduler,
                         self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(vars(self.cfg)),
                         self.base_model_name, self.cfg.save_total_limit,
-                        only_model=getattr(self.cfg, "save_only_model", False))
+                        only_model=getattr(self.cfg, "save_only_model", False),
+                        best_state=self._best_state if self.cfg.load_best_model_at_end else None)
 
     def _finish(self, runtime: float, tokens: int) -> dict[str, Any]:
         from .plot import plot_loss
