@@ -236,3 +236,12 @@ def test_corrupt_and_missing_files(tmp_path) -> None:
         TunedModel.load(tiny_llama(), tmp_path)
     with pytest.raises(AdapterLoadError, match="No adapter_config.json"):
         TunedModel.load(tiny_llama(), tmp_path / "nowhere")
+
+
+def test_a_module_carries_one_method() -> None:
+    """LoRA on a layer IA3 already wraps is refused, naming the layer, instead of nesting wrappers."""
+    from peftkit import ConfigError, Ia3Config
+
+    tuned = TunedModel(tiny_llama(), Ia3Config(target_modules=["k_proj"], feedforward_modules=[]))
+    with pytest.raises(ConfigError, match=r"k_proj' already carries a Ia3Layer; lora cannot wrap it again"):
+        tuned.add_adapter("lora", LoraConfig(r=4, target_modules=["k_proj"]))

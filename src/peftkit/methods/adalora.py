@@ -30,16 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .base import (
-    LINEAR_TYPES,
-    AdapterLayer,
-    LinearAdapterLayer,
-    Method,
-    MethodConfig,
-    find_targets,
-    register,
-    replace_module,
-)
+from .base import LINEAR_TYPES, LinearAdapterLayer, Method, MethodConfig, find_targets, register
 
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
@@ -271,12 +262,7 @@ class AdaLora(Method):
         if stray:
             raise ConfigError(f"AdaLoRA rank_pattern names '{stray[0]}', which target_modules does not adapt.")
         for path in paths:
-            module = self.model.get_submodule(path)
-            if isinstance(module, AdapterLayer) and not isinstance(module, AdaLoraLinear):
-                raise ConfigError(f"'{path}' already carries a {type(module).__name__}; AdaLoRA cannot wrap it again.")
-            if not isinstance(module, AdaLoraLinear):
-                module = AdaLoraLinear(module)
-                replace_module(self.model, path, module)
+            module = self.wrap(path, AdaLoraLinear)
             if module.fan_in_fan_out:
                 cfg.fan_in_fan_out = True
             # A loaded adapter's pruned triplets are absent from its file: build only the kept ones.

@@ -26,7 +26,6 @@ from .base import (
     MethodConfig,
     find_targets,
     register,
-    replace_module,
     top_level_modules,
 )
 
@@ -207,13 +206,8 @@ class BottleneckAdapter(Method):
     def attach(self) -> None:
         hidden_size = getattr(getattr(self.model, "config", None), "hidden_size", None)
         for path in self._targets():
-            module = self.model.get_submodule(path)
-            if isinstance(module, AdapterLayer) and not isinstance(module, BottleneckLayer):
-                raise ConfigError(f"'{path}' already carries a {type(module).__name__}; a bottleneck adapter cannot "
-                                  "wrap it. Target its enclosing block instead.")
-            if not isinstance(module, BottleneckLayer):
-                module = BottleneckLayer(module, _output_dim(module, hidden_size))
-                replace_module(self.model, path, module)
+            module = self.wrap(path, BottleneckLayer, lambda m: BottleneckLayer(m, _output_dim(m, hidden_size)),
+                               hint=" Target its enclosing block instead.")
             module.add(self.adapter_name, self.config)
         self.attach_modules_to_save()
 

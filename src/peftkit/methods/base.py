@@ -283,6 +283,22 @@ class Method:
 
         peft_format.save_adapter(self, directory, base_model_name_or_path)
 
+    # --- attaching ---
+    def wrap(self, path: str, layer_cls: type[AdapterLayer], make: Callable[[nn.Module], AdapterLayer] | None = None,
+             hint: str = "") -> Any:
+        """The `layer_cls` layer at `path`: the one already there (another adapter of this method shares it), or a
+        new one, built by `make` (default `layer_cls`) around the module found there. Another method's layer there is
+        an error: one module carries one method."""
+        module = self.model.get_submodule(path)
+        if isinstance(module, layer_cls):
+            return module
+        if isinstance(module, AdapterLayer):
+            raise ConfigError(f"'{path}' already carries a {type(module).__name__}; {self.name} cannot wrap it "
+                              f"again.{hint}")
+        layer = (make or layer_cls)(module)
+        replace_module(self.model, path, layer)
+        return layer
+
     # --- modules_to_save, shared by every method ---
     def attach_modules_to_save(self) -> None:
         for name in self.config.modules_to_save or []:

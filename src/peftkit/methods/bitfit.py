@@ -18,17 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError
-from .base import (
-    ALL_LINEAR,
-    LINEAR_TYPES,
-    AdapterLayer,
-    Method,
-    MethodConfig,
-    _layer_index,
-    find_targets,
-    register,
-    replace_module,
-)
+from .base import ALL_LINEAR, LINEAR_TYPES, AdapterLayer, Method, MethodConfig, _layer_index, find_targets, register
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -174,16 +164,16 @@ class BitFit(Method):
             if not isinstance(base, LINEAR_TYPES) and not _has_bias(base):
                 raise ConfigError(f"BitFit target '{path}' is a {type(base).__name__} without a bias; BitFit adds "
                                   "biases to linear layers only. Remove it from target_modules.")
-            if isinstance(module, AdapterLayer) and not isinstance(module, BitFitLayer):
-                raise ConfigError(f"'{path}' already carries a {type(module).__name__}; BitFit cannot wrap it again.")
-            if not isinstance(module, BitFitLayer):
-                module = BitFitLayer(module)
-                module.bias_flag = _bias_flag(self.model, path) if not module.had_bias else None
-                replace_module(self.model, path, module)
+            module = self.wrap(path, BitFitLayer, lambda m: self._new_layer(m, path))
             module.add(self.adapter_name)
         if cfg.target_modules is None:  # record what the default resolved to, as LoRA does
             cfg.target_modules = sorted({p.rsplit(".", 1)[-1] for p in paths})
         self.attach_modules_to_save()
+
+    def _new_layer(self, module: nn.Module, path: str) -> BitFitLayer:
+        layer = BitFitLayer(module)
+        layer.bias_flag = _bias_flag(self.model, path) if not layer.had_bias else None
+        return layer
 
     def notes(self) -> list[str]:
         layers = list(self.layers())

@@ -18,17 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import (
-    ALL_LINEAR,
-    LINEAR_TYPES,
-    AdapterLayer,
-    LinearAdapterLayer,
-    Method,
-    MethodConfig,
-    find_targets,
-    register,
-    replace_module,
-)
+from .base import ALL_LINEAR, LINEAR_TYPES, LinearAdapterLayer, Method, MethodConfig, find_targets, register
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for the decoder models we
 # load, so an adapter trained with defaults here is the one PEFT users get with defaults there.
@@ -225,12 +215,7 @@ class Ia3(Method):
                                        if any(_matches_feedforward(p, [f]) for p in paths)]
         cfg.check_subset()
         for path in paths:
-            module = self.model.get_submodule(path)
-            if isinstance(module, AdapterLayer) and not isinstance(module, Ia3Layer):
-                raise ConfigError(f"'{path}' already carries a {type(module).__name__}; IA3 cannot wrap it again.")
-            if not isinstance(module, Ia3Layer):
-                module = Ia3Layer(module)
-                replace_module(self.model, path, module)
+            module = self.wrap(path, Ia3Layer)
             if module.fan_in_fan_out:
                 cfg.fan_in_fan_out = True
             module.add(self.adapter_name, _matches_feedforward(path, cfg.feedforward_modules), cfg.init_ia3_weights)

@@ -17,15 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import (
-    AdapterLayer,
-    LinearAdapterLayer,
-    Method,
-    MethodConfig,
-    find_targets,
-    register,
-    replace_module,
-)
+from .base import AdapterLayer, LinearAdapterLayer, Method, MethodConfig, find_targets, register
 
 BIAS_MODES = ("none", "all", "lora_only")
 # Parameters that get no weight decay, as transformers' Trainer (and LLaMA-Factory's LoRA+ optimizer) decide it.
@@ -255,12 +247,8 @@ class Lora(Method):
         if cfg.target_modules is None:  # record what the architecture default resolved to, as PEFT does
             cfg.target_modules = sorted({p.rsplit(".", 1)[-1] for p in paths})
         for path in paths:
-            module = self.model.get_submodule(path)
-            if isinstance(module, AdapterLayer) and not isinstance(module, LoraLayer):
-                raise ConfigError(f"'{path}' already carries a {type(module).__name__}; LoRA cannot wrap it again.")
-            if not isinstance(module, LoraLayer):
-                module = LoraEmbedding(module) if isinstance(module, nn.Embedding) else LoraLinear(module)
-                replace_module(self.model, path, module)
+            module = self.wrap(path, LoraLayer,
+                               lambda m: LoraEmbedding(m) if isinstance(m, nn.Embedding) else LoraLinear(m))
             if isinstance(module, LoraLinear) and module.fan_in_fan_out:
                 cfg.fan_in_fan_out = True
             module.add(self.adapter_name, cfg)

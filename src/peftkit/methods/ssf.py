@@ -22,7 +22,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError, PeftkitError
-from .base import LINEAR_TYPES, AdapterLayer, Method, MethodConfig, find_targets, register, replace_module
+from .base import LINEAR_TYPES, AdapterLayer, Method, MethodConfig, find_targets, register
 
 _NOT_FEATURE_NORMS = (nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)  # normalise over dim 1
 
@@ -186,12 +186,7 @@ class Ssf(Method):
             paths = [p for p in paths if self.model.get_submodule(p) is not head]
             cfg.target_modules = target
         for path in paths:
-            module = self.model.get_submodule(path)
-            if isinstance(module, AdapterLayer) and not isinstance(module, SsfLayer):
-                raise ConfigError(f"'{path}' already carries a {type(module).__name__}; SSF cannot wrap it again.")
-            if not isinstance(module, SsfLayer):
-                module = SsfLayer(module)
-                replace_module(self.model, path, module)
+            module = self.wrap(path, SsfLayer)
             module.add(self.adapter_name)
         self.attach_modules_to_save()
 
