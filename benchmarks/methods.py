@@ -3,6 +3,7 @@
     python benchmarks/methods.py                  # all methods (long: see --help for the budget)
     python benchmarks/methods.py --quick          # smoke test: 2 steps per method, 16 eval rows
     python benchmarks/methods.py --only lora,ia3  # a subset
+    python benchmarks/methods.py --only qlora --update  # add or redo rows in the existing results
 
 Model `smollm2-135m`; data `alpaca_en_demo` (../shared/data): its first 800 rows train, the remaining rows evaluate.
 Every run trains the same examples in the same order (same seed, batch size, accumulation and steps), so each method
@@ -55,15 +56,21 @@ METHODS: dict[str, dict] = {
     "pfeiffer": dict(finetuning_type="adapter", adapter_type="pfeiffer", reduction_factor=16, learning_rate=1e-3),
     "freeze": dict(finetuning_type="freeze", freeze_trainable_layers=2, learning_rate=5e-5),
     "full": dict(finetuning_type="full", learning_rate=2e-5),
+    # virtual tokens: PEFT's example learning rates, except prefix tuning (its 1e-2 diverged on this model)
+    "prompt_tuning": dict(finetuning_type="prompt_tuning", num_virtual_tokens=20, learning_rate=3e-2),
+    "p_tuning": dict(finetuning_type="p_tuning", num_virtual_tokens=20, learning_rate=1e-3),
+    "prefix_tuning": dict(finetuning_type="prefix_tuning", num_virtual_tokens=20, learning_rate=3e-3),
+    "p_tuning_v2": dict(finetuning_type="p_tuning_v2", num_virtual_tokens=20, learning_rate=1e-2),
 }
 
 
 # --------------------------------------------------------------------------------------------- data
-def write_split(data_dir: Path, out: Path) -> None:
-    """alpaca_en_demo -> a train file (first 800 rows) and an eval file (the rest), registered in dataset_info.json."""
+def write_split(data_dir: Path, out: Path, eval_rows: int | None) -> None:
+    """alpaca_en_demo -> a train file (first 800 rows) and an eval file (the rest, or its first `eval_rows`),
+    registered in dataset_info.json."""
     rows = json.loads((data_dir / "alpaca_en_demo.json").read_text())
     (out / "train.json").write_text(json.dumps(rows[:TRAIN_ROWS]))
-    (out / "eval.json").write_text(json.dumps(rows[TRAIN_ROWS:]))
+    (out / "eval.json").write_text(json.dumps(rows[TRAIN_ROWS:][:eval_rows]))
     info = {name: {"file_name": f"{name}.json"} for name in ("train", "eval")}
     (out / "dataset_info.json").write_text(json.dumps(info))
 
@@ -72,7 +79,7 @@ def common_keys(args, data: Path, output_dir: str) -> dict:
     return dict(model_name_or_path="smollm2-135m", dataset="train", eval_dataset="eval", dataset_dir=str(data),
                 cutoff_len=args.cutoff_len, max_samples=args.eval_rows_cap, output_dir=output_dir,
                 overwrite_output_dir=True, per_device_train_batch_size=args.batch_size,
-                per_device_eval_batch_size=16, gradient_accumulation_steps=args.grad_accum, max_steps=args.steps,
+                per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, max_steps=args.steps,
                 lr_scheduler_type="cosine", warmup_ratio=0.1, logging_steps=1, eval_strategy="steps",
                 eval_steps=max(1, args.steps // args.eval_points), save_strategy="no", seed=args.seed)
 
@@ -102,8 +109,8 @@ def child_base_eval(spec: dict) -> dict:
     collate = SFTCollator(tok.pad_token_id, padding_free=True)
     total = count = 0
     with torch.no_grad():
-        for i in range(0, len(eval_rows), 16):
-            loss, n = token_loss_sum(model, collate(eval_rows[i:i + 16]))
+        for i in range(0, len(eval_rows), cfg.per_device_eval_batch_size):
+            loss, n = token_loss_sum(model, collate(eval_rows[i:i + cfg.per_device_eval_batch_size]))
             total, count = total + loss.item(), count + n
     return {"eval_loss": total / count, "eval_rows": len(eval_rows)}
 
@@ -144,8 +151,8 @@ def child_hf(spec: dict) -> dict:
         total = count = 0
         model.eval()
         with torch.no_grad():
-            for i in range(0, len(eval_rows), 16):
-                loss, n = token_loss_sum(model, collate(eval_rows[i:i + 16]))
+            for i in range(0, len(eval_rows), bs):
+                loss, n = token_loss_sum(model, collate(eval_rows[i:i + bs]))
                 total, count = total + loss.item(), count + n
         model.train()
         seen["eval_s"] += time.perf_counter() - start
@@ -250,16 +257,16 @@ def write_docs(record: dict, docs: Path) -> None:
     m = record["machine"]
     text = f"""# Every method, one machine, one run
 
-`python benchmarks/methods.py{' --quick' if s['quick'] else ''}` on {record['date'][:10]}: {m['cpu']}, {m['cores']} cores,
+`python benchmarks/methods.py{' --quick' if s['quick'] else ''}` on {record['date'][:10]}{f" (rows added {record['updated'][:10]})" if record.get('updated') else ''}: {m['cpu']}, {m['cores']} cores,
 torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}. Total {record['total_wall_s'] / 60:.0f} min.
 
-Model `smollm2-135m` (SmolLM2-135M-Instruct); data `alpaca_en_demo`: first {TRAIN_ROWS} rows train, the other
+Model `smollm2-135m` (SmolLM2-135M-Instruct); data `alpaca_en_demo`: its first {TRAIN_ROWS} rows train, the next
 {record['eval_rows']} rows evaluate. Every method trains the same {s['steps']} optimizer steps of
 {s['batch_size']} x {s['grad_accum']} examples in the same order (cutoff_len {s['cutoff_len']}, cosine schedule,
 10% warm-up, seed {s['seed']}); learning rates are each method's usual order of magnitude, not tuned here (see
 `METHODS` in the script). Eval loss is the mean token loss on the answer tokens of the eval rows; "before" is the
 base model. tokens/s counts real tokens over the training time (evaluations left out); peak RSS is the
-process's. "x HF+PEFT LoRA" compares with transformers.Trainer + PEFT LoRA (same settings as the `lora` row,
+process's (evaluation runs at the training batch size, so this is the training peak). "x HF+PEFT LoRA" compares with transformers.Trainer + PEFT LoRA (same settings as the `lora` row,
 padding-free collation) run in the same invocation.
 {'' if not s['quick'] else chr(10) + '**This is a smoke run (`--quick`): too few steps for the losses to mean much.**' + chr(10)}
 {chr(10).join(lines)}
@@ -269,6 +276,24 @@ padding-free collation) run in the same invocation.
     (docs / "methods.md").write_text(text)
 
 
+SETTINGS_THAT_MATTER = ("steps", "batch_size", "grad_accum", "cutoff_len", "eval_points", "eval_rows", "quick", "seed")
+
+
+def previous_record(out: Path, record: dict) -> dict:
+    """The saved results, refreshed with today's machine facts, provided they were measured with the same budget."""
+    if not out.exists():
+        raise SystemExit(f"--update needs {out}; run without --update first.")
+    old = json.loads(out.read_text())
+    differ = [k for k in SETTINGS_THAT_MATTER if old["settings"].get(k) != record["settings"][k]]
+    if differ:
+        raise SystemExit(f"--update: {out} was measured with other settings ({', '.join(differ)}: "
+                         f"{[old['settings'].get(k) for k in differ]}); pass the same ones or rerun everything.")
+    if old["machine"] != record["machine"]:
+        print(f"warning: {out} was measured with {old['machine']}; now {record['machine']}", file=sys.stderr)
+    old["updated"] = record["date"]
+    return old
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=24, help="optimizer steps per method (same examples for every one)")
@@ -276,8 +301,12 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--cutoff-len", type=int, default=512)
     p.add_argument("--eval-points", type=int, default=3, help="evaluations during training, evenly spaced")
+    p.add_argument("--eval-rows", type=int, help="evaluate on the first N held-out rows only (default: all 199)")
     p.add_argument("--only", help="comma-separated method names (default: all, plus the HF+PEFT reference)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers.Trainer + PEFT reference run")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other rows of benchmarks/results/methods.json (same settings required) and add or "
+                        "replace these; the base eval is reused")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 16 eval rows")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--seed", type=int, default=42)
@@ -304,19 +333,25 @@ def main() -> None:
               "settings": {k: v for k, v in vars(args).items() if k != "child"}, "runs": []}
     out = REPO / "benchmarks" / "results" / "methods.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    elapsed = 0.0
+    if args.update:
+        record = previous_record(out, record)
+        elapsed = record.get("total_wall_s", 0.0)
     with tempfile.TemporaryDirectory(prefix="methods_bench_") as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
-        write_split(Path(args.data_dir), data)
-        base = spawn({"impl": "base", "name": "base model", "keys": common_keys(args, data, f"{tmp}/base")}, tmp)
-        record.update(base_eval_loss=base["eval_loss"], eval_rows=base["eval_rows"])
+        write_split(Path(args.data_dir), data, args.eval_rows)
+        if "base_eval_loss" not in record:
+            base = spawn({"impl": "base", "name": "base model", "keys": common_keys(args, data, f"{tmp}/base")}, tmp)
+            record.update(base_eval_loss=base["eval_loss"], eval_rows=base["eval_rows"])
         METHODS["adalora"].update(tinit=args.steps // 6, tfinal=args.steps // 6)
         specs = [("hf", "hf-peft-lora", METHODS["lora"])] if not args.no_hf else []
         specs += [("peftkit", name, METHODS[name]) for name in names]
         for impl, name, method_keys in specs:
             keys = dict(common_keys(args, data, f"{tmp}/{name}"), **method_keys)
-            record["runs"].append(spawn({"impl": impl, "name": name, "keys": keys}, tmp))
-            record["total_wall_s"] = round(time.time() - started, 1)
+            result = spawn({"impl": impl, "name": name, "keys": keys}, tmp)
+            record["runs"] = [r for r in record["runs"] if r["name"] != name] + [result]
+            record["total_wall_s"] = round(elapsed + time.time() - started, 1)
             out.write_text(json.dumps(record, indent=2) + "\n")  # results so far survive an interrupted run
             write_docs(record, REPO / "docs")
     print(f"Wrote {out}, docs/methods.md and docs/methods_eval_loss.png ({record['total_wall_s']:.0f} s)")

@@ -96,6 +96,15 @@ class TrainConfig:
     freeze_trainable_layers: int = 2  # freeze: train the last N layers (negative: the first N)
     freeze_trainable_modules: str | list[str] = "all"  # freeze: module names inside those layers, or all
     freeze_extra_modules: str | list[str] | None = None  # freeze: modules outside the layers to train, e.g. embed_tokens
+    num_virtual_tokens: int = 20  # prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2
+    prompt_tuning_init: str = "vocab"  # prompt_tuning: random | vocab | text
+    prompt_tuning_init_text: str | None = None  # prompt_tuning with init text: the phrase
+    encoder_reparameterization_type: str = "mlp"  # p_tuning: mlp | lstm
+    encoder_hidden_size: int | None = None  # p_tuning / prefix_tuning: the encoder's width
+    encoder_num_layers: int = 2  # p_tuning: LSTM layers
+    encoder_dropout: float = 0.0  # p_tuning: dropout between LSTM layers
+    prefix_projection: bool = True  # prefix_tuning: train the prefixes through an MLP
+    prefix_init: str = "vocab"  # p_tuning_v2: vocab (the model's keys/values of random tokens) | random
     # --- data ---
     dataset: list[str] | None = None  # names in dataset_dir/dataset_info.json; "a,b" is split
     eval_dataset: list[str] | None = None
@@ -181,6 +190,8 @@ class TrainConfig:
             values["target_modules"] = _targets(target)
         if "modules_to_save" in names:
             values["modules_to_save"] = self.additional_target or None
+        if "tokenizer_name_or_path" in names:  # prompt tuning's text init tokenizes with the model's tokenizer
+            values["tokenizer_name_or_path"] = self.model_name_or_path
         return cls(**values)
 
     def _check_method_keys(self) -> None:

@@ -21,6 +21,8 @@ from ..methods.adalora import AdaLoraConfig
 from ..methods.base import Method, MethodConfig
 from ..methods.ia3 import Ia3Config
 from ..methods.lora import LoraConfig
+from ..methods.prefix import PrefixTuningConfig, PTuningV2Config
+from ..methods.prompt import PromptTuningConfig, PTuningConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -43,7 +45,11 @@ _SUFFIXES: dict[str, list[tuple[str, str]]] = {
     "ADALORA": [(".lora_A", ".lora_A"), (".lora_E", ".lora_E"), (".lora_B", ".lora_B")],
 }
 # our method name -> PEFT's peft_type, for the methods PEFT also has
-_PEFT_TYPE = {"lora": "LORA", "ia3": "IA3", "adalora": "ADALORA"}
+_PEFT_TYPE = {"lora": "LORA", "ia3": "IA3", "adalora": "ADALORA", "prompt_tuning": "PROMPT_TUNING",
+              "p_tuning": "P_TUNING", "prefix_tuning": "PREFIX_TUNING", "p_tuning_v2": "PREFIX_TUNING"}
+# Prompt-learning types hold one tensor, saved under the bare key "prompt_embeddings".
+_PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+_PROMPT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # Methods PEFT lacks are saved with peft_type "PEFTKIT_<NAME>" (PEFT refuses to load them rather than mistaking them
 # for its own) and their config's fields as they are.
 OWN_PREFIX = "PEFTKIT_"
@@ -71,6 +77,8 @@ _UNSUPPORTED_LORA = {
 
 def peft_key(internal: str, peft_type: str) -> str:
     """`model.layers.0.self_attn.q_proj.lora_A` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
+    if peft_type in _PROMPT_TYPES:
+        return internal.rsplit(".", 1)[-1]
     key = internal.replace(".saved.", ".")  # a modules_to_save copy is saved under the module's own name
     for ours, theirs in _SUFFIXES.get(peft_type, []):
         if key.endswith(ours):
@@ -141,6 +149,8 @@ def config_to_peft(config: MethodConfig, base_model_name_or_path: str | None) ->
         }
     if isinstance(config, AdaLoraConfig):
         return _adalora_config_to_peft(config, base_model_name_or_path)
+    if peft_type_of(config) in _PROMPT_TYPES:
+        return _prompt_config_to_peft(config, base_model_name_or_path)
     peft_type = peft_type_of(config)
     if peft_type.startswith(OWN_PREFIX):
         return {**config.to_dict(), "peft_type": peft_type, "base_model_name_or_path": base_model_name_or_path,
@@ -167,6 +177,8 @@ def config_from_peft(raw: dict[str, Any], where: str) -> MethodConfig:
         return _ia3_config_from_peft(raw, where)
     if peft_type == "ADALORA":
         return _adalora_config_from_peft(raw, where)
+    if peft_type in _PROMPT_TYPES:
+        return _prompt_config_from_peft(raw, where)
     if isinstance(peft_type, str) and peft_type.startswith(OWN_PREFIX):
         from ..errors import ConfigError
         from ..methods import get_method
@@ -201,6 +213,54 @@ def _ia3_config_from_peft(raw: dict[str, Any], where: str) -> Ia3Config:
             values[key] = f"(?:{values[key]})"  # a regex to PEFT even without regex characters, which Ia3Config splits
     values["init_ia3_weights"] = True  # only affects initialisation, which loading overwrites
     return Ia3Config(**values)
+
+
+# --- prompt learning: PEFT's PromptLearningConfig fields plus each type's own ---
+_PROMPT_FIELDS = ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules",
+                  "task_type")
+
+
+def _prompt_config_to_peft(config: MethodConfig, base_model_name_or_path: str | None) -> dict[str, Any]:
+    out = {"auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+           "modules_to_save": None, "peft_type": peft_type_of(config), "peft_version": PEFT_VERSION, "revision": None,
+           **{k: getattr(config, k) for k in _PROMPT_FIELDS}}
+    if isinstance(config, PromptTuningConfig):
+        out.update(prompt_tuning_init=_PROMPT_INIT[config.prompt_tuning_init],
+                   prompt_tuning_init_text=config.prompt_tuning_init_text,
+                   tokenizer_name_or_path=config.tokenizer_name_or_path, tokenizer_kwargs=None)
+    elif isinstance(config, PTuningConfig):
+        out.update(encoder_reparameterization_type=config.encoder_reparameterization_type.upper(),
+                   encoder_hidden_size=config.encoder_hidden_size, encoder_num_layers=config.encoder_num_layers,
+                   encoder_dropout=config.encoder_dropout)
+    else:
+        out.update(prefix_projection=config.prefix_projection, encoder_hidden_size=config.encoder_hidden_size,
+                   init_weights=None)
+    return out
+
+
+def _prompt_config_from_peft(raw: dict[str, Any], where: str) -> MethodConfig:
+    """A loaded prompt adapter is fixed values (PEFT's inference mode): P-tuning's encoder and prefix tuning's MLP are
+    not in the file, only their output."""
+    from ..errors import ConfigError
+
+    if raw.get("task_type") not in (None, "CAUSAL_LM"):
+        raise AdapterLoadError(f"{where} is a {raw['peft_type']} adapter for task_type {raw['task_type']!r}; peftkit's "
+                               "virtual tokens are for causal language models (CAUSAL_LM).")
+    values = {k: raw[k] for k in _PROMPT_FIELDS if raw.get(k) is not None}
+    try:
+        if raw["peft_type"] == "PROMPT_TUNING":
+            init = {v: k for k, v in _PROMPT_INIT.items()}.get(str(raw.get("prompt_tuning_init", "RANDOM")).upper())
+            return PromptTuningConfig(**values, inference_mode=True, prompt_tuning_init=init or "random",
+                                      prompt_tuning_init_text=raw.get("prompt_tuning_init_text") or None,
+                                      tokenizer_name_or_path=raw.get("tokenizer_name_or_path"))
+        if raw["peft_type"] == "P_TUNING":
+            return PTuningConfig(**values, inference_mode=True,
+                                 encoder_reparameterization_type=raw.get("encoder_reparameterization_type") or "mlp")
+        if raw.get("prefix_projection"):
+            return PrefixTuningConfig(**values, prefix_projection=True, inference_mode=True)
+        return PTuningV2Config(**values, inference_mode=True)
+    except ConfigError as e:
+        raise AdapterLoadError(f"{where} holds a {raw['peft_type']} config peftkit cannot use: {e}") from e
 
 
 # --- AdaLoRA: PEFT saves only the triplets its rank_pattern keeps ---
@@ -317,7 +377,7 @@ def save_adapter(method: Method, directory: str | os.PathLike, base_model_name_o
     if config.task_type is None:
         config.task_type = task_type_for(method.model)
     peft_type = peft_type_of(config)
-    state = method.state_dict()
+    state = method.export_state()
     if peft_type == "ADALORA":
         state = _adalora_prune(config, state)
     tensors = {peft_key(k, peft_type): t.detach().contiguous().cpu() for k, t in state.items()}

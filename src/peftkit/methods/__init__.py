@@ -19,6 +19,8 @@ from .full import FullConfig
 from .ia3 import Ia3Config
 from .lora import LoraConfig
 from .lora_drop import LoraDropConfig
+from .prefix import PrefixTuningConfig, PTuningV2Config
+from .prompt import PromptTuningConfig, PTuningConfig
 from .ssf import SsfConfig
 
 __all__ = [
@@ -33,6 +35,10 @@ __all__ = [
     "LoraDropConfig",
     "Method",
     "MethodConfig",
+    "PTuningConfig",
+    "PTuningV2Config",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "SsfConfig",
     "available_methods",
     "find_targets",

@@ -254,6 +254,11 @@ class Method:
             for key, param in expected.items():
                 param.copy_(state[key])
 
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The tensors the adapter file holds (internal keys): `state_dict()`, except for methods that train a
+        reparameterisation of what they save (P-tuning's encoder, prefix tuning's MLP)."""
+        return self.state_dict()
+
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """This adapter's trainable parameters (what the optimizer gets): exactly the parameters it saves."""
         return [(k, t) for k, t in self.state_dict().items() if isinstance(t, nn.Parameter) and t.requires_grad]

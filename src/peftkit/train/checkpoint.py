@@ -24,6 +24,9 @@ from ..methods.base import Method
 PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
 BEST_NAME = "best_adapter_state.safetensors"
+# The trained parameters, when the adapter file holds something derived from them (P-tuning's encoder output): resuming
+# needs the parameters themselves.
+TRAINED_NAME = "trained_parameters.safetensors"
 
 
 @dataclass
@@ -75,6 +78,9 @@ def save_checkpoint(
     final = out / f"{PREFIX}{state.global_step}"
     with atomic_dir(final) as tmp:
         peft_format.save_adapter(method, tmp, base_model_name)
+        trained = method.state_dict()
+        if set(trained) != set(method.export_state()):
+            save_file({k: t.detach().contiguous().cpu() for k, t in trained.items()}, tmp / TRAINED_NAME)
         if not only_model:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -125,7 +131,10 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
         raise ConfigError(f"'{path}' holds only the adapter (saved with save_only_model: true), not the optimizer and "
                           "RNG states needed to resume exactly. Start a new run from it with adapter_name_or_path, or "
                           "resume from a checkpoint saved without save_only_model.")
-    peft_format.load_weights(method, path)
+    if (path / TRAINED_NAME).is_file():
+        method.load_state_dict(load_file(path / TRAINED_NAME))
+    else:
+        peft_format.load_weights(method, path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     _set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))

@@ -19,14 +19,20 @@ from typing import Any, ContextManager, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..methods import virtual_tokens as vt
+
 ATTN_NAME = "peftkit_varlen"
-_SUPPORTED_BASE = ("sdpa", "eager")
+_SUPPORTED_BASE = ("sdpa", "eager") + tuple(vt.ATTN_PREFIX + impl for impl in ("sdpa", "eager"))
 
 
 def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None,
-                       sliding_window: int | None) -> torch.Tensor:
+                       sliding_window: int | None, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
     n = q.shape[-2]
     gqa = q.shape[1] != k.shape[1]
+    if prefix is not None:  # virtual tokens (methods/virtual_tokens.py) before this example
+        k, v, mask = vt.with_prefix(q, k, v, None, prefix, sliding_window, positions, "bool")
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     if sliding_window is None or n <= sliding_window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
     i = torch.arange(n, device=q.device)
@@ -46,7 +52,15 @@ def varlen_attention_forward(
     sliding_window: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface function: query/key/value are [1, heads, tokens, head_dim]."""
+    """transformers attention-interface function: query/key/value are [1, heads, tokens, head_dim].
+
+    Virtual-token methods pass their prefix (or, for the pass that computes it, a dict to record into) as keywords.
+    """
+    prefix = kwargs.pop(vt.PREFIX_KWARG, None)
+    record = kwargs.pop(vt.RECORD_KWARG, None)
+    if record is not None:  # prompt tuning's pass over the virtual tokens alone: one causal sequence
+        record[module.layer_idx] = (key, value)
+        cu_seq_lens_q = torch.tensor([0, query.shape[2]], dtype=torch.int32)
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise RuntimeError("peftkit's padding-free attention needs one flattened row and its cu_seq_lens_q; "
                            "build batches with SFTCollator(padding_free=True).")
@@ -56,8 +70,11 @@ def varlen_attention_forward(
     if dropout and module.training:
         raise RuntimeError("Padding-free attention does not apply attention dropout; set padding_free: false.")
     bounds = cu_seq_lens_q.tolist()
+    layer_prefix = prefix[module.layer_idx] if prefix is not None else None
+    positions = kwargs.get("position_ids")
     parts = [
-        _segment_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling, sliding_window)
+        _segment_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling, sliding_window, layer_prefix,
+                           None if positions is None else positions[:, s:e])
         for s, e in zip(bounds[:-1], bounds[1:])
     ]
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]

@@ -1,0 +1,173 @@
+"""Prompt tuning (Lester et al. 2021) and P-tuning (Liu et al. 2021): learned input embeddings of P virtual tokens.
+
+Prompt tuning learns the P embeddings themselves. P-tuning produces them with a prompt encoder (an MLP, or a
+bidirectional LSTM and an MLP) over learned inputs, which trains more stably; only the encoder's output is saved
+(PEFT's `prompt_embeddings`), so a loaded P-tuning adapter is a fixed prompt. How the embeddings reach the model
+without lengthening its input: virtual_tokens.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import register
+from .virtual_tokens import (
+    Geometry,
+    Prefix,
+    PrefixSource,
+    VirtualTokenConfig,
+    VirtualTokenMethod,
+    record_prefix,
+)
+
+PROMPT_INITS = ("random", "vocab", "text")
+ENCODERS = ("mlp", "lstm")
+
+
+@dataclasses.dataclass
+class PromptTuningConfig(VirtualTokenConfig):
+    # random: N(0, 1) as PEFT; vocab: embeddings of random vocabulary tokens; text: of `prompt_tuning_init_text`.
+    # vocab is the default: Lester et al. (Sec. 3.2, Fig. 3b) find random init clearly worse for small models.
+    prompt_tuning_init: str = "vocab"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None  # for the text init; TrainConfig fills in the model's
+
+    method = "prompt_tuning"
+    yaml_keys = {"num_virtual_tokens": "num_virtual_tokens", "prompt_tuning_init": "prompt_tuning_init",
+                 "prompt_tuning_init_text": "prompt_tuning_init_text"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.prompt_tuning_init = str(self.prompt_tuning_init).lower()
+        if self.prompt_tuning_init not in PROMPT_INITS:
+            raise ConfigError(f"prompt_tuning_init must be one of {', '.join(PROMPT_INITS)}; got "
+                              f"'{self.prompt_tuning_init}'.")
+        if self.prompt_tuning_init == "text" and not self.prompt_tuning_init_text and not self.inference_mode:
+            raise ConfigError("prompt_tuning_init: text needs prompt_tuning_init_text, the phrase whose token "
+                              "embeddings start the prompt (e.g. 'Answer the question truthfully:').")
+
+    def expected_shapes(self, geo: Geometry) -> dict[str, int]:
+        return {"token_dim": geo.hidden_size, "num_layers": geo.num_layers,
+                "num_attention_heads": geo.num_attention_heads}
+
+
+@dataclasses.dataclass
+class PTuningConfig(VirtualTokenConfig):
+    encoder_reparameterization_type: str = "mlp"  # mlp | lstm
+    encoder_hidden_size: int | None = None  # None: the model's hidden size (PEFT's default)
+    encoder_num_layers: int = 2  # LSTM layers; the MLP always has PEFT's three linear layers
+    encoder_dropout: float = 0.0  # between LSTM layers
+
+    method = "p_tuning"
+    yaml_keys = {"num_virtual_tokens": "num_virtual_tokens",
+                 "encoder_reparameterization_type": "encoder_reparameterization_type",
+                 "encoder_hidden_size": "encoder_hidden_size", "encoder_num_layers": "encoder_num_layers",
+                 "encoder_dropout": "encoder_dropout"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.encoder_reparameterization_type = str(self.encoder_reparameterization_type).lower()
+        if self.encoder_reparameterization_type not in ENCODERS:
+            raise ConfigError(f"encoder_reparameterization_type must be one of {', '.join(ENCODERS)}; got "
+                              f"'{self.encoder_reparameterization_type}'.")
+        if self.encoder_num_layers < 1 or not 0.0 <= self.encoder_dropout < 1.0:
+            raise ConfigError("encoder_num_layers must be >= 1 and encoder_dropout in [0, 1).")
+
+    def expected_shapes(self, geo: Geometry) -> dict[str, int]:
+        return {"token_dim": geo.hidden_size, "num_layers": geo.num_layers,
+                "num_attention_heads": geo.num_attention_heads}
+
+    def fill(self, geo: Geometry) -> None:
+        super().fill(geo)
+        if self.encoder_hidden_size is None:
+            self.encoder_hidden_size = geo.hidden_size
+
+
+class PromptEmbeddings(PrefixSource):
+    """P learned input embeddings [P, hidden]."""
+
+    needs_model = True
+
+    def __init__(self, initial: torch.Tensor) -> None:
+        super().__init__()
+        self.num_virtual_tokens = initial.shape[0]
+        self.prompt_embeddings = nn.Parameter(initial.float())
+
+    def saved_values(self) -> torch.Tensor:
+        return self.prompt_embeddings
+
+    def prefix(self, model: nn.Module) -> Prefix:
+        return record_prefix(model, self.saved_values())
+
+
+class PromptEncoder(PromptEmbeddings):
+    """P-tuning's encoder over P learned inputs (PEFT's layer sizes, so the parameter count matches its report)."""
+
+    def __init__(self, config: PTuningConfig) -> None:
+        nn.Module.__init__(self)
+        p, dim, hidden = config.num_virtual_tokens, config.token_dim, config.encoder_hidden_size
+        self.num_virtual_tokens = p
+        self.embedding = nn.Parameter(torch.randn(p, dim))  # nn.Embedding's N(0, 1), as PEFT
+        self.lstm: nn.LSTM | None = None
+        if config.encoder_reparameterization_type == "lstm":
+            self.lstm = nn.LSTM(dim, hidden, num_layers=config.encoder_num_layers, bidirectional=True,
+                                dropout=config.encoder_dropout if config.encoder_num_layers > 1 else 0.0,
+                                batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, dim))
+
+    def saved_values(self) -> torch.Tensor:
+        x = self.embedding[None]
+        if self.lstm is not None:
+            x = self.lstm(x)[0]
+        return self.mlp(x)[0]
+
+
+@register
+class PromptTuning(VirtualTokenMethod):
+    name = "prompt_tuning"
+    config_class = PromptTuningConfig
+
+    def make_source(self, geo: Geometry) -> PrefixSource:
+        c = self.config
+        table = self.model.get_input_embeddings().weight.detach()
+        if c.inference_mode:
+            return PromptEmbeddings(torch.zeros(c.num_virtual_tokens, geo.hidden_size))
+        if c.prompt_tuning_init == "random":
+            return PromptEmbeddings(torch.randn(c.num_virtual_tokens, geo.hidden_size))
+        if c.prompt_tuning_init == "vocab":
+            ids = torch.randint(0, table.shape[0], (c.num_virtual_tokens,))
+        else:
+            ids = torch.tensor(self._text_ids())
+        return PromptEmbeddings(table[ids.to(table.device)].float().cpu().clone())
+
+    def _text_ids(self) -> list[int]:
+        """The init text's token ids, repeated or cut to num_virtual_tokens."""
+        from ..models import load_tokenizer
+
+        c = self.config
+        if not c.tokenizer_name_or_path:
+            raise ConfigError("prompt_tuning_init: text needs tokenizer_name_or_path (the base model's name or "
+                              "folder) to turn prompt_tuning_init_text into tokens.")
+        ids = load_tokenizer(c.tokenizer_name_or_path)(c.prompt_tuning_init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError("prompt_tuning_init_text tokenizes to nothing; give a non-empty phrase.")
+        return (ids * -(-c.num_virtual_tokens // len(ids)))[: c.num_virtual_tokens]
+
+
+@register
+class PTuning(VirtualTokenMethod):
+    name = "p_tuning"
+    config_class = PTuningConfig
+
+    def make_source(self, geo: Geometry) -> PrefixSource:
+        c = self.config
+        if c.inference_mode:
+            return PromptEmbeddings(torch.zeros(c.num_virtual_tokens, geo.hidden_size))
+        return PromptEncoder(c)
