@@ -24,8 +24,10 @@ from .virtual_tokens import (
     PrefixSource,
     VirtualTokenConfig,
     VirtualTokenMethod,
+    choice,
     record_prefix,
     split_prefix,
+    vocab_embeddings,
 )
 
 PREFIX_INITS = ("vocab", "random")
@@ -44,8 +46,7 @@ class PrefixTuningConfig(VirtualTokenConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.prefix_init not in PREFIX_INITS:
-            raise ConfigError(f"prefix_init must be one of {', '.join(PREFIX_INITS)}; got '{self.prefix_init}'.")
+        self.prefix_init = choice("prefix_init", self.prefix_init, PREFIX_INITS)
 
     def expected_shapes(self, geo: Geometry) -> dict[str, int]:
         # PEFT's convention for grouped-query models: token_dim and heads describe the key/value heads
@@ -102,12 +103,12 @@ class PrefixTuning(VirtualTokenMethod):
     def make_source(self, geo: Geometry) -> PrefixSource:
         c = self.config
         direct = not c.prefix_projection and not c.inference_mode
-        table = self.model.get_input_embeddings().weight.detach()
-        ids = torch.randint(0, table.shape[0], (c.num_virtual_tokens,)) if direct and c.prefix_init == "vocab" else None
+        tokens = vocab_embeddings(self.model, c.num_virtual_tokens) if direct and c.prefix_init == "vocab" else None
         source = PrefixValues(c, geo)
-        if ids is not None:
+        if tokens is not None:
             with torch.no_grad():
-                pairs = record_prefix(self.model, table[ids.to(table.device)])
+                device = self.model.get_input_embeddings().weight.device
+                pairs = record_prefix(self.model, tokens.to(device))
                 per_layer = torch.stack([t for pair in pairs for t in pair])  # [2 * layers, kv_heads, P, head_dim]
                 source.prompt_embeddings.copy_(per_layer.permute(2, 0, 1, 3).reshape(c.num_virtual_tokens, -1))
         return source

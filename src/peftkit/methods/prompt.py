@@ -21,7 +21,9 @@ from .virtual_tokens import (
     PrefixSource,
     VirtualTokenConfig,
     VirtualTokenMethod,
+    choice,
     record_prefix,
+    vocab_embeddings,
 )
 
 PROMPT_INITS = ("random", "vocab", "text")
@@ -42,17 +44,10 @@ class PromptTuningConfig(VirtualTokenConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.prompt_tuning_init = str(self.prompt_tuning_init).lower()
-        if self.prompt_tuning_init not in PROMPT_INITS:
-            raise ConfigError(f"prompt_tuning_init must be one of {', '.join(PROMPT_INITS)}; got "
-                              f"'{self.prompt_tuning_init}'.")
+        self.prompt_tuning_init = choice("prompt_tuning_init", self.prompt_tuning_init, PROMPT_INITS)
         if self.prompt_tuning_init == "text" and not self.prompt_tuning_init_text and not self.inference_mode:
             raise ConfigError("prompt_tuning_init: text needs prompt_tuning_init_text, the phrase whose token "
                               "embeddings start the prompt (e.g. 'Answer the question truthfully:').")
-
-    def expected_shapes(self, geo: Geometry) -> dict[str, int]:
-        return {"token_dim": geo.hidden_size, "num_layers": geo.num_layers,
-                "num_attention_heads": geo.num_attention_heads}
 
 
 @dataclasses.dataclass
@@ -70,16 +65,10 @@ class PTuningConfig(VirtualTokenConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.encoder_reparameterization_type = str(self.encoder_reparameterization_type).lower()
-        if self.encoder_reparameterization_type not in ENCODERS:
-            raise ConfigError(f"encoder_reparameterization_type must be one of {', '.join(ENCODERS)}; got "
-                              f"'{self.encoder_reparameterization_type}'.")
+        self.encoder_reparameterization_type = choice("encoder_reparameterization_type",
+                                                      self.encoder_reparameterization_type, ENCODERS)
         if self.encoder_num_layers < 1 or not 0.0 <= self.encoder_dropout < 1.0:
             raise ConfigError("encoder_num_layers must be >= 1 and encoder_dropout in [0, 1).")
-
-    def expected_shapes(self, geo: Geometry) -> dict[str, int]:
-        return {"token_dim": geo.hidden_size, "num_layers": geo.num_layers,
-                "num_attention_heads": geo.num_attention_heads}
 
     def fill(self, geo: Geometry) -> None:
         super().fill(geo)
@@ -136,16 +125,15 @@ class PromptTuning(VirtualTokenMethod):
 
     def make_source(self, geo: Geometry) -> PrefixSource:
         c = self.config
-        table = self.model.get_input_embeddings().weight.detach()
         if c.inference_mode:
             return PromptEmbeddings(torch.zeros(c.num_virtual_tokens, geo.hidden_size))
         if c.prompt_tuning_init == "random":
             return PromptEmbeddings(torch.randn(c.num_virtual_tokens, geo.hidden_size))
         if c.prompt_tuning_init == "vocab":
-            ids = torch.randint(0, table.shape[0], (c.num_virtual_tokens,))
-        else:
-            ids = torch.tensor(self._text_ids())
-        return PromptEmbeddings(table[ids.to(table.device)].float().cpu().clone())
+            return PromptEmbeddings(vocab_embeddings(self.model, c.num_virtual_tokens))
+        table = self.model.get_input_embeddings().weight.detach()
+        ids = torch.tensor(self._text_ids(), device=table.device)
+        return PromptEmbeddings(table[ids].float().cpu())
 
     def _text_ids(self) -> list[int]:
         """The init text's token ids, repeated or cut to num_virtual_tokens."""

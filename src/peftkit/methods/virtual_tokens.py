@@ -93,8 +93,9 @@ class VirtualTokenConfig(MethodConfig):
             raise ConfigError(f"{self.method} does not support modules_to_save (additional_target) yet.")
 
     def expected_shapes(self, geo: Geometry) -> dict[str, int]:
-        """PEFT's record of the model: token_dim, num_layers, num_attention_heads."""
-        raise NotImplementedError
+        """PEFT's record of the model; for input embeddings: the hidden size, layers and attention heads."""
+        return {"token_dim": geo.hidden_size, "num_layers": geo.num_layers,
+                "num_attention_heads": geo.num_attention_heads}
 
     def fill(self, geo: Geometry) -> None:
         """Record the model's shapes; a loaded adapter's recorded shapes must be this model's."""
@@ -103,6 +104,21 @@ class VirtualTokenConfig(MethodConfig):
                 raise ConfigError(f"This {self.method} adapter was made for a model with {key} {getattr(self, key)}; "
                                   f"this model has {value}. Load it onto the base model it was trained on.")
             setattr(self, key, value)
+
+
+def choice(key: str, value: Any, options: tuple[str, ...]) -> str:
+    """`value` lower-cased (PEFT writes "MLP", "LSTM"), or a ConfigError naming the options."""
+    value = str(value).lower()
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {', '.join(options)}; got '{value}'.")
+    return value
+
+
+def vocab_embeddings(model: nn.Module, n: int) -> torch.Tensor:
+    """The input embeddings of `n` random vocabulary tokens [n, hidden], float32 on the CPU."""
+    table = model.get_input_embeddings().weight.detach()
+    ids = torch.randint(0, table.shape[0], (n,))
+    return table[ids.to(table.device)].float().cpu()
 
 
 def split_prefix(values: torch.Tensor, geo: Geometry) -> Prefix:
