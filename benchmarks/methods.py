@@ -242,9 +242,11 @@ def write_docs(record: dict, docs: Path) -> None:
                      f"{(after - base) / base:+.1%} |")
     failed = [r["name"] for r in record["runs"] if "failed" in r]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in runs:
+    colors = plt.cm.tab20.colors  # 20 distinct colours; line style and marker tell the rest apart
+    for i, r in enumerate(runs):
         points = [(0, base)] + [(e["step"], e["eval_loss"]) for e in r["log"] if "eval_loss" in e]
-        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=r["name"])
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="osD^v"[i % 5], color=colors[i % 20],
+                linestyle=("-", "--", ":")[i // 20 % 3], label=r["name"])
     ax.set_xlabel(f"optimizer step ({record['settings']['batch_size'] * record['settings']['grad_accum']} examples each)")
     ax.set_ylabel("eval loss")
     ax.set_title("smollm2-135m on alpaca_en_demo: eval loss per method")
