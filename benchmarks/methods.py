@@ -33,6 +33,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ROWS = 800
+# glibc raises its mmap threshold each time a big block is freed, so later tensors come from a heap that fragments
+# and never shrinks: peak RSS then measures the allocator as much as the method. Fixing it shows live memory.
+FIXED_MMAP_THRESHOLD = 128 * 1024
+FIXED_MALLOC_SUFFIX = " (fixed malloc)"
 
 # name -> (finetuning_type and its keys, learning rate). Learning rates are each method's usual order of magnitude
 # for a short run (full and freeze move every weight of a layer: far lower), not tuned per method on this data.
@@ -43,6 +47,9 @@ METHODS: dict[str, dict] = {
     "dora": dict(finetuning_type="lora", lora_rank=8, lora_alpha=16, lora_target="all", use_dora=True,
                  learning_rate=1e-3),
     "lora+": dict(finetuning_type="lora", lora_rank=8, lora_alpha=16, lora_target="all", loraplus_lr_ratio=16,
+                  learning_rate=1e-3),
+    # QLoRA: the LoRA row on a base whose linear layers are 4-bit NF4 with double quantization
+    "qlora": dict(finetuning_type="lora", lora_rank=8, lora_alpha=16, lora_target="all", quantization_bit=4,
                   learning_rate=1e-3),
     "lora_drop": dict(finetuning_type="lora_drop", lora_rank=8, lora_alpha=16, lora_target="all",
                       lora_drop_sample_ratio=0.05, lora_drop_threshold=0.9, learning_rate=1e-3),
@@ -103,7 +110,7 @@ def child_base_eval(spec: dict) -> dict:
     from peftkit.train.trainer import token_loss_sum
 
     cfg = load_config(None, **spec["keys"])
-    model, tok = load_model_and_tokenizer(cfg.model_name_or_path)
+    model, tok = load_model_and_tokenizer(cfg.model_name_or_path, quantization=cfg.quantization())
     _, eval_rows = build_sft_dataset(tok, cfg.dataset, cfg.dataset_dir, cutoff_len=cfg.cutoff_len,
                                      eval_dataset=cfg.eval_dataset, max_samples=cfg.max_samples, seed=cfg.seed)
     collate = SFTCollator(tok.pad_token_id, padding_free=True)
@@ -186,8 +193,29 @@ def child_hf(spec: dict) -> dict:
             "trainable_params": trainable, "all_params": total, "log": log}
 
 
+def child_footprint(spec: dict) -> dict:
+    """The weights' memory (base + adapter tensors, no training) for rows measured before runs reported it."""
+    from peftkit.config import load_config
+    from peftkit.models import load_model
+    from peftkit.quantization import model_bytes
+    from peftkit.train.precision import base_dtype
+    from peftkit.tuned import TunedModel
+
+    cfg = load_config(None, **spec["keys"])
+    model = load_model(cfg.model_name_or_path, dtype=base_dtype(cfg.bf16, cfg.fp16, "cpu"),
+                       quantization=cfg.quantization())
+    if spec["name"] == "hf-peft-lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                           target_modules="all-linear"))
+    else:
+        model = TunedModel(model, cfg.method_config())
+    return {"model_memory_mb": round(model_bytes(model) / 2**20, 1)}
+
+
 def child(spec: dict) -> None:
-    fn = {"peftkit": child_peftkit, "base": child_base_eval, "hf": child_hf}[spec["impl"]]
+    fn = {"peftkit": child_peftkit, "base": child_base_eval, "hf": child_hf, "footprint": child_footprint}[spec["impl"]]
     Path(spec["result_path"]).write_text(json.dumps(fn(spec)))
 
 
@@ -195,7 +223,7 @@ def child(spec: dict) -> None:
 def spawn(spec: dict, tmp: str) -> dict | None:
     spec = dict(spec, result_path=tempfile.mktemp(dir=tmp, suffix=".json"))
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore",
-               PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+               PYTHONPATH=f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **spec.get("env", {}))
     print(f"  {spec['name']:<14}", end=" ", flush=True)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
@@ -205,7 +233,9 @@ def spawn(spec: dict, tmp: str) -> dict | None:
         return {"name": spec["name"], "failed": proc.stderr[-3000:]}
     result = json.loads(Path(spec["result_path"]).read_text())
     result.update(name=spec["name"], process_s=round(time.perf_counter() - start, 1))
-    if "train_tokens_per_second" in result:
+    if "model_memory_mb" in result and "log" not in result:
+        print(f"weights {result['model_memory_mb']:.0f} MiB")
+    elif "train_tokens_per_second" in result:
         print(f"{result['train_tokens_per_second']:7.1f} tok/s, {result['peak_memory_mb']:.0f} MiB, "
               f"eval {final_eval(result):.4f} ({result['process_s']:.0f} s)")
     else:
@@ -216,6 +246,13 @@ def spawn(spec: dict, tmp: str) -> dict | None:
 def final_eval(run: dict) -> float | None:
     evals = [e["eval_loss"] for e in run.get("log", []) if "eval_loss" in e]
     return evals[-1] if evals else None
+
+
+def start_loss(record: dict, run: dict) -> float:
+    """Eval loss before training: the base model's, or the 4-bit base's for QLoRA (what it starts from)."""
+    if run["name"].startswith("qlora") and "base_eval_loss_4bit" in record:
+        return record["base_eval_loss_4bit"]
+    return record["base_eval_loss"]
 
 
 def tokens_per_step(args) -> int:
@@ -231,20 +268,45 @@ def write_docs(record: dict, docs: Path) -> None:
     runs = [r for r in record["runs"] if "failed" not in r]
     base = record["base_eval_loss"]
     ref = next((r for r in runs if r["name"] == "hf-peft-lora"), None)
-    lines = ["| method | trainable params | trainable % | peak RSS MiB | tokens/s | x HF+PEFT LoRA | eval loss before "
-             "| eval loss after | change |", "|" + "---|" * 9]
+    lines = ["| method | trainable params | trainable % | weights MiB | peak RSS MiB | tokens/s | x HF+PEFT LoRA "
+             "| eval loss before | eval loss after | change |", "|" + "---|" * 10]
     for r in runs:
-        after = final_eval(r)
+        before, after = start_loss(record, r), final_eval(r)
         speed = r["train_tokens_per_second"] / ref["train_tokens_per_second"] if ref else None
         lines.append(f"| {r['name']} | {r['trainable_params']:,} | {100 * r['trainable_params'] / r['all_params']:.3f} "
-                     f"| {r['peak_memory_mb']:.0f} | {r['train_tokens_per_second']:.0f} | "
-                     f"{'-' if speed is None else f'{speed:.2f}'} | {base:.4f} | {after:.4f} | "
-                     f"{(after - base) / base:+.1%} |")
+                     f"| {r.get('model_memory_mb', float('nan')):.0f} | {r['peak_memory_mb']:.0f} | {r['train_tokens_per_second']:.0f} | "
+                     f"{'-' if speed is None else f'{speed:.2f}'} | {before:.4f} | {after:.4f} | "
+                     f"{(after - before) / before:+.1%} |")
     failed = [r["name"] for r in record["runs"] if "failed" in r]
+    by_name = {r["name"]: r for r in runs}
+    tradeoff = ""
+    if "lora" in by_name and "qlora" in by_name and "base_eval_loss_4bit" in record and all(
+            "model_memory_mb" in r for r in (by_name["lora"], by_name["qlora"])):
+        lo, q = by_name["lora"], by_name["qlora"]
+        tradeoff = (
+            f"\n**QLoRA against LoRA** (same settings; the base's linear layers in 4-bit NF4 with double quantization): "
+            f"weights {q['model_memory_mb']:.0f} MiB instead of {lo['model_memory_mb']:.0f} "
+            f"({q['model_memory_mb'] / lo['model_memory_mb']:.0%}; the embeddings stay in full precision), peak RSS "
+            f"{q['peak_memory_mb']:.0f} MiB against {lo['peak_memory_mb']:.0f}, "
+            f"{q['train_tokens_per_second'] / lo['train_tokens_per_second']:.2f}x LoRA's tokens/s. Quantizing costs "
+            f"quality before any training: the 4-bit base's eval loss is {record['base_eval_loss_4bit']:.4f} against "
+            f"{base:.4f}; after training, QLoRA reaches {final_eval(q):.4f} "
+            f"({(final_eval(q) - record['base_eval_loss_4bit']) / record['base_eval_loss_4bit']:+.1%} on its own base), "
+            f"LoRA {final_eval(lo):.4f}.")
+        fixed = [by_name.get(n + FIXED_MALLOC_SUFFIX) for n in ("lora", "qlora")]
+        if all(fixed):
+            tradeoff += (
+                f" Peak RSS with glibc's default allocator measures fragmentation as much as tensors (it keeps freed "
+                f"blocks in a heap that never shrinks); with the mmap threshold fixed (`--fixed-malloc`, rows "
+                f"'{FIXED_MALLOC_SUFFIX.strip()}'), which returns freed tensors to the OS, the same runs peak at "
+                f"{fixed[1]['peak_memory_mb']:.0f} MiB for QLoRA and {fixed[0]['peak_memory_mb']:.0f} MiB for LoRA, at "
+                f"{fixed[1]['train_tokens_per_second']:.0f} and {fixed[0]['train_tokens_per_second']:.0f} tokens/s.")
+        tradeoff += "\n"
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.cm.tab20.colors  # 20 distinct colours; line style and marker tell the rest apart
-    for i, r in enumerate(runs):
-        points = [(0, base)] + [(e["step"], e["eval_loss"]) for e in r["log"] if "eval_loss" in e]
+    plotted = [r for r in runs if not r["name"].endswith(FIXED_MALLOC_SUFFIX)]  # same losses as their default row
+    for i, r in enumerate(plotted):
+        points = [(0, start_loss(record, r))] + [(e["step"], e["eval_loss"]) for e in r["log"] if "eval_loss" in e]
         ax.plot([s for s, _ in points], [v for _, v in points], marker="osD^v"[i % 5], color=colors[i % 20],
                 linestyle=("-", "--", ":")[i // 20 % 3], label=r["name"])
     ax.set_xlabel(f"optimizer step ({record['settings']['batch_size'] * record['settings']['grad_accum']} examples each)")
@@ -267,12 +329,13 @@ Model `smollm2-135m` (SmolLM2-135M-Instruct); data `alpaca_en_demo`: its first {
 {s['batch_size']} x {s['grad_accum']} examples in the same order (cutoff_len {s['cutoff_len']}, cosine schedule,
 10% warm-up, seed {s['seed']}); learning rates are each method's usual order of magnitude, not tuned here (see
 `METHODS` in the script). Eval loss is the mean token loss on the answer tokens of the eval rows; "before" is the
-base model. tokens/s counts real tokens over the training time (evaluations left out); peak RSS is the
+base model (for QLoRA, the 4-bit base). Weights MiB is what the model's tensors hold (base and adapter, quantization constants included);
+tokens/s counts real tokens over the training time (evaluations left out); peak RSS is the
 process's (evaluation runs at the training batch size, so this is the training peak). "x HF+PEFT LoRA" compares with transformers.Trainer + PEFT LoRA (same settings as the `lora` row,
 padding-free collation) run in the same invocation.
 {'' if not s['quick'] else chr(10) + '**This is a smoke run (`--quick`): too few steps for the losses to mean much.**' + chr(10)}
 {chr(10).join(lines)}
-{'' if not failed else chr(10) + 'Failed: ' + ', '.join(failed) + ' (see benchmarks/results/methods.json).' + chr(10)}
+{tradeoff}{'' if not failed else chr(10) + 'Failed: ' + ', '.join(failed) + ' (see benchmarks/results/methods.json).' + chr(10)}
 ![eval loss per method](methods_eval_loss.png)
 """
     (docs / "methods.md").write_text(text)
@@ -310,6 +373,10 @@ def main() -> None:
                    help="keep the other rows of benchmarks/results/methods.json (same settings required) and add or "
                         "replace these; the base eval is reused")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 16 eval rows")
+    p.add_argument("--fixed-malloc", action="store_true",
+                   help=f"run with glibc's mmap threshold fixed at {FIXED_MMAP_THRESHOLD // 1024} KiB, so freed "
+                        f"tensors go back to the OS and peak RSS tracks live memory; rows are named '<method>"
+                        f"{FIXED_MALLOC_SUFFIX}'")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -346,16 +413,27 @@ def main() -> None:
         if "base_eval_loss" not in record:
             base = spawn({"impl": "base", "name": "base model", "keys": common_keys(args, data, f"{tmp}/base")}, tmp)
             record.update(base_eval_loss=base["eval_loss"], eval_rows=base["eval_rows"])
+        if "qlora" in names and "base_eval_loss_4bit" not in record:
+            keys = dict(common_keys(args, data, f"{tmp}/base4"), quantization_bit=4)
+            record["base_eval_loss_4bit"] = spawn({"impl": "base", "name": "4-bit base", "keys": keys}, tmp)["eval_loss"]
         METHODS["adalora"].update(tinit=args.steps // 6, tfinal=args.steps // 6)
         specs = [("hf", "hf-peft-lora", METHODS["lora"])] if not args.no_hf else []
         specs += [("peftkit", name, METHODS[name]) for name in names]
+        env = {"MALLOC_MMAP_THRESHOLD_": str(FIXED_MMAP_THRESHOLD)} if args.fixed_malloc else {}
         for impl, name, method_keys in specs:
+            name += FIXED_MALLOC_SUFFIX if args.fixed_malloc else ""
             keys = dict(common_keys(args, data, f"{tmp}/{name}"), **method_keys)
-            result = spawn({"impl": impl, "name": name, "keys": keys}, tmp)
+            result = spawn({"impl": impl, "name": name, "keys": keys, "env": env}, tmp)
             record["runs"] = [r for r in record["runs"] if r["name"] != name] + [result]
             record["total_wall_s"] = round(elapsed + time.time() - started, 1)
             out.write_text(json.dumps(record, indent=2) + "\n")  # results so far survive an interrupted run
             write_docs(record, REPO / "docs")
+        for run in [r for r in record["runs"] if "failed" not in r and "model_memory_mb" not in r]:
+            method = run["name"].removesuffix(FIXED_MALLOC_SUFFIX)
+            keys = dict(common_keys(args, data, f"{tmp}/fp"), **METHODS["lora" if method == "hf-peft-lora" else method])
+            run["model_memory_mb"] = spawn({"impl": "footprint", "name": run["name"], "keys": keys}, tmp)["model_memory_mb"]
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        write_docs(record, REPO / "docs")
     print(f"Wrote {out}, docs/methods.md and docs/methods_eval_loss.png ({record['total_wall_s']:.0f} s)")
 
 

@@ -20,10 +20,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _load_chat_model(args: argparse.Namespace) -> Any:
     from .models import load_model_and_tokenizer
+    from .quantization import QuantizationConfig, trained_quantization
     from .serve import ChatEngine
     from .tuned import TunedModel
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.quantization_bit is None:  # as the adapter was trained: QLoRA adapters run on their 4-bit base
+        quantization = trained_quantization(args.adapter)
+        if quantization is not None:
+            print(f"Loading the base in {quantization.describe()}, as the adapter was trained "
+                  "(--quantization-bit 0 loads it in full precision).", file=sys.stderr)
+    else:
+        quantization = QuantizationConfig(args.quantization_bit, args.quantization_type) if args.quantization_bit else None
+    model, tokenizer = load_model_and_tokenizer(args.model, quantization=quantization)
     if args.adapter:
         model = TunedModel.load(model, args.adapter)
     return ChatEngine(model, tokenizer)
@@ -64,11 +72,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .export import export_merged
+    from .export import export_merged, quantized_training_note
+    from .quantization import trained_quantization
 
     cfg = load_config(args.config, args.overrides, do_train=False)
     if not cfg.export_dir:
         raise PeftkitError("export needs export_dir (e.g. `peftkit export cfg.yaml export_dir=out/merged`).")
+    # A QLoRA adapter merges into the base loaded in 16/32 bits: never into the 4-bit weights it trained against.
+    bits = None
+    if cfg.adapter_name_or_path:
+        trained = trained_quantization(cfg.adapter_name_or_path)
+        bits = trained.bits if trained else cfg.quantization_bit  # or the export config says so
     out = export_merged(
         cfg.model_name_or_path,
         cfg.adapter_name_or_path,
@@ -79,6 +93,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         trust_remote_code=cfg.trust_remote_code,
     )
     print(f"Wrote the merged model to {out}")
+    if bits:
+        print(quantized_training_note(bits))
 
 
 def cmd_env(args: argparse.Namespace) -> None:
@@ -130,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--quantization-bit", type=int, choices=(0, 4, 8), default=None,
+                   help="load the base in 4 or 8 bits (0: full precision; default: as the adapter was trained)")
+    p.add_argument("--quantization-type", choices=("nf4", "fp4"), default="nf4")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("export", help="merge an adapter into its base model and save the result")

@@ -21,6 +21,7 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .methods import MethodConfig
+    from .quantization import QuantizationConfig
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
@@ -47,8 +48,6 @@ IGNORED_KEYS: dict[str, str] = {
     "neat_packing": "`packing` is always neat here (packed examples never attend to each other); "
     "neat_packing: true turns packing on",
     "include_num_input_tokens_seen": "tokens per second are always logged",
-    "quantization_bit": "QLoRA is not implemented yet", "quantization_type": "QLoRA is not implemented yet",
-    "double_quantization": "QLoRA is not implemented yet",
     "image_max_pixels": _NO_MEDIA, "video_max_pixels": _NO_MEDIA, "freeze_vision_tower": _NO_MEDIA,
     "media_dir": _NO_MEDIA,
     "run_name": "runs are named by output_dir", "logging_dir": "logs go to output_dir/trainer_log.jsonl",
@@ -64,6 +63,10 @@ class TrainConfig:
     model_name_or_path: str | None = None  # required: a hub id or local folder (None only to give a clear error)
     adapter_name_or_path: str | None = None  # continue training, or export, this adapter
     trust_remote_code: bool = False
+    quantization_bit: int | None = None  # 4 (QLoRA) or 8 (LLM.int8): the base model's linear layers in k bits
+    quantization_type: str = "nf4"  # 4-bit data type: nf4 | fp4
+    double_quantization: bool = True  # 4-bit: quantize the quantization constants too (~0.37 bits/param saved)
+    quantization_method: str = "bnb"  # bitsandbytes, the only backend
     # --- method ---
     stage: str = "sft"
     finetuning_type: str = "lora"  # a name from peftkit.available_methods()
@@ -174,6 +177,14 @@ class TrainConfig:
         _validate(self)
         self._check_method_keys()
 
+    def quantization(self) -> QuantizationConfig | None:
+        """The base model's quantization, or None for a full-precision base."""
+        from .quantization import QuantizationConfig
+
+        if self.quantization_bit is None:
+            return None
+        return QuantizationConfig(self.quantization_bit, self.quantization_type, self.double_quantization)
+
     def method_config(self) -> MethodConfig:
         """The `finetuning_type` method's config, from the keys its config class declares (`yaml_keys`)."""
         from .methods import get_method
@@ -225,9 +236,6 @@ class TrainConfig:
             value = values.pop(key)
             if value is None:  # explicitly off: nothing to warn about
                 continue
-            if key == "quantization_bit":
-                raise ConfigError(f"quantization_bit={value}: QLoRA is not implemented yet; "
-                                  "remove quantization_bit to train LoRA on the unquantized model.")
             if key == "neat_packing" and value is True:
                 values["packing"] = True
             warnings.warn(f"Ignoring {key}={value!r}: {IGNORED_KEYS[key]}.", UserWarning, stacklevel=3)
@@ -413,6 +421,15 @@ def _validate(c: TrainConfig) -> None:
         warnings.warn(f"report_to={c.report_to!r} is not supported; metrics go to output_dir/trainer_log.jsonl "
                       "(set plot_loss: true for a loss plot).", stacklevel=2)
 
+    if c.quantization_method not in ("bnb", "bitsandbytes"):
+        raise ConfigError(f"quantization_method '{c.quantization_method}' is not supported; use bnb (bitsandbytes).")
+    if c.quantization() is not None:
+        from .methods import get_method
+
+        if get_method(c.finetuning_type).in_place:
+            raise ConfigError(f"finetuning_type '{c.finetuning_type}' trains the base weights themselves, which "
+                              f"quantization_bit: {c.quantization_bit} stores frozen in {c.quantization_bit} bits; use "
+                              "finetuning_type: lora (QLoRA), or remove quantization_bit.")
     if c.num_train_epochs <= 0 and c.max_steps <= 0:
         raise ConfigError(f"Nothing to train: num_train_epochs is {c.num_train_epochs} and max_steps is "
                           f"{c.max_steps}; set num_train_epochs > 0 or max_steps > 0.")

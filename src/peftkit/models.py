@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 import transformers
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
 from .errors import ConfigError, ModelLoadError
 from .io.atomic import atomic_dir
+from .quantization import QuantizationConfig, quantized_bits, settle_after_loading
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,11 @@ def _from_pretrained(auto_cls: Any, name_or_path: str, **kw: Any) -> Any:
     if auto_cls is not AutoTokenizer:
         if hub_kw.get("local_files_only"):
             hub_kw["adapter_kwargs"] = {"local_files_only": True}  # transformers forgets to pass it to its adapter lookup
+        if "gguf_file" in hub_kw and "quantization_config" in kw:
+            raise ModelLoadError(
+                f"'{name_or_path}' is a .gguf file, which transformers loads only dequantized, so bitsandbytes cannot "
+                "quantize it. Convert it to a model folder first (transformers' from_pretrained(..., gguf_file=...) "
+                "then save_pretrained), or use a built-in alias, which peftkit converts once for you.")
         if "gguf_file" in hub_kw:  # dequantized: plain nn.Linear layers that adapters can wrap and save_pretrained saves
             hub_kw["quantization_config"] = GgufConfig(dequantize=True)
     try:
@@ -124,8 +131,13 @@ def parse_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
 
 
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
-               task: str = "causal-lm", num_labels: int | None = None) -> transformers.PreTrainedModel:
-    """Load a base model; dtype None/"auto" keeps the checkpoint's own precision."""
+               task: str = "causal-lm", num_labels: int | None = None,
+               quantization: QuantizationConfig | None = None) -> transformers.PreTrainedModel:
+    """Load a base model; dtype None/"auto" keeps the checkpoint's own precision.
+
+    With `quantization`, the linear layers load in 4 or 8 bits (bitsandbytes) on the default device, matmuls run in
+    `dtype` (float32 for "auto" on a CPU, bfloat16 on a GPU that has it) and norm weights stay in float32.
+    """
     if task not in TASKS:
         raise ConfigError(f"Unknown task {task!r}; use one of: {', '.join(TASKS)}.")
     if num_labels is not None and task != "seq-cls":
@@ -133,7 +145,19 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, tru
     kw: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
     if num_labels is not None:
         kw["num_labels"] = num_labels
-    model = _from_pretrained(TASKS[task], name_or_path, **kw)
+    if quantization is not None:
+        kw.update(_quantization_kwargs(quantization, kw["dtype"]))
+    try:
+        model = _from_pretrained(TASKS[task], name_or_path, **kw)
+    except (RuntimeError, ImportError, NotImplementedError) as e:
+        if quantization is None:
+            raise
+        raise ModelLoadError(
+            f"bitsandbytes could not load '{name_or_path}' in {quantization.describe()} on this device "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use quantization_bit: 4, which runs on "
+            "CPUs and GPUs, or remove quantization_bit to train on the full-precision model.") from e
+    if quantization is not None:
+        _check_quantized(model, quantization, name_or_path)
     if name_or_path in BUILTIN_MODELS:
         model._peftkit_name = name_or_path
     eos = model.config.eos_token_id
@@ -144,6 +168,27 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, tru
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = pad  # batch generation needs one
     return model
+
+
+def _quantization_kwargs(quantization: QuantizationConfig, dtype: str | torch.dtype) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    if not isinstance(dtype, torch.dtype):  # "auto": the fastest supported dtype, as the trainer would pick
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return {"dtype": dtype, "quantization_config": quantization.to_transformers(dtype),
+            "device_map": {"": 0 if cuda else "cpu"}}  # bitsandbytes quantizes as the weights reach the device
+
+
+def _check_quantized(model: nn.Module, quantization: QuantizationConfig, name_or_path: str) -> None:
+    found = quantized_bits(model)
+    if found and found != quantization.bits:
+        raise ModelLoadError(f"'{name_or_path}' is a checkpoint already quantized in {found} bits; set "
+                             f"quantization_bit: {found}, or use a full-precision checkpoint of the model.")
+    if not found:
+        raise ModelLoadError(
+            f"'{name_or_path}' could not be quantized: bitsandbytes quantizes nn.Linear layers, and "
+            f"{type(model).__name__} has none it could take. Remove quantization_bit to train on the full-precision "
+            "model.")
+    settle_after_loading(model)
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:

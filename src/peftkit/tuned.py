@@ -12,6 +12,7 @@ from torch import nn
 
 from .errors import AdapterLoadError, ConfigError, PeftkitError
 from .io import peft_format
+from .quantization import MERGE_REFUSAL, quantized_bits
 from .methods.base import (
     AdapterLayer,
     Method,
@@ -159,6 +160,9 @@ class TunedModel(nn.Module):
             return  # its training already changed the base weights
         if not method.mergeable:
             raise PeftkitError(not_mergeable_message(method))
+        bits = quantized_bits(self.model)
+        if bits:
+            raise PeftkitError(MERGE_REFUSAL.format(bits=bits))
         for layer in self._adapter_layers():
             if name not in layer.adapter_names():
                 continue

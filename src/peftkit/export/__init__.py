@@ -1,5 +1,5 @@
 """Export: merged model folders (and later GGUF and Ollama)."""
 
-from .merge import export_merged
+from .merge import export_merged, quantized_training_note
 
-__all__ = ["export_merged"]
+__all__ = ["export_merged", "quantized_training_note"]

@@ -48,6 +48,14 @@ def export_merged(
     return out
 
 
+def quantized_training_note(bits: int) -> str:
+    """What export says about merging an adapter trained on a quantized base (QLoRA)."""
+    return (f"note: this adapter was trained against {bits}-bit quantized base weights (QLoRA). It was merged into "
+            "the full-precision base, so the exported model equals base + adapter in full precision, not the "
+            f"{bits}-bit model it was trained with; its outputs differ from training-time ones by the quantization "
+            "error (usually slightly). Evaluate the export before deploying it.")
+
+
 def _check_config_holds(model: torch.nn.Module, folder: str | os.PathLike) -> None:
     """Refuse an export that transformers would load without some merged tensor.
 

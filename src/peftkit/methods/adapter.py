@@ -25,6 +25,7 @@ from .base import (
     Method,
     MethodConfig,
     find_targets,
+    linear_features,
     register,
     top_level_modules,
 )
@@ -145,10 +146,8 @@ class BottleneckLayer(AdapterLayer):
 
 def _output_dim(module: nn.Module, hidden_size: int | None) -> int:
     """Output features of a linear or embedding module, else the model's hidden size (a block's output)."""
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, LINEAR_TYPES):  # GPT-2's Conv1D stores [in, out]
-        return module.weight.shape[1]
+    if isinstance(module, LINEAR_TYPES):
+        return linear_features(module)[1]
     if isinstance(module, nn.Embedding):
         return module.embedding_dim
     if hidden_size is None:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import AdapterLoadError, ConfigError
+from ..errors import AdapterLoadError, ConfigError, PeftkitError
+from ..quantization import MERGE_REFUSAL, dequantized_weight, is_quantized_param, logical_numel, quantized_bits
 
 # Per-architecture default targets, as PEFT and LLaMA-Factory users expect them.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -131,8 +132,7 @@ class LinearAdapterLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = linear_features(base_layer)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -144,12 +144,14 @@ class LinearAdapterLayer(AdapterLayer):
         return torch.randn(2, 4, self.in_features, device=w.device).to(w.dtype)
 
     def _base_weight(self) -> torch.Tensor:
-        """The base weight as [out, in]."""
-        w = self.base_layer.weight
+        """The base weight as [out, in] (dequantized, for a 4/8-bit base layer)."""
+        w = dequantized_weight(self.base_layer)
         return w.T if self.fan_in_fan_out else w
 
     def _set_base_weight(self, w_out_in: torch.Tensor) -> None:
         w = self.base_layer.weight
+        if is_quantized_param(w):  # TunedModel.merge_adapter refuses first; this guards direct layer use
+            raise PeftkitError(MERGE_REFUSAL.format(bits=quantized_bits(self.base_layer)))
         with torch.no_grad():
             w.copy_((w_out_in.T if self.fan_in_fan_out else w_out_in).to(w.dtype))
 
@@ -450,11 +452,18 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of nn.Linear, a bitsandbytes linear (packed weight) or GPT-2's Conv1D (weight [in, out])."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts."""
+    """(trainable, all) parameter counts; a 4-bit weight counts the parameters it stands for, not its bytes."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = logical_numel(p)
         total += n
         if p.requires_grad:
             trainable += n

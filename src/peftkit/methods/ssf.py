@@ -22,7 +22,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError, PeftkitError
-from .base import LINEAR_TYPES, AdapterLayer, Method, MethodConfig, find_targets, register
+from .base import LINEAR_TYPES, AdapterLayer, Method, MethodConfig, find_targets, linear_features, register
 
 _NOT_FEATURE_NORMS = (nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)  # normalise over dim 1
 
@@ -62,8 +62,7 @@ class SsfLayer(AdapterLayer):
         super().__init__(base_layer)
         self.is_linear = isinstance(base_layer, LINEAR_TYPES)
         if self.is_linear:
-            w = base_layer.weight
-            self.in_features, self.features = w.shape if isinstance(base_layer, Conv1D) else w.shape[::-1]
+            self.in_features, self.features = linear_features(base_layer)
         else:
             dim = norm_dim(base_layer)
             if dim is None:

@@ -27,6 +27,7 @@ BEST_NAME = "best_adapter_state.safetensors"
 # The trained parameters, when the adapter file holds something derived from them (P-tuning's encoder output): resuming
 # needs the parameters themselves.
 TRAINED_NAME = "trained_parameters.safetensors"
+CONFIG_NAME = "train_config.json"  # the TrainConfig of the run, in checkpoints and beside the final adapter
 
 
 @dataclass
@@ -88,7 +89,7 @@ def save_checkpoint(
         if best_state is not None:  # load_best_model_at_end: the best adapter so far, so a resumed run still has it
             save_file({k: t.contiguous().cpu() for k, t in best_state.items()}, tmp / BEST_NAME)
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
-        (tmp / "train_config.json").write_text(json.dumps(config, indent=2, default=str))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
     if save_total_limit:
         for old in list_checkpoints(out)[:-save_total_limit]:
             shutil.rmtree(old)

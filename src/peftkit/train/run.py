@@ -38,8 +38,11 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = base_dtype(cfg.bf16, cfg.fp16, device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    model.to(device)
+    quantization = cfg.quantization()
+    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=dtype, quantization=quantization,
+                                                trust_remote_code=cfg.trust_remote_code)
+    if quantization is None:  # a quantized model is loaded onto its device (bitsandbytes quantizes it there)
+        model.to(device)
     train_data, eval_data = build_sft_dataset(
         tokenizer,
         cfg.dataset,

@@ -18,8 +18,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..quantization import model_bytes
 from ..tuned import TunedModel
-from .checkpoint import TrainerState, load_best_state, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    CONFIG_NAME,
+    TrainerState,
+    load_best_state,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .varlen import attention_for
 
 LOG_NAME = "trainer_log.jsonl"
@@ -234,16 +242,20 @@ class Trainer:
             self._best_state = {k: t.detach().clone() for k, t in self.method.state_dict().items()}
 
     def _save_checkpoint(self) -> None:
-        save_checkpoint(self.output_dir, self.state, self.method, self.optimizer, self.scheduler,
-                        self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(vars(self.cfg)),
+        save_checkpoint(self.output_dir, self.state, self.method, self.optimizer, self.scheduler, self._config_dict(),
                         self.base_model_name, self.cfg.save_total_limit,
                         only_model=getattr(self.cfg, "save_only_model", False),
                         best_state=self._best_state if self.cfg.load_best_model_at_end else None)
+
+    def _config_dict(self) -> dict[str, Any]:
+        return self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(vars(self.cfg))
 
     def _finish(self, runtime: float, tokens: int) -> dict[str, Any]:
         from .plot import plot_loss
 
         self.method.save(self.output_dir, self.base_model_name)
+        # The run's settings beside the adapter: export reads quantization_bit from it (a QLoRA adapter's note).
+        (self.output_dir / CONFIG_NAME).write_text(json.dumps(self._config_dict(), indent=2, default=str) + "\n")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.output_dir)
         trainable, total = self.tuned.parameter_counts()
@@ -255,6 +267,7 @@ class Trainer:
             "train_steps": self.state.global_step,
             "train_loss": train_losses[-1] if train_losses else None,
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+            "model_memory_mb": round(model_bytes(self.tuned.model) / 2**20, 1),  # weights alone, adapter included
             "trainable_params": trainable,
             "all_params": total,
             "best_eval_loss": self.state.best_metric,
