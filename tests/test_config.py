@@ -127,7 +127,7 @@ def test_wrong_types(item, message) -> None:
     (["load_best_model_at_end=true", "eval_strategy=steps"], "load_best_model_at_end needs an evaluation set"),
     (["load_best_model_at_end=true", "val_size=0.1"], "set eval_strategy"),
     (["bf16=true", "fp16=true"], "choose one"),
-    (["dataset="], "do_train needs a dataset"),
+    (["dataset=", "do_train=true"], "do_train needs a dataset"),
     (["model_name_or_path="], "model_name_or_path is required"),
     (["stage=dpo"], "stage 'dpo' is not supported yet"),
     (["stage=sfft"], "supported here: sft"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -12,10 +13,48 @@ from .errors import PeftkitError
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """Train, then predict if `do_predict` (with the adapter or model just saved), as LLaMA-Factory's `train`."""
     from .config import load_config
-    from .train import run_sft
 
-    run_sft(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    if not (cfg.do_train or cfg.do_predict):
+        raise PeftkitError("Nothing to do: set dataset (to train) or do_predict: true with eval_dataset.")
+    if cfg.do_train:
+        from .train import run_sft
+
+        run_sft(cfg)
+        if cfg.do_predict:  # the trained result: an adapter folder, or a full model folder for in-place methods
+            import dataclasses
+
+            from .methods import get_method
+
+            trained = {"model_name_or_path": cfg.output_dir, "adapter_name_or_path": None} if get_method(
+                cfg.finetuning_type).output_kind == "model" else {"adapter_name_or_path": cfg.output_dir}
+            cfg = dataclasses.replace(cfg, **trained)
+    if cfg.do_predict:
+        _print_predict(cfg)
+
+
+def _print_predict(cfg: Any) -> None:
+    from .evaluate import run_predict
+
+    results = run_predict(cfg)
+    print(json.dumps(results, indent=2))
+    print(f"Wrote {cfg.output_dir}/generated_predictions.jsonl and predict_results.json")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .config import load_config
+
+    _print_predict(load_config(args.config, args.overrides, do_train=False, do_predict=True))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .evaluate import run_eval
+
+    results = run_eval(load_config(args.config, args.overrides, do_train=False))
+    print(json.dumps(results, indent=2))
 
 
 def _load_chat_model(args: argparse.Namespace) -> Any:
@@ -39,7 +78,8 @@ def _load_chat_model(args: argparse.Namespace) -> Any:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     engine = _load_chat_model(args)
-    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+           "adapter": engine.default_adapter}
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.once is not None:
         print(engine.reply([*system, {"role": "user", "content": args.once}], **gen))
@@ -97,6 +137,32 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(quantized_training_note(bits))
 
 
+def cmd_api(args: argparse.Namespace) -> None:
+    from .models import load_model_and_tokenizer
+    from .quantization import QuantizationConfig
+    from .serve import ChatEngine
+    from .serve.api import serve
+    from .tuned import TunedModel
+
+    adapters = []
+    for item in args.adapter or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise PeftkitError(f"--adapter takes NAME=DIR (e.g. --adapter sql=saves/sql), got '{item}'.")
+        if name == args.model:
+            raise PeftkitError(f"The adapter name '{name}' is the base model's; pick another.")
+        adapters.append((name, folder))
+    quantization = QuantizationConfig(args.quantization_bit) if args.quantization_bit else None
+    model, tokenizer = load_model_and_tokenizer(args.model, quantization=quantization)
+    if adapters:  # every adapter on the one base model in memory; a request's `model` picks one
+        model = TunedModel(model)
+        for name, folder in adapters:
+            model.load_adapter(folder, name)
+    engine = ChatEngine(model, tokenizer, args.template)
+    print(f"Serving {', '.join([args.model, *engine.adapters])} at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(engine, args.model, host=args.host, port=args.port, api_key=args.api_key)
+
+
 def cmd_env(args: argparse.Namespace) -> None:
     import torch
     import transformers
@@ -138,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("predict", help="generate answers for eval_dataset and score them (BLEU-4, ROUGE)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="eval loss and perplexity on eval_dataset (with or without an adapter)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("chat", help="chat with a model (and adapter)")
     p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or built-in alias")
     p.add_argument("--adapter", help="adapter folder (peftkit or PEFT format)")
@@ -155,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML with model_name_or_path, adapter_name_or_path, export_dir")
     p.add_argument("overrides", nargs="*", help="key=value settings")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("api", help="serve the model and its adapters through an OpenAI-compatible API")
+    p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or built-in alias")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="an adapter, requested as model=NAME")
+    p.add_argument("--template", help="LLaMA-Factory template name (default: the tokenizer's chat template)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint")
+    p.add_argument("--quantization-bit", type=int, choices=(4, 8), help="load the base in 4 or 8 bits")
+    p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("env", help="print versions, devices and the cache folder")
     p.set_defaults(func=cmd_env)

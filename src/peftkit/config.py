@@ -50,7 +50,7 @@ IGNORED_KEYS: dict[str, str] = {
     "include_num_input_tokens_seen": "tokens per second are always logged",
     "image_max_pixels": _NO_MEDIA, "video_max_pixels": _NO_MEDIA, "freeze_vision_tower": _NO_MEDIA,
     "media_dir": _NO_MEDIA,
-    "run_name": "runs are named by output_dir", "logging_dir": "logs go to output_dir/trainer_log.jsonl",
+    "predict_with_generate": "predict always generates", "run_name": "runs are named by output_dir", "logging_dir": "logs go to output_dir/trainer_log.jsonl",
 }
 _ALIASES = {"evaluation_strategy": "eval_strategy"}  # old TrainingArguments name -> current
 
@@ -124,7 +124,7 @@ class TrainConfig:
     preprocessing_num_workers: int | None = None
     dataloader_num_workers: int = 0
     # --- training (TrainingArguments) ---
-    do_train: bool = True
+    do_train: bool | None = None  # None: true when `dataset` is set (LLaMA-Factory's predict configs set none)
     do_eval: bool = False
     do_predict: bool = False
     output_dir: str = "saves/run"
@@ -441,6 +441,8 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("load_best_model_at_end needs an evaluation set: set eval_dataset, or val_size (e.g. 0.1).")
     if c.load_best_model_at_end and c.eval_strategy == "no":
         raise ConfigError("load_best_model_at_end needs evaluation during training: set eval_strategy: steps or epoch.")
+    if c.do_train is None:
+        c.do_train = bool(c.dataset)
     if c.do_train and not c.dataset:
         raise ConfigError("do_train needs a dataset: set dataset to names from dataset_dir/dataset_info.json "
                           "(e.g. dataset: identity,alpaca_en_demo), or do_train: false.")

@@ -1,5 +1,5 @@
 """Chat and serving: one generation engine shared by `peftkit chat`, predict and the API."""
 
-from .chat import ChatEngine
+from .chat import ChatEngine, Completion, GenerationParams
 
-__all__ = ["ChatEngine"]
+__all__ = ["ChatEngine", "Completion", "GenerationParams"]

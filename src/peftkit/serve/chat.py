@@ -1,53 +1,174 @@
-"""The one chat engine: renders messages with the model's chat template, generates, stops at end-of-turn."""
+"""The one generation engine: chat template, batching with left padding, sampling, stop tokens and strings, adapter
+choice. `peftkit chat`, `peftkit predict` and the API all generate through it, so they behave identically."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from transformers import TextIteratorStreamer
 
+from ..data import get_template
 from ..errors import ConfigError
 
 
-class ChatEngine:
-    """Generate assistant replies for a list of {role, content} messages with a base model or a TunedModel."""
+@dataclasses.dataclass(frozen=True)
+class GenerationParams:
+    """Sampling settings; greedy unless `do_sample` (or a temperature > 0 with `do_sample` left None)."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("This tokenizer has no chat template; chat needs one (use an instruct/chat model).")
+    max_new_tokens: int = 512
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    do_sample: bool | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def sampling(self) -> bool:
+        return bool(self.temperature) if self.do_sample is None else self.do_sample and self.temperature != 0
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+
+
+class ChatEngine:
+    """Generate assistant replies for lists of {role, content} messages with a base model or a TunedModel.
+
+    `template` is a LLaMA-Factory template name, None for the tokenizer's own chat template. `adapter` picks one of a
+    TunedModel's adapters per call (None: the base model; `default_adapter` is the one that was active when the
+    engine was made); one lock makes switching and generating atomic.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, template: str | None = None) -> None:
+        if template is None and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("This tokenizer has no chat template; chat needs one (use an instruct/chat model, or set "
+                              "`template`).")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.template = get_template(template, tokenizer)
+        self.stop_ids = sorted(set(self.template.stop_token_ids(tokenizer)))
+        self.lock = threading.RLock()
+        # What `peftkit chat --adapter` and predict use: the adapter active when the engine was made (None: base).
+        self.default_adapter: str | None = getattr(model, "active_adapter", None) if self.adapters else None
 
-    def _inputs(self, messages: list[dict[str, str]]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        device = next(self.model.parameters()).device
-        return {k: v.to(device) for k, v in enc.items()}
+    # --- inputs ---
+    def prompt_ids(self, messages: list[dict[str, str]], tools: str | None = None) -> list[int]:
+        text = self.template.render(messages, self.tokenizer, tools=tools, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _generate_kwargs(self, max_new_tokens: int, temperature: float | None, top_p: float | None) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-        if temperature:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p or 1.0)
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(getattr(self.model, "adapters", {}))
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _batch(self, prompts: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        """Left-padded, so every row's next token is generated at the same position."""
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        return {"input_ids": ids.to(self._device()), "attention_mask": mask.to(self._device())}
+
+    def _generate_kwargs(self, params: GenerationParams) -> dict[str, Any]:
+        kw: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "eos_token_id": self.stop_ids or None,
+                              "pad_token_id": self.tokenizer.pad_token_id}
+        if params.sampling:
+            kw.update(do_sample=True, temperature=params.temperature or 1.0, top_p=params.top_p or 1.0,
+                      top_k=params.top_k or 0)
         else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if params.repetition_penalty:
+            kw["repetition_penalty"] = params.repetition_penalty
+        if params.stop:
+            kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        return kw
 
+    def _use(self, adapter: str | None) -> Any:
+        """Activate `adapter` (None: the base model); returns the context to generate in."""
+        if not self.adapters:
+            if adapter is not None:
+                raise ConfigError(f"No adapter named '{adapter}': this engine serves the base model only.")
+            return contextlib.nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    # --- generation ---
     @torch.no_grad()
+    def generate(self, prompts: Sequence[list[int]], params: GenerationParams = GenerationParams(),
+                 adapter: str | None = None) -> list[Completion]:
+        """Complete token-id prompts in one batch; stop strings are cut from the text, as OpenAI's API does."""
+        with self.lock, self._use(adapter):
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            batch = self._batch(prompts)
+            out = self.model.generate(**batch, **self._generate_kwargs(params))
+        width = batch["input_ids"].shape[1]
+        return [self._completion(prompt, row[width:].tolist(), params) for prompt, row in zip(prompts, out)]
+
+    def _completion(self, prompt: list[int], new: list[int], params: GenerationParams) -> Completion:
+        ended = next((i for i, t in enumerate(new) if t in self.stop_ids), None)
+        tokens = new[:ended] if ended is not None else new
+        while tokens and tokens[-1] == self.tokenizer.pad_token_id and ended is None:
+            tokens = tokens[:-1]  # padding after a row that finished early on a stop string
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        finished = ended is not None or cut >= 0 or len(new) < params.max_new_tokens
+        used = len(tokens) + (1 if ended is not None else 0)
+        return Completion(text.strip(), len(prompt), used, "stop" if finished else "length")
+
     def reply(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float | None = None,
-              top_p: float | None = None) -> str:
+              top_p: float | None = None, adapter: str | None = None) -> str:
         """The full answer (greedy unless a temperature is given)."""
-        inputs = self._inputs(messages)
-        out = self.model.generate(**inputs, **self._generate_kwargs(max_new_tokens, temperature, top_p))
-        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        return self.generate([self.prompt_ids(messages)], params, adapter)[0].text
 
     def stream(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float | None = None,
-               top_p: float | None = None) -> Iterator[str]:
-        """Yield the answer piece by piece as it is generated."""
-        inputs = self._inputs(messages)
+               top_p: float | None = None, adapter: str | None = None,
+               params: GenerationParams | None = None) -> Iterator[str]:
+        """Yield the answer piece by piece as it is generated (the engine stays locked until it ends)."""
+        params = params or GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {**inputs, **self._generate_kwargs(max_new_tokens, temperature, top_p), "streamer": streamer}
-        thread = threading.Thread(target=lambda: torch.no_grad()(self.model.generate)(**kwargs), daemon=True)
+        batch = self._batch([self.prompt_ids(messages)])
+        kwargs = {**batch, **self._generate_kwargs(params), "streamer": streamer}
+
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self.lock, self._use(adapter), torch.no_grad():
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
+                    self.model.generate(**kwargs)
+            except BaseException as e:  # re-raised in the caller's thread; end the stream so it does not hang
+                failure.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
         thread.start()
         yield from streamer
         thread.join()
+        if failure:
+            raise failure[0]

@@ -1,0 +1,228 @@
+"""An OpenAI-compatible API: one base model in memory, any number of adapters, picked per request by `model`.
+
+Requests wait in one queue; a worker thread takes the oldest and, with it, every waiting request for the same adapter
+and the same sampling settings, and generates them as one left-padded batch. Streaming requests run alone. The
+engine's lock makes adapter switching and generation atomic, so concurrent requests never mix adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from typing import Any, Iterator
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from .chat import ChatEngine, Completion, GenerationParams
+
+MAX_BATCH = 16
+
+
+@dataclasses.dataclass
+class _Job:
+    prompt: list[int]
+    params: GenerationParams
+    adapter: str | None
+    future: Future
+
+
+class BatchScheduler:
+    """One queue, one worker: same-adapter, same-settings requests are generated together."""
+
+    def __init__(self, engine: ChatEngine, max_batch: int = MAX_BATCH) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        self.batches_run = 0
+        threading.Thread(target=self._work, daemon=True, name="peftkit-batcher").start()
+
+    def submit(self, prompt: list[int], params: GenerationParams, adapter: str | None) -> Completion:
+        job = _Job(prompt, params, adapter, Future())
+        self.jobs.put(job)
+        return job.future.result()
+
+    def _work(self) -> None:
+        while True:
+            first = self.jobs.get()
+            batch, later = [first], []
+            while len(batch) < self.max_batch:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                same = job.adapter == first.adapter and job.params == first.params and first.params.seed is None
+                (batch if same else later).append(job)
+            for job in later:  # back in the queue, in order, for the next round
+                self.jobs.put(job)
+            try:
+                results = self.engine.generate([j.prompt for j in batch], first.params, first.adapter)
+            except Exception as e:  # a failed batch fails its requests, not the server
+                for job in batch:
+                    job.future.set_exception(e)
+                continue
+            self.batches_run += 1
+            for job, result in zip(batch, results):
+                job.future.set_result(result)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _request_params(body: dict[str, Any]) -> GenerationParams:
+    """OpenAI's fields -> GenerationParams, with 422 for values of the wrong type or range."""
+    def number(name: str, lo: float, hi: float, kind: type = float) -> Any:
+        value = body.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+            raise ApiError(422, f"'{name}' must be a number, got {value!r}.", "invalid_request_error", name)
+        if not lo <= value <= hi:
+            raise ApiError(422, f"'{name}' must be between {lo} and {hi}, got {value}.", "invalid_request_error", name)
+        return kind(value)
+
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(422, "'stop' must be a string or a list of non-empty strings.", "invalid_request_error", "stop")
+    max_tokens = number("max_completion_tokens", 1, 1 << 20, int) or number("max_tokens", 1, 1 << 20, int)
+    temperature = number("temperature", 0, 2)
+    return GenerationParams(max_new_tokens=max_tokens or 512, temperature=temperature, top_p=number("top_p", 0, 1),
+                            stop=tuple(stop or ()), seed=number("seed", -(1 << 63), (1 << 63) - 1, int),
+                            do_sample=bool(temperature))
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(422, "'messages' is required: a non-empty list of {role, content}.", "invalid_request_error",
+                       "messages")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # OpenAI's content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") or \
+                not isinstance(content, str):
+            raise ApiError(422, f"messages[{i}] must have a role (system, user, assistant) and text content.",
+                           "invalid_request_error", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def build_app(engine: ChatEngine, base_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI application; `base_name` is the `model` id of the base model, adapters go by their names."""
+    app = FastAPI(title="peftkit", docs_url=None, redoc_url=None)
+    scheduler = BatchScheduler(engine)
+    app.state.scheduler = scheduler
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(e.status_code, str(e.detail), "invalid_request_error").body(), e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse(ApiError(422, str(e.errors()), "invalid_request_error").body(), 422)
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next: Any) -> Any:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            error = ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
+                             "invalid_request_error", code="invalid_api_key")
+            return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+    def model_ids() -> list[str]:
+        return [base_name, *engine.adapters]
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "peftkit"}
+                                           for m in model_ids()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"The request body is not valid JSON: {e}.", "invalid_request_error") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.", "invalid_request_error")
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise ApiError(422, "'model' is required: the base model or an adapter name.", "invalid_request_error",
+                           "model")
+        if model not in model_ids():
+            raise ApiError(404, f"The model '{model}' does not exist; available: {', '.join(model_ids())}.",
+                           "invalid_request_error", "model", "model_not_found")
+        messages, params = _messages(body), _request_params(body)
+        prompt = engine.prompt_ids(messages)
+        limit = engine.context_length
+        if limit is not None and len(prompt) + 1 > limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens; the messages take "
+                           f"{len(prompt)}.", "invalid_request_error", "messages", "context_length_exceeded")
+        if limit is not None:
+            params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, limit - len(prompt)))
+        adapter = None if model == base_name else model
+        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.get("stream"):
+            return StreamingResponse(_sse(engine, reply_id, model, messages, params, adapter, len(prompt)),
+                                     media_type="text/event-stream")
+        done = await anyio.to_thread.run_sync(scheduler.submit, prompt, params, adapter)
+        return {"id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                             "finish_reason": done.finish_reason}],
+                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                          "total_tokens": done.prompt_tokens + done.completion_tokens}}
+
+    return app
+
+
+def _sse(engine: ChatEngine, reply_id: str, model: str, messages: list[dict[str, str]], params: GenerationParams,
+         adapter: str | None, prompt_tokens: int) -> Iterator[str]:
+    """OpenAI's chunk stream: the role first, then content pieces, then the finish reason, then [DONE]."""
+    def chunk(delta: dict[str, str], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+        data = {"id": reply_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage is not None:
+            data["usage"] = usage
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    text = ""
+    for piece in engine.stream(messages, adapter=adapter, params=params):
+        text += piece
+        if piece:
+            yield chunk({"content": piece})
+    completion_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    finish = "length" if completion_tokens >= params.max_new_tokens else "stop"
+    yield chunk({}, finish, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens})
+    yield "data: [DONE]\n\n"
+
+
+def serve(engine: ChatEngine, base_name: str, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None) -> None:
+    import uvicorn
+
+    uvicorn.run(build_app(engine, base_name, api_key), host=host, port=port, log_level="info")

@@ -1,0 +1,193 @@
+"""The OpenAI-compatible API: a real server on a free loopback port, the official `openai` client, raw HTTP for errors."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from peftkit import LoraConfig, TunedModel
+from peftkit.models import load_model_and_tokenizer
+from peftkit.serve import ChatEngine, GenerationParams
+from peftkit.serve.api import build_app
+
+from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
+
+BASE = "base-model"
+KEY = "sk-test"
+
+
+def engine_with_adapters(model_dir, tmp_path) -> ChatEngine:
+    """The base plus two LoRA adapters with large random weights, so the three answer differently."""
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    tuned = TunedModel(model)
+    for i, name in enumerate(("sql", "chat")):
+        torch.manual_seed(i)
+        donor = TunedModel(load_model_and_tokenizer(str(model_dir))[0], LoraConfig(r=4, target_modules="all-linear"))
+        with torch.no_grad():
+            for t in donor.method.state_dict().values():
+                t.add_(torch.randn_like(t) * 2.0)
+        donor.save(tmp_path / name)
+        tuned.load_adapter(tmp_path / name, name)
+    return ChatEngine(tuned, tokenizer)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, engine: ChatEngine, api_key: str | None = None) -> None:
+        self.port = free_port()
+        self.app = build_app(engine, BASE, api_key)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(small_model_dir, tmp_path_factory):  # noqa: F811
+    engine = engine_with_adapters(small_model_dir, tmp_path_factory.mktemp("adapters"))
+    server = Server(engine)
+    yield engine, server
+    server.stop()
+
+
+def client(server: Server, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+
+
+QUESTION = [{"role": "user", "content": "Write one short sentence about the sea."}]
+
+
+def lone(engine: ChatEngine, model: str, messages=QUESTION, max_tokens: int = 12) -> str:
+    adapter = None if model == BASE else model
+    return engine.generate([engine.prompt_ids(messages)], GenerationParams(max_new_tokens=max_tokens), adapter)[0].text
+
+
+def test_models_lists_the_base_and_every_adapter(served) -> None:
+    _, server = served
+    assert [m.id for m in client(server).models.list().data] == [BASE, "sql", "chat"]
+
+
+def test_chat_completion_shape_usage_and_adapter_choice(served) -> None:
+    engine, server = served
+    answers = {}
+    for model in (BASE, "sql", "chat"):
+        reply = client(server).chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0)
+        assert reply.object == "chat.completion" and reply.model == model and reply.id.startswith("chatcmpl-")
+        choice = reply.choices[0]
+        assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+        assert reply.usage.prompt_tokens == len(engine.prompt_ids(QUESTION))
+        assert 0 < reply.usage.completion_tokens <= 12
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+        assert choice.message.content == lone(engine, model)
+        answers[model] = choice.message.content
+    assert len(set(answers.values())) == 3  # the three models really differ
+
+
+def test_streaming_gives_the_same_text(served) -> None:
+    engine, server = served
+    stream = client(server).chat.completions.create(model="sql", messages=QUESTION, max_tokens=12, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text.strip() == lone(engine, "sql")
+
+
+def test_stop_strings_and_seeded_sampling(served) -> None:
+    engine, server = served
+    full = lone(engine, "chat", max_tokens=16)
+    stop = full.split()[1] if len(full.split()) > 1 else full[:2]
+    reply = client(server).chat.completions.create(model="chat", messages=QUESTION, max_tokens=16, stop=[stop])
+    assert stop not in reply.choices[0].message.content and reply.choices[0].finish_reason == "stop"
+    sample = lambda: client(server).chat.completions.create(  # noqa: E731
+        model="chat", messages=QUESTION, max_tokens=10, temperature=1.0, top_p=0.9, seed=7).choices[0].message.content
+    assert sample() == sample()
+
+
+def test_16_parallel_requests_for_three_models_never_mix(served) -> None:
+    engine, server = served
+    models = [(BASE, "sql", "chat")[i % 3] for i in range(16)]
+    questions = [[{"role": "user", "content": f"Count to {i % 4 + 2}."}] for i in range(16)]
+    expected = [lone(engine, m, q, max_tokens=10) for m, q in zip(models, questions)]
+    scheduler = server.app.state.scheduler
+    before = scheduler.batches_run
+
+    def ask(i: int) -> str:
+        reply = client(server).chat.completions.create(model=models[i], messages=questions[i], max_tokens=10)
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, range(16)))
+    assert got == expected
+    assert scheduler.batches_run - before < 16  # same-adapter requests were batched
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served) -> None:
+    engine, server = served
+    url = f"{server.url}/v1/chat/completions"
+    cases = [
+        (b"{not json", 400, None),
+        (b'{"model": "sql"}', 422, None),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', 422, None),
+        (b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}', 404, "model_not_found"),
+        (b'{"model": "sql", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 422, None),
+        (b'{"model": "sql", "messages": [{"role": "wizard", "content": "hi"}]}', 422, None),
+    ]
+    too_long = "word " * 600  # > max_position_embeddings (512) tokens
+    body = {"model": "sql", "messages": [{"role": "user", "content": too_long}]}
+    for raw, status, code in cases:
+        r = httpx.post(url, content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == status, (raw, r.text)
+        error = r.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error" and error["code"] == code
+    r = httpx.post(url, json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client(server).chat.completions.create(model="nope", messages=QUESTION)
+    assert client(server).chat.completions.create(model="sql", messages=QUESTION, max_tokens=4).choices
+
+
+def test_api_key_is_required_on_every_endpoint(small_model_dir, tmp_path) -> None:  # noqa: F811
+    model, tokenizer = load_model_and_tokenizer(str(small_model_dir))
+    server = Server(ChatEngine(model, tokenizer), api_key=KEY)
+    try:
+        for key in (None, "wrong"):
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+                r = httpx.request(method, server.url + path, headers=headers, json={})
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(server, "wrong").models.list()
+        assert [m.id for m in client(server, KEY).models.list().data] == [BASE]
+        assert client(server, KEY).chat.completions.create(model=BASE, messages=QUESTION, max_tokens=3).choices
+    finally:
+        server.stop()
+
+
+def test_the_cli_binds_to_loopback_by_default() -> None:
+    from peftkit.cli import build_parser
+
+    args = build_parser().parse_args(["api", "--model", "m", "--adapter", "a=dir"])
+    assert args.host == "127.0.0.1" and args.api_key is None
