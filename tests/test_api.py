@@ -154,6 +154,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served) -> 
         (b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}', 404, "model_not_found"),
         (b'{"model": "sql", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 422, None),
         (b'{"model": "sql", "messages": [{"role": "wizard", "content": "hi"}]}', 422, None),
+        (b'{"model": "sql", "messages": [{"role": "user", "content": "hi"}], "n": 3}', 422, None),
+        (b'{"model": "sql", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 422, None),
     ]
     too_long = "word " * 600  # > max_position_embeddings (512) tokens
     body = {"model": "sql", "messages": [{"role": "user", "content": too_long}]}
@@ -191,3 +193,31 @@ def test_the_cli_binds_to_loopback_by_default() -> None:
 
     args = build_parser().parse_args(["api", "--model", "m", "--adapter", "a=dir"])
     assert args.host == "127.0.0.1" and args.api_key is None
+
+
+def test_adapters_of_different_methods_share_the_base(small_model_dir, tmp_path) -> None:  # noqa: F811
+    """A LoRA adapter and a prefix-tuning adapter on one model in memory: each request gets exactly what a model
+    carrying only that adapter gives, and the base stays the base."""
+    from peftkit import PrefixTuningConfig
+
+    configs = {"lora": LoraConfig(r=4, target_modules="all-linear"), "prefix": PrefixTuningConfig(num_virtual_tokens=4)}
+    for name, config in configs.items():
+        torch.manual_seed(1)
+        donor = TunedModel(load_model_and_tokenizer(str(small_model_dir))[0], config)
+        with torch.no_grad():
+            for t in donor.method.state_dict().values():
+                t.add_(torch.randn_like(t) * 0.5)
+        donor.save(tmp_path / name)
+    model, tokenizer = load_model_and_tokenizer(str(small_model_dir))
+    shared = TunedModel(model)
+    for name in configs:
+        shared.load_adapter(tmp_path / name, name)
+    engine = ChatEngine(shared, tokenizer)
+    prompt = [engine.prompt_ids(QUESTION)]
+    params = GenerationParams(max_new_tokens=10)
+    for name in (*configs, None):
+        alone = load_model_and_tokenizer(str(small_model_dir))[0]
+        if name is not None:
+            alone = TunedModel.load(alone, tmp_path / name)
+        expected = ChatEngine(alone, tokenizer).generate(prompt, params, "default" if name else None)[0].text
+        assert engine.generate(prompt, params, name)[0].text == expected, name

@@ -157,7 +157,11 @@ def cmd_api(args: argparse.Namespace) -> None:
     if adapters:  # every adapter on the one base model in memory; a request's `model` picks one
         model = TunedModel(model)
         for name, folder in adapters:
-            model.load_adapter(folder, name)
+            try:
+                model.load_adapter(folder, name)
+            except PeftkitError as e:
+                raise PeftkitError(f"{e} Adapters of different weight methods on the same modules cannot share one "
+                                   f"model yet; serve '{name}' from a second `peftkit api` process.") from e
     engine = ChatEngine(model, tokenizer, args.template)
     print(f"Serving {', '.join([args.model, *engine.adapters])} at http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(engine, args.model, host=args.host, port=args.port, api_key=args.api_key)

@@ -175,6 +175,9 @@ def build_app(engine: ChatEngine, base_name: str, api_key: str | None = None) ->
         if model not in model_ids():
             raise ApiError(404, f"The model '{model}' does not exist; available: {', '.join(model_ids())}.",
                            "invalid_request_error", "model", "model_not_found")
+        if body.get("n", 1) != 1:
+            raise ApiError(422, "Only n=1 is supported: send several requests for several answers.",
+                           "invalid_request_error", "n")
         messages, params = _messages(body), _request_params(body)
         prompt = engine.prompt_ids(messages)
         limit = engine.context_length
