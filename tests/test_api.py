@@ -196,11 +196,12 @@ def test_the_cli_binds_to_loopback_by_default() -> None:
 
 
 def test_adapters_of_different_methods_share_the_base(small_model_dir, tmp_path) -> None:  # noqa: F811
-    """A LoRA adapter and a prefix-tuning adapter on one model in memory: each request gets exactly what a model
-    carrying only that adapter gives, and the base stays the base."""
-    from peftkit import PrefixTuningConfig
+    """LoRA, IA3 (on some of LoRA's modules) and prefix tuning served by one engine over one copy of the base weights:
+    each request gets exactly what a model carrying only that adapter gives, and the base stays the base."""
+    from peftkit import Ia3Config, PrefixTuningConfig
 
-    configs = {"lora": LoraConfig(r=4, target_modules="all-linear"), "prefix": PrefixTuningConfig(num_virtual_tokens=4)}
+    configs = {"lora": LoraConfig(r=4, target_modules="all-linear"), "ia3": Ia3Config(),
+               "prefix": PrefixTuningConfig(num_virtual_tokens=4)}
     for name, config in configs.items():
         torch.manual_seed(1)
         donor = TunedModel(load_model_and_tokenizer(str(small_model_dir))[0], config)
@@ -209,10 +210,12 @@ def test_adapters_of_different_methods_share_the_base(small_model_dir, tmp_path)
                 t.add_(torch.randn_like(t) * 0.5)
         donor.save(tmp_path / name)
     model, tokenizer = load_model_and_tokenizer(str(small_model_dir))
-    shared = TunedModel(model)
+    engine = ChatEngine(model, tokenizer)
     for name in configs:
-        shared.load_adapter(tmp_path / name, name)
-    engine = ChatEngine(shared, tokenizer)
+        engine.load_adapter(tmp_path / name, name)
+    assert engine.adapters == ["lora", "prefix", "ia3"] and len(engine.trees) == 2  # IA3 needed a second tree
+    weights = [t.model.model.layers[0].mlp.down_proj.weight for t in engine.trees]
+    assert weights[0].data_ptr() == weights[1].data_ptr()  # one copy of the base weights
     prompt = [engine.prompt_ids(QUESTION)]
     params = GenerationParams(max_new_tokens=10)
     for name in (*configs, None):
@@ -221,3 +224,19 @@ def test_adapters_of_different_methods_share_the_base(small_model_dir, tmp_path)
             alone = TunedModel.load(alone, tmp_path / name)
         expected = ChatEngine(alone, tokenizer).generate(prompt, params, "default" if name else None)[0].text
         assert engine.generate(prompt, params, name)[0].text == expected, name
+
+
+def test_a_collision_leaves_the_model_as_it_was(small_model_dir, tmp_path) -> None:  # noqa: F811
+    """IA3 cannot go on a TunedModel whose modules carry LoRA: the failed attach leaves no half-attached layers."""
+    from peftkit import Ia3Config
+    from peftkit.errors import AdapterLoadError
+    from peftkit.methods.base import AdapterLayer
+
+    TunedModel(load_model_and_tokenizer(str(small_model_dir))[0], Ia3Config()).save(tmp_path / "ia3")
+    # LoRA on v_proj only: IA3 wraps layer 0's k_proj first, then meets LoRA on v_proj and must undo the k_proj
+    tuned = TunedModel(load_model_and_tokenizer(str(small_model_dir))[0], LoraConfig(r=4, target_modules=["v_proj"]))
+    before = [(p, type(m)) for p, m in tuned.named_modules()]
+    with pytest.raises(AdapterLoadError, match="already carries a LoraLinear"):
+        tuned.load_adapter(tmp_path / "ia3", "ia3")
+    assert [(p, type(m)) for p, m in tuned.named_modules()] == before
+    assert not any("ia3" in m.adapter_names() for m in tuned.modules() if isinstance(m, AdapterLayer))

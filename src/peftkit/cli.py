@@ -142,7 +142,6 @@ def cmd_api(args: argparse.Namespace) -> None:
     from .quantization import QuantizationConfig
     from .serve import ChatEngine
     from .serve.api import serve
-    from .tuned import TunedModel
 
     adapters = []
     for item in args.adapter or []:
@@ -154,15 +153,9 @@ def cmd_api(args: argparse.Namespace) -> None:
         adapters.append((name, folder))
     quantization = QuantizationConfig(args.quantization_bit) if args.quantization_bit else None
     model, tokenizer = load_model_and_tokenizer(args.model, quantization=quantization)
-    if adapters:  # every adapter on the one base model in memory; a request's `model` picks one
-        model = TunedModel(model)
-        for name, folder in adapters:
-            try:
-                model.load_adapter(folder, name)
-            except PeftkitError as e:
-                raise PeftkitError(f"{e} Adapters of different weight methods on the same modules cannot share one "
-                                   f"model yet; serve '{name}' from a second `peftkit api` process.") from e
     engine = ChatEngine(model, tokenizer, args.template)
+    for name, folder in adapters:  # every adapter on the one base model in memory; a request's `model` picks one
+        engine.load_adapter(folder, name)
     print(f"Serving {', '.join([args.model, *engine.adapters])} at http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(engine, args.model, host=args.host, port=args.port, api_key=args.api_key)
 

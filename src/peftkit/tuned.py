@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,10 +63,23 @@ class TunedModel(nn.Module):
             raise ConfigError(f"'{in_place[0]}' trains the base model's own weights, so it cannot share a model with "
                               "other adapters; load the base model again for another adapter.")
         method = method_cls(self.model, config, name)
-        method.attach()
+        try:
+            method.attach()
+        except Exception:
+            self._detach_partial(name)
+            raise
         self.adapters[name] = method
         self.set_adapter(self.active_adapter or name)
         return method
+
+    def _detach_partial(self, name: str) -> None:
+        """Undo an attach that failed half-way: drop `name` from the layers it reached, unwrap layers left empty."""
+        for layer in self._adapter_layers():
+            if name in layer.adapter_names():
+                layer.delete_adapter(name)
+        empty = [(p, m) for p, m in self.model.named_modules() if isinstance(m, AdapterLayer) and not m.adapter_names()]
+        for path, layer in reversed(empty):  # innermost first
+            replace_module(self.model, path, layer.base_layer)
 
     def set_adapter(self, name: str) -> None:
         """Make `name` the active adapter (its parameters train); the others stay in memory, frozen and unused."""
@@ -228,6 +242,13 @@ class TunedModel(nn.Module):
         tuned = cls(model)
         tuned.load_adapter(directory, name, trainable=trainable)
         return tuned
+
+
+def share_base(model: nn.Module) -> nn.Module:
+    """A second module tree over the same tensors (no weight memory): adapters that cannot sit on one tree, such as
+    two weight methods on the same modules, each get a tree of their own and still share the base weights."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def not_mergeable_message(method: Method | type[Method]) -> str:

@@ -75,6 +75,10 @@ def _unknown_key_message(key: str, valid: set[str] | list[str], where: str) -> s
     return f"Unknown key '{key}' in {where}.{hint}"
 
 
+class ModuleTaken(ConfigError):
+    """A target module already carries another method's layer (one module carries one method)."""
+
+
 class AdapterLayer(nn.Module):
     """Wraps one base module and holds any number of named adapters of one method; one of them is active.
 
@@ -300,7 +304,7 @@ class Method:
         if isinstance(module, layer_cls):
             return module
         if isinstance(module, AdapterLayer):
-            raise ConfigError(f"'{path}' already carries a {type(module).__name__}; {self.name} cannot wrap it "
+            raise ModuleTaken(f"'{path}' already carries a {type(module).__name__}; {self.name} cannot wrap it "
                               f"again.{hint}")
         layer = (make or layer_cls)(module)
         replace_module(self.model, path, layer)

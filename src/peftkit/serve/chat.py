@@ -12,7 +12,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 from ..data import get_template
-from ..errors import ConfigError
+from ..errors import AdapterLoadError, ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,8 @@ class ChatEngine:
             raise ConfigError("This tokenizer has no chat template; chat needs one (use an instruct/chat model, or set "
                               "`template`).")
         self.model = model.eval()
+        self.trees = [self.model]  # module trees over the same base weights; see load_adapter
+        self._pristine: Any = None  # an adapter-free tree over those weights, to grow new trees from
         self.tokenizer = tokenizer
         self.template = get_template(template, tokenizer)
         self.stop_ids = sorted(set(self.template.stop_token_ids(tokenizer)))
@@ -72,7 +74,35 @@ class ChatEngine:
 
     @property
     def adapters(self) -> list[str]:
-        return list(getattr(self.model, "adapters", {}))
+        return [name for tree in self.trees for name in getattr(tree, "adapters", {})]
+
+    def load_adapter(self, folder: str, name: str) -> None:
+        """Serve the adapter in `folder` as `name`, on the same base weights as every other adapter.
+
+        Adapters go on one TunedModel when their layers fit together; one whose target modules already carry another
+        method's layers (LoRA and IA3 both on v_proj) goes on a further module tree that shares the base tensors.
+        """
+        from ..methods.base import ModuleTaken
+        from ..tuned import TunedModel, share_base
+
+        if name in self.adapters:
+            raise ConfigError(f"An adapter named '{name}' is already served; pick another name.")
+        if not isinstance(self.model, TunedModel):  # a plain base model: wrap it, keeping an adapter-free tree
+            self._pristine = share_base(self.model)
+            self.model = TunedModel(self.model).eval()
+            self.trees = [self.model]
+        elif self._pristine is None:
+            raise ConfigError("This engine was built around a TunedModel; load adapters on it directly.")
+        for tree in self.trees:
+            try:
+                tree.load_adapter(folder, name)
+                return
+            except AdapterLoadError as e:
+                if not isinstance(e.__cause__, ModuleTaken):
+                    raise
+        tree = TunedModel(share_base(self._pristine)).eval()
+        tree.load_adapter(folder, name)
+        self.trees.append(tree)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -102,27 +132,30 @@ class ChatEngine:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kw
 
-    def _use(self, adapter: str | None) -> Any:
-        """Activate `adapter` (None: the base model); returns the context to generate in."""
-        if not self.adapters:
-            if adapter is not None:
-                raise ConfigError(f"No adapter named '{adapter}': this engine serves the base model only.")
-            return contextlib.nullcontext()
+    def _use(self, adapter: str | None) -> tuple[Any, Any]:
+        """The model tree to generate with and the context to generate in, with `adapter` active (None: the base)."""
         if adapter is None:
-            return self.model.disable_adapter()
-        self.model.set_adapter(adapter)
-        return contextlib.nullcontext()
+            if not self.adapters:
+                return self.model, contextlib.nullcontext()
+            return self.model, self.model.disable_adapter()
+        tree = next((t for t in self.trees if adapter in getattr(t, "adapters", {})), None)
+        if tree is None:
+            raise ConfigError(f"No adapter named '{adapter}'. Served: {', '.join(self.adapters) or 'none'}.")
+        tree.set_adapter(adapter)
+        return tree, contextlib.nullcontext()
 
     # --- generation ---
     @torch.no_grad()
     def generate(self, prompts: Sequence[list[int]], params: GenerationParams = GenerationParams(),
                  adapter: str | None = None) -> list[Completion]:
         """Complete token-id prompts in one batch; stop strings are cut from the text, as OpenAI's API does."""
-        with self.lock, self._use(adapter):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            batch = self._batch(prompts)
-            out = self.model.generate(**batch, **self._generate_kwargs(params))
+        with self.lock:
+            model, context = self._use(adapter)
+            with context:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                batch = self._batch(prompts)
+                out = model.generate(**batch, **self._generate_kwargs(params))
         width = batch["input_ids"].shape[1]
         return [self._completion(prompt, row[width:].tolist(), params) for prompt, row in zip(prompts, out)]
 
@@ -158,10 +191,12 @@ class ChatEngine:
 
         def run() -> None:
             try:
-                with self.lock, self._use(adapter), torch.no_grad():
-                    if params.seed is not None:
-                        torch.manual_seed(params.seed)
-                    self.model.generate(**kwargs)
+                with self.lock, torch.no_grad():
+                    model, context = self._use(adapter)
+                    with context:
+                        if params.seed is not None:
+                            torch.manual_seed(params.seed)
+                        model.generate(**kwargs)
             except BaseException as e:  # re-raised in the caller's thread; end the stream so it does not hang
                 failure.append(e)
                 streamer.end()
