@@ -58,10 +58,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _load_chat_model(args: argparse.Namespace) -> Any:
-    from .models import load_model_and_tokenizer
     from .quantization import QuantizationConfig, trained_quantization
     from .serve import ChatEngine
-    from .tuned import TunedModel
+    from .tuned import load_for_inference
 
     if args.quantization_bit is None:  # as the adapter was trained: QLoRA adapters run on their 4-bit base
         quantization = trained_quantization(args.adapter)
@@ -70,10 +69,7 @@ def _load_chat_model(args: argparse.Namespace) -> Any:
                   "(--quantization-bit 0 loads it in full precision).", file=sys.stderr)
     else:
         quantization = QuantizationConfig(args.quantization_bit, args.quantization_type) if args.quantization_bit else None
-    model, tokenizer = load_model_and_tokenizer(args.model, quantization=quantization)
-    if args.adapter:
-        model = TunedModel.load(model, args.adapter)
-    return ChatEngine(model, tokenizer)
+    return ChatEngine(*load_for_inference(args.model, args.adapter, quantization=quantization))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

@@ -136,7 +136,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, tru
     """Load a base model; dtype None/"auto" keeps the checkpoint's own precision.
 
     With `quantization`, the linear layers load in 4 or 8 bits (bitsandbytes) on the default device, matmuls run in
-    `dtype` (float32 for "auto" on a CPU, bfloat16 on a GPU that has it) and norm weights stay in float32.
+    `dtype` ("auto": the trainer's choice for the device, by measurement) and norm weights stay in float32.
     """
     if task not in TASKS:
         raise ConfigError(f"Unknown task {task!r}; use one of: {', '.join(TASKS)}.")
@@ -158,6 +158,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, tru
             "CPUs and GPUs, or remove quantization_bit to train on the full-precision model.") from e
     if quantization is not None:
         _check_quantized(model, quantization, name_or_path)
+        settle_after_loading(model)
     if name_or_path in BUILTIN_MODELS:
         model._peftkit_name = name_or_path
     eos = model.config.eos_token_id
@@ -171,9 +172,11 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, tru
 
 
 def _quantization_kwargs(quantization: QuantizationConfig, dtype: str | torch.dtype) -> dict[str, Any]:
+    from .train.precision import base_dtype
+
     cuda = torch.cuda.is_available()
-    if not isinstance(dtype, torch.dtype):  # "auto": the fastest supported dtype, as the trainer would pick
-        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if not isinstance(dtype, torch.dtype):  # "auto": the dtype the trainer picks for this device (measured)
+        dtype = base_dtype(None, False, "cuda" if cuda else "cpu")
     return {"dtype": dtype, "quantization_config": quantization.to_transformers(dtype),
             "device_map": {"": 0 if cuda else "cpu"}}  # bitsandbytes quantizes as the weights reach the device
 
@@ -188,7 +191,6 @@ def _check_quantized(model: nn.Module, quantization: QuantizationConfig, name_or
             f"'{name_or_path}' could not be quantized: bitsandbytes quantizes nn.Linear layers, and "
             f"{type(model).__name__} has none it could take. Remove quantization_bit to train on the full-precision "
             "model.")
-    settle_after_loading(model)
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:

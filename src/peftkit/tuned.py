@@ -244,6 +244,19 @@ class TunedModel(nn.Module):
         return tuned
 
 
+def load_for_inference(name_or_path: str, adapter_dir: str | os.PathLike | None = None, *,
+                       quantization: Any = None, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for generation: the base model (quantized if asked), with the adapter in `adapter_dir`
+    attached and active when given; in eval mode."""
+    from .models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(name_or_path, quantization=quantization,
+                                                trust_remote_code=trust_remote_code)
+    if adapter_dir:
+        model = TunedModel.load(model, adapter_dir)
+    return model.eval(), tokenizer
+
+
 def share_base(model: nn.Module) -> nn.Module:
     """A second module tree over the same tensors (no weight memory): adapters that cannot sit on one tree, such as
     two weight methods on the same modules, each get a tree of their own and still share the base weights."""

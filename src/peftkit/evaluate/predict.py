@@ -23,18 +23,14 @@ PREDICTIONS_NAME = "generated_predictions.jsonl"
 RESULTS_NAME = "predict_results.json"
 
 
-def load_for_inference(cfg: Any) -> tuple[Any, Any]:
-    """The config's base model (quantized as the adapter was trained, or as the config says) with its adapter."""
-    from ..models import load_model_and_tokenizer
+def _load(cfg: Any) -> tuple[Any, Any]:
+    """The config's base model (quantized as the config says, else as the adapter was trained) with its adapter."""
     from ..quantization import trained_quantization
-    from ..tuned import TunedModel
+    from ..tuned import load_for_inference
 
-    quantization = cfg.quantization() or trained_quantization(cfg.adapter_name_or_path)
-    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, quantization=quantization,
-                                                trust_remote_code=cfg.trust_remote_code)
-    if cfg.adapter_name_or_path:
-        model = TunedModel.load(model, cfg.adapter_name_or_path)
-    return model.eval(), tokenizer
+    return load_for_inference(cfg.model_name_or_path, cfg.adapter_name_or_path,
+                              quantization=cfg.quantization() or trained_quantization(cfg.adapter_name_or_path),
+                              trust_remote_code=cfg.trust_remote_code)
 
 
 def _eval_names(cfg: Any) -> list[str]:
@@ -51,7 +47,7 @@ def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str,
     from ..serve import ChatEngine, GenerationParams
 
     if model is None:
-        model, tokenizer = load_for_inference(cfg)
+        model, tokenizer = _load(cfg)
     engine = ChatEngine(model, tokenizer, cfg.template)
     conversations, _ = load_conversations(_eval_names(cfg), cfg.dataset_dir, max_samples=cfg.max_samples, seed=cfg.seed)
     rows = []
@@ -94,7 +90,7 @@ def run_eval(cfg: Any) -> dict[str, float]:
     from ..data import SFTCollator, build_sft_dataset
     from ..train.trainer import token_loss_sum
 
-    model, tokenizer = load_for_inference(cfg)
+    model, tokenizer = _load(cfg)
     rows, _ = build_sft_dataset(tokenizer, _eval_names(cfg), cfg.dataset_dir, template=cfg.template,
                                 cutoff_len=cfg.cutoff_len, max_samples=cfg.max_samples, train_on_prompt=cfg.train_on_prompt,
                                 mask_history=cfg.mask_history, seed=cfg.seed)
