@@ -108,29 +108,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .export import export_merged, quantized_training_note
-    from .quantization import trained_quantization
+    from .export import run_export
 
     cfg = load_config(args.config, args.overrides, do_train=False)
-    if not cfg.export_dir:
-        raise PeftkitError("export needs export_dir (e.g. `peftkit export cfg.yaml export_dir=out/merged`).")
-    # A QLoRA adapter merges into the base loaded in 16/32 bits: never into the 4-bit weights it trained against.
-    bits = None
-    if cfg.adapter_name_or_path:
-        trained = trained_quantization(cfg.adapter_name_or_path)
-        bits = trained.bits if trained else cfg.quantization_bit  # or the export config says so
-    out = export_merged(
-        cfg.model_name_or_path,
-        cfg.adapter_name_or_path,
-        cfg.export_dir,
-        export_size=cfg.export_size,
-        dtype=cfg.infer_dtype,
-        overwrite=cfg.overwrite_output_dir,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    print(f"Wrote the merged model to {out}")
-    if bits:
-        print(quantized_training_note(bits))
+    result = run_export(cfg)
+    what = "merged model" if cfg.adapter_name_or_path and cfg.export_format != "gguf_lora" else "export"
+    print(f"Wrote the {what} ({cfg.export_format}) to {result.path}")
+    for note in result.notes:
+        print(note)
 
 
 def cmd_api(args: argparse.Namespace) -> None:
@@ -220,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization-type", choices=("nf4", "fp4"), default="nf4")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("export", help="merge an adapter into its base model and save the result")
+    p = sub.add_parser("export", help="merge an adapter into its base model and save it (hf, gguf, ollama), or an adapter as a GGUF LoRA")
     p.add_argument("config", nargs="?", help="YAML with model_name_or_path, adapter_name_or_path, export_dir")
     p.add_argument("overrides", nargs="*", help="key=value settings")
     p.set_defaults(func=cmd_export)

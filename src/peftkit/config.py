@@ -29,7 +29,8 @@ SAVE_STRATEGIES = ("steps", "epoch", "no")
 STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")  # LLaMA-Factory's
 SUPPORTED_STAGES = ("sft",)
 INFER_DTYPES = ("auto", "float32", "float16", "bfloat16")
-EXPORT_FORMATS = ("hf", "gguf", "ollama")
+EXPORT_FORMATS = ("hf", "gguf", "ollama", "gguf_lora")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # export/gguf.py maps them onto ggml types
 
 _NOT_HERE = "single-device training only; multi-GPU settings have no effect"
 _NO_MEDIA = "text-only models for now; multimodal settings have no effect"
@@ -170,7 +171,9 @@ class TrainConfig:
     do_sample: bool = False
     export_dir: str | None = None
     export_size: int = 5  # shard size in GB
-    export_format: str = "hf"
+    export_format: str = "hf"  # hf folder | gguf file | ollama (gguf + Modelfile) | gguf_lora (llama.cpp LoRA adapter)
+    export_gguf_type: str = "f16"  # the GGUF's weight type (norms stay f32)
+    ollama_system: str | None = None  # a SYSTEM line for the Modelfile; the template's default system otherwise
     infer_dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -411,7 +414,7 @@ def _validate(c: TrainConfig) -> None:
         _check_choice("finetuning_type", c.finetuning_type, available_methods())
     for key, options in (("lr_scheduler_type", LR_SCHEDULERS), ("eval_strategy", EVAL_STRATEGIES),
                          ("save_strategy", SAVE_STRATEGIES), ("infer_dtype", INFER_DTYPES),
-                         ("export_format", EXPORT_FORMATS)):
+                         ("export_format", EXPORT_FORMATS), ("export_gguf_type", GGUF_TYPES)):
         _check_choice(key, getattr(c, key), options)
     if c.optim != "adamw_torch":
         warnings.warn(f"optim '{c.optim}' is not supported; using adamw_torch (torch.optim.AdamW).", stacklevel=2)

@@ -15,3 +15,7 @@ class ModelLoadError(PeftkitError):
 
 class AdapterLoadError(PeftkitError):
     """An adapter file is missing, corrupt, or does not fit the base model."""
+
+
+class ExportError(PeftkitError):
+    """An export cannot be written as asked (an architecture, tokenizer or template the target format lacks)."""

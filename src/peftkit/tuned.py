@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .errors import AdapterLoadError, ConfigError, PeftkitError
 from .io import peft_format
@@ -160,7 +161,7 @@ class TunedModel(nn.Module):
         print(self.trainable_report())
 
     # --- merge ---
-    def merge_adapter(self, name: str | None = None, verify: bool = True) -> None:
+    def merge_adapter(self, name: str | None = None, verify: bool = True, progress: bool = False) -> None:
         """Fold adapter `name` (default: the active one) into the base weights in place; `unmerge_adapter` undoes it.
 
         With `verify`, each layer's output on a random probe is compared before and after, so a wrong merge fails
@@ -177,9 +178,8 @@ class TunedModel(nn.Module):
         bits = quantized_bits(self.model)
         if bits:
             raise PeftkitError(MERGE_REFUSAL.format(bits=bits))
-        for layer in self._adapter_layers():
-            if name not in layer.adapter_names():
-                continue
+        layers = [layer for layer in self._adapter_layers() if name in layer.adapter_names()]
+        for layer in tqdm(layers, desc="merge", unit="layer", disable=not progress, dynamic_ncols=True):
             probe = layer.probe_input() if verify else None
             with torch.no_grad():
                 before = layer(probe) if probe is not None else None
@@ -192,9 +192,9 @@ class TunedModel(nn.Module):
             if layer.merged_adapters:
                 layer.unmerge()
 
-    def merge_and_unload(self, verify: bool = True) -> nn.Module:
+    def merge_and_unload(self, verify: bool = True, progress: bool = False) -> nn.Module:
         """Merge the active adapter and return the plain transformers model, ready for `save_pretrained`."""
-        self.merge_adapter(verify=verify)
+        self.merge_adapter(verify=verify, progress=progress)
         return self.unload()
 
     def unload(self) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,6 +13,30 @@ from ..io import peft_format
 from ..io.atomic import atomic_dir
 from ..methods import method_for_config
 from ..tuned import TunedModel, not_mergeable_message
+
+
+def check_export_dir(export_dir: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(export_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"export_dir '{out}' is not empty; choose another folder or set overwrite_output_dir: true.")
+    return out
+
+
+def load_merged(model_name_or_path: str, adapter_dir: str | None, *, trust_remote_code: bool = False,
+                progress: bool = True) -> tuple[torch.nn.Module, Any]:
+    """The base model in float32 with the adapter merged in (rounding happens once, at the export dtype), and its
+    tokenizer. An adapter that cannot merge is refused before any time is spent loading the model."""
+    from ..models import load_model_and_tokenizer
+
+    if adapter_dir:
+        method_cls = method_for_config(peft_format.read_config(adapter_dir))
+        if not method_cls.mergeable:
+            raise PeftkitError(not_mergeable_message(method_cls))
+    model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype="float32", trust_remote_code=trust_remote_code)
+    if adapter_dir:
+        model = TunedModel.load(model, adapter_dir).merge_and_unload(progress=progress)
+    check_config_holds(model)
+    return model, tokenizer
 
 
 def export_merged(
@@ -23,27 +48,19 @@ def export_merged(
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Write base + merged adapter to `export_dir` (safetensors sharded at `export_size` GB, tokenizer, generation
     config), through a temporary folder so an interrupted export leaves nothing half-written."""
-    from ..models import load_model_and_tokenizer, parse_dtype
+    from ..models import parse_dtype
 
-    out = Path(export_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"export_dir '{out}' is not empty; choose another folder or set overwrite_output_dir: true.")
-    if adapter_dir:  # refuse an adapter that cannot merge before spending time on loading the model
-        method_cls = method_for_config(peft_format.read_config(adapter_dir))
-        if not method_cls.mergeable:
-            raise PeftkitError(not_mergeable_message(method_cls))
-    # Merge in float32 so the rounding happens once, when the merged weights are cast to the export dtype.
-    model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype="float32", trust_remote_code=trust_remote_code)
-    if adapter_dir:
-        model = TunedModel.load(model, adapter_dir).merge_and_unload()
+    out = check_export_dir(export_dir, overwrite)
+    model, tokenizer = load_merged(model_name_or_path, adapter_dir, trust_remote_code=trust_remote_code,
+                                   progress=progress)
     if dtype not in (None, "auto"):  # "auto" keeps the float32 the merge was done in
         model = model.to(parse_dtype(dtype))
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=f"{export_size}GB")
-        _check_config_holds(model, tmp)
         tokenizer.save_pretrained(tmp)
     return out
 
@@ -56,16 +73,15 @@ def quantized_training_note(bits: int) -> str:
             "error (usually slightly). Evaluate the export before deploying it.")
 
 
-def _check_config_holds(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """Refuse an export that transformers would load without some merged tensor.
+def check_config_holds(model: torch.nn.Module) -> None:
+    """Refuse an export that transformers (or llama.cpp) would load without some merged tensor.
 
     Merging can create tensors the architecture's config does not build (SSF or BitFit give Llama's bias-free linears
     a bias); `from_pretrained` would silently drop them and the exported model would differ from the trained one.
-    The saved config is instantiated on the meta device, which costs no memory, and its tensors are compared.
+    The config is instantiated on the meta device, which costs no memory, and its tensors are compared.
     """
-    config = type(model.config).from_pretrained(folder)
     with torch.device("meta"):
-        skeleton = type(model)._from_config(config)
+        skeleton = type(model)._from_config(model.config)
     lost = sorted(set(model.state_dict()) - set(skeleton.state_dict()))
     if lost:
         raise PeftkitError(

@@ -87,6 +87,15 @@ def peft_key(internal: str, peft_type: str) -> str:
     return PREFIX + key
 
 
+def internal_key(key: str, peft_type: str) -> str:
+    """The inverse of `peft_key` for weight-space methods: a PEFT file's key -> our parameter name."""
+    key = key.removeprefix(PREFIX)
+    for ours, theirs in _SUFFIXES.get(peft_type, []):
+        if key.endswith(theirs):
+            return key[: -len(theirs)] + ours
+    return key
+
+
 def _legacy_keys(key: str) -> list[str]:
     """Older PEFT releases wrote modules_to_save as `<module>.modules_to_save.<param>`."""
     module, _, param = key.rpartition(".")

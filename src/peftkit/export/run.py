@@ -1,0 +1,97 @@
+"""`peftkit export`: one entry point for every export format, so the CLI only parses and prints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from ..io.atomic import atomic_dir
+from .merge import check_export_dir, export_merged, load_merged, quantized_training_note
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+
+@dataclass
+class ExportResult:
+    path: Path  # the folder written
+    files: list[Path] = field(default_factory=list)  # the main files in it (GGUF, Modelfile)
+    notes: list[str] = field(default_factory=list)  # what the user should read or run next
+
+
+def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
+    """Write `cfg.export_dir` in `cfg.export_format`: hf, gguf, ollama (gguf + Modelfile) or gguf_lora."""
+    from ..quantization import trained_quantization
+
+    if not cfg.export_dir:
+        raise ConfigError("export needs export_dir (e.g. `peftkit export cfg.yaml export_dir=out/merged`).")
+    notes = []
+    if cfg.adapter_name_or_path:  # a QLoRA adapter is exported against the full-precision base, never the 4-bit one
+        trained = trained_quantization(cfg.adapter_name_or_path)
+        bits = trained.bits if trained else cfg.quantization_bit
+        if bits:
+            notes.append(quantized_training_note(bits))
+    fmt = cfg.export_format
+    if fmt == "hf":
+        out = export_merged(cfg.model_name_or_path, cfg.adapter_name_or_path, cfg.export_dir,
+                            export_size=cfg.export_size, dtype=cfg.infer_dtype, overwrite=cfg.overwrite_output_dir,
+                            trust_remote_code=cfg.trust_remote_code, progress=progress)
+        return ExportResult(out, [out], notes)
+    out = check_export_dir(cfg.export_dir, cfg.overwrite_output_dir)
+    if fmt == "gguf_lora":
+        return _export_gguf_lora(cfg, out, notes, progress)
+    model, tokenizer = load_merged(cfg.model_name_or_path, cfg.adapter_name_or_path,
+                                   trust_remote_code=cfg.trust_remote_code, progress=progress)
+    from .gguf import write_gguf
+
+    gguf_name = f"model-{cfg.export_gguf_type}.gguf"
+    template = _ollama_template(cfg, tokenizer) if fmt == "ollama" else None  # fails before the long write
+    with atomic_dir(out) as tmp:
+        write_gguf(model, tokenizer, tmp / gguf_name, gguf_type=cfg.export_gguf_type, model_name=out.name,
+                   progress=progress)
+        if template is not None:
+            from .ollama import ollama_parameters, write_modelfile
+
+            write_modelfile(tmp, gguf_name, template, system=cfg.ollama_system, parameters=ollama_parameters(cfg))
+    result = ExportResult(out, [out / gguf_name], notes)
+    if template is not None:
+        from .ollama import ollama_create_command
+
+        result.files.append(out / "Modelfile")
+        result.notes.append(f"Create the Ollama model with:\n  {ollama_create_command(out / 'Modelfile', out.name)}")
+    return result
+
+
+def _export_gguf_lora(cfg: TrainConfig, out: Path, notes: list[str], progress: bool) -> ExportResult:
+    from transformers import AutoConfig
+
+    from ..models import resolve_model_path
+    from .gguf_lora import write_gguf_lora
+
+    if not cfg.adapter_name_or_path:
+        raise ConfigError("export_format: gguf_lora exports an adapter: set adapter_name_or_path.")
+    base_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name_or_path),
+                                             trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    name = f"adapter-{cfg.export_gguf_type}.gguf"
+    with atomic_dir(out) as tmp:
+        write_gguf_lora(base_config, cfg.adapter_name_or_path, tmp / name, gguf_type=cfg.export_gguf_type,
+                        progress=progress)
+    notes.append(f"Apply it to a GGUF of the same base model (export it with export_format: gguf and no adapter), "
+                 f"e.g. llama-cli -m base.gguf --lora {out / name}")
+    return ExportResult(out, [out / name], notes)
+
+
+def _ollama_template(cfg: TrainConfig, tokenizer: Any) -> Any:
+    """The Modelfile TEMPLATE, translated from the template the model was trained with."""
+    from ..data.templates import get_template
+    from .ollama import ollama_template
+
+    if cfg.template:  # a built-in template: render with it, as training did
+        template = get_template(cfg.template, tokenizer)
+        return ollama_template(lambda m, g: template.render(m, tokenizer, add_generation_prompt=g),
+                               bos_token=tokenizer.bos_token)
+    return ollama_template(
+        lambda m, g: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g),
+        bos_token=tokenizer.bos_token)
