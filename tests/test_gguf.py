@@ -17,6 +17,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -87,6 +89,8 @@ def tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
                   num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**{**common, **overrides})).eval()
+    if arch == "mistral":
+        return MistralForCausalLM(MistralConfig(**{**common, "sliding_window": None, **overrides})).eval()
     return LlamaForCausalLM(LlamaConfig(**{**common, "rope_theta": 10000.0, **overrides})).eval()
 
 
@@ -219,7 +223,7 @@ def test_unsupported_models_fail_with_the_supported_list(tmp_path, tokenizer) ->
 
 # --- llama.cpp runs the files ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
 def test_llama_cpp_matches_transformers(tmp_path, tokenizer, arch) -> None:
     model = tiny(arch)
     path = write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf_type="f32", progress=False)
@@ -429,3 +433,17 @@ def test_smollm2_with_trained_lora_runs_in_llama_cpp(smollm2, tmp_path, monkeypa
           f"{np.abs(q8 - hf).max():.3f}; greedy identical for the first {same} of 16 tokens: "
           f"{tokenizer.decode(q8_greedy)!r}")
     assert top1 >= 0.9 and same >= 8
+
+
+def test_export_follows_the_template_the_adapter_was_trained_with(tmp_path, capsys) -> None:
+    """train_config.json beside the adapter says template: qwen (ChatML with Qwen's default system); the tokenizer's
+    own template is ChatML without one."""
+    base_dir, adapter_dir, _, _ = _lora_adapter(tmp_path, "llama", r=4)
+    make_tokenizer("gpt-2").save_pretrained(base_dir)
+    (adapter_dir / "train_config.json").write_text(json.dumps({"template": "qwen"}))
+    out = tmp_path / "ollama"
+    assert main(["export", f"model_name_or_path={base_dir}", f"adapter_name_or_path={adapter_dir}",
+                 f"export_dir={out}", "export_format=ollama"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained with template 'qwen'" in printed and "ollama create ollama -f" in printed
+    assert "You are Qwen, created by Alibaba Cloud." in (out / "Modelfile").read_text()

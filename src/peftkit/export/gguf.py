@@ -11,6 +11,7 @@ memory plus one tensor, not a second copy of the model.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from ..errors import ExportError
 from ..io.atomic import atomic_write
 from .gguf_vocab import add_tokenizer
 
+logger = logging.getLogger("peftkit.export")
 T = gguf.GGMLQuantizationType
 GGUF_TYPES: dict[str, tuple[T, gguf.LlamaFileType]] = {
     "f32": (T.F32, gguf.LlamaFileType.ALL_F32),
@@ -76,6 +78,11 @@ def _llama_hparams(w: gguf.GGUFWriter, c: Any) -> None:
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
+    window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+    if window and window < c.max_position_embeddings:
+        logger.warning("%s attends within a sliding window of %d tokens, which llama.cpp's %s graph does not: "
+                       "outputs agree up to %d tokens of context and differ beyond.", c.model_type, window,
+                       w.arch, window)
     rope = _rope(c)
     w.add_rope_freq_base(float(rope["rope_theta"]))
     if rope["rope_type"] == "linear":

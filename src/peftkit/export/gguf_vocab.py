@@ -57,7 +57,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     return name
 
 
-def _adds_token(tokenizer: Any, token_id: int | None, at_start: bool) -> bool:
+def adds_token(tokenizer: Any, token_id: int | None, at_start: bool) -> bool:
     """Whether encoding adds this special token, asked of the tokenizer itself rather than of its config flags."""
     if token_id is None:
         return False
@@ -101,8 +101,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> N
         token_id = getattr(tokenizer, f"{key}_token_id", None)
         if token_id is not None:
             add(token_id)
-    writer.add_add_bos_token(_adds_token(tokenizer, tokenizer.bos_token_id, at_start=True))
-    writer.add_add_eos_token(_adds_token(tokenizer, tokenizer.eos_token_id, at_start=False))
+    writer.add_add_bos_token(adds_token(tokenizer, tokenizer.bos_token_id, at_start=True))
+    writer.add_add_eos_token(adds_token(tokenizer, tokenizer.eos_token_id, at_start=False))
     template = getattr(tokenizer, "chat_template", None)
     if template:
         writer.add_chat_template(template)

