@@ -35,7 +35,7 @@ from peftkit.export.gguf_vocab import _LLAMA3, _QWEN2
 
 from conftest import SHARED_DATA
 
-MIXED = "Hello world! It's 12345 apples, 你好，世界。😀🎉 naïve café\n\n  indented\ttab <|im_end|> done"
+MIXED = "Hello world! It's 12345 apples, 你好，世界。龘😀🎉 naïve café\n\n  indented\ttab <|im_end|> done"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 VOCAB = 1024
@@ -69,6 +69,36 @@ def make_tokenizer(pre: str = "gpt-2", vocab: int = 1000) -> PreTrainedTokenizer
     tok.train_from_iterator(_corpus(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_sentencepiece_tokenizer(style: str = "normalizer", vocab: int = 700) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE tokenizer with byte fallback, laid out like Llama 2's (<unk> <s> </s>, 256 byte
+    tokens, then the pieces). `style`: "normalizer" puts the leading "▁" as Llama 2's tokenizer.json does,
+    "metaspace" as Mistral 7B v0.3's does."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    trainer_tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=vocab, limit_alphabet=200,
+                                                                   show_progress=False))
+    trained = json.loads(trainer_tok.to_str())["model"]
+    order = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    order += [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if t not in order]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(order)}, merges, byte_fallback=True, unk_token="<unk>",
+                               fuse_unk=True))
+    if style == "normalizer":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.chat_template = CHATML
     return fast
 
@@ -251,15 +281,41 @@ def test_llama3_rope_scaling_and_head_dim(tmp_path, tokenizer) -> None:
         assert np.abs(llama_logits(llm, ids) - hf_logits(model, ids)).max() <= 1e-2
 
 
+TEXTS = (MIXED, "x = 1234567 + 89;\r\n\n\tDON'T they've", "  leading spaces and trailing  ")
+
+
 @pytest.mark.parametrize("pre", ["gpt-2", "starcoder", "llama-bpe", "qwen2"])
 def test_llama_cpp_tokenizes_like_transformers(tmp_path, pre) -> None:
     tok = make_tokenizer(pre)
     path = write_gguf(tiny("llama"), tok, tmp_path / "m.gguf", progress=False)
     assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == pre
     with llama(path) as llm:
-        for text in (MIXED, "x = 1234567 + 89;\r\n\n\tDON'T they've", "  leading spaces and trailing  "):
+        for text in TEXTS:
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text).input_ids, text
         assert llm.detokenize(tok(MIXED).input_ids, special=True).decode() == MIXED
+
+
+def test_sentencepiece_style_tokenizers_tokenize_like_transformers(tmp_path, caplog) -> None:
+    """Llama 2's layout (byte fallback, "▁" from a normalizer) is exact; Mistral's Metaspace layout differs in
+    llama.cpp after special tokens and before a leading space, which the export warns about."""
+    tok = make_sentencepiece_tokenizer("normalizer")
+    assert tok.tokenize("龘") == ["\u2581", "<0xE9>", "<0xBE>", "<0x98>"]  # unseen characters fall back to bytes
+    path = write_gguf(tiny("llama"), tok, tmp_path / "m.gguf", gguf_type="f32", progress=False)
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and fields["tokenizer.ggml.add_bos_token"].contents()
+    with llama(path) as llm:
+        for text in TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text).input_ids, text
+        ids = prompt_ids(tok)
+        assert llama_greedy(llm, ids) == hf_greedy(tiny("llama"), ids)
+    assert "Metaspace" not in caplog.text
+
+    tok = make_sentencepiece_tokenizer("metaspace")
+    path = write_gguf(tiny("llama"), tok, tmp_path / "mistral.gguf", progress=False)
+    assert "tokenize slightly differently in llama.cpp" in caplog.text
+    with llama(path) as llm:
+        for text in ("Hello world! It's 12345 apples, 你好，世界。😀🎉", TEXTS[1]):
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text).input_ids, text
 
 
 def decoded_copy(model, path) -> torch.nn.Module:
