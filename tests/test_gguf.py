@@ -269,6 +269,19 @@ def test_llama_cpp_matches_transformers(tmp_path, tokenizer, arch) -> None:
         assert llama_greedy(llm, ids) == hf_greedy(model, ids)
 
 
+def test_llama_biases_reach_llama_cpp_with_the_qk_permutation(tmp_path, tokenizer) -> None:
+    """Llama with attention_bias / mlp_bias: the q/k biases are permuted like their rows."""
+    model = tiny("llama", attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf_type="f32", progress=False)
+    ids = prompt_ids(tokenizer)
+    with llama(path, f32_kv=True) as llm:
+        assert np.abs(llama_logits(llm, ids) - hf_logits(model, ids)).max() <= 1e-4
+
+
 def test_llama3_rope_scaling_and_head_dim(tmp_path, tokenizer) -> None:
     """Llama 3.1's rope_freqs and a head_dim that is not hidden / heads reach llama.cpp intact."""
     model = tiny("llama", head_dim=32, max_position_embeddings=512,
