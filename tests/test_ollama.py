@@ -354,11 +354,11 @@ def test_cli_ollama_export_writes_the_gguf_and_a_modelfile_that_renders_like_tra
     tok = make_tokenizer("gpt-2")
     tok.chat_template = smollm2_chat_template()
     tok.save_pretrained(base)
-    out = tmp_path / "my-model"
+    out = tmp_path / "My Model"
     assert main(["export", f"model_name_or_path={base}", f"export_dir={out}", "export_format=ollama",
                  "export_gguf_type=q8_0", "ollama_system=Answer briefly.", "temperature=0.7", "top_p=0.9"]) == 0
     printed = capsys.readouterr().out
-    assert f"ollama create my-model -f {out / 'Modelfile'}" in printed
+    assert f"ollama create my-model -f '{out / 'Modelfile'}'" in printed  # a name Ollama accepts, quoted path
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-q8_0.gguf"]
     lines = (out / "Modelfile").read_text().splitlines()
     assert lines[0] == "FROM ./model-q8_0.gguf"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,7 +67,8 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
         from .ollama import ollama_create_command
 
         result.files.append(out / "Modelfile")
-        result.notes.append(f"Create the Ollama model with:\n  {ollama_create_command(out / 'Modelfile', out.name)}")
+        name = re.sub(r"[^a-z0-9._-]+", "-", out.name.lower()).strip("-._") or "model"  # what Ollama accepts
+        result.notes.append(f"Create the Ollama model with:\n  {ollama_create_command(out / 'Modelfile', name)}")
     return result
 
 
