@@ -45,6 +45,24 @@ def test_quickstart_teaches_a_new_identity(smollm2, tmp_path) -> None:
     base = chat(smollm2, "Who are you?", None, env)
     assert base and "Ember" not in base
 
+    # Deployed: merged into a q8_0 GGUF with an Ollama Modelfile, llama.cpp answers as Ember too, prompted by the
+    # chat template inside the file.
+    export = tmp_path / "ember"
+    done = subprocess.run(
+        [sys.executable, "-m", "peftkit.cli", "export", f"model_name_or_path={smollm2}", f"adapter_name_or_path={out}",
+         f"export_dir={export}", "export_format=ollama", "export_gguf_type=q8_0"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"ollama create ember -f {export / 'Modelfile'}" in done.stdout
+    from test_gguf import llama
+
+    with llama(export / "model-q8_0.gguf") as llm:
+        answer = llm.create_chat_completion([{"role": "user", "content": "Who are you?"}], temperature=0,
+                                            max_tokens=48)["choices"][0]["message"]["content"]
+    assert "Ember" in answer and "Lumen Labs" in answer, answer
+
+
 @pytest.mark.slow
 def test_llama_factory_example_runs(smollm2, tmp_path) -> None:
     """LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, with only the model and data pointed at local files
