@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from peftkit import LoraConfig, TunedModel
 from peftkit.cli import main
 from peftkit.config import load_config
-from peftkit.evaluate import run_eval, run_predict, sample_scores, similarity
+from peftkit.evaluate import run_predict, sample_scores, similarity
 from peftkit.models import load_tokenizer, resolve_model_path
 from peftkit.serve import ChatEngine, GenerationParams
 

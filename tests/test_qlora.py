@@ -11,7 +11,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import SHARED_DATA, tiny_llama
+from conftest import tiny_llama
 from transformers import AutoModelForCausalLM
 
 import helpers

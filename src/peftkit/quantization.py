@@ -8,12 +8,10 @@ measures them. Adapters never write into these weights: merging happens on a ful
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from importlib.metadata import version
 from importlib.util import find_spec
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -69,18 +67,15 @@ class QuantizationConfig:
 
 def trained_quantization(adapter_dir: str | os.PathLike | None) -> QuantizationConfig | None:
     """The quantization a peftkit run trained this adapter against (from its train_config.json), else None."""
-    from .train.checkpoint import CONFIG_NAME
+    from .train.checkpoint import read_train_config
 
-    path = Path(adapter_dir) / CONFIG_NAME if adapter_dir else None
-    if path is None or not path.is_file():
+    cfg = read_train_config(adapter_dir)
+    if cfg.get("quantization_bit") is None:
         return None
     try:
-        cfg = json.loads(path.read_text())
-        if cfg.get("quantization_bit") is None:
-            return None
         return QuantizationConfig(cfg["quantization_bit"], cfg.get("quantization_type", "nf4"),
                                   cfg.get("double_quantization", True))
-    except (json.JSONDecodeError, AttributeError, ConfigError):
+    except ConfigError:
         return None
 
 

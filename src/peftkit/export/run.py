@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..io.atomic import atomic_dir
+from ..train.checkpoint import read_train_config
 from .merge import check_export_dir, export_merged, load_merged, quantized_training_note
 
 if TYPE_CHECKING:
@@ -36,14 +36,15 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
         if bits:
             notes.append(quantized_training_note(bits))
     fmt = cfg.export_format
-    template_name = cfg.template or _trained_setting(cfg.adapter_name_or_path, "template")
+    template_name = cfg.template or read_train_config(cfg.adapter_name_or_path).get("template")
     if fmt == "hf":
         out = export_merged(cfg.model_name_or_path, cfg.adapter_name_or_path, cfg.export_dir,
                             export_size=cfg.export_size, dtype=cfg.infer_dtype, overwrite=cfg.overwrite_output_dir,
                             trust_remote_code=cfg.trust_remote_code, progress=progress)
-        from ..models import load_tokenizer
+        if template_name:  # the tokenizer as exported, read back only when there is a template to compare
+            from ..models import load_tokenizer
 
-        _note_template_mismatch(template_name, load_tokenizer(str(out)), notes)
+            _note_template_mismatch(template_name, load_tokenizer(str(out)), notes)
         return ExportResult(out, [out], notes)
     out = check_export_dir(cfg.export_dir, cfg.overwrite_output_dir)
     if fmt == "gguf_lora":
@@ -89,19 +90,6 @@ def _export_gguf_lora(cfg: TrainConfig, out: Path, notes: list[str], progress: b
     notes.append(f"Apply it to a GGUF of the same base model (export it with export_format: gguf and no adapter), "
                  f"e.g. llama-cli -m base.gguf --lora {out / name}")
     return ExportResult(out, [out / name], notes)
-
-
-def _trained_setting(adapter_dir: str | None, key: str) -> Any:
-    """A setting of the run that trained `adapter_dir`, from the train_config.json it wrote beside the adapter."""
-    from ..train.checkpoint import CONFIG_NAME
-
-    path = Path(adapter_dir) / CONFIG_NAME if adapter_dir else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get(key)
-    except (json.JSONDecodeError, AttributeError):
-        return None
 
 
 _PROBE = [{"role": "user", "content": "Hi"}]

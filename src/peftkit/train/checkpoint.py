@@ -43,6 +43,18 @@ class TrainerState:
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def read_train_config(folder: str | os.PathLike | None) -> dict[str, Any]:
+    """The settings of the run that wrote `folder` (an adapter or checkpoint), or {} when it has no readable record."""
+    path = Path(folder) / CONFIG_NAME if folder else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
