@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import torch
@@ -61,3 +62,12 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def changed(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
     """Names of the parameters that differ from `before` (parameters new since then count as changed)."""
     return {n for n, p in model.named_parameters() if n not in before or not torch.equal(p, before[n])}
+
+
+def rounding_tolerance(reference: torch.Tensor, dtype: torch.dtype = torch.float32, terms: int = 64,
+                       depth: int = 6) -> float:
+    """How far two mathematically equal computations of `reference` may differ by rounding alone: `dtype`'s epsilon,
+    growing with the square root of the longest sum (`terms`) and with the chained matmuls (`depth`), relative to the
+    values' size. A bound from the arithmetic, not from one CPU's summation order; a real bug is orders larger."""
+    eps = torch.finfo(dtype).eps
+    return 8 * eps * math.sqrt(terms) * depth * max(1.0, reference.abs().max().item())

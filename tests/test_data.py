@@ -126,6 +126,7 @@ def test_bad_rows_are_skipped_counted_and_shown(tmp_path, caplog) -> None:
     assert any(r.startswith("missing column 'conversations'") for r in stats.reasons)
     assert "skipped 4 of 6 rows" in caplog.text and "row 1: two prompt turns" in caplog.text
     assert "row 3: empty answer" in caplog.text and "row 4:" not in caplog.text  # only the first three are shown
+    assert "1x missing column 'conversations' (row has: other)" in caplog.text  # but every reason is counted
     write_json(tmp_path / "bad.json", rows[1:5])
     with pytest.raises(ConfigError, match="no usable rows"):
         load_conversations("bad", str(tmp_path))

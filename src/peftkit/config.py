@@ -54,6 +54,17 @@ IGNORED_KEYS: dict[str, str] = {
     "predict_with_generate": "predict always generates", "run_name": "runs are named by output_dir", "logging_dir": "logs go to output_dir/trainer_log.jsonl",
 }
 _ALIASES = {"evaluation_strategy": "eval_strategy"}  # old TrainingArguments name -> current
+# Keys a resumed run may change without `resume_allow_changes`: where results, logs and checkpoints go, how often they
+# are written, evaluation and generation. Every other key (data, method, learning rate, schedule, batch, seed, cutoff,
+# precision, ...) changes what is trained, so a resume compares it with the checkpoint's run.
+RESUME_NEUTRAL_KEYS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_changes", "logging_steps",
+    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "eval_strategy", "eval_steps",
+    "per_device_eval_batch_size", "do_train", "do_eval", "do_predict", "plot_loss", "report_to",
+    "dataloader_num_workers", "preprocessing_num_workers", "overwrite_cache", "gradient_checkpointing",
+    "trust_remote_code", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample",
+    "export_dir", "export_size", "export_format", "export_gguf_type", "ollama_system", "infer_dtype",
+})
 
 
 @dataclasses.dataclass
@@ -156,6 +167,7 @@ class TrainConfig:
     load_best_model_at_end: bool = False
     metric_for_best_model: str = "eval_loss"
     resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or true for the newest in output_dir
+    resume_allow_changes: bool = False  # resume even though settings that change the result differ from the checkpoint's
     seed: int = 42
     bf16: bool | None = None  # None: bf16 where the device supports it
     fp16: bool = False
@@ -433,6 +445,9 @@ def _validate(c: TrainConfig) -> None:
             raise ConfigError(f"finetuning_type '{c.finetuning_type}' trains the base weights themselves, which "
                               f"quantization_bit: {c.quantization_bit} stores frozen in {c.quantization_bit} bits; use "
                               "finetuning_type: lora (QLoRA), or remove quantization_bit.")
+    if c.max_steps < -1:
+        raise ConfigError(f"max_steps must be a number of steps > 0, or -1 (or 0) to train num_train_epochs epochs; "
+                          f"got {c.max_steps}.")
     if c.num_train_epochs <= 0 and c.max_steps <= 0:
         raise ConfigError(f"Nothing to train: num_train_epochs is {c.num_train_epochs} and max_steps is "
                           f"{c.max_steps}; set num_train_epochs > 0 or max_steps > 0.")

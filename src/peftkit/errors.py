@@ -19,3 +19,11 @@ class AdapterLoadError(PeftkitError):
 
 class ExportError(PeftkitError):
     """An export cannot be written as asked (an architecture, tokenizer or template the target format lacks)."""
+
+
+class TrainingInterrupted(PeftkitError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; `checkpoint` resumes it."""
+
+    def __init__(self, message: str, checkpoint: str) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint

@@ -142,7 +142,12 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, tru
         raise ConfigError(f"Unknown task {task!r}; use one of: {', '.join(TASKS)}.")
     if num_labels is not None and task != "seq-cls":
         raise ConfigError("num_labels only applies to task='seq-cls'; drop it or set task='seq-cls'.")
-    kw: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
+    from .train.precision import forced_dtype
+
+    dtype = parse_dtype(dtype)
+    if dtype == "auto" and forced_dtype() is not None:  # $PEFTKIT_DTYPE overrides the checkpoint's own precision
+        dtype = forced_dtype()
+    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if num_labels is not None:
         kw["num_labels"] = num_labels
     if quantization is not None:

@@ -172,14 +172,32 @@ def settle_after_loading(model: nn.Module) -> None:
     transformers leaves them as views into the memory-mapped checkpoint, whose every page bitsandbytes read while
     quantizing: the whole file would stay resident and cost more than the 4-bit weights save. Norms in float32 as
     QLoRA trains: at bf16 their rounding would add to the 4-bit error; bigger tensors (embeddings) keep the compute
-    dtype to keep memory low.
+    dtype to keep memory low. A float32 norm weight promotes the norm's output to float32, which a bf16 module after
+    it (the output head, Qwen3's attention after its q/k norms) refuses, so each such norm hands its output back in
+    the dtype its input came in. bitsandbytes' CPU inference repacking is turned off (see below).
     """
     for module in model.modules():
+        promoted = False
         for name, p in module.named_parameters(recurse=False):
             if is_quantized_param(p):
                 continue
             dtype = torch.float32 if p.dim() == 1 and p.is_floating_point() else p.dtype
+            promoted |= dtype != p.dtype and "norm" in type(module).__name__.lower()
             p.data = p.data.to(dtype, copy=True)
         for name, b in module.named_buffers(recurse=False):
             if b is not None:
                 setattr(module, name, b.clone())
+        if promoted:
+            module.register_forward_hook(_output_in_input_dtype)
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 kernel at the first no-grad eval-mode forward:
+            # in place, with the absmax constants rounded to bf16, computing in bf16 whatever the compute dtype, for
+            # every later call, training included (that kernel passes no gradient to the layer's input), and failing
+            # on layers whose sizes are not multiples of 32 and 64. Training and evaluation must see one weight.
+            module.support_avx512bf16_for_cpu = False
+
+
+def _output_in_input_dtype(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+        return output.to(args[0].dtype)
+    return output

@@ -250,6 +250,8 @@ def load_for_inference(name_or_path: str, adapter_dir: str | os.PathLike | None 
     attached and active when given; in eval mode."""
     from .models import load_model_and_tokenizer
 
+    if adapter_dir:
+        peft_format.read_config(adapter_dir)  # a wrong adapter path fails now, not after loading the model
     model, tokenizer = load_model_and_tokenizer(name_or_path, quantization=quantization,
                                                 trust_remote_code=trust_remote_code)
     if adapter_dir:

@@ -21,11 +21,11 @@ from ..io.atomic import atomic_write
 from .formats import Conversation, RowError, detect_format, to_conversation
 from .packing import pack
 from .sources import DatasetAttr, read_rows, resolve_datasets, split_names
-from .templates import ChatTemplate, StringTemplate, Template, encode, get_template
+from .templates import ChatTemplate, StringTemplate, Template, encode_counted, get_template
 
 logger = logging.getLogger("peftkit.data")
 
-CACHE_VERSION = 1  # bump whenever a change here, in formats or in templates changes the tokenized output
+CACHE_VERSION = 2  # bump whenever a change here, in formats or in templates changes the tokenized output or report
 SHOWN_SKIPS = 3
 
 
@@ -38,6 +38,7 @@ class DatasetStats:
     loaded: int = 0  # rows that became valid conversations
     tokenized: int = 0  # conversations that became training examples
     truncated: int = 0  # examples cut to cutoff_len
+    labels_cut: int = 0  # label (answer) tokens those cuts dropped
     skipped: int = 0  # rows dropped at any stage
     reasons: dict[str, int] = dataclasses.field(default_factory=dict)
     first_skips: list[str] = dataclasses.field(default_factory=list)  # "row 7: empty answer"
@@ -49,8 +50,7 @@ class DatasetStats:
             self.first_skips.append(f"row {row}: {reason}")
 
     def describe_skips(self) -> str:
-        top = collections.Counter(self.reasons).most_common(3)
-        counts = "; ".join(f"{n}x {reason}" for reason, n in top)
+        counts = "; ".join(f"{n}x {reason}" for reason, n in collections.Counter(self.reasons).most_common())
         return f"skipped {self.skipped} of {self.rows} rows ({counts}). First: " + " | ".join(self.first_skips)
 
 
@@ -65,19 +65,28 @@ class DataReport:
         for s in self.datasets.values():
             line = f"{s.name}: {s.rows} rows, {s.loaded} conversations"
             if s.tokenized or s.truncated:
-                line += f", {s.tokenized} examples ({s.truncated} truncated)"
+                cut = f", {s.labels_cut} answer tokens cut" if s.truncated else ""
+                line += f", {s.tokenized} examples ({s.truncated} truncated{cut})"
             if s.skipped:
                 line += f", {s.skipped} skipped"
             lines.append(line)
         return "\n".join(lines)
+
+    def log(self, message: str, *args: Any) -> None:
+        """Log `message` and the summary; a warning when cutoff_len cut examples, which a user should see."""
+        if any(s.truncated for s in self.datasets.values()):
+            logger.warning(message + "\n%s\nRaise cutoff_len to train on the cut tokens.", *args, self.summary())
+        else:
+            logger.info(message + "\n%s", *args, self.summary())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataReport":
-        stats = {k: DatasetStats(**v) for k, v in d.get("datasets", {}).items()}
-        return cls(datasets=stats)
+        known = {f.name for f in dataclasses.fields(DatasetStats)}  # other versions' caches may lack or add fields
+        return cls(datasets={name: DatasetStats(**{k: v for k, v in stats.items() if k in known})
+                             for name, stats in d.get("datasets", {}).items()})
 
 
 def load_conversations(dataset: list[str] | str, dataset_dir: str, *, max_samples: int | None = None,
@@ -105,8 +114,10 @@ def _load(attrs: list[DatasetAttr], max_samples: int | None, seed: int, report: 
         if not indices:
             raise ConfigError(f"Dataset '{attr.name}' has no rows ({', '.join(map(str, attr.files))}).")
         formatting, columns, tags = attr.formatting, attr.columns, attr.tags
-        if formatting is None:
-            formatting, columns, tags = detect_format(rows[indices[0]], attr.name)
+        if formatting is None:  # detect it from the first object; with none, every row is skipped below
+            first = next((rows[i] for i in indices if isinstance(rows[i], dict)), None)
+            if first is not None:
+                formatting, columns, tags = detect_format(first, attr.name)
         stats = report.datasets.setdefault(attr.name, DatasetStats(attr.name))
         stats.rows += len(indices)
         for i in indices:
@@ -119,8 +130,9 @@ def _load(attrs: list[DatasetAttr], max_samples: int | None, seed: int, report: 
             conversations.append(conv)
             stats.loaded += 1
         if stats.loaded == 0:
+            how = f" ({formatting} format)" if formatting else ""
             raise ConfigError(
-                f"Dataset '{attr.name}' has no usable rows ({formatting} format): {stats.describe_skips()}. "
+                f"Dataset '{attr.name}' has no usable rows{how}: {stats.describe_skips()}. "
                 "Check its `formatting`, `columns` and `tags` in dataset_info.json."
             )
         if stats.skipped:
@@ -186,7 +198,7 @@ def build_sft_dataset(
     if packing:
         train = pack(train, cutoff_len)
         evals = pack(evals, cutoff_len) if evals is not None else None
-    logger.info("SFT data:\n%s", report.summary())
+    report.log("SFT data:")
     _write_cache(path, train, evals, report)
     return train, evals
 
@@ -214,13 +226,14 @@ def _tokenize(conversations: list[Conversation], chat: Template, tokenizer: Any,
     for conv in tqdm(conversations, desc=f"Tokenizing {split}", unit="conv", mininterval=1.0):
         stats = report.datasets[conv.source]
         try:
-            example, truncated = encode(conv, chat, tokenizer, cutoff_len=cutoff_len,
-                                        train_on_prompt=train_on_prompt, mask_history=mask_history)
+            example, truncated, labels_cut = encode_counted(conv, chat, tokenizer, cutoff_len=cutoff_len,
+                                                            train_on_prompt=train_on_prompt, mask_history=mask_history)
         except RowError as e:
             stats.skip(conv.row, str(e))
             continue
         stats.tokenized += 1
         stats.truncated += truncated
+        stats.labels_cut += labels_cut
         examples.append(example)
     for name in dict.fromkeys(c.source for c in conversations):
         stats = report.datasets[name]
@@ -288,9 +301,8 @@ def _read_cache(path: Path) -> tuple[list[dict], list[dict] | None] | None:
         logger.warning("Ignoring unreadable dataset cache %s (%s); tokenizing again.", path, e)
         return None
     train, evals = splits
-    logger.info("Loaded %d train / %s eval examples from cache %s in %.2f s (overwrite_cache=True rebuilds it).\n%s",
-                len(train), len(evals) if evals is not None else 0, path, time.perf_counter() - start,
-                report.summary())
+    report.log("Loaded %d train / %s eval examples from cache %s in %.2f s (overwrite_cache=True rebuilds it).",
+               len(train), len(evals) if evals is not None else 0, path, time.perf_counter() - start)
     return train, evals
 
 

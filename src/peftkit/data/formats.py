@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from ..errors import ConfigError
+from .sources import json_kind
 
 ROLES = ("system", "user", "assistant", "function_call", "tool")
 PROMPT_ROLES = ("user", "tool")
@@ -37,8 +38,9 @@ class RowError(ValueError):
     """A row that cannot become a valid conversation; the message is the reason shown to the user."""
 
 
-def to_conversation(row: dict[str, Any], formatting: str, columns: dict[str, str],
-                    tags: dict[str, str]) -> Conversation:
+def to_conversation(row: Any, formatting: str, columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+    if not isinstance(row, dict):  # a `null` or a number among the rows of a JSON file
+        raise RowError(f"not a JSON object ({json_kind(row)})")
     if formatting == "alpaca":
         messages, tools = _alpaca(row, columns), None
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def load_registry(dataset_dir: str | Path) -> dict[str, dict[str, Any]] | None:
     if not path.is_file():
         return None
     try:
-        registry = json.loads(path.read_text(encoding="utf-8"))
+        registry = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); fix the file or remove it.") from e
     if not isinstance(registry, dict):
@@ -155,20 +156,41 @@ def _files_in(path: Path, name: str) -> list[Path]:
     return files
 
 
-def read_rows(attr: DatasetAttr) -> list[dict[str, Any]]:
-    """Read every row of a dataset's files, in file order."""
-    rows: list[dict[str, Any]] = []
+def read_rows(attr: DatasetAttr) -> list[Any]:
+    """Read every row of a dataset's files, in file order.
+
+    JSON rows that are not objects stay in the list, so the caller skips and counts them under their row number.
+    """
+    rows: list[Any] = []
     for path in attr.files:
         kind = EXTENSIONS[path.suffix.lower()]
         rows.extend(_read_json(path) if kind == "json" else _read_csv(path) if kind == "csv" else _read_parquet(path))
     return rows
 
 
-def _read_json(path: Path) -> list[dict[str, Any]]:
+def read_text(path: Path) -> str:
+    """A UTF-8 file's text, without the byte-order mark some Windows editors write."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path} is not UTF-8: byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line}) "
+                          "is invalid; re-save the file as UTF-8.") from None
+    return text.removeprefix("\ufeff")
+
+
+def json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    kinds = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+             dict: "object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _read_json(path: Path) -> list[Any]:
     """A JSON array of objects, or JSON lines; plain `json` is much faster than `datasets` for files this size."""
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    text = read_text(path)
+    if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
@@ -181,14 +203,15 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{path}, line {i}, is not valid JSON: {e}. Fix or delete that line.") from e
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ConfigError(f"{path} must hold a JSON array of objects, or one JSON object per line.")
+    if rows and not any(isinstance(r, dict) for r in rows):
+        kinds = ", ".join(sorted({json_kind(r) for r in rows}))
+        raise ConfigError(f"{path} holds no JSON object (only {kinds}); it must hold a JSON array of objects, "
+                          "or one JSON object per line.")
     return rows
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        return [dict(r) for r in csv.DictReader(f)]
+    return [dict(r) for r in csv.DictReader(io.StringIO(read_text(path), newline=""))]
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:

@@ -275,6 +275,15 @@ def encode(conv: Conversation, template: Template, tokenizer: Any, *, cutoff_len
     labels[0] is always IGNORE_INDEX: no token predicts it, and packing relies on it so that the last token of one
     example never learns to predict the first of the next.
     """
+    example, truncated, _ = encode_counted(conv, template, tokenizer, cutoff_len=cutoff_len,
+                                           train_on_prompt=train_on_prompt, mask_history=mask_history)
+    return example, truncated
+
+
+def encode_counted(conv: Conversation, template: Template, tokenizer: Any, *, cutoff_len: int,
+                   train_on_prompt: bool = False, mask_history: bool = False
+                   ) -> tuple[dict[str, list[int]], bool, int]:
+    """`encode`, plus how many label tokens truncation dropped, so reports can say what cutoff_len cost."""
     text, spans = template.answer_spans(conv.messages, tokenizer, tools=conv.tools, last_only=mask_history)
     ids, tok_spans = token_spans(tokenizer, text, spans)
     tok_spans = [(s, e) for s, e in tok_spans if e > s]
@@ -288,11 +297,14 @@ def encode(conv: Conversation, template: Template, tokenizer: Any, *, cutoff_len
             labels[s:e] = ids[s:e]
     labels[0] = IGNORE_INDEX
     truncated = len(ids) > cutoff_len
+    labels_cut = 0
     if truncated:
+        trained = sum(label != IGNORE_INDEX for label in labels)
         ids, labels = _truncate(ids, labels, tok_spans[0], cutoff_len, train_on_prompt)
+        labels_cut = trained - sum(label != IGNORE_INDEX for label in labels)
     if all(label == IGNORE_INDEX for label in labels):
         raise RowError(f"no answer token fits in cutoff_len={cutoff_len}")
-    return {"input_ids": ids, "labels": labels}, truncated
+    return {"input_ids": ids, "labels": labels}, truncated, labels_cut
 
 
 def token_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]], *, use_offsets: bool = True

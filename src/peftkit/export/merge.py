@@ -2,24 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from ..errors import ConfigError, PeftkitError
 from ..io import peft_format
 from ..io.atomic import atomic_dir
+from ..io.outputs import check_not_a_file, check_overwritable, protected_place, record_outputs
 from ..methods import method_for_config
 from ..tuned import TunedModel, not_mergeable_message
 
 
-def check_export_dir(export_dir: str | os.PathLike, overwrite: bool) -> Path:
-    out = Path(export_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"export_dir '{out}' is not empty; choose another folder or set overwrite_output_dir: true.")
+def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, sources: dict[str, str | None]) -> Path:
+    """An export replaces its folder whole: only an empty one, or with `overwrite` an earlier peftkit output, and
+    never a folder holding what the export reads (`sources`: the model and adapter paths by their keys)."""
+    out = check_not_a_file(export_dir, "export_dir")
+    place = protected_place(out)
+    if place:  # the export becomes this folder, replacing it whole
+        raise ConfigError(f"export_dir '{out}' is {place}; an export is written as a folder of its own. Choose a new "
+                          "folder (e.g. export_dir=exported).")
+    for key, source in sources.items():
+        if source and Path(source).exists() and out.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
+            raise ConfigError(f"export_dir '{out}' holds {key} '{source}', which this export reads and would replace; "
+                              "choose another export_dir.")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"export_dir '{out}' is not empty; choose another folder or set overwrite_output_dir: "
+                              "true to replace an earlier export.")
+        check_overwritable(out, "export_dir")
     return out
+
+
+@contextlib.contextmanager
+def writing_export(out: Path) -> Iterator[Path]:
+    """A temporary folder that becomes `out` when the block succeeds, with a marker naming every file written, so a
+    later overwrite_output_dir recognises the folder as peftkit's."""
+    with atomic_dir(out) as tmp:
+        yield tmp
+        record_outputs(tmp, [p.name for p in tmp.iterdir()])
 
 
 def load_merged(model_name_or_path: str, adapter_dir: str | None, *, trust_remote_code: bool = False,
@@ -54,12 +78,13 @@ def export_merged(
     config), through a temporary folder so an interrupted export leaves nothing half-written."""
     from ..models import parse_dtype
 
-    out = check_export_dir(export_dir, overwrite)
+    out = check_export_dir(export_dir, overwrite, {"model_name_or_path": model_name_or_path,
+                                                   "adapter_name_or_path": adapter_dir})
     model, tokenizer = load_merged(model_name_or_path, adapter_dir, trust_remote_code=trust_remote_code,
                                    progress=progress)
     if dtype not in (None, "auto"):  # "auto" keeps the float32 the merge was done in
         model = model.to(parse_dtype(dtype))
-    with atomic_dir(out) as tmp:
+    with writing_export(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=f"{export_size}GB")
         tokenizer.save_pretrained(tmp)
     return out

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..io.atomic import atomic_dir
 from ..train.checkpoint import read_train_config
-from .merge import check_export_dir, export_merged, load_merged, quantized_training_note
+from .merge import check_export_dir, export_merged, load_merged, quantized_training_note, writing_export
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
@@ -46,7 +45,8 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
 
             _note_template_mismatch(template_name, load_tokenizer(str(out)), notes)
         return ExportResult(out, [out], notes)
-    out = check_export_dir(cfg.export_dir, cfg.overwrite_output_dir)
+    out = check_export_dir(cfg.export_dir, cfg.overwrite_output_dir, {"model_name_or_path": cfg.model_name_or_path,
+                                                                       "adapter_name_or_path": cfg.adapter_name_or_path})
     if fmt == "gguf_lora":
         return _export_gguf_lora(cfg, out, notes, progress)
     model, tokenizer = load_merged(cfg.model_name_or_path, cfg.adapter_name_or_path,
@@ -56,7 +56,7 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
     gguf_name = f"model-{cfg.export_gguf_type}.gguf"
     template = _ollama_template(template_name, tokenizer) if fmt == "ollama" else None  # fails before the write
     _note_template_mismatch(template_name, tokenizer, notes)
-    with atomic_dir(out) as tmp:
+    with writing_export(out) as tmp:
         write_gguf(model, tokenizer, tmp / gguf_name, gguf_type=cfg.export_gguf_type, model_name=out.name,
                    progress=progress)
         if template is not None:
@@ -84,7 +84,7 @@ def _export_gguf_lora(cfg: TrainConfig, out: Path, notes: list[str], progress: b
     base_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name_or_path),
                                              trust_remote_code=cfg.trust_remote_code, local_files_only=True)
     name = f"adapter-{cfg.export_gguf_type}.gguf"
-    with atomic_dir(out) as tmp:
+    with writing_export(out) as tmp:
         write_gguf_lora(base_config, cfg.adapter_name_or_path, tmp / name, gguf_type=cfg.export_gguf_type,
                         progress=progress)
     notes.append(f"Apply it to a GGUF of the same base model (export it with export_format: gguf and no adapter), "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -402,6 +403,9 @@ def save_adapter(method: Method, directory: str | os.PathLike, base_model_name_o
 
 def read_config(directory: str | os.PathLike) -> MethodConfig:
     path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        what = "is a file, not an adapter folder" if Path(directory).exists() else "does not exist"
+        raise AdapterLoadError(f"The adapter path '{directory}' {what}; pass the folder holding {CONFIG_NAME}.")
     if not path.is_file():
         if (Path(directory) / "config.json").is_file():
             raise AdapterLoadError(f"'{directory}' is a full model folder (config.json, no {CONFIG_NAME}), e.g. the "
@@ -417,17 +421,23 @@ def read_config(directory: str | os.PathLike) -> MethodConfig:
 
 def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        legacy = Path(directory) / LEGACY_WEIGHTS_NAME
-        if legacy.is_file():
-            return torch.load(legacy, map_location="cpu", weights_only=True)
+    legacy = Path(directory) / LEGACY_WEIGHTS_NAME
+    if not path.is_file() and not legacy.is_file():
         raise AdapterLoadError(f"No {WEIGHTS_NAME} in '{directory}'.")
+    if not path.is_file():
+        path = legacy
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        tensors = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+                                                                                   weights_only=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise AdapterLoadError(
             f"{path} is corrupt or truncated ({e}); copy or save the adapter again."
         ) from e
+    for key, t in tensors.items():  # a diverged run saves NaN weights, which would only show as garbage output
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterLoadError(f"{path}: tensor '{key}' holds NaN or infinite values (the training run diverged); "
+                                   "retrain with a lower learning_rate, or load an earlier checkpoint.")
+    return tensors
 
 
 def load_weights(method: Method, directory: str | os.PathLike) -> None:

@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
-import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..config import RESUME_NEUTRAL_KEYS
 from ..errors import ConfigError
 from ..io import peft_format
-from ..io.atomic import atomic_dir
+from ..io.atomic import atomic_dir, remove_tree
+from ..io.outputs import check_not_a_file, check_overwritable, clear_output
 from ..methods.base import Method
 
 PREFIX = "checkpoint-"
@@ -41,6 +45,7 @@ class TrainerState:
     best_metric: float | None = None
     best_step: int | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str | None = None  # one per fresh run, kept across resumes: pruning never touches another run's checkpoints
 
 
 def read_train_config(folder: str | os.PathLike | None) -> dict[str, Any]:
@@ -103,9 +108,17 @@ def save_checkpoint(
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
     if save_total_limit:
-        for old in list_checkpoints(out)[:-save_total_limit]:
-            shutil.rmtree(old)
+        mine = [p for p in list_checkpoints(out) if _run_id(p) == state.run_id]  # sorted by step
+        for old in mine[:-save_total_limit]:
+            remove_tree(old)
     return final
+
+
+def _run_id(checkpoint: Path) -> str | None:
+    try:
+        return json.loads((checkpoint / STATE_NAME).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_best_state(path: Path) -> dict[str, torch.Tensor] | None:
@@ -123,6 +136,36 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: str | bool | None) -> None:
+    """Refuse, before any work: a resume without its checkpoint; a fresh run into a folder holding an earlier run (its
+    adapter, model or checkpoints, which would mix with this run's) unless `overwrite`; an overwrite of a folder that is
+    not peftkit's."""
+    out = check_not_a_file(output_dir, "output_dir")
+    if resume:
+        resolve_checkpoint(resume, out)
+        return
+    if not out.is_dir():
+        return
+    if overwrite:
+        check_overwritable(out, "output_dir")
+        return
+    earlier = [name for name in ("adapter_model.safetensors", "config.json") if (out / name).exists()]
+    earlier += [p.name for p in list_checkpoints(out)][-1:]
+    if earlier:
+        raise ConfigError(f"output_dir '{out}' holds an earlier run ({earlier[0]}); set overwrite_output_dir: true to "
+                          "replace it, resume_from_checkpoint: true to continue it, or choose another output_dir.")
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: str | bool | None) -> None:
+    """A fresh run's folder: `check_output_dir`, then the earlier run cleared when overwriting."""
+    check_not_a_file(output_dir, "output_dir")
+    if resume:
+        return
+    check_output_dir(output_dir, overwrite, resume)
+    if overwrite:
+        clear_output(output_dir, "output_dir")
+
+
 def resolve_checkpoint(resume: str | bool | None, output_dir: str | os.PathLike) -> Path | None:
     """`resume_from_checkpoint`: a path, or True for the latest checkpoint in output_dir."""
     if not resume:
@@ -138,17 +181,67 @@ def resolve_checkpoint(resume: str | bool | None, output_dir: str | os.PathLike)
     return path
 
 
+def read_state(path: Path) -> TrainerState:
+    """The trainer state saved in a checkpoint; a damaged one is refused with the way out."""
+    try:
+        return TrainerState(**json.loads((path / STATE_NAME).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise _damaged(path, STATE_NAME, e) from None
+
+
+def _damaged(path: Path, name: str, error: BaseException) -> ConfigError:
+    earlier = [p for p in list_checkpoints(path.parent) if _step(p) < _step(path)]
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    way_out = f"resume from the one before it (resume_from_checkpoint={earlier[-1]}), or " if earlier else ""
+    return ConfigError(f"Checkpoint '{path}' is damaged: {name} cannot be read ({reason}). Delete it and "
+                       f"{way_out}start a new run with overwrite_output_dir: true.")
+
+
+def _step(path: Path) -> int:
+    m = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def check_resume(path: Path, state: TrainerState, total_steps: int, saved: dict[str, Any], current: dict[str, Any],
+                 allow_changes: bool) -> None:
+    """Refuse a resume that would not continue the checkpoint's run: nothing left to train, or settings that change
+    the result (data, method, learning rate, schedule, batch, seed, ...) differ, unless `allow_changes`."""
+    if state.global_step >= total_steps:
+        raise ConfigError(f"Checkpoint '{path}' is at step {state.global_step}, and this run has {total_steps} steps "
+                          "in all: there is nothing left to train. Raise max_steps or num_train_epochs to train "
+                          "further (with resume_allow_changes: true), or start a new run.")
+    current = json.loads(json.dumps(current, default=str))  # the form the saved config took
+    changed = [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in sorted(saved.keys() & current.keys())
+               if key not in RESUME_NEUTRAL_KEYS and saved[key] != current[key]]
+    if not changed:
+        return
+    listing = "; ".join(changed)
+    if not allow_changes:
+        raise ConfigError(f"Resuming from '{path}' with settings that differ from its run: {listing}. They change "
+                          "what is trained, so the result would be neither run. Restore them, or set "
+                          "resume_allow_changes: true to resume with the new settings anyway.")
+    warnings.warn(f"Resuming from '{path}' with changed settings (resume_allow_changes): {listing}.", stacklevel=3)
+
+
 def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
     """Restore everything `save_checkpoint` wrote; returns the trainer state to continue from."""
+    state = read_state(path)
     if not (path / "optimizer.pt").is_file():
         raise ConfigError(f"'{path}' holds only the adapter (saved with save_only_model: true), not the optimizer and "
                           "RNG states needed to resume exactly. Start a new run from it with adapter_name_or_path, or "
                           "resume from a checkpoint saved without save_only_model.")
     if (path / TRAINED_NAME).is_file():
-        method.load_state_dict(load_file(path / TRAINED_NAME))
+        try:
+            method.load_state_dict(load_file(path / TRAINED_NAME))
+        except (OSError, SafetensorError) as e:
+            raise _damaged(path, TRAINED_NAME, e) from None
     else:
-        peft_format.load_weights(method, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    _set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
-    return TrainerState(**json.loads((path / STATE_NAME).read_text()))
+        peft_format.load_weights(method, path)  # a damaged adapter file gets its own message there
+    restore = {"optimizer.pt": optimizer.load_state_dict, "scheduler.pt": scheduler.load_state_dict,
+               "rng_state.pt": _set_rng_state}
+    for name, apply in restore.items():
+        try:
+            apply(torch.load(path / name, weights_only=False))
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            raise _damaged(path, name, e) from None
+    return state

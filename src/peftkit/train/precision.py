@@ -4,10 +4,19 @@ CPUs and 5x slower on others (no native bf16 instructions)."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 import warnings
 
 import torch
+
+from ..errors import ConfigError
+
+# Forces the automatic choice (`bf16` unset, or `bf16: true` on a CPU where it is slow) to one dtype, so the tests can
+# run the bf16 path on a CPU that would pick fp32, and the fp32 path on one that would pick bf16.
+DTYPE_ENV = "PEFTKIT_DTYPE"
+_FORCED = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
 
 
 def _matmul_seconds(dtype: torch.dtype, device: str) -> float:
@@ -36,16 +45,30 @@ def bf16_is_faster(device: str) -> bool:
     return bf16 < 0.8 * fp32
 
 
+def forced_dtype() -> torch.dtype | None:
+    """The dtype named by $PEFTKIT_DTYPE, if set."""
+    name = os.environ.get(DTYPE_ENV, "").strip().lower()
+    if not name:
+        return None
+    if name not in _FORCED:
+        raise ConfigError(f"{DTYPE_ENV}={name!r} is not a dtype; use one of: {', '.join(_FORCED)} (or unset it).")
+    return _FORCED[name]
+
+
 def base_dtype(bf16: bool | None, fp16: bool, device: str) -> torch.dtype:
     """The dtype to hold frozen base weights in; trainable parameters and optimizer state always stay fp32.
 
     `bf16: true` on a CPU that multiplies bf16 slower than fp32 falls back to fp32 with a warning: configs written
-    for GPUs (LLaMA-Factory's examples all say bf16) would otherwise run several times slower here.
+    for GPUs (LLaMA-Factory's examples all say bf16) would otherwise run several times slower here. An explicit
+    `bf16: false` or `fp16: true` is obeyed; otherwise $PEFTKIT_DTYPE, when set, replaces the measurement.
     """
     if fp16:
         return torch.float16
     if bf16 is False:
         return torch.float32
+    forced = forced_dtype()
+    if forced is not None:
+        return forced
     if bf16_is_faster(device):
         return torch.bfloat16
     if bf16:

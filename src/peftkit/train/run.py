@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import random
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..tuned import TunedModel
+from .checkpoint import check_output_dir
 from .precision import base_dtype
 from .trainer import Trainer
 from .varlen import supports_padding_free
@@ -29,12 +28,7 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     from ..models import base_model_id, load_model_and_tokenizer
 
     out = cfg.output_dir
-    if not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-        if any((Path(out) / name).exists() for name in ("adapter_model.safetensors", "config.json")):  # config: full
-            raise ConfigError(
-                f"output_dir '{out}' already holds a trained adapter or model; set overwrite_output_dir: true to "
-                "replace it, or resume_from_checkpoint: true to continue."
-            )
+    check_output_dir(out, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)  # before minutes of loading
     seed_everything(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = base_dtype(cfg.bf16, cfg.fp16, device)

@@ -7,24 +7,36 @@ one big batch however the tokens fall into micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
+import signal
+import sys
+import threading
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..errors import TrainingInterrupted
+from ..io.atomic import remove_stale_temporaries, write_text
+from ..io.outputs import record_outputs
 from ..quantization import model_bytes
 from ..tuned import TunedModel
 from .checkpoint import (
     CONFIG_NAME,
     TrainerState,
+    check_resume,
     load_best_state,
     load_checkpoint,
+    prepare_output_dir,
+    read_state,
+    read_train_config,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -84,6 +96,10 @@ class Trainer:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = math.ceil(self.steps_per_epoch * cfg.num_train_epochs)
+        # The output folder is settled before any work (a method's selection phase writes there too).
+        prepare_output_dir(cfg.output_dir, getattr(cfg, "overwrite_output_dir", False), cfg.resume_from_checkpoint)
+        remove_stale_temporaries(self.output_dir)  # what a killed run left half-written
+        self._entries_before = {p.name for p in self.output_dir.iterdir()} if self.output_dir.is_dir() else set()
         self.method.prepare(self)
         self.optimizer = torch.optim.AdamW(
             self.method.param_groups(cfg.learning_rate),
@@ -127,8 +143,12 @@ class Trainer:
         cfg = self.cfg
         resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume_from is not None:
+            check_resume(resume_from, read_state(resume_from), self.total_steps, read_train_config(resume_from),
+                         self._config_dict(), getattr(cfg, "resume_allow_changes", False))
             self.state = load_checkpoint(resume_from, self.method, self.optimizer, self.scheduler)
             self._best_state = load_best_state(resume_from)
+        else:
+            self.state.run_id = uuid.uuid4().hex
         if cfg.gradient_checkpointing:
             model = self.tuned.model
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
@@ -137,10 +157,14 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.output_dir / LOG_NAME
-        if resume_from is None:
-            log_path.write_text("")
+        # A resumed run's log restarts from the checkpoint's copy, so steps redone after a kill appear once.
+        write_text(log_path, "".join(json.dumps(e) + "\n" for e in self.state.log_history))
         self.tuned.train()
+        with _stop_on_signal() as stop:
+            return self._train_loop(log_path, stop)
 
+    def _train_loop(self, log_path: Path, stop: "_StopRequest") -> dict[str, Any]:
+        cfg = self.cfg
         ga = cfg.gradient_accumulation_steps
         batches = self._micro_batches()
         window_loss = window_tokens = 0.0
@@ -191,6 +215,11 @@ class Trainer:
                 window_loss = window_tokens = 0.0
             if self._should_eval(step):
                 self._evaluate_and_track(log_path)
+            if stop.signal is not None and step < self.total_steps:  # Ctrl-C: keep the work, then stop
+                bar.close()
+                path = self._save_checkpoint(only_model=False)
+                raise TrainingInterrupted(f"Interrupted ({stop.signal}) after step {step} of {self.total_steps}; "
+                                          f"saved {path}.", str(path))
             if cfg.save_strategy != "no" and cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
                 self._save_checkpoint()
         bar.close()
@@ -241,11 +270,13 @@ class Trainer:
             self.state.best_metric, self.state.best_step = loss, self.state.global_step
             self._best_state = {k: t.detach().clone() for k, t in self.method.state_dict().items()}
 
-    def _save_checkpoint(self) -> None:
-        save_checkpoint(self.output_dir, self.state, self.method, self.optimizer, self.scheduler, self._config_dict(),
-                        self.base_model_name, self.cfg.save_total_limit,
-                        only_model=getattr(self.cfg, "save_only_model", False),
-                        best_state=self._best_state if self.cfg.load_best_model_at_end else None)
+    def _save_checkpoint(self, only_model: bool | None = None) -> Path:
+        if only_model is None:
+            only_model = getattr(self.cfg, "save_only_model", False)
+        return save_checkpoint(self.output_dir, self.state, self.method, self.optimizer, self.scheduler,
+                               self._config_dict(), self.base_model_name, self.cfg.save_total_limit,
+                               only_model=only_model,
+                               best_state=self._best_state if self.cfg.load_best_model_at_end else None)
 
     def _config_dict(self) -> dict[str, Any]:
         return self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(vars(self.cfg))
@@ -255,7 +286,7 @@ class Trainer:
 
         self.method.save(self.output_dir, self.base_model_name)
         # The run's settings beside the adapter: export reads quantization_bit from it (a QLoRA adapter's note).
-        (self.output_dir / CONFIG_NAME).write_text(json.dumps(self._config_dict(), indent=2, default=str) + "\n")
+        write_text(self.output_dir / CONFIG_NAME, json.dumps(self._config_dict(), indent=2, default=str) + "\n")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.output_dir)
         trainable, total = self.tuned.parameter_counts()
@@ -273,10 +304,47 @@ class Trainer:
             "best_eval_loss": self.state.best_metric,
             "best_step": self.state.best_step,
         }
-        (self.output_dir / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_text(self.output_dir / "train_results.json", json.dumps(results, indent=2) + "\n")
         if self.cfg.plot_loss:
             plot_loss(self.state.log_history, self.output_dir / "training_loss.png")
+        # What this run wrote (tokenizer files, model shards vary by model): overwrite_output_dir may replace them.
+        record_outputs(self.output_dir, {p.name for p in self.output_dir.iterdir()} - self._entries_before)
+        remove_stale_temporaries(self.output_dir)
         return results
+
+
+class _StopRequest:
+    signal: str | None = None  # the name of the first signal received
+
+
+@contextlib.contextmanager
+def _stop_on_signal() -> Iterator[_StopRequest]:
+    """The first SIGINT/SIGTERM asks the loop to finish its step, checkpoint and stop; a second stops at once.
+
+    Only the main thread may install signal handlers; elsewhere (a UI's worker thread) signals keep their meaning.
+    """
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(signum: int, frame: Any) -> None:
+        if stop.signal is not None:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            raise KeyboardInterrupt
+        stop.signal = signal.Signals(signum).name
+        print(f"\n{stop.signal}: finishing this step, then saving a checkpoint (send it again to stop at once).",
+              file=sys.stderr, flush=True)
+
+    for s in previous:
+        signal.signal(s, handle)
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
