@@ -240,3 +240,71 @@ def test_a_collision_leaves_the_model_as_it_was(small_model_dir, tmp_path) -> No
         tuned.load_adapter(tmp_path / "ia3", "ia3")
     assert [(p, type(m)) for p, m in tuned.named_modules()] == before
     assert not any("ia3" in m.adapter_names() for m in tuned.modules() if isinstance(m, AdapterLayer))
+
+
+def test_top_p_0_is_greedy_whatever_the_seed(served) -> None:
+    """top_p 0 used to be read as 1 (unset): five seeds gave five texts. Now it keeps only the most likely token."""
+    engine, server = served
+    answers = {client(server).chat.completions.create(model=BASE, messages=QUESTION, max_tokens=12, temperature=1.0,
+                                                      top_p=0, seed=seed).choices[0].message.content
+               for seed in range(5)}
+    assert answers == {lone(engine, BASE)}
+
+
+def test_a_client_that_disconnects_stops_its_generation(small_model_dir) -> None:  # noqa: F811
+    """Closing a stream mid-answer frees the engine within a token or two, instead of after all of max_tokens."""
+    model, tokenizer = load_model_and_tokenizer(str(small_model_dir))
+    forwards = []
+
+    def slow_forward(*_) -> None:  # 20 ms a token: the 400 tokens asked for would hold the engine 8 s or more
+        forwards.append(1)
+        time.sleep(0.02)
+
+    model.register_forward_pre_hook(slow_forward)
+    engine = ChatEngine(model, tokenizer)
+    server = Server(engine)
+    try:
+        body = {"model": BASE, "messages": QUESTION, "max_tokens": 400, "stream": True}
+        with httpx.Client(timeout=30) as http, http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()  # held: dropping the iterator would close the connection already
+            assert '"role": "assistant"' in next(lines)
+            deadline = time.time() + 20
+            while len(forwards) < 5 and time.time() < deadline:
+                time.sleep(0.01)
+            assert len(forwards) >= 5  # generating
+        # the connection is closed: the generation thread must let go of the engine well before 400 tokens
+        assert engine.lock.acquire(timeout=4)
+        engine.lock.release()
+        stopped = len(forwards)
+        time.sleep(0.2)
+        assert len(forwards) == stopped < 100
+        assert client(server).chat.completions.create(model=BASE, messages=QUESTION, max_tokens=3).choices
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("host, key, warns", [
+    ("0.0.0.0", None, True), ("::", None, True), ("192.168.1.5", None, True), ("my-host", "", True),
+    ("0.0.0.0", KEY, False), ("127.0.0.1", None, False), ("127.0.0.2", None, False), ("localhost", None, False),
+    ("::1", None, False), ("[::1]", None, False),
+])
+def test_binding_beyond_loopback_without_a_key_warns(host, key, warns, capsys) -> None:
+    from peftkit.serve.exposure import warn_if_exposed
+
+    message = warn_if_exposed(host, key, "the API")
+    assert (message is not None) == warns
+    if warns:
+        assert host in message and "anyone who can reach" in message and "--api-key" in message
+        assert capsys.readouterr().err.strip() == message
+
+
+def test_serve_warns_before_it_listens_on_all_interfaces(served, monkeypatch, capsys) -> None:
+    from peftkit.serve.api import serve
+
+    engine, _ = served
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    serve(engine, BASE, host="0.0.0.0", port=1)
+    assert "0.0.0.0 without an API key" in capsys.readouterr().err
+    serve(engine, BASE, host="0.0.0.0", port=1, api_key=KEY)
+    serve(engine, BASE, host="127.0.0.1", port=1)
+    assert capsys.readouterr().err == ""

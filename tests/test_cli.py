@@ -80,3 +80,21 @@ def test_export_refuses_tensors_the_config_cannot_hold(tmp_path, capsys) -> None
     err = capsys.readouterr().err
     assert "o_proj.bias" in err and "would drop them" in err and "Traceback" not in err
     assert not export_dir.exists()  # nothing half-written
+
+
+def test_chat_and_api_refuse_bad_settings_before_loading_a_model(monkeypatch, capsys) -> None:
+    import peftkit.cli
+    import peftkit.models
+
+    def no_loading(*_, **__):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(peftkit.cli, "_load_chat_model", no_loading)
+    monkeypatch.setattr(peftkit.models, "load_model_and_tokenizer", no_loading)
+    cases = [(["chat", "--temperature", "-1"], "temperature"), (["chat", "--max-new-tokens", "0"], "max_new_tokens"),
+             (["chat", "--top-p", "1.5"], "top_p"), (["chat", "--top-p", "-0.5"], "top_p"),
+             (["api", "--port", "99999"], "--port"), (["api", "--port", "-1"], "--port")]
+    for argv, name in cases:
+        assert main([*argv, "--model", "m"]) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {name} must be") and len(err.splitlines()) == 1, (argv, err)

@@ -9,7 +9,7 @@ import platform
 import sys
 from typing import Any
 
-from .errors import PeftkitError
+from .errors import PeftkitError, TrainingInterrupted
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -73,9 +73,12 @@ def _load_chat_model(args: argparse.Namespace) -> Any:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from .serve import GenerationParams
+
+    # built before the model loads, so a bad --temperature, --top-p or --max-new-tokens fails at once
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     engine = _load_chat_model(args)
-    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-           "adapter": engine.default_adapter}
+    gen = {"params": params, "adapter": engine.default_adapter}
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.once is not None:
         print(engine.reply([*system, {"role": "user", "content": args.once}], **gen))
@@ -124,6 +127,8 @@ def cmd_api(args: argparse.Namespace) -> None:
     from .serve import ChatEngine
     from .serve.api import serve
 
+    if not 0 <= args.port <= 65535:
+        raise PeftkitError(f"--port must be between 0 and 65535, got {args.port}.")
     adapters = []
     for item in args.adapter or []:
         name, sep, folder = item.partition("=")
@@ -199,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", metavar="QUESTION", help="answer one question, print only the answer, and exit")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample only from the most likely tokens whose probabilities add up to this (0: the top one)")
     p.add_argument("--quantization-bit", type=int, choices=(0, 4, 8), default=None,
                    help="load the base in 4 or 8 bits (0: full precision; default: as the adapter was trained)")
     p.add_argument("--quantization-type", choices=("nf4", "fp4"), default="nf4")
@@ -225,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_command(argv: list[str] | None, checkpoint: str) -> str:
+    """The command line that continues an interrupted `peftkit train`: the same one, resuming from `checkpoint`."""
+    import shlex
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv)
+            if not a.startswith(("resume_from_checkpoint=", "overwrite_output_dir="))]
+    return shlex.join(["peftkit", *args, f"resume_from_checkpoint={checkpoint}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config:  # `peftkit export key=value ...` without a file
@@ -232,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     try:
         args.func(args)
+    except TrainingInterrupted as e:
+        print(f"{e}\nResume with: {_resume_command(argv, e.checkpoint)}", file=sys.stderr)
+        return 130
     except PeftkitError as e:
         if args.debug:
             raise

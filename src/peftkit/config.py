@@ -386,7 +386,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("adam_epsilon", lambda v: v > 0, "greater than 0"),
-    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("top_p", lambda v: 0 <= v <= 1, "in [0, 1] (0: only the most likely token)"),
     ("repetition_penalty", lambda v: v > 0, "greater than 0"),
     ("val_size", lambda v: 0 <= v < 1 or (v >= 1 and float(v).is_integer()), "a fraction in [0, 1) or a count >= 1"),
 ]

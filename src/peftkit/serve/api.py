@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from typing import Any, Iterator
+from typing import Any, AsyncIterator
 
 import anyio
 from fastapi import FastAPI, Request
@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .chat import ChatEngine, Completion, GenerationParams
+from .exposure import warn_if_exposed
 
 MAX_BATCH = 16
 
@@ -100,11 +101,15 @@ def _request_params(body: dict[str, Any]) -> GenerationParams:
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
         raise ApiError(422, "'stop' must be a string or a list of non-empty strings.", "invalid_request_error", "stop")
-    max_tokens = number("max_completion_tokens", 1, 1 << 20, int) or number("max_tokens", 1, 1 << 20, int)
+    max_tokens = number("max_completion_tokens", 1, 1 << 20, int)
+    if max_tokens is None:
+        max_tokens = number("max_tokens", 1, 1 << 20, int)
     temperature = number("temperature", 0, 2)
-    return GenerationParams(max_new_tokens=max_tokens or 512, temperature=temperature, top_p=number("top_p", 0, 1),
-                            stop=tuple(stop or ()), seed=number("seed", -(1 << 63), (1 << 63) - 1, int),
-                            do_sample=bool(temperature))
+    # top_p 0 keeps only the most likely token (greedy whatever the seed); temperature 0 or none is greedy
+    return GenerationParams(max_new_tokens=512 if max_tokens is None else max_tokens, temperature=temperature,
+                            top_p=number("top_p", 0, 1), stop=tuple(stop or ()),
+                            seed=number("seed", -(1 << 63), (1 << 63) - 1, int),
+                            do_sample=temperature is not None and temperature > 0)
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -201,9 +206,13 @@ def build_app(engine: ChatEngine, base_name: str, api_key: str | None = None) ->
     return app
 
 
-def _sse(engine: ChatEngine, reply_id: str, model: str, messages: list[dict[str, str]], params: GenerationParams,
-         adapter: str | None, prompt_tokens: int) -> Iterator[str]:
-    """OpenAI's chunk stream: the role first, then content pieces, then the finish reason, then [DONE]."""
+async def _sse(engine: ChatEngine, reply_id: str, model: str, messages: list[dict[str, str]],
+               params: GenerationParams, adapter: str | None, prompt_tokens: int) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: the role first, then content pieces, then the finish reason, then [DONE].
+
+    Async, so that Starlette can cancel it when the client disconnects: the `finally` then stops the generation at
+    its next token, instead of it running to `max_tokens` while holding the engine.
+    """
     def chunk(delta: dict[str, str], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
         data = {"id": reply_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -213,10 +222,16 @@ def _sse(engine: ChatEngine, reply_id: str, model: str, messages: list[dict[str,
 
     yield chunk({"role": "assistant", "content": ""})
     text = ""
-    for piece in engine.stream(messages, adapter=adapter, params=params):
-        text += piece
-        if piece:
-            yield chunk({"content": piece})
+    cancel = threading.Event()
+    pieces = engine.stream(messages, adapter=adapter, params=params, cancel=cancel)
+    try:
+        # abandon_on_cancel: a disconnect must not wait for the next piece, which may be many tokens away
+        while (piece := await anyio.to_thread.run_sync(next, pieces, None, abandon_on_cancel=True)) is not None:
+            text += piece
+            if piece:
+                yield chunk({"content": piece})
+    finally:
+        cancel.set()
     completion_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
     finish = "length" if completion_tokens >= params.max_new_tokens else "stop"
     yield chunk({}, finish, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -228,4 +243,5 @@ def serve(engine: ChatEngine, base_name: str, host: str = "127.0.0.1", port: int
           api_key: str | None = None) -> None:
     import uvicorn
 
+    warn_if_exposed(host, api_key, "the API")
     uvicorn.run(build_app(engine, base_name, api_key), host=host, port=port, log_level="info")

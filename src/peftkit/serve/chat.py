@@ -9,7 +9,7 @@ import threading
 from typing import Any, Iterator, Sequence
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..data import get_template
 from ..errors import AdapterLoadError, ConfigError
@@ -17,7 +17,11 @@ from ..errors import AdapterLoadError, ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class GenerationParams:
-    """Sampling settings; greedy unless `do_sample` (or a temperature > 0 with `do_sample` left None)."""
+    """Sampling settings; greedy unless `do_sample` (or a temperature > 0 with `do_sample` left None).
+
+    None means "not set"; 0 always means 0: temperature 0 is greedy, top_p 0 keeps only the most likely token, top_k 0
+    keeps every token (no top-k cut, as in transformers).
+    """
 
     max_new_tokens: int = 512
     temperature: float | None = None
@@ -28,9 +32,22 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        """Refused here, once, so `peftkit chat`, predict and the API fail before any generation starts."""
+        for name, ok, what in (("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+                               ("temperature", self.temperature is None or self.temperature >= 0, "at least 0"),
+                               ("top_p", self.top_p is None or 0 <= self.top_p <= 1, "between 0 and 1"),
+                               ("top_k", self.top_k is None or self.top_k >= 0, "at least 0"),
+                               ("repetition_penalty", self.repetition_penalty is None or self.repetition_penalty > 0,
+                                "greater than 0")):
+            if not ok:
+                raise ConfigError(f"{name} must be {what}, got {getattr(self, name)}.")
+
     @property
     def sampling(self) -> bool:
-        return bool(self.temperature) if self.do_sample is None else self.do_sample and self.temperature != 0
+        if self.do_sample is None:
+            return self.temperature is not None and self.temperature > 0
+        return self.do_sample and self.temperature != 0
 
 
 @dataclasses.dataclass
@@ -122,11 +139,17 @@ class ChatEngine:
         kw: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "eos_token_id": self.stop_ids or None,
                               "pad_token_id": self.tokenizer.pad_token_id}
         if params.sampling:
-            kw.update(do_sample=True, temperature=params.temperature or 1.0, top_p=params.top_p or 1.0,
-                      top_k=params.top_k or 0)
+            top_p = 1.0 if params.top_p is None else params.top_p
+            top_k = 0 if params.top_k is None else params.top_k
+            # top_p 0 keeps exactly the most likely token; transformers' own top-p cut at 0 keeps up to a few on
+            # large vocabularies, where its float32 cumulative sum rounds past 1
+            if top_p == 0:
+                top_p, top_k = 1.0, 1
+            kw.update(do_sample=True, temperature=1.0 if params.temperature is None else params.temperature,
+                      top_p=top_p, top_k=top_k)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if params.repetition_penalty:
+        if params.repetition_penalty is not None:
             kw["repetition_penalty"] = params.repetition_penalty
         if params.stop:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
@@ -173,19 +196,27 @@ class ChatEngine:
         return Completion(text.strip(), len(prompt), used, "stop" if finished else "length")
 
     def reply(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float | None = None,
-              top_p: float | None = None, adapter: str | None = None) -> str:
+              top_p: float | None = None, adapter: str | None = None, params: GenerationParams | None = None) -> str:
         """The full answer (greedy unless a temperature is given)."""
-        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        if params is None:
+            params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         return self.generate([self.prompt_ids(messages)], params, adapter)[0].text
 
     def stream(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float | None = None,
                top_p: float | None = None, adapter: str | None = None,
-               params: GenerationParams | None = None) -> Iterator[str]:
-        """Yield the answer piece by piece as it is generated (the engine stays locked until it ends)."""
-        params = params or GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+               params: GenerationParams | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Yield the answer piece by piece as it is generated (the engine stays locked until it ends).
+
+        Setting `cancel`, or closing the iterator, ends generation at the next token and frees the engine, so a
+        reader that goes away (a disconnected API client) does not hold it for the whole `max_new_tokens`.
+        """
+        if params is None:
+            params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        cancel = threading.Event() if cancel is None else cancel
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         batch = self._batch([self.prompt_ids(messages)])
-        kwargs = {**batch, **self._generate_kwargs(params), "streamer": streamer}
+        kwargs = {**batch, **self._generate_kwargs(params), "streamer": streamer,
+                  "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)])}
 
         failure: list[BaseException] = []
 
@@ -203,7 +234,20 @@ class ChatEngine:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        yield from streamer
+        try:
+            yield from streamer
+        finally:  # also when the reader stops early; the thread then ends at the next token, unjoined
+            cancel.set()
         thread.join()
         if failure:
             raise failure[0]
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops every row once `event` is set: how a stream's reader ends a generation running in another thread."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
