@@ -234,7 +234,7 @@ def test_corrupt_and_missing_files(tmp_path) -> None:
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterLoadError, match="not valid JSON"):
         TunedModel.load(tiny_llama(), tmp_path)
-    with pytest.raises(AdapterLoadError, match="No adapter_config.json"):
+    with pytest.raises(AdapterLoadError, match="nowhere. does not exist"):
         TunedModel.load(tiny_llama(), tmp_path / "nowhere")
 
 

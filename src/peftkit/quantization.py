@@ -167,7 +167,8 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def settle_after_loading(model: nn.Module) -> None:
-    """Give the non-quantized tensors memory of their own, with 1-D ones (norm weights, biases) in float32.
+    """Give the non-quantized tensors memory of their own, with 1-D ones (norm weights, biases of unquantized layers)
+    in float32.
 
     transformers leaves them as views into the memory-mapped checkpoint, whose every page bitsandbytes read while
     quantizing: the whole file would stay resident and cost more than the 4-bit weights save. Norms in float32 as
@@ -178,10 +179,13 @@ def settle_after_loading(model: nn.Module) -> None:
     """
     for module in model.modules():
         promoted = False
+        # bitsandbytes casts a quantized linear's bias to its input's dtype in place at the first forward: upcast
+        # here, it would silently turn back into the compute dtype mid-training
+        quantized = any(is_quantized_param(p) for p in module.parameters(recurse=False))
         for name, p in module.named_parameters(recurse=False):
             if is_quantized_param(p):
                 continue
-            dtype = torch.float32 if p.dim() == 1 and p.is_floating_point() else p.dtype
+            dtype = torch.float32 if p.dim() == 1 and p.is_floating_point() and not quantized else p.dtype
             promoted |= dtype != p.dtype and "norm" in type(module).__name__.lower()
             p.data = p.data.to(dtype, copy=True)
         for name, b in module.named_buffers(recurse=False):

@@ -160,15 +160,32 @@ class LinearAdapterLayer(AdapterLayer):
             w.copy_((w_out_in.T if self.fan_in_fan_out else w_out_in).to(w.dtype))
 
 
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors inside `value` (nested tuples, lists, dicts) cast to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
 class ModulesToSave(AdapterLayer):
-    """A full trainable copy of a module (e.g. a classification head) per adapter, as PEFT's `modules_to_save`."""
+    """A full trainable copy of a module (e.g. a classification head) per adapter, as PEFT's `modules_to_save`.
+
+    The copy is kept in float32 like every trainable tensor (in bf16, AdamW updates below the weights' resolution
+    would be lost); it gets its inputs cast up and hands its output back in their dtype (an embedding's: its table's),
+    so the half-precision model around it runs unchanged.
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.copies = nn.ModuleDict()
+        self.base_dtype = next((p.dtype for p in base_layer.parameters() if p.is_floating_point()), torch.float32)
 
     def add(self, name: str) -> None:
-        clone = copy.deepcopy(self.base_layer)
+        clone = copy.deepcopy(self.base_layer).float()
         for p in clone.parameters():
             p.requires_grad_(True)
         self.copies[name] = clone
@@ -190,9 +207,11 @@ class ModulesToSave(AdapterLayer):
         raise NotImplementedError("A merged modules_to_save copy replaced the original module and cannot be undone.")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.use_adapter:
-            return self.copies[self.active_adapter](*args, **kwargs)
-        return self.base_layer(*args, **kwargs)
+        if not self.use_adapter:
+            return self.base_layer(*args, **kwargs)
+        floats = [t.dtype for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        out = self.copies[self.active_adapter](*cast_floats(args, torch.float32), **cast_floats(kwargs, torch.float32))
+        return cast_floats(out, floats[0] if floats else self.base_dtype)
 
 
 class Method:

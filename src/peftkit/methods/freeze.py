@@ -5,13 +5,12 @@ optionally only some modules inside them, plus chosen modules outside the layer 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method, MethodConfig, register
+from .base import Method, MethodConfig, cast_floats, register
 from .full import reject_adapter_keys
 
 HALF = (torch.float16, torch.bfloat16)
@@ -82,17 +81,6 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def _matches(path: str, name: str) -> bool:
     return path == name or path.endswith(f".{name}")
-
-
-def _cast(value: Any, dtype: torch.dtype) -> Any:
-    """Floating tensors inside `value` (nested tuples, lists, dicts) cast to `dtype`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
-    return value
 
 
 @register
@@ -167,9 +155,10 @@ class Freeze(Method):
                 if id(p) in wanted and p.dtype in HALF:
                     p.data = p.data.float()
         for module, dtype in owners:
-            module.register_forward_pre_hook(lambda _m, args, kwargs: (_cast(args, torch.float32),
-                                                                       _cast(kwargs, torch.float32)), with_kwargs=True)
-            module.register_forward_hook(lambda _m, _args, out, dtype=dtype: _cast(out, dtype))
+            module.register_forward_pre_hook(lambda _m, args, kwargs: (cast_floats(args, torch.float32),
+                                                                       cast_floats(kwargs, torch.float32)),
+                                             with_kwargs=True)
+            module.register_forward_hook(lambda _m, _args, out, dtype=dtype: cast_floats(out, dtype))
         return owners[0][1] if owners else None
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
+from ..io.atomic import temp_dir
 from .base import Method, MethodConfig, register
 
 # A PEFT adapter beside a model makes transformers load the adapter's base model instead of this one.
@@ -75,7 +75,7 @@ class Full(Method):
         """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".full-model.tmp-"))
+        tmp = temp_dir(out, "full-model")
         try:
             self.model.save_pretrained(tmp)
             written = {p.name for p in tmp.iterdir()}

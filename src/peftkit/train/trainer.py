@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from ..errors import TrainingInterrupted
 from ..io.atomic import remove_stale_temporaries, write_text
@@ -40,6 +39,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from .schedules import get_scheduler
 from .varlen import attention_for
 
 LOG_NAME = "trainer_log.jsonl"
