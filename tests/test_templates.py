@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA
@@ -15,9 +16,11 @@ from transformers import AutoTokenizer
 
 from peftkit import ConfigError
 from peftkit.data import IGNORE_INDEX, TEMPLATES, Conversation, encode, get_template, load_conversations
+from peftkit.data.formats import RowError
 from peftkit.data.templates import StringTemplate, token_spans
 
 DATA = SHARED_DATA
+FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 TOOLS = json.dumps([{"name": "get_weather", "description": "Weather for a city",
                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}])
 CONVERSATIONS = [
@@ -37,7 +40,12 @@ CONVERSATIONS = [
 ]
 # Every built-in template's turn markers, made single tokens the way each template's own model has them.
 MARKERS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "[INST]", "[/INST]", "[TOOL_CALLS]",
-           "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+           "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[SYSTEM_PROMPT]",
+           "[/SYSTEM_PROMPT]", "<|header_start|>", "<|header_end|>", "<|eot|>", "<|python_start|>", "<|python_end|>",
+           "<start_of_turn>", "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|im_sep|>",
+           "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "[gMASK]", "<sop>", "<|observation|>",
+           "<reserved_106>", "<reserved_107>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>",
+           "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<tool_call>", "</tool_call>"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,17 +80,16 @@ def labelled_runs(example: dict) -> list[list[int]]:
 
 
 def expected_answers(template, tokenizer, conv: Conversation) -> list[str]:
-    """What the loss must cover per answer: the rendered answer text and its end-of-turn token, nothing else."""
-    out = []
-    for m in conv.messages:
-        if m["role"] not in ("assistant", "function_call"):
-            continue
-        if isinstance(template, StringTemplate):
-            fmt = template.answer_format(m["role"])
-            out.append(template._fill(fmt, tokenizer, m["content"]) + template._fill(template.eot, tokenizer))
-        else:  # SmolLM2's own template has no tool-call syntax: a call is plain assistant text
-            out.append(m["content"] + "<|im_end|>")
-    return out
+    """What the loss must cover per answer: the rendered answer text and its end-of-turn token, nothing else
+    (tests/test_templates_families.py writes each built-in template's answers out in full)."""
+    if isinstance(template, StringTemplate):
+        text, spans = template.answer_spans(conv.messages, tokenizer, tools=conv.tools)
+        # A token straddling an answer's start is trained whole (R1's prompt ends inside the "\n\n" token).
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        starts = [a for a, _ in offsets]
+        return [text[max(a for a in starts if a <= s):e] for s, e in spans]
+    # SmolLM2's own template has no tool-call syntax: a call is plain assistant text
+    return [m["content"] + "<|im_end|>" for m in conv.messages if m["role"] in ("assistant", "function_call")]
 
 
 @pytest.mark.parametrize("name", [None, *TEMPLATES])
@@ -192,3 +199,22 @@ def test_template_errors(tok, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="peftkit.data"):
         get_template("llama3", tok)
     assert "splits into several tokens" in caplog.text
+
+
+def test_own_template_hears_enable_thinking(tok) -> None:
+    """With `template` unset, enable_thinking goes to the tokenizer's template: Qwen3's prompts with an empty think
+    block when it is False, so the block is prompt, not answer; when True the model learns to write it."""
+    qwen3 = copy.deepcopy(tok)
+    qwen3.chat_template = (FIXTURES / "qwen3-8b.jinja").read_text(encoding="utf-8")
+    for thinking, answer in ((True, "<think>\n\n</think>\n\nBlue.<|im_end|>"), (False, "Blue.<|im_end|>")):
+        template = get_template(None, qwen3, enable_thinking=thinking)
+        example, _ = encode(CONVERSATIONS[0], template, qwen3, cutoff_len=4096)
+        assert [qwen3.decode(run) for run in labelled_runs(example)] == [answer]
+
+
+@pytest.mark.parametrize("call", ["get_weather(city='Paris')", '{"arguments": {"city": "Paris"}}', "[]"])
+def test_a_call_that_is_not_json_name_and_arguments_is_a_row_error(tok, call) -> None:
+    conv = Conversation([{"role": "user", "content": "Weather?"}, {"role": "function_call", "content": call}],
+                        tools=TOOLS)
+    with pytest.raises(RowError, match='function_call turn must be JSON like {"name"'):
+        encode(conv, get_template("qwen", tok), tok, cutoff_len=4096)

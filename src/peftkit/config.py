@@ -31,10 +31,12 @@ SUPPORTED_STAGES = ("sft",)
 INFER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 EXPORT_FORMATS = ("hf", "gguf", "ollama", "gguf_lora")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # export/gguf.py maps them onto ggml types
+EXPORT_DEVICES = ("cpu", "auto")  # LLaMA-Factory's: where the merge runs
 
 _NOT_HERE = "single-device training only; multi-GPU settings have no effect"
 _NO_MEDIA = "text-only models for now; multimodal settings have no effect"
 _NO_HUB = "uploading is not supported (no network); push the output_dir yourself"
+_NO_GPTQ = "GPTQ export is not supported; export_format: gguf with export_gguf_type: q4_0 or q8_0 quantizes instead"
 # Keys from LLaMA-Factory configs that are accepted so its files load, with a warning saying why they do nothing.
 IGNORED_KEYS: dict[str, str] = {
     "ddp_timeout": _NOT_HERE, "ddp_find_unused_parameters": _NOT_HERE, "deepspeed": _NOT_HERE, "fsdp": _NOT_HERE,
@@ -51,6 +53,7 @@ IGNORED_KEYS: dict[str, str] = {
     "include_num_input_tokens_seen": "tokens per second are always logged",
     "image_max_pixels": _NO_MEDIA, "video_max_pixels": _NO_MEDIA, "freeze_vision_tower": _NO_MEDIA,
     "media_dir": _NO_MEDIA,
+    "export_quantization_nsamples": _NO_GPTQ, "export_quantization_maxlen": _NO_GPTQ,
     "predict_with_generate": "predict always generates", "run_name": "runs are named by output_dir", "logging_dir": "logs go to output_dir/trainer_log.jsonl",
 }
 _ALIASES = {"evaluation_strategy": "eval_strategy"}  # old TrainingArguments name -> current
@@ -63,7 +66,8 @@ RESUME_NEUTRAL_KEYS = frozenset({
     "per_device_eval_batch_size", "do_train", "do_eval", "do_predict", "plot_loss", "report_to",
     "dataloader_num_workers", "preprocessing_num_workers", "overwrite_cache", "gradient_checkpointing",
     "trust_remote_code", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample",
-    "export_dir", "export_size", "export_format", "export_gguf_type", "ollama_system", "infer_dtype",
+    "export_dir", "export_size", "export_format", "export_gguf_type", "ollama_system", "infer_dtype", "export_device",
+    "export_legacy_format", "export_quantization_bit", "export_quantization_dataset", "export_hub_model_id",
 })
 
 
@@ -132,6 +136,7 @@ class TrainConfig:
     padding_free: bool = True  # a micro-batch is one unpadded row with per-example attention (train/varlen.py)
     train_on_prompt: bool = False
     mask_history: bool = False
+    enable_thinking: bool = True  # reasoning templates (qwen3, deepseekr1): train the think block; False drops it
     overwrite_cache: bool = False
     preprocessing_num_workers: int | None = None
     dataloader_num_workers: int = 0
@@ -186,6 +191,11 @@ class TrainConfig:
     export_format: str = "hf"  # hf folder | gguf file | ollama (gguf + Modelfile) | gguf_lora (llama.cpp LoRA adapter)
     export_gguf_type: str = "f16"  # the GGUF's weight type (norms stay f32)
     ollama_system: str | None = None  # a SYSTEM line for the Modelfile; the template's default system otherwise
+    export_device: str = "cpu"  # where the merge runs: cpu, or auto (the GPU when there is one: faster)
+    export_legacy_format: bool = False  # hf: also write PyTorch .bin weights beside the safetensors, for older tools
+    export_quantization_bit: int | None = None  # LLaMA-Factory's GPTQ export: refused, naming gguf q4_0/q8_0 instead
+    export_quantization_dataset: str | None = None  # GPTQ calibration data: refused with export_quantization_bit
+    export_hub_model_id: str | None = None  # upload after export: refused (no network); upload export_dir yourself
     infer_dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -426,7 +436,8 @@ def _validate(c: TrainConfig) -> None:
         _check_choice("finetuning_type", c.finetuning_type, available_methods())
     for key, options in (("lr_scheduler_type", LR_SCHEDULERS), ("eval_strategy", EVAL_STRATEGIES),
                          ("save_strategy", SAVE_STRATEGIES), ("infer_dtype", INFER_DTYPES),
-                         ("export_format", EXPORT_FORMATS), ("export_gguf_type", GGUF_TYPES)):
+                         ("export_format", EXPORT_FORMATS), ("export_gguf_type", GGUF_TYPES),
+                         ("export_device", EXPORT_DEVICES)):
         _check_choice(key, getattr(c, key), options)
     if c.optim != "adamw_torch":
         warnings.warn(f"optim '{c.optim}' is not supported; using adamw_torch (torch.optim.AdamW).", stacklevel=2)

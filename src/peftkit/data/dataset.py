@@ -25,7 +25,7 @@ from .templates import ChatTemplate, StringTemplate, Template, encode_counted, g
 
 logger = logging.getLogger("peftkit.data")
 
-CACHE_VERSION = 2  # bump whenever a change here, in formats or in templates changes the tokenized output or report
+CACHE_VERSION = 3  # bump whenever a change here, in formats or in templates changes the tokenized output or report
 SHOWN_SKIPS = 3
 
 
@@ -157,6 +157,7 @@ def build_sft_dataset(
     eval_dataset: list[str] | str | None = None,
     train_on_prompt: bool = False,
     mask_history: bool = False,
+    enable_thinking: bool = True,
     packing: bool = False,
     seed: int = 42,
     cache_dir: str | None = None,
@@ -173,11 +174,12 @@ def build_sft_dataset(
     if split_names(eval_dataset) and val_size:
         logger.warning("Both eval_dataset and val_size are set; using eval_dataset and ignoring val_size.")
         val_size = 0.0
-    chat = get_template(template, tokenizer)
+    chat = get_template(template, tokenizer, enable_thinking=enable_thinking)
     train_attrs = resolve_datasets(dataset, dataset_dir)
     eval_attrs = resolve_datasets(eval_dataset, dataset_dir) if split_names(eval_dataset) else []
     settings = dict(template=_template_id(chat), cutoff_len=cutoff_len, max_samples=max_samples, val_size=val_size,
-                    train_on_prompt=train_on_prompt, mask_history=mask_history, packing=packing, seed=seed)
+                    train_on_prompt=train_on_prompt, mask_history=mask_history, enable_thinking=enable_thinking,
+                    packing=packing, seed=seed)
     path = Path(cache_dir) if cache_dir else default_cache_dir()
     path = path / f"sft-{_cache_key(tokenizer, train_attrs, eval_attrs, settings)}.npz"
     if not overwrite_cache and path.exists():

@@ -48,6 +48,7 @@ def run_sft(cfg: Any) -> dict[str, Any]:
         eval_dataset=cfg.eval_dataset,
         train_on_prompt=cfg.train_on_prompt,
         mask_history=cfg.mask_history,
+        enable_thinking=cfg.enable_thinking,
         packing=cfg.packing,
         seed=cfg.seed,
         overwrite_cache=cfg.overwrite_cache,
