@@ -13,15 +13,25 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from peftkit import LoraConfig, TunedModel
@@ -119,9 +129,33 @@ def tiny(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
                   num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**{**common, **overrides})).eval()
+    if arch == "qwen3":  # head_dim is not hidden / heads, as in Qwen3-0.6B
+        return Qwen3ForCausalLM(Qwen3Config(**{**common, "head_dim": 32, **overrides})).eval()
     if arch == "mistral":
         return MistralForCausalLM(MistralConfig(**{**common, "sliding_window": None, **overrides})).eval()
+    if arch == "phi3":  # rotating half of each head, as Phi-4-mini rotates three quarters
+        return Phi3ForCausalLM(Phi3Config(**{**common, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                                             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                 "partial_rotary_factor": 0.5}, **overrides})).eval()
+    if arch.startswith("gemma"):
+        return _tiny_gemma(arch, common, overrides)
     return LlamaForCausalLM(LlamaConfig(**{**common, "rope_theta": 10000.0, **overrides})).eval()
+
+
+def _tiny_gemma(arch: str, common: dict, overrides: dict) -> torch.nn.Module:
+    """Gemma's features at sizes that make each one move the logits: a sliding window (8) shorter than the prompt,
+    soft-caps (2 and 5) near the logits' own size, Gemma 3's one global layer in six with linearly scaled rope."""
+    gemma = {**common, "head_dim": 32}
+    if arch == "gemma":
+        return GemmaForCausalLM(GemmaConfig(**{**gemma, **overrides})).eval()
+    gemma |= {"query_pre_attn_scalar": 32, "sliding_window": 8}
+    if arch == "gemma2":
+        cfg = Gemma2Config(**{**gemma, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0, **overrides})
+        return Gemma2ForCausalLM(cfg).eval()
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    cfg = Gemma3TextConfig(**{**gemma, "num_hidden_layers": 6, "rope_parameters": rope, **overrides})
+    return Gemma3ForCausalLM(cfg).eval()
 
 
 # --- llama.cpp ---------------------------------------------------------------------------------------------------------
@@ -137,10 +171,10 @@ def llama_cpp():
 
 
 @contextlib.contextmanager
-def llama(path, lora: str | None = None, f32_kv: bool = False):
+def llama(path, lora: str | None = None, f32_kv: bool = False, n_ctx: int = 256):
     """llama.cpp on one GGUF; its default KV cache is f16, `f32_kv` keeps it in f32 (GGML type 0)."""
     kv = {"type_k": 0, "type_v": 0} if f32_kv else {}
-    llm = llama_cpp().Llama(str(path), lora_path=str(lora) if lora else None, n_ctx=256, logits_all=True,
+    llm = llama_cpp().Llama(str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, logits_all=True,
                             n_threads=2, flash_attn=False, verbose=False, **kv)
     try:
         yield llm
@@ -228,7 +262,8 @@ def test_file_layout_types_and_tokenizer(tmp_path, tokenizer) -> None:
 def test_unsupported_models_fail_with_the_supported_list(tmp_path, tokenizer) -> None:
     from transformers import BertConfig, BertForMaskedLM
 
-    with pytest.raises(ExportError, match="supported: llama, mistral, qwen2, gpt2"):
+    with pytest.raises(ExportError, match="supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, "
+                                          "phi3, gpt2"):
         write_gguf(BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                num_attention_heads=2, intermediate_size=32)),
                    tokenizer, tmp_path / "x.gguf")
@@ -253,7 +288,21 @@ def test_unsupported_models_fail_with_the_supported_list(tmp_path, tokenizer) ->
 
 # --- llama.cpp runs the files ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+def test_gemma_settings_llama_cpp_would_ignore_are_refused(tmp_path, tokenizer) -> None:
+    """llama.cpp fixes Gemma's query scale, layer pattern and soft-caps rather than reading them from the file."""
+    for arch, overrides, match in [("gemma2", dict(query_pre_attn_scalar=64), "query_pre_attn_scalar=64"),
+                                   ("gemma2", dict(attn_logit_softcapping=None), "always soft-caps"),
+                                   ("gemma3", dict(layer_types=["sliding_attention"] * 6), "last layer of every 6"),
+                                   ("gemma3", dict(final_logit_softcapping=30.0), "does not soft-cap")]:
+        with pytest.raises(ExportError, match=match):
+            write_gguf(tiny(arch, **overrides), tokenizer, tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+GELU_ARCHS = ("gpt2", "gemma", "gemma2", "gemma3")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2"])
 def test_llama_cpp_matches_transformers(tmp_path, tokenizer, arch) -> None:
     model = tiny(arch)
     path = write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf_type="f32", progress=False)
@@ -264,8 +313,9 @@ def test_llama_cpp_matches_transformers(tmp_path, tokenizer, arch) -> None:
     with llama(path) as llm:
         diff = np.abs(llama_logits(llm, ids) - expected).max()
         print(f"{arch}: max |llama.cpp - transformers| logit = {diff:.2e} with f16 KV cache, {exact:.2e} with f32")
-        # GPT-2's gelu: llama.cpp's CPU kernel reads it from an f16 table, ~1e-3 off even with an f32 cache
-        assert diff <= 1e-2 and exact <= (5e-3 if arch == "gpt2" else 1e-4)
+        # gelu (GPT-2, Gemma): llama.cpp's CPU kernel reads it from an f16 table, ~1e-3 off even with an f32 cache;
+        # transformers with that same table gelu is within ~1e-4 of llama.cpp
+        assert diff <= 1e-2 and exact <= (5e-3 if arch in GELU_ARCHS else 1e-4)
         assert llama_greedy(llm, ids) == hf_greedy(model, ids)
 
 
@@ -292,6 +342,20 @@ def test_llama3_rope_scaling_and_head_dim(tmp_path, tokenizer) -> None:
     ids = prompt_ids(tokenizer) * 4  # past the original context, where the scaling matters
     with llama(path) as llm:
         assert np.abs(llama_logits(llm, ids) - hf_logits(model, ids)).max() <= 1e-2
+
+
+def test_phi3_longrope_in_both_regimes(tmp_path, tokenizer) -> None:
+    """Phi-3.5 / Phi-4-mini's LongRoPE: short factors while the context fits the original length, long ones past it
+    (transformers switches by sequence length, llama.cpp by n_ctx: each side is run where both pick the same set)."""
+    rng = np.random.default_rng(0)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": (1 + rng.random(4)).tolist(), "long_factor": (1 + 4 * rng.random(4)).tolist()}
+    model = tiny("phi3", max_position_embeddings=1024, original_max_position_embeddings=256, rope_parameters=rope)
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf_type="f32", progress=False)
+    short, long = prompt_ids(tokenizer), (prompt_ids(tokenizer) * 13)[:300]
+    for ids, n_ctx in [(short, 256), (long, 512)]:
+        with llama(path, f32_kv=True, n_ctx=n_ctx) as llm:
+            assert np.abs(llama_logits(llm, ids) - hf_logits(model, ids)).max() <= 1e-4, n_ctx
 
 
 TEXTS = (MIXED, "x = 1234567 + 89;\r\n\n\tDON'T they've", "  leading spaces and trailing  ")
@@ -388,7 +452,9 @@ def _lora_adapter(tmp_path, arch: str, **lora) -> tuple[Path, Path, torch.nn.Mod
 
 
 @pytest.mark.parametrize("arch,lora", [("llama", dict(r=4, lora_alpha=8)), ("llama", dict(r=8, use_rslora=True)),
-                                       ("qwen2", dict(r=4)), ("gpt2", dict(r=4))])
+                                       ("qwen2", dict(r=4)), ("gpt2", dict(r=4)),
+                                       ("phi3", dict(r=4)),  # LoRA on the fused qkv_proj and gate_up_proj
+                                       ("gemma3", dict(r=4))])
 def test_gguf_lora_applied_by_llama_cpp_equals_merged(tmp_path, tokenizer, arch, lora) -> None:
     base_dir, adapter_dir, base, merged = _lora_adapter(tmp_path, arch, **lora)
     base_gguf = write_gguf(base, tokenizer, tmp_path / "base.gguf", gguf_type="f32", progress=False)

@@ -1,11 +1,15 @@
 """Write a transformers model as one GGUF file that llama.cpp (and so Ollama) runs.
 
 The file is laid out the way llama.cpp's own converter lays it out: its tensor names (the `gguf` package's
-`TensorNameMap`), its hyperparameter keys, the tokenizer (`gguf_vocab`), and its weight layout. Two layout facts
+`TensorNameMap`), its hyperparameter keys, the tokenizer (`gguf_vocab`), and its weight layout. Three layout facts
 matter for correctness: llama.cpp's "normal" rotary embedding rotates adjacent pairs of dimensions while transformers'
-Llama rotates the two halves of each head, so Llama's q/k rows are permuted; GPT-2 stores its linears as Conv1D
-(in, out), so they are transposed. Tensors are converted and written one at a time, so an export needs the model's
-memory plus one tensor, not a second copy of the model.
+Llama rotates the two halves of each head, so Llama's q/k rows are permuted (every other architecture here uses
+llama.cpp's "neox" rope, which rotates halves too); GPT-2 stores its linears as Conv1D (in, out), so they are
+transposed; Gemma's RMSNorms multiply by (1 + weight), llama.cpp's by the weight, so Gemma's norms are stored plus
+one. Settings llama.cpp fixes per architecture instead of reading them (Gemma's query scale, layer pattern and
+soft-caps) are checked, and a model that differs is refused rather than exported to compute something else.
+Tensors are converted and written one at a time, so an export needs the model's memory plus one tensor, not a second
+copy of the model.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ GGUF_TYPES: dict[str, tuple[T, gguf.LlamaFileType]] = {
 }
 
 
+_TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # llama.cpp's gelu is the tanh form
+
+
 @dataclass(frozen=True)
 class GgufArch:
     """How one transformers architecture maps onto llama.cpp's."""
@@ -47,15 +54,18 @@ class GgufArch:
     permute_qk: bool = False  # llama.cpp's normal rope pairs adjacent dimensions; HF Llama rotates halves
     conv1d: bool = False  # weights stored (in, out), as GPT-2's Conv1D does
     activations: tuple[str, ...] = ("silu",)
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight), llama.cpp's by the stored weight
 
     @property
     def name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.arch]
 
 
-def _rope(config: Any) -> dict[str, Any]:
-    """transformers 5 keeps rope settings in `rope_parameters`; older configs in rope_theta / rope_scaling."""
+def _rope(config: Any, layer_type: str = "full_attention") -> dict[str, Any]:
+    """transformers 5 keeps rope settings in `rope_parameters` (per layer type for Gemma 3); older configs in
+    rope_theta / rope_scaling."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params = dict(params.get(layer_type) or params)
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
     return params
@@ -65,7 +75,9 @@ def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _llama_hparams(w: gguf.GGUFWriter, c: Any) -> None:
+def _attention_hparams(w: gguf.GGUFWriter, c: Any, rope_dims: int | None = None) -> None:
+    """The sizes every decoder-only transformer writes; head_dim goes in as key/value length, since it need not be
+    hidden / heads (Gemma, Qwen3)."""
     head_dim = _head_dim(c)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -75,22 +87,119 @@ def _llama_hparams(w: gguf.GGUFWriter, c: Any) -> None:
     w.add_head_count_kv(c.num_key_value_heads or c.num_attention_heads)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(rope_dims or head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
+
+
+def _rope_hparams(w: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope["rope_type"] not in ("default", "llama3"):  # llama3's scaling is a tensor, see _rope_tensors
+        raise ExportError(f"rope type '{rope['rope_type']}' is not supported in GGUF export yet; supported: default, "
+                          "linear, llama3. Export export_format: hf and convert with llama.cpp's convert_hf_to_gguf.py.")
+
+
+def _warn_if_sliding(w: gguf.GGUFWriter, c: Any) -> None:
+    """For graphs without sliding-window attention (llama, qwen2/3, phi3: llama.cpp disables Phi-3's window)."""
     window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
     if window and window < c.max_position_embeddings:
         logger.warning("%s attends within a sliding window of %d tokens, which llama.cpp's %s graph does not: "
                        "outputs agree up to %d tokens of context and differ beyond.", c.model_type, window,
                        w.arch, window)
+
+
+def _llama_hparams(w: gguf.GGUFWriter, c: Any) -> None:
+    _attention_hparams(w, c)
+    _rope_hparams(w, _rope(c))
+    _warn_if_sliding(w, c)
+
+
+def _phi3_hparams(w: gguf.GGUFWriter, c: Any) -> None:
+    """Phi-3 / Phi-4-mini rotate only the first `partial_rotary_factor` of each head; their long-context variants
+    scale rope by LongRoPE (factor tensors in `_rope_tensors`, plus one attention factor)."""
     rope = _rope(c)
-    w.add_rope_freq_base(float(rope["rope_theta"]))
-    if rope["rope_type"] == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rope["factor"]))
-    elif rope["rope_type"] not in ("default", "llama3"):  # llama3's scaling is a tensor, see _rope_freqs
-        raise ExportError(f"rope type '{rope['rope_type']}' is not supported in GGUF export yet; supported: default, "
-                          "linear, llama3. Export export_format: hf and convert with llama.cpp's convert_hf_to_gguf.py.")
+    fraction = rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+    _attention_hparams(w, c, rope_dims=int(_head_dim(c) * fraction))
+    if rope["rope_type"] == "longrope":
+        original = rope["original_max_position_embeddings"]
+        w.add_rope_freq_base(float(rope["rope_theta"]))
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_scaling_attn_factors(_longrope_attention_factor(c, rope))
+        logger.warning("LongRoPE: transformers switches to the long-context factors when a sequence passes %d "
+                       "tokens; llama.cpp switches when its context size (n_ctx) does, for every sequence. Run the "
+                       "GGUF with n_ctx <= %d for the short-context behaviour.", original, original)
+    else:
+        _rope_hparams(w, rope)
+    _warn_if_sliding(w, c)
+
+
+def _longrope_attention_factor(c: Any, rope: dict[str, Any]) -> float:
+    """The cos/sin scale LongRoPE applies at every length (transformers' `_compute_longrope_parameters`)."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    original = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or c.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def _gemma_hparams(w: gguf.GGUFWriter, c: Any) -> None:
+    """Gemma's embedding scale (sqrt(hidden)) and gelu are built into llama.cpp's graph; its norms are shifted
+    by `norm_offset`."""
+    _attention_hparams(w, c)
+    _rope_hparams(w, _rope(c))
+
+
+def _gemma_query_scale(c: Any, n_layers_27b: int) -> None:
+    """llama.cpp does not read Gemma's query_pre_attn_scalar: it scales queries by 1/sqrt(head_dim), except for the
+    27B models (recognised by their layer count), where it uses hidden / heads."""
+    expected = c.hidden_size // c.num_attention_heads if c.num_hidden_layers == n_layers_27b else _head_dim(c)
+    if float(c.query_pre_attn_scalar) != float(expected):
+        raise ExportError(f"This {c.model_type} model scales attention by query_pre_attn_scalar="
+                          f"{c.query_pre_attn_scalar}, but llama.cpp's graph uses {expected} for this shape, so the "
+                          "GGUF would compute different attention. Export with export_format: hf instead.")
+
+
+def _gemma_sliding_window(w: gguf.GGUFWriter, c: Any, period: int) -> None:
+    """llama.cpp hard-codes Gemma's layer pattern: the last layer of every `period` attends fully, the others
+    within the sliding window."""
+    expected = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(c.num_hidden_layers)]
+    layer_types = list(getattr(c, "layer_types", None) or expected)
+    if not c.sliding_window or layer_types != expected:
+        raise ExportError(f"llama.cpp's {w.arch} graph attends fully on the last layer of every {period} and within a "
+                          f"sliding window on the others; this model's layer_types ({layer_types}) or sliding_window "
+                          f"({c.sliding_window}) differ. Export with export_format: hf instead.")
+    w.add_sliding_window(c.sliding_window)
+
+
+def _gemma2_hparams(w: gguf.GGUFWriter, c: Any) -> None:
+    _gemma_hparams(w, c)
+    _gemma_query_scale(c, n_layers_27b=46)
+    _gemma_sliding_window(w, c, period=2)
+    if c.attn_logit_softcapping is None or c.final_logit_softcapping is None:  # llama.cpp would cap at 50 and 30
+        raise ExportError("llama.cpp's gemma2 graph always soft-caps attention and final logits; this model leaves "
+                          "attn_logit_softcapping or final_logit_softcapping unset. Export with export_format: hf "
+                          "instead.")
+    w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+    w.add_final_logit_softcapping(c.final_logit_softcapping)
+
+
+def _gemma3_hparams(w: gguf.GGUFWriter, c: Any) -> None:
+    """Gemma 3: global layers use rope_parameters["full_attention"], sliding ones ["sliding_attention"]."""
+    _attention_hparams(w, c)
+    _rope_hparams(w, _rope(c, "full_attention"))
+    local = _rope(c, "sliding_attention")
+    if local["rope_type"] != "default":
+        raise ExportError(f"llama.cpp's gemma3 graph rotates sliding-window layers with plain rope; this model uses "
+                          f"'{local['rope_type']}' there. Export with export_format: hf instead.")
+    w.add_rope_freq_base_swa(float(local["rope_theta"]))  # older llama.cpp ignores it: 10000, as in every Gemma 3
+    _gemma_query_scale(c, n_layers_27b=62)
+    _gemma_sliding_window(w, c, period=6)
+    if c.attn_logit_softcapping or c.final_logit_softcapping:
+        raise ExportError("llama.cpp's gemma3 graph does not soft-cap logits; this model sets attn_logit_softcapping "
+                          "or final_logit_softcapping. Export with export_format: hf instead.")
 
 
 def _gpt2_hparams(w: gguf.GGUFWriter, c: Any) -> None:
@@ -104,12 +213,17 @@ def _gpt2_hparams(w: gguf.GGUFWriter, c: Any) -> None:
 
 
 _LLAMA = GgufArch(gguf.MODEL_ARCH.LLAMA, _llama_hparams, permute_qk=True)
+# Every architecture but llama uses llama.cpp's neox rope, which rotates halves as transformers does: no permutation.
 ARCHITECTURES: dict[str, GgufArch] = {
     "llama": _LLAMA,  # SmolLM2 included
     "mistral": _LLAMA,  # llama.cpp runs Mistral as llama
-    "qwen2": GgufArch(gguf.MODEL_ARCH.QWEN2, _llama_hparams),  # neox rope: HF's layout already
-    "gpt2": GgufArch(gguf.MODEL_ARCH.GPT2, _gpt2_hparams, conv1d=True,
-                     activations=("gelu_new", "gelu_pytorch_tanh", "gelu_fast")),  # llama.cpp's gelu is the tanh form
+    "qwen2": GgufArch(gguf.MODEL_ARCH.QWEN2, _llama_hparams),
+    "qwen3": GgufArch(gguf.MODEL_ARCH.QWEN3, _llama_hparams),  # adds per-head q/k RMSNorms, mapped by name
+    "gemma": GgufArch(gguf.MODEL_ARCH.GEMMA, _gemma_hparams, activations=_TANH_GELU, norm_offset=1.0),
+    "gemma2": GgufArch(gguf.MODEL_ARCH.GEMMA2, _gemma2_hparams, activations=_TANH_GELU, norm_offset=1.0),
+    "gemma3_text": GgufArch(gguf.MODEL_ARCH.GEMMA3, _gemma3_hparams, activations=_TANH_GELU, norm_offset=1.0),
+    "phi3": GgufArch(gguf.MODEL_ARCH.PHI3, _phi3_hparams),  # fused qkv and [gate; up] are llama.cpp's layout too
+    "gpt2": GgufArch(gguf.MODEL_ARCH.GPT2, _gpt2_hparams, conv1d=True, activations=_TANH_GELU),
 }
 
 
@@ -120,7 +234,8 @@ def gguf_arch(config: Any) -> GgufArch:
         raise ExportError(f"GGUF export does not support model_type '{config.model_type}' yet; supported: "
                           f"{', '.join(ARCHITECTURES)}. Export with export_format: hf and convert the folder with "
                           "llama.cpp's convert_hf_to_gguf.py.")
-    act = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
+    act = (getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)  # Gemma 2/3: the former
+           or getattr(config, "activation_function", None))
     if act not in arch.activations:
         raise ExportError(f"{config.model_type} with activation '{act}' cannot be exported to GGUF: llama.cpp's "
                           f"{arch.name} graph computes {arch.activations[0]}.")
@@ -156,6 +271,8 @@ class TensorNames:
         c = self.config
         if self.arch.conv1d and w.ndim == 2 and not rows_only and gguf_name.startswith("blk."):
             w = w.T
+        if self.arch.norm_offset and gguf_name.endswith("norm.weight"):
+            w = w + self.arch.norm_offset
         if self.arch.permute_qk:
             if ".attn_q." in gguf_name:
                 w = permute_rows(w, c.num_attention_heads)
@@ -164,11 +281,18 @@ class TensorNames:
         return w.contiguous()
 
 
-def _rope_freqs(config: Any) -> np.ndarray | None:
-    """Llama 3.1's frequency-dependent rope scaling, which llama.cpp reads as per-dimension factors (rope_freqs)."""
+def _rope_tensors(config: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """Rope scalings that llama.cpp reads as per-dimension frequency divisors rather than as hyperparameters."""
     rope = _rope(config)
-    if rope["rope_type"] != "llama3":
-        return None
+    if rope["rope_type"] == "llama3":
+        yield "rope_freqs.weight", _llama3_rope_freqs(config, rope)
+    elif rope["rope_type"] == "longrope":  # Phi-3: llama.cpp picks one set by its context size, see _phi3_hparams
+        for kind in ("long", "short"):
+            yield f"rope_factors_{kind}.weight", np.asarray(rope[f"{kind}_factor"], dtype=np.float32)
+
+
+def _llama3_rope_freqs(config: Any, rope: dict[str, Any]) -> np.ndarray:
+    """Llama 3.1's frequency-dependent rope scaling as per-dimension factors (rope_freqs)."""
     dim = _head_dim(config)
     factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
     old_ctx = rope["original_max_position_embeddings"]
@@ -187,7 +311,7 @@ def _rope_freqs(config: Any) -> np.ndarray | None:
 
 
 def _is_norm_or_vector(name: str, shape: tuple[int, ...]) -> bool:
-    return len(shape) == 1 or "_norm." in name or name == "rope_freqs.weight"
+    return len(shape) == 1 or "_norm." in name or name.startswith(("rope_freqs.", "rope_factors_"))
 
 
 def tensor_type(name: str, shape: tuple[int, ...], gguf_type: str, *, output_name: str) -> T:
@@ -230,9 +354,8 @@ Layout = Callable[[torch.Tensor], torch.Tensor]  # a tensor as transformers hold
 
 def _model_tensors(model: torch.nn.Module, names: TensorNames) -> Iterator[tuple[str, torch.Tensor, Layout]]:
     """(GGUF name, tensor, layout change) for every tensor llama.cpp needs, in the model's order."""
-    freqs = _rope_freqs(model.config)
-    if freqs is not None:
-        yield "rope_freqs.weight", torch.from_numpy(freqs), lambda t: t
+    for name, factors in _rope_tensors(model.config):
+        yield name, torch.from_numpy(factors), lambda t: t
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
