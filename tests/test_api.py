@@ -308,3 +308,40 @@ def test_serve_warns_before_it_listens_on_all_interfaces(served, monkeypatch, ca
     serve(engine, BASE, host="0.0.0.0", port=1, api_key=KEY)
     serve(engine, BASE, host="127.0.0.1", port=1)
     assert capsys.readouterr().err == ""
+
+
+def test_top_k_and_repetition_penalty_as_vllm_extra_fields(served) -> None:
+    """Not OpenAI's fields: the `openai` client sends them in extra_body, as for vLLM; they reach generation."""
+    engine, server = served
+
+    def ask(**extra) -> str:
+        return client(server).chat.completions.create(model=BASE, messages=QUESTION, max_tokens=12,
+                                                      extra_body=extra).choices[0].message.content
+
+    assert {ask(temperature=1.0, top_k=1, seed=seed) for seed in range(4)} == {lone(engine, BASE)}
+    assert len({ask(temperature=1.0, top_k=-1, seed=seed) for seed in range(4)}) > 1  # -1: no cut, as vLLM reads it
+    # below 1 the "penalty" favours tokens already seen (the prompt's too), so it surely changes a greedy answer
+    penalised = engine.generate([engine.prompt_ids(QUESTION)], GenerationParams(max_new_tokens=12,
+                                                                                repetition_penalty=0.1))[0].text
+    assert penalised != lone(engine, BASE)
+    assert ask(repetition_penalty=0.1) == penalised  # the API applies it
+
+
+@pytest.mark.parametrize("field, value", [("top_k", 1.5), ("top_k", -2), ("top_k", "5"), ("repetition_penalty", 0),
+                                          ("repetition_penalty", -1.0), ("repetition_penalty", "high")])
+def test_bad_top_k_and_repetition_penalty_get_422(field, value) -> None:
+    from peftkit.serve.api import ApiError, _request_params
+
+    with pytest.raises(ApiError) as e:
+        _request_params({field: value})
+    assert e.value.status == 422 and e.value.param == field
+
+
+def test_request_fields_map_onto_generation_params() -> None:
+    from peftkit.serve.api import _request_params
+
+    params = _request_params({"max_tokens": 9, "temperature": 0.5, "top_p": 0.8, "top_k": 40, "repetition_penalty": 1.2,
+                              "seed": 3, "stop": "END"})
+    assert params == GenerationParams(max_new_tokens=9, temperature=0.5, top_p=0.8, top_k=40, repetition_penalty=1.2,
+                                      seed=3, stop=("END",), do_sample=True)
+    assert _request_params({"top_k": -1}).top_k == 0 and _request_params({"top_k": 0}).top_k == 0

@@ -99,8 +99,12 @@ def predict_cfg(model_dir, tmp_path, **kw):
 def test_predict_writes_llama_factory_files(small_model_dir, tmp_path) -> None:
     results = run_predict(predict_cfg(small_model_dir, tmp_path))
     keys = {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_runtime",
-            "predict_samples_per_second", "predict_steps_per_second", "predict_sacrebleu"}
-    assert keys == set(results) == set(json.loads((tmp_path / "pred" / "predict_results.json").read_text()))
+            "predict_samples_per_second", "predict_steps_per_second", "predict_sacrebleu",
+            "predict_model_preparation_time"}
+    text = (tmp_path / "pred" / "predict_results.json").read_text()
+    assert keys == set(results) == set(json.loads(text))
+    assert text == json.dumps(results, indent=4, sort_keys=True) + "\n"  # as transformers' save_metrics writes it
+    assert 0 <= results["predict_model_preparation_time"] < results["predict_runtime"]
     rows = [json.loads(line) for line in (tmp_path / "pred" / "generated_predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(set(r) == {"prompt", "predict", "label"} for r in rows)
     assert rows[0]["prompt"].endswith("<|im_start|>assistant\n") and "Ember" in rows[0]["label"]
@@ -153,3 +157,23 @@ def test_llama_factory_predict_config_needs_no_do_train(small_model_dir) -> None
 def test_train_with_nothing_to_do_says_so(capsys) -> None:
     assert main(["train", "/dev/null", "model_name_or_path=m"]) == 1
     assert "Nothing to do" in capsys.readouterr().err
+
+
+def test_predict_and_eval_follow_the_template_the_adapter_was_trained_with(small_model_dir, tmp_path) -> None:
+    from peftkit.evaluate import run_eval
+    from peftkit.models import load_model
+
+    tuned = TunedModel(load_model(str(small_model_dir)), LoraConfig(r=4, target_modules="all-linear"))
+    tuned.save(tmp_path / "adapter")
+    (tmp_path / "adapter" / "train_config.json").write_text(json.dumps({"template": "alpaca"}))
+    common = dict(adapter_name_or_path=str(tmp_path / "adapter"), max_samples=2, max_new_tokens=2)
+
+    def first_prompt(out: str, **kw) -> str:
+        run_predict(predict_cfg(small_model_dir, tmp_path / out, **common, **kw))
+        return json.loads((tmp_path / out / "pred" / "generated_predictions.jsonl").read_text().splitlines()[0])["prompt"]
+
+    assert first_prompt("recorded").startswith("Below is an instruction that describes a task.")
+    assert first_prompt("chatml", template="chatml").startswith("<|im_start|>user\n")  # the config overrides
+    losses = {name: run_eval(predict_cfg(small_model_dir, tmp_path / f"e-{name}", **common, **kw))["eval_loss"]
+              for name, kw in (("recorded", {}), ("alpaca", {"template": "alpaca"}), ("chatml", {"template": "chatml"}))}
+    assert losses["recorded"] == losses["alpaca"] != losses["chatml"]

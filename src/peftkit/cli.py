@@ -57,7 +57,50 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(results, indent=2))
 
 
-def _load_chat_model(args: argparse.Namespace) -> Any:
+def _check_template_name(name: str | None) -> None:
+    """A mistyped --template fails before minutes of model loading."""
+    import difflib
+
+    from .data.templates import TEMPLATES
+
+    if name is not None and name not in TEMPLATES:
+        close = difflib.get_close_matches(name, list(TEMPLATES), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise PeftkitError(f"Unknown --template '{name}'.{hint} Built-in templates: {', '.join(TEMPLATES)}; leave "
+                           "--template out to use the template the adapter was trained with, or the tokenizer's own.")
+
+
+def _trained_template(folders: list[str]) -> tuple[str | None, bool]:
+    """(template, enable_thinking) the adapters in `folders` were trained with, from their train_config.json; (None,
+    True) when none has a record: the tokenizer's own template. One engine formats every prompt one way, so adapters
+    trained with different templates need --template."""
+    from .train.checkpoint import read_train_config
+
+    trained = {}
+    for folder in folders:
+        record = read_train_config(folder)
+        if record:
+            trained[folder] = (record.get("template"), bool(record.get("enable_thinking", True)))
+    if len(set(trained.values())) > 1:
+        listing = ", ".join(f"{folder}: {t or 'tokenizer template'}" for folder, (t, _) in trained.items())
+        raise PeftkitError(f"The adapters were trained with different templates ({listing}), but one server formats "
+                           "every prompt one way. Pass --template NAME, or serve them from separate servers.")
+    return next(iter(trained.values()), (None, True))
+
+
+def _chat_template(explicit: str | None, adapters: list[str]) -> tuple[str | None, bool]:
+    """--template when given, else the adapters' training template (said on stderr, so the prompt format is no
+    surprise)."""
+    if explicit is not None:
+        return explicit, True
+    template, thinking = _trained_template(adapters)
+    if template is not None:
+        trained = "adapters were" if len(adapters) > 1 else "adapter was"
+        print(f"Using template '{template}', as the {trained} trained (--template overrides).", file=sys.stderr)
+    return template, thinking
+
+
+def _load_chat_model(args: argparse.Namespace, template: str | None = None, enable_thinking: bool = True) -> Any:
     from .quantization import QuantizationConfig, trained_quantization
     from .serve import ChatEngine
     from .tuned import load_for_inference
@@ -69,15 +112,22 @@ def _load_chat_model(args: argparse.Namespace) -> Any:
                   "(--quantization-bit 0 loads it in full precision).", file=sys.stderr)
     else:
         quantization = QuantizationConfig(args.quantization_bit, args.quantization_type) if args.quantization_bit else None
-    return ChatEngine(*load_for_inference(args.model, args.adapter, quantization=quantization))
+    return ChatEngine(*load_for_inference(args.model, args.adapter, quantization=quantization), template,
+                      enable_thinking=enable_thinking)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from .serve import GenerationParams
 
-    # built before the model loads, so a bad --temperature, --top-p or --max-new-tokens fails at once
-    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    engine = _load_chat_model(args)
+    # checked before the model loads, so a bad setting fails at once
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    _check_template_name(args.template)
+    if (args.top_k is not None or args.top_p is not None) and not params.sampling:
+        print("note: --top-k and --top-p shape sampling, which needs --temperature above 0 (e.g. 0.7); answers stay "
+              "greedy.", file=sys.stderr)
+    template, enable_thinking = _chat_template(args.template, [args.adapter] if args.adapter else [])
+    engine = _load_chat_model(args, template, enable_thinking)
     gen = {"params": params, "adapter": engine.default_adapter}
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.once is not None:
@@ -129,6 +179,7 @@ def cmd_api(args: argparse.Namespace) -> None:
 
     if not 0 <= args.port <= 65535:
         raise PeftkitError(f"--port must be between 0 and 65535, got {args.port}.")
+    _check_template_name(args.template)
     adapters = []
     for item in args.adapter or []:
         name, sep, folder = item.partition("=")
@@ -137,9 +188,10 @@ def cmd_api(args: argparse.Namespace) -> None:
         if name == args.model:
             raise PeftkitError(f"The adapter name '{name}' is the base model's; pick another.")
         adapters.append((name, folder))
+    template, enable_thinking = _chat_template(args.template, [folder for _, folder in adapters])
     quantization = QuantizationConfig(args.quantization_bit) if args.quantization_bit else None
     model, tokenizer = load_model_and_tokenizer(args.model, quantization=quantization)
-    engine = ChatEngine(model, tokenizer, args.template)
+    engine = ChatEngine(model, tokenizer, template, enable_thinking=enable_thinking)
     for name, folder in adapters:  # every adapter on the one base model in memory; a request's `model` picks one
         engine.load_adapter(folder, name)
     print(f"Serving {', '.join([args.model, *engine.adapters])} at http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -200,12 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with a model (and adapter)")
     p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or built-in alias")
     p.add_argument("--adapter", help="adapter folder (peftkit or PEFT format)")
+    p.add_argument("--template", help="LLaMA-Factory template name (default: the one the adapter was trained with, "
+                                      "else the tokenizer's chat template)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--once", metavar="QUESTION", help="answer one question, print only the answer, and exit")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default: 256)")
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="sample only from the most likely tokens whose probabilities add up to this (0: the top one)")
+    p.add_argument("--top-p", type=float, default=None, help="when sampling: only from the most likely tokens whose "
+                                                             "probabilities add up to this (0: the top one)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="when sampling: only from the k most likely tokens (0: no limit)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="divide the scores of tokens already written by this (1: none; 1.1 discourages repeats)")
     p.add_argument("--quantization-bit", type=int, choices=(0, 4, 8), default=None,
                    help="load the base in 4 or 8 bits (0: full precision; default: as the adapter was trained)")
     p.add_argument("--quantization-type", choices=("nf4", "fp4"), default="nf4")
@@ -219,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="serve the model and its adapters through an OpenAI-compatible API")
     p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or built-in alias")
     p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="an adapter, requested as model=NAME")
-    p.add_argument("--template", help="LLaMA-Factory template name (default: the tokenizer's chat template)")
+    p.add_argument("--template", help="LLaMA-Factory template name (default: the one the adapters were trained "
+                                      "with, else the tokenizer's chat template)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint")

@@ -1,7 +1,8 @@
 """`peftkit predict`: generate answers for `eval_dataset` and score them; `peftkit eval`: loss and perplexity.
 
 Outputs follow LLaMA-Factory: `generated_predictions.jsonl` (prompt, predict, label per row) and
-`predict_results.json` (`predict_bleu-4`, `predict_rouge-1/2/l`, runtime and throughput), so numbers compare.
+`predict_results.json` (`predict_bleu-4`, `predict_rouge-1/2/l`, `predict_model_preparation_time`, runtime and
+throughput; sorted keys, as transformers' `Trainer.save_metrics` writes them), so numbers and scripts compare.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..io.atomic import atomic_write
+from ..train.checkpoint import read_train_config
 from .metrics import similarity
 
 PREDICTIONS_NAME = "generated_predictions.jsonl"
@@ -40,6 +42,12 @@ def _eval_names(cfg: Any) -> list[str]:
     return names
 
 
+def inference_template(cfg: Any) -> str | None:
+    """The config's template, else the one the adapter was trained with (its train_config.json), else None (the
+    tokenizer's own): an adapter answers best in the format it learnt."""
+    return cfg.template or read_train_config(cfg.adapter_name_or_path).get("template")
+
+
 def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str, float]:
     """Generate for every row of `eval_dataset` (its last assistant turn is the label), write both files to
     `output_dir`, and return the metrics."""
@@ -48,7 +56,11 @@ def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str,
 
     if model is None:
         model, tokenizer = _load(cfg)
-    engine = ChatEngine(model, tokenizer, cfg.template)
+    # transformers' Trainer reports readying the loaded model (its device placement) apart from predict_runtime;
+    # here that is the engine: eval mode, template, stop tokens
+    prepared = time.perf_counter()
+    engine = ChatEngine(model, tokenizer, inference_template(cfg), enable_thinking=cfg.enable_thinking)
+    preparation = time.perf_counter() - prepared
     conversations, _ = load_conversations(_eval_names(cfg), cfg.dataset_dir, max_samples=cfg.max_samples, seed=cfg.seed)
     rows = []
     for conv in conversations:
@@ -73,14 +85,16 @@ def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str,
     labels = [label for _, label in rows]
     scores = similarity(preds, labels)
     results = {f"predict_{k}": v for k, v in scores.items()}
-    results.update(predict_runtime=round(runtime, 4), predict_samples_per_second=round(len(rows) / runtime, 3),
+    results.update(predict_model_preparation_time=round(preparation, 4), predict_runtime=round(runtime, 4),
+                   predict_samples_per_second=round(len(rows) / runtime, 3),
                    predict_steps_per_second=round(steps / runtime, 3))
+    results = dict(sorted(results.items()))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"prompt": tokenizer.decode(prompt), "predict": pred, "label": label}, ensure_ascii=False)
              for (prompt, label), pred in zip(rows, preds)]
     atomic_write(out / PREDICTIONS_NAME, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
-    text = json.dumps(results, indent=2) + "\n"
+    text = json.dumps(results, indent=4, sort_keys=True) + "\n"
     atomic_write(out / RESULTS_NAME, lambda tmp: Path(tmp).write_text(text))
     return results
 
@@ -91,9 +105,9 @@ def run_eval(cfg: Any) -> dict[str, float]:
     from ..train.trainer import token_loss_sum
 
     model, tokenizer = _load(cfg)
-    rows, _ = build_sft_dataset(tokenizer, _eval_names(cfg), cfg.dataset_dir, template=cfg.template,
+    rows, _ = build_sft_dataset(tokenizer, _eval_names(cfg), cfg.dataset_dir, template=inference_template(cfg),
                                 cutoff_len=cfg.cutoff_len, max_samples=cfg.max_samples, train_on_prompt=cfg.train_on_prompt,
-                                mask_history=cfg.mask_history, seed=cfg.seed)
+                                mask_history=cfg.mask_history, enable_thinking=cfg.enable_thinking, seed=cfg.seed)
     collate = SFTCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     total = count = 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,19 +47,37 @@ def writing_export(out: Path) -> Iterator[Path]:
         record_outputs(tmp, [p.name for p in tmp.iterdir()])
 
 
+def merge_device(export_device: str) -> torch.device:
+    """LLaMA-Factory's `export_device`: cpu, or auto (the GPU when there is one)."""
+    if export_device not in ("cpu", "auto"):
+        raise ConfigError(f"export_device '{export_device}' is not one of: cpu, auto.")
+    return torch.device("cuda" if export_device == "auto" and torch.cuda.is_available() else "cpu")
+
+
 def load_merged(model_name_or_path: str, adapter_dir: str | None, *, trust_remote_code: bool = False,
-                progress: bool = True) -> tuple[torch.nn.Module, Any]:
+                progress: bool = True, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
     """The base model in float32 with the adapter merged in (rounding happens once, at the export dtype), and its
-    tokenizer. An adapter that cannot merge is refused before any time is spent loading the model."""
+    tokenizer. An adapter that cannot merge is refused before any time is spent loading the model.
+
+    `device` "auto" merges on the GPU when there is one (the float32 model must fit in its memory); the merged model
+    is handed back on the CPU either way, where every writer reads it.
+    """
     from ..models import load_model_and_tokenizer
 
+    on = merge_device(device)
     if adapter_dir:
         method_cls = method_for_config(peft_format.read_config(adapter_dir))
         if not method_cls.mergeable:
             raise PeftkitError(not_mergeable_message(method_cls))
     model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype="float32", trust_remote_code=trust_remote_code)
     if adapter_dir:
-        model = TunedModel.load(model, adapter_dir).merge_and_unload(progress=progress)
+        tuned = TunedModel.load(model, adapter_dir)
+        try:
+            tuned.to(on)
+        except torch.cuda.OutOfMemoryError:
+            raise PeftkitError(f"The float32 model does not fit in the memory of {torch.cuda.get_device_name(on)} "
+                               "for the merge; set export_device: cpu.") from None
+        model = tuned.merge_and_unload(progress=progress).to("cpu")
     check_config_holds(model)
     return model, tokenizer
 
@@ -73,21 +92,51 @@ def export_merged(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    device: str = "cpu",
+    legacy_format: bool = False,
 ) -> Path:
     """Write base + merged adapter to `export_dir` (safetensors sharded at `export_size` GB, tokenizer, generation
-    config), through a temporary folder so an interrupted export leaves nothing half-written."""
+    config), through a temporary folder so an interrupted export leaves nothing half-written. `legacy_format` also
+    writes the weights as PyTorch .bin files, for tools that predate safetensors."""
     from ..models import parse_dtype
 
     out = check_export_dir(export_dir, overwrite, {"model_name_or_path": model_name_or_path,
                                                    "adapter_name_or_path": adapter_dir})
     model, tokenizer = load_merged(model_name_or_path, adapter_dir, trust_remote_code=trust_remote_code,
-                                   progress=progress)
+                                   progress=progress, device=device)
     if dtype not in (None, "auto"):  # "auto" keeps the float32 the merge was done in
         model = model.to(parse_dtype(dtype))
     with writing_export(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=f"{export_size}GB")
         tokenizer.save_pretrained(tmp)
+        if legacy_format:
+            write_bin_copies(tmp)
     return out
+
+
+def write_bin_copies(folder: Path) -> list[Path]:
+    """Beside each safetensors weight file in `folder`, the same tensors as a PyTorch .bin file under transformers'
+    legacy names (model.safetensors -> pytorch_model.bin, shards and index alike), so the folder loads in tools
+    that read only .bin. transformers 5 no longer writes them (`safe_serialization` is gone)."""
+    from safetensors.torch import load_file
+
+    written = []
+    for shard in sorted(folder.glob("model*.safetensors")):
+        target = folder / _legacy_name(shard.name)
+        torch.save(load_file(shard), target)
+        written.append(target)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: _legacy_name(v) for k, v in data["weight_map"].items()}
+        target = folder / "pytorch_model.bin.index.json"
+        target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        written.append(target)
+    return written
+
+
+def _legacy_name(safetensors_name: str) -> str:
+    return "pytorch_model" + safetensors_name.removeprefix("model").removesuffix(".safetensors") + ".bin"
 
 
 def quantized_training_note(bits: int) -> str:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..errors import ConfigError
 from ..train.checkpoint import read_train_config
 from .merge import check_export_dir, export_merged, load_merged, quantized_training_note, writing_export
@@ -28,7 +30,14 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
 
     if not cfg.export_dir:
         raise ConfigError("export needs export_dir (e.g. `peftkit export cfg.yaml export_dir=out/merged`).")
+    _check_unsupported(cfg)
     notes = []
+    merges = cfg.adapter_name_or_path and cfg.export_format != "gguf_lora"  # gguf_lora converts the adapter alone
+    if merges and cfg.export_device == "auto" and not torch.cuda.is_available():
+        notes.append("note: export_device: auto found no GPU; the merge ran on the CPU.")
+    if cfg.export_legacy_format and cfg.export_format != "hf":
+        notes.append(f"note: export_legacy_format writes .bin files for export_format: hf only; export_format: "
+                     f"{cfg.export_format} wrote none.")
     if cfg.adapter_name_or_path:  # a QLoRA adapter is exported against the full-precision base, never the 4-bit one
         trained = trained_quantization(cfg.adapter_name_or_path)
         bits = trained.bits if trained else cfg.quantization_bit
@@ -39,7 +48,8 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
     if fmt == "hf":
         out = export_merged(cfg.model_name_or_path, cfg.adapter_name_or_path, cfg.export_dir,
                             export_size=cfg.export_size, dtype=cfg.infer_dtype, overwrite=cfg.overwrite_output_dir,
-                            trust_remote_code=cfg.trust_remote_code, progress=progress)
+                            trust_remote_code=cfg.trust_remote_code, progress=progress, device=cfg.export_device,
+                            legacy_format=cfg.export_legacy_format)
         if template_name:  # the tokenizer as exported, read back only when there is a template to compare
             from ..models import load_tokenizer
 
@@ -50,7 +60,7 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
     if fmt == "gguf_lora":
         return _export_gguf_lora(cfg, out, notes, progress)
     model, tokenizer = load_merged(cfg.model_name_or_path, cfg.adapter_name_or_path,
-                                   trust_remote_code=cfg.trust_remote_code, progress=progress)
+                                   trust_remote_code=cfg.trust_remote_code, progress=progress, device=cfg.export_device)
     from .gguf import write_gguf
 
     gguf_name = f"model-{cfg.export_gguf_type}.gguf"
@@ -71,6 +81,23 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
         name = re.sub(r"[^a-z0-9._-]+", "-", out.name.lower()).strip("-._") or "model"  # what Ollama accepts
         result.notes.append(f"Create the Ollama model with:\n  {ollama_create_command(out / 'Modelfile', name)}")
     return result
+
+
+def _check_unsupported(cfg: TrainConfig) -> None:
+    """LLaMA-Factory's export keys that peftkit cannot honour: refused before any loading, naming what to do."""
+    if cfg.export_quantization_bit is not None or cfg.export_quantization_dataset:
+        bits = cfg.export_quantization_bit
+        asked = f"export_quantization_bit: {bits}" if bits is not None else "export_quantization_dataset"
+        gguf_type = "q8_0" if bits == 8 else "q4_0"
+        raise ConfigError(
+            f"{asked} (GPTQ quantization with a calibration dataset) is not supported. For a quantized model use "
+            f"export_format: gguf with export_gguf_type: {gguf_type} (q4_0 or q8_0; no calibration data needed), or "
+            "remove export_quantization_bit and export_quantization_dataset to export in full precision.")
+    if cfg.export_hub_model_id:
+        raise ConfigError(
+            f"export_hub_model_id: {cfg.export_hub_model_id} asks to upload the export, but peftkit does not upload "
+            "(it works offline). Remove export_hub_model_id, export, then upload export_dir yourself, e.g. "
+            f"`huggingface-cli upload {cfg.export_hub_model_id} {cfg.export_dir}`.")
 
 
 def _export_gguf_lora(cfg: TrainConfig, out: Path, notes: list[str], progress: bool) -> ExportResult:

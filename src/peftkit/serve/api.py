@@ -85,7 +85,11 @@ class ApiError(Exception):
 
 
 def _request_params(body: dict[str, Any]) -> GenerationParams:
-    """OpenAI's fields -> GenerationParams, with 422 for values of the wrong type or range."""
+    """OpenAI's fields -> GenerationParams, with 422 for values of the wrong type or range.
+
+    `top_k` and `repetition_penalty` are not OpenAI's: they are the extra fields vLLM accepts (the `openai` client
+    sends them through `extra_body`), with vLLM's meanings: top_k -1 (or 0) keeps every token.
+    """
     def number(name: str, lo: float, hi: float, kind: type = float) -> Any:
         value = body.get(name)
         if value is None:
@@ -105,9 +109,15 @@ def _request_params(body: dict[str, Any]) -> GenerationParams:
     if max_tokens is None:
         max_tokens = number("max_tokens", 1, 1 << 20, int)
     temperature = number("temperature", 0, 2)
+    top_k = number("top_k", -1, (1 << 31) - 1, int)
+    repetition_penalty = number("repetition_penalty", 0, 1e6)
+    if repetition_penalty == 0:
+        raise ApiError(422, "'repetition_penalty' must be greater than 0 (1: no penalty), got 0.",
+                       "invalid_request_error", "repetition_penalty")
     # top_p 0 keeps only the most likely token (greedy whatever the seed); temperature 0 or none is greedy
     return GenerationParams(max_new_tokens=512 if max_tokens is None else max_tokens, temperature=temperature,
-                            top_p=number("top_p", 0, 1), stop=tuple(stop or ()),
+                            top_p=number("top_p", 0, 1), top_k=None if top_k is None else max(top_k, 0),
+                            repetition_penalty=repetition_penalty, stop=tuple(stop or ()),
                             seed=number("seed", -(1 << 63), (1 << 63) - 1, int),
                             do_sample=temperature is not None and temperature > 0)
 

@@ -61,12 +61,13 @@ class Completion:
 class ChatEngine:
     """Generate assistant replies for lists of {role, content} messages with a base model or a TunedModel.
 
-    `template` is a LLaMA-Factory template name, None for the tokenizer's own chat template. `adapter` picks one of a
+    `template` is a LLaMA-Factory template name, None for the tokenizer's own chat template; `enable_thinking` is
+    LLaMA-Factory's key for reasoning templates (False prompts with an empty think block). `adapter` picks one of a
     TunedModel's adapters per call (None: the base model; `default_adapter` is the one that was active when the
     engine was made); one lock makes switching and generating atomic.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, template: str | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, template: str | None = None, *, enable_thinking: bool = True) -> None:
         if template is None and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("This tokenizer has no chat template; chat needs one (use an instruct/chat model, or set "
                               "`template`).")
@@ -74,7 +75,7 @@ class ChatEngine:
         self.trees = [self.model]  # module trees over the same base weights; see load_adapter
         self._pristine: Any = None  # an adapter-free tree over those weights, to grow new trees from
         self.tokenizer = tokenizer
-        self.template = get_template(template, tokenizer)
+        self.template = get_template(template, tokenizer, enable_thinking=enable_thinking)
         self.stop_ids = sorted(set(self.template.stop_token_ids(tokenizer)))
         self.lock = threading.RLock()
         # What `peftkit chat --adapter` and predict use: the adapter active when the engine was made (None: base).
