@@ -16,7 +16,7 @@ from peftkit.train import Trainer
 def make_cfg(tmp_path, **overrides) -> SimpleNamespace:
     """The trainer's settings without TrainConfig's model/data checks (the trainer only reads these)."""
     cfg = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, per_device_eval_batch_size=4,
+        stage="sft", output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, per_device_eval_batch_size=4,
         gradient_accumulation_steps=1, learning_rate=1e-2, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
         adam_epsilon=1e-8, num_train_epochs=2.0, max_steps=-1, lr_scheduler_type="linear", lr_scheduler_kwargs={},
         warmup_ratio=0.0, warmup_steps=0, max_grad_norm=1.0, logging_steps=1, eval_steps=None, eval_strategy="no",

@@ -133,7 +133,7 @@ def loss_and_grads(model, batch: dict) -> tuple[float, int, list[torch.Tensor]]:
 @pytest.mark.parametrize("arch", sorted(TINY_MODELS))
 def test_padding_free_equals_padded(arch: str) -> None:
     """The same examples, padded or flattened (and packed, then flattened): same loss sum, count and gradients."""
-    from peftkit.train.varlen import supports_padding_free
+    from peftkit.varlen import supports_padding_free
 
     model = TINY_MODELS[arch]()
     assert supports_padding_free(model)

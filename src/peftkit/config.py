@@ -27,7 +27,6 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("steps", "epoch", "no")
 STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")  # LLaMA-Factory's
-SUPPORTED_STAGES = ("sft",)
 INFER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 EXPORT_FORMATS = ("hf", "gguf", "ollama", "gguf_lora")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # export/gguf.py maps them onto ggml types
@@ -133,7 +132,7 @@ class TrainConfig:
     max_samples: int | None = None
     val_size: int | float = 0.0  # a fraction in [0, 1), or a count >= 1, of `dataset` held out for evaluation
     packing: bool = False  # always "neat": packed examples never attend to each other
-    padding_free: bool = True  # a micro-batch is one unpadded row with per-example attention (train/varlen.py)
+    padding_free: bool = True  # a micro-batch is one unpadded row with per-example attention (varlen.py)
     train_on_prompt: bool = False
     mask_history: bool = False
     enable_thinking: bool = True  # reasoning templates (qwen3, deepseekr1): train the think block; False drops it
@@ -424,10 +423,12 @@ def _validate(c: TrainConfig) -> None:
     if isinstance(c.resume_from_checkpoint, str) and c.resume_from_checkpoint.lower() in ("true", "false"):
         c.resume_from_checkpoint = c.resume_from_checkpoint.lower() == "true"
 
-    if c.stage not in SUPPORTED_STAGES:
+    from .objectives import available_objectives
+
+    if c.stage not in available_objectives():
         verb = "is not supported yet" if c.stage in STAGES else "is unknown"
         raise ConfigError(f"stage '{c.stage}' {verb}: LLaMA-Factory's stages are {', '.join(STAGES)}; "
-                          f"supported here: {', '.join(SUPPORTED_STAGES)}.")
+                          f"supported here: {', '.join(available_objectives())}.")
     try:
         from .methods import available_methods
     except ImportError:  # the method registry is checked again when the method is built

@@ -1,7 +1,7 @@
 """Packing several short examples into one row, and the collator that batches rows (packed or not).
 
 A packed row keeps its examples apart: `position_ids` restart at 0 per example and the collator's 4-D mask is
-block-diagonal causal, so no token attends across examples. Since every example's labels[0] is -100 (see
+block-diagonal causal, so no token attends across examples. Since every example's labels[0] is IGNORE_INDEX (see
 `templates.encode`), the shifted loss never asks one example's last token to predict the next example's first:
 the packed loss equals the unpacked loss.
 """
@@ -69,9 +69,9 @@ class SFTCollator:
 
     With `padding_free=True` every example goes end to end into one row [1, total tokens] with `position_ids`
     restarting per example and `cu_seq_lens_q` marking the starts; the model must run under
-    `train.varlen.varlen_attention`, which keeps examples apart. Nothing is padded and no mask is built.
+    `peftkit.varlen.varlen_attention`, which keeps examples apart. Nothing is padded and no mask is built.
 
-    Otherwise rows are right-padded into input_ids, labels (-100 on padding) and attention_mask.
+    Otherwise rows are right-padded into input_ids, labels (IGNORE_INDEX on padding) and attention_mask.
 
     Packed rows (with `seq_lens`) also get `position_ids` and a 4-D additive float `attention_mask`
     [B, 1, L, L] (0 = may attend, dtype-min = may not) that is causal within each example, blocks attention

@@ -102,21 +102,22 @@ def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str,
 def run_eval(cfg: Any) -> dict[str, float]:
     """Mean token loss on the answers of `eval_dataset` (as training computes it) and its perplexity, exp(loss)."""
     from ..data import SFTCollator, build_sft_dataset
-    from ..train.trainer import token_loss_sum
+    from ..objectives import get_objective
 
     model, tokenizer = _load(cfg)
     rows, _ = build_sft_dataset(tokenizer, _eval_names(cfg), cfg.dataset_dir, template=inference_template(cfg),
                                 cutoff_len=cfg.cutoff_len, max_samples=cfg.max_samples, train_on_prompt=cfg.train_on_prompt,
                                 mask_history=cfg.mask_history, enable_thinking=cfg.enable_thinking, seed=cfg.seed)
     collate = SFTCollator(tokenizer.pad_token_id)
+    objective = get_objective(cfg.stage)  # the loss training reports, by the same code
     device = next(model.parameters()).device
     total = count = 0.0
     bs = cfg.per_device_eval_batch_size
     with torch.no_grad():
         for i in tqdm(range(0, len(rows), bs), desc="eval", unit="batch", dynamic_ncols=True):
             batch = {k: v.to(device) for k, v in collate(rows[i:i + bs]).items()}
-            loss, n = token_loss_sum(model, batch)
-            total, count = total + loss.item(), count + n
+            total += objective.loss(model, batch).item()
+            count += objective.units(batch)
     loss = total / max(count, 1)
     results = {"eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(loss), 4), "eval_samples": len(rows),
                "eval_tokens": int(count)}

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .base import LINEAR_TYPES, LinearAdapterLayer, Method, MethodConfig, find_targets, register
+from .base import LINEAR_TYPES, LinearAdapterLayer, Method, MethodConfig, TrainingContext, find_targets, register
 
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
@@ -280,10 +280,10 @@ class AdaLora(Method):
                 for p, layer in self.adalora_layers()}
 
     # --- training hooks ---
-    def prepare(self, trainer: Any) -> None:
-        """Take total_step from the trainer and check the schedule before the first step."""
+    def prepare(self, context: TrainingContext) -> None:
+        """Take total_step from the run and check the schedule before the first step."""
         cfg = self.config
-        total = int(trainer.total_steps)
+        total = int(context.total_steps)
         if cfg.total_step is not None and cfg.total_step != total:
             warnings.warn(f"AdaLoRA total_step={cfg.total_step} differs from the {total} steps this run trains; "
                           f"the budget schedule uses {total}.", UserWarning, stacklevel=2)

@@ -11,7 +11,8 @@ import dataclasses
 import difflib
 import os
 import re
-from typing import Any, Callable, ClassVar, Iterator
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -214,11 +215,33 @@ class ModulesToSave(AdapterLayer):
         return cast_floats(out, floats[0] if floats else self.base_dtype)
 
 
+Batch = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingContext:
+    """What the Trainer gives a method's `prepare` hook: facts about the run and the means to run a short training of
+    the method's own (LoRA-drop's selection phase) through the Trainer's own step, never the Trainer itself."""
+
+    total_steps: int  # optimizer steps of the run
+    train_size: int  # training examples
+    batch_size: int  # examples per micro-batch
+    accumulation: int  # micro-batches per optimizer step
+    seed: int
+    device: torch.device
+    output_dir: Path
+    resuming: bool  # the run resumes from a checkpoint
+    batches: Callable[[Sequence[int]], Iterator[Batch]]  # micro-batches of these training examples, in order, on device
+    loss: Callable[[nn.Module, Batch], torch.Tensor]  # the objective's summed loss of a batch
+    make_optimizer: Callable[[Any], torch.optim.Optimizer]  # the run's optimizer (settings) over these parameters
+    step: Callable[[torch.optim.Optimizer, Sequence[Batch]], tuple[float, int]]  # the Trainer's optimizer step
+
+
 class Method:
     """One adapter of one method on one model. Subclasses implement `attach`; the rest has sensible defaults.
 
     Training hooks, called by the trainer for every method:
-      - `prepare(trainer)`: runs once before the optimizer is built (LoRA-drop's selection phase).
+      - `prepare(context)`: runs once before the optimizer is built (LoRA-drop's selection phase).
       - `param_groups(lr)`: optimizer parameter groups (LoRA+ gives lora_B its own learning rate).
       - `loss_term()`: an extra loss added to every micro-batch's loss (AdaLoRA's orthogonality regulariser).
       - `on_step_end(step)`: runs after every optimizer step, gradients still in place (AdaLoRA's rank allocation).
@@ -292,7 +315,7 @@ class Method:
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": [p for _, p in self.trainable_parameters()], "lr": lr}]
 
-    def prepare(self, trainer: Any) -> None:
+    def prepare(self, context: TrainingContext) -> None:
         """Called once before the first step."""
 
     def loss_term(self) -> torch.Tensor | None:

@@ -22,14 +22,14 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, PeftkitError
-from .base import register, trainable_report
+from .base import TrainingContext, register, trainable_report
 from .lora import Lora, LoraConfig, LoraEmbedding, LoraLayer
 
 RECORD_NAME = "lora_drop.json"
@@ -175,11 +175,14 @@ class LoraDrop(Lora):
 
     # --- phase 1: selection ---
     @torch.no_grad()
-    def layer_importance(self, batches: Iterable[dict[str, torch.Tensor]],
-                         device: torch.device | str | None = None) -> dict[int, float]:
-        """g_i = mean over real tokens x of sum over layer i's LoRA modules of ||s B A x||² (LoRA-drop Sec. 3)."""
-        from ..train.trainer import token_loss_sum
+    def layer_importance(self, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | str | None = None,
+                         forward: Callable[[nn.Module, dict[str, torch.Tensor]], Any] | None = None
+                         ) -> dict[int, float]:
+        """g_i = mean over real tokens x of sum over layer i's LoRA modules of ||s B A x||² (LoRA-drop Sec. 3).
 
+        `forward(model, batch)` runs the model on a batch (the run's objective loss, which knows padding-free
+        batches); by default a plain forward of a padded batch.
+        """
         units = self._units()
         sums: dict[int, torch.Tensor | float] = {index: 0.0 for index in units}  # on the device: no sync per module
         state: dict[str, torch.Tensor | None] = {"mask": None}
@@ -194,6 +197,9 @@ class LoraDrop(Lora):
                 sums[index] = sums[index] + out_sq.sum(dtype=torch.float64)
             return record
 
+        def plain(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+            return model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+
         handles = [layer.register_forward_hook(hook(index, layer), with_kwargs=True)
                    for index, mods in units.items() for _, _, layer in mods]
         model = self.model
@@ -206,70 +212,54 @@ class LoraDrop(Lora):
                     batch = {k: v.to(device) for k, v in batch.items()}
                 state["mask"] = _token_mask(batch)
                 tokens += int(state["mask"].sum())
-                token_loss_sum(model, batch)
+                (forward or plain)(model, batch)
         finally:
             for h in handles:
                 h.remove()
             model.train(was_training)
         return {index: float(total) / max(tokens, 1) for index, total in sums.items()}
 
-    def _sample(self, trainer: Any) -> list[dict]:
-        cfg = trainer.cfg
-        data = trainer.train_data
-        if not data:
+    def _sample(self, context: TrainingContext) -> list[int]:
+        """The indices of D_s: a seeded uniform share of the training examples, at least one batch."""
+        if not context.train_size:
             raise ConfigError("LoRA-drop needs training data to select layers; the training set is empty.")
-        wanted = math.ceil(self.config.lora_drop_sample_ratio * len(data))
-        n = min(len(data), max(wanted, cfg.per_device_train_batch_size))  # at least one batch
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        return [data[i] for i in order[:n]]
+        wanted = math.ceil(self.config.lora_drop_sample_ratio * context.train_size)
+        n = min(context.train_size, max(wanted, context.batch_size))
+        order = torch.randperm(context.train_size, generator=torch.Generator().manual_seed(context.seed)).tolist()
+        return order[:n]
 
-    def _train_on_sample(self, trainer: Any, sample: list[dict]) -> int:
-        """A short LoRA training on the sample with its own AdamW; the loss as in the trainer (token-weighted)."""
+    def _train_on_sample(self, context: TrainingContext, sample: list[int]) -> int:
+        """A short LoRA training on the sample with an optimizer of its own, through the run's own step."""
         from tqdm.auto import tqdm
 
-        from ..train.trainer import token_loss_sum
-
-        cfg = trainer.cfg
-        bs, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+        bs, ga = context.batch_size, context.accumulation
         batches_per_pass = math.ceil(len(sample) / bs)
         steps = self.config.lora_drop_steps or math.ceil(batches_per_pass / ga)
-        params = [p for _, p in self.trainable_parameters()]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        g = torch.Generator().manual_seed(cfg.seed + 1)
+        optimizer = context.make_optimizer([p for _, p in self.trainable_parameters()])
+        g = torch.Generator().manual_seed(context.seed + 1)
 
-        def micro_batches() -> Any:
+        def micro_batches() -> Iterator[dict[str, torch.Tensor]]:
             while True:
                 order = torch.randperm(len(sample), generator=g).tolist()
-                for i in range(batches_per_pass):
-                    yield trainer.collator([sample[j] for j in order[i * bs:(i + 1) * bs]])
+                yield from context.batches([sample[j] for j in order])
 
         stream = micro_batches()
-        model = trainer.tuned
-        was_training = model.training
-        model.train()
+        was_training = self.model.training
+        self.model.train()
         try:
             for _ in tqdm(range(steps), desc="lora-drop selection", unit="step", dynamic_ncols=True, leave=False):
-                group = [{k: v.to(trainer.device) for k, v in next(stream).items()} for _ in range(ga)]
-                n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-                for batch in group:
-                    loss_sum, _ = token_loss_sum(model, batch)
-                    (loss_sum / max(n_tokens, 1)).backward()
-                if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                context.step(optimizer, [next(stream) for _ in range(ga)])
         finally:
-            model.train(was_training)
+            self.model.train(was_training)
         return steps
 
-    def prepare(self, trainer: Any) -> None:
+    def prepare(self, context: TrainingContext) -> None:
         """Phase 1: train on a sample, rank layers by LoRA output, tie the dropped ones; reset the LoRA for phase 2."""
         if self.kept_layers is not None:
             print(f"LoRA-drop: layers already selected (kept {self.kept_layers}); training them as they are.")
             return
-        record_path = Path(trainer.cfg.output_dir) / RECORD_NAME
-        if trainer.cfg.resume_from_checkpoint and record_path.is_file():
+        record_path = Path(context.output_dir) / RECORD_NAME
+        if context.resuming and record_path.is_file():
             record = json.loads(record_path.read_text())
             if sorted(int(i) for i in record["importance"]) == sorted(self._units()):
                 self.importance = {int(i): float(v) for i, v in record["importance"].items()}
@@ -278,11 +268,9 @@ class LoraDrop(Lora):
                 return
 
         initial = {key: t.detach().clone() for key, t in self.state_dict().items()}
-        sample = self._sample(trainer)
-        steps = self._train_on_sample(trainer, sample)
-        bs = trainer.cfg.per_device_train_batch_size
-        self.importance = self.layer_importance(
-            (trainer.collator(sample[i:i + bs]) for i in range(0, len(sample), bs)), trainer.device)
+        sample = self._sample(context)
+        steps = self._train_on_sample(context, sample)
+        self.importance = self.layer_importance(context.batches(sample), forward=context.loss)
         with torch.no_grad():  # fresh LoRA for phase 2 (and biases / saved modules back to their start)
             for key, t in self.state_dict().items():
                 t.copy_(initial[key])

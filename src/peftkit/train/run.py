@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..objectives import get_objective
 from ..tuned import TunedModel
+from ..varlen import supports_padding_free
 from .checkpoint import check_output_dir
 from .precision import base_dtype
 from .trainer import Trainer
-from .varlen import supports_padding_free
 
 
 def seed_everything(seed: int) -> None:
@@ -66,7 +67,8 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     if cfg.packing and not padding_free:
         check_packing_support(model)
     collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, mask_dtype=model.dtype, padding_free=padding_free)
-    trainer = Trainer(cfg, tuned, train_data, collator, eval_data, base_model_name=base_model_id(model), tokenizer=tokenizer)
+    trainer = Trainer(cfg, tuned, train_data, collator, eval_data, base_model_name=base_model_id(model),
+                      tokenizer=tokenizer, objective=get_objective(cfg.stage))
     results = trainer.train()
     print(f"Saved the {tuned.method.output_kind} to {out} ({results['train_runtime']:.0f} s, "
           f"{results['train_tokens_per_second']:.0f} tokens/s)")

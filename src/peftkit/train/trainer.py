@@ -1,8 +1,9 @@
-"""The training loop: readable top to bottom, and it knows methods only through their hooks.
+"""The training loop: readable top to bottom; it knows methods only through their hooks and the training stage only
+through its objective.
 
-One optimizer step = `gradient_accumulation_steps` micro-batches. The loss of a step is the sum of token losses over
-all its micro-batches divided by their total number of label tokens, so accumulation gives exactly the gradient of
-one big batch however the tokens fall into micro-batches.
+One optimizer step = `gradient_accumulation_steps` micro-batches. The loss of a step is the objective's loss summed
+over all its micro-batches divided by their total units (label tokens for a token loss), so accumulation gives exactly the
+gradient of one big batch however the units fall into micro-batches.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -25,8 +26,11 @@ from tqdm.auto import tqdm
 from ..errors import TrainingInterrupted
 from ..io.atomic import remove_stale_temporaries, write_text
 from ..io.outputs import record_outputs
+from ..methods.base import TrainingContext
+from ..objectives import Batch, Objective, get_objective, token_loss_sum
 from ..quantization import model_bytes
 from ..tuned import TunedModel
+from ..varlen import attention_for
 from .checkpoint import (
     CONFIG_NAME,
     TrainerState,
@@ -40,32 +44,45 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .schedules import get_scheduler
-from .varlen import attention_for
 
 LOG_NAME = "trainer_log.jsonl"
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over label tokens, number of label tokens).
+__all__ = ["Trainer", "optimizer_step", "real_tokens", "token_loss_sum"]  # token_loss_sum: re-exported
 
-    Logits are computed only at positions whose next token is a label (`logits_to_keep`): the vocabulary projection
-    of prompt tokens is wasted work, a fifth of a small model's compute. In a padding-free batch (one row, see
-    `SFTCollator`) these are exactly the label positions; in a padded batch, every column that has one.
+
+def optimizer_step(model: torch.nn.Module, objective: Objective, group: Sequence[Batch],
+                   optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], max_grad_norm: float,
+                   extra_loss: Callable[[], torch.Tensor | None] = lambda: None,
+                   after_step: Callable[[], None] = lambda: None) -> tuple[float, int]:
+    """One optimizer step over the micro-batches in `group`: forward and backward of each (the loss divided by the
+    group's units), gradient clipping, the optimizer's step, `after_step` (gradients still in place), zero_grad.
+
+    The Trainer and a method's own short training (a selection phase before the run) both step through here. Returns the
+    group's summed loss and its units. The batch's attention stays set over backward too: gradient checkpointing
+    recomputes attention there.
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    targets = batch["labels"][:, 1:]
-    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
-    with attention_for(model, batch):
-        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits.float()
-    targets = targets[:, keep]
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss, int((targets != -100).sum())
+    units = sum(objective.units(b) for b in group)
+    total = 0.0
+    for batch in group:
+        with attention_for(model, batch):
+            loss_sum = objective.loss(model, batch)
+            loss = loss_sum / max(units, 1)
+            extra = extra_loss()
+            if extra is not None:
+                loss = loss + extra / len(group)
+            loss.backward()
+        total += loss_sum.item()
+    if max_grad_norm and max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    after_step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, units
 
 
 class Trainer:
-    """Fine-tunes the active adapter of a TunedModel on tokenized examples (dicts of input_ids / labels)."""
+    """Fine-tunes the active adapter of a TunedModel on tokenized examples with an objective (default: `cfg.stage`'s)."""
 
     def __init__(
         self,
@@ -76,8 +93,10 @@ class Trainer:
         eval_data: list[dict] | None = None,
         base_model_name: str | None = None,
         tokenizer: Any = None,
+        objective: Objective | None = None,
     ) -> None:
         self.cfg = cfg
+        self.objective = objective or get_objective(cfg.stage)
         self.tuned = tuned
         self.method = tuned.method
         self.train_data = train_data
@@ -100,14 +119,8 @@ class Trainer:
         prepare_output_dir(cfg.output_dir, getattr(cfg, "overwrite_output_dir", False), cfg.resume_from_checkpoint)
         remove_stale_temporaries(self.output_dir)  # what a killed run left half-written
         self._entries_before = {p.name for p in self.output_dir.iterdir()} if self.output_dir.is_dir() else set()
-        self.method.prepare(self)
-        self.optimizer = torch.optim.AdamW(
-            self.method.param_groups(cfg.learning_rate),
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
-        )
+        self.method.prepare(self._context())
+        self.optimizer = self._make_optimizer(self.method.param_groups(cfg.learning_rate))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler(
             cfg.lr_scheduler_type,
@@ -118,6 +131,30 @@ class Trainer:
         )
         self._best_state: dict[str, torch.Tensor] | None = None
         self._eval_seconds = 0.0  # time spent evaluating during train(), left out of tokens/s
+
+    def _make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+
+    def _context(self) -> TrainingContext:
+        """What a method's `prepare` hook may use of this run (never the Trainer itself)."""
+        cfg = self.cfg
+
+        def batches(indices: Sequence[int]) -> Iterator[Batch]:
+            bs = cfg.per_device_train_batch_size
+            for i in range(0, len(indices), bs):
+                yield self._to_device(self.collator([self.train_data[j] for j in indices[i:i + bs]]))
+
+        def step(optimizer: torch.optim.Optimizer, group: Sequence[Batch]) -> tuple[float, int]:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            return optimizer_step(self.tuned, self.objective, group, optimizer, params, cfg.max_grad_norm)
+
+        return TrainingContext(
+            total_steps=self.total_steps, train_size=len(self.train_data), batch_size=cfg.per_device_train_batch_size,
+            accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed, device=self.device,
+            output_dir=self.output_dir, resuming=bool(cfg.resume_from_checkpoint), batches=batches,
+            loss=self.objective.loss, make_optimizer=self._make_optimizer, step=step)
 
     # --- data order: a fixed permutation per epoch, so a resumed run sees the same batches ---
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -174,32 +211,22 @@ class Trainer:
             group = []
             for _ in range(ga):
                 epoch, index, batch = next(batches)
-                group.append(batch)
+                group.append(self._to_device(batch))
                 self.state.epoch, self.state.batch_in_epoch = epoch, index + 1
                 if index + 1 == self.batches_per_epoch:  # an epoch's last partial group still makes a step
                     self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
                     break
-            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-            step_loss = 0.0
-            for batch in group:
-                batch = self._to_device(batch)
-                with attention_for(self.tuned, batch):
-                    loss_sum, _ = token_loss_sum(self.tuned, batch)
-                    loss = loss_sum / max(n_tokens, 1)
-                    extra = self.method.loss_term()
-                    if extra is not None:
-                        loss = loss + extra / len(group)
-                    loss.backward()
-                step_loss += loss_sum.item()
-                self.state.tokens_seen += real_tokens(batch)
-            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in self.method.trainable_parameters()], cfg.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.state.global_step += 1
-            self.method.on_step_end(self.state.global_step)  # AdaLoRA reads this step's gradients
-            self.optimizer.zero_grad(set_to_none=True)
+
+            def after_step() -> None:
+                self.scheduler.step()
+                self.state.global_step += 1
+                self.method.on_step_end(self.state.global_step)  # gradients still in place for the method to read
+
+            params = [p for _, p in self.method.trainable_parameters()]
+            step_loss, n_tokens = optimizer_step(self.tuned, self.objective, group, self.optimizer, params,
+                                                 cfg.max_grad_norm, self.method.loss_term, after_step)
+            self.state.tokens_seen += sum(real_tokens(b) for b in group)
             window_loss += step_loss
             window_tokens += n_tokens
 
@@ -250,14 +277,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over the eval set."""
+        """The objective's mean loss over the eval set."""
         self.tuned.eval()
         total, count = 0.0, 0
         bs = self.cfg.per_device_eval_batch_size
         for i in tqdm(range(0, len(self.eval_data), bs), desc="eval", leave=False, dynamic_ncols=True):
-            loss_sum, n = token_loss_sum(self.tuned, self._to_device(self.collator(self.eval_data[i:i + bs])))
-            total += loss_sum.item()
-            count += n
+            batch = self._to_device(self.collator(self.eval_data[i:i + bs]))
+            total += self.objective.loss(self.tuned, batch).item()
+            count += self.objective.units(batch)
         self.tuned.train()
         return total / max(count, 1)
 
@@ -285,7 +312,7 @@ class Trainer:
         from .plot import plot_loss
 
         self.method.save(self.output_dir, self.base_model_name)
-        # The run's settings beside the adapter: export reads quantization_bit from it (a QLoRA adapter's note).
+        # The run's settings beside the adapter: export reads quantization_bit from it (the note on quantized training).
         write_text(self.output_dir / CONFIG_NAME, json.dumps(self._config_dict(), indent=2, default=str) + "\n")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.output_dir)

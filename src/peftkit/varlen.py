@@ -19,7 +19,7 @@ from typing import Any, ContextManager, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..methods import virtual_tokens as vt
+from .methods import virtual_tokens as vt
 
 ATTN_NAME = "peftkit_varlen"
 _SUPPORTED_BASE = ("sdpa", "eager") + tuple(vt.ATTN_PREFIX + impl for impl in ("sdpa", "eager"))
