@@ -74,7 +74,7 @@ def _trained_template(folders: list[str]) -> tuple[str | None, bool]:
     """(template, enable_thinking) the adapters in `folders` were trained with, from their train_config.json; (None,
     True) when none has a record: the tokenizer's own template. One engine formats every prompt one way, so adapters
     trained with different templates need --template."""
-    from .train.checkpoint import read_train_config
+    from .io.run_config import read_train_config
 
     trained = {}
     for folder in folders:
@@ -116,13 +116,42 @@ def _load_chat_model(args: argparse.Namespace, template: str | None = None, enab
                       enable_thinking=enable_thinking)
 
 
+def _read_tools(path: str) -> list[dict]:
+    """--tools FILE: a JSON list of function schemas, OpenAI's ({"type": "function", "function": {...}}) or bare
+    functions as LLaMA-Factory's tool data lists them ({"name", "description", "parameters"})."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tools = json.load(f)
+    except OSError as e:
+        raise PeftkitError(f"Cannot read --tools {path}: {e.strerror}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftkitError(f"--tools {path} is not valid JSON ({e}).") from None
+    tools = tools if isinstance(tools, list) else [tools]
+    for tool in tools:
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise PeftkitError(f"--tools {path} must hold a JSON list of function schemas, each with a name: "
+                               '[{"name": "get_weather", "description": "...", "parameters": {...}}] (or OpenAI\'s '
+                               '{"type": "function", "function": {...}}).')
+    return tools
+
+
+def _shown(done: Any) -> str:
+    """A reply as chat prints it: its text, then each tool call as `tool call: name({arguments})`."""
+    calls = [f"tool call: {c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})" for c in done.tool_calls]
+    return "\n".join([done.text, *calls] if done.text else calls)
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
+    """With --tools, replies print whole (calls as `tool call: name({...})`); in the interactive chat `/tool TEXT`
+    answers a call with its result, and the model goes on."""
     from .serve import GenerationParams
 
     # checked before the model loads, so a bad setting fails at once
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, repetition_penalty=args.repetition_penalty)
     _check_template_name(args.template)
+    tools = _read_tools(args.tools) if args.tools else None
     if (args.top_k is not None or args.top_p is not None) and not params.sampling:
         print("note: --top-k and --top-p shape sampling, which needs --temperature above 0 (e.g. 0.7); answers stay "
               "greedy.", file=sys.stderr)
@@ -131,10 +160,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     gen = {"params": params, "adapter": engine.default_adapter}
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.once is not None:
-        print(engine.reply([*system, {"role": "user", "content": args.once}], **gen))
+        question = [*system, {"role": "user", "content": args.once}]
+        print(_shown(engine.complete(question, tools=tools, **gen)) if tools else engine.reply(question, **gen))
         return
-    print("Chat with the model. /clear starts over, /exit quits.", file=sys.stderr)
-    history: list[dict[str, str]] = []
+    print("Chat with the model. /clear starts over, /exit quits." +
+          (" /tool TEXT answers a tool call with TEXT, the tool's result." if tools else ""), file=sys.stderr)
+    history: list[dict] = []
     while True:
         try:
             query = input("\nUser: ").strip()
@@ -149,8 +180,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         if not query:
             continue
-        history.append({"role": "user", "content": query})
+        if tools and query.startswith("/tool "):
+            history.append({"role": "tool", "content": query.removeprefix("/tool ").strip()})
+        else:
+            history.append({"role": "user", "content": query})
         print("Assistant: ", end="", flush=True)
+        if tools:  # whole, so that its calls can be read off it
+            done = engine.complete([*system, *history], tools=tools, **gen)
+            print(_shown(done))
+            history.append({"role": "assistant", "content": done.text,
+                            "tool_calls": [{"function": call} for call in done.tool_calls]})
+            continue
         answer = ""
         for piece in engine.stream([*system, *history], **gen):
             print(piece, end="", flush=True)
@@ -256,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "else the tokenizer's chat template)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--once", metavar="QUESTION", help="answer one question, print only the answer, and exit")
+    p.add_argument("--tools", metavar="FILE", help="offer the model these tools: a JSON list of function schemas "
+                                                   "(OpenAI's or LLaMA-Factory's); its calls print as "
+                                                   "'tool call: name({...})', and /tool TEXT answers one")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default: 256)")
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
     p.add_argument("--top-p", type=float, default=None, help="when sampling: only from the most likely tokens whose "

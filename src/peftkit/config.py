@@ -56,18 +56,6 @@ IGNORED_KEYS: dict[str, str] = {
     "predict_with_generate": "predict always generates", "run_name": "runs are named by output_dir", "logging_dir": "logs go to output_dir/trainer_log.jsonl",
 }
 _ALIASES = {"evaluation_strategy": "eval_strategy"}  # old TrainingArguments name -> current
-# Keys a resumed run may change without `resume_allow_changes`: where results, logs and checkpoints go, how often they
-# are written, evaluation and generation. Every other key (data, method, learning rate, schedule, batch, seed, cutoff,
-# precision, ...) changes what is trained, so a resume compares it with the checkpoint's run.
-RESUME_NEUTRAL_KEYS = frozenset({
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_changes", "logging_steps",
-    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "eval_strategy", "eval_steps",
-    "per_device_eval_batch_size", "do_train", "do_eval", "do_predict", "plot_loss", "report_to",
-    "dataloader_num_workers", "preprocessing_num_workers", "overwrite_cache", "gradient_checkpointing",
-    "trust_remote_code", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample",
-    "export_dir", "export_size", "export_format", "export_gguf_type", "ollama_system", "infer_dtype", "export_device",
-    "export_legacy_format", "export_quantization_bit", "export_quantization_dataset", "export_hub_model_id",
-})
 
 
 @dataclasses.dataclass

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ModelLoadError
+from .io.run_config import read_train_config
 
 QUANTIZATION_BITS = (4, 8)
 QUANTIZATION_TYPES = ("nf4", "fp4")
@@ -67,8 +68,6 @@ class QuantizationConfig:
 
 def trained_quantization(adapter_dir: str | os.PathLike | None) -> QuantizationConfig | None:
     """The quantization a peftkit run trained this adapter against (from its train_config.json), else None."""
-    from .train.checkpoint import read_train_config
-
     cfg = read_train_config(adapter_dir)
     if cfg.get("quantization_bit") is None:
         return None

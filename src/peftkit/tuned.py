@@ -213,7 +213,7 @@ class TunedModel(nn.Module):
 
         for name in adapter_names or list(self.adapters):
             target = Path(directory) if name == DEFAULT_ADAPTER or len(self.adapters) == 1 else Path(directory) / name
-            self.adapters[name].save(target, base_model_id(self.model))
+            peft_format.save_method(self.adapters[name], target, base_model_id(self.model))
 
     save_pretrained = save  # the name transformers and PEFT users type
 

@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import logging
+import re
 from typing import Any
 
 from ..errors import ConfigError
@@ -80,6 +81,21 @@ def _dumps(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
 
+def _read_calls(text: str, *, bare: bool = False) -> list[dict] | None:
+    """A model's JSON call (or list of calls) -> [{"name", "arguments"}]; None when it is not one, so the reply stays
+    text. `bare`: the JSON stands alone, without a call marker, so it must also carry its arguments ("arguments" or
+    Llama's "parameters"): a JSON answer with a `name` field is not a call."""
+    try:
+        calls = _calls(text)
+    except RowError:
+        return None
+    if bare:
+        raw = json.loads(text)
+        if not all("arguments" in c or "parameters" in c for c in (raw if isinstance(raw, list) else [raw])):
+            return None
+    return calls if all(isinstance(c["arguments"], dict) for c in calls) else None
+
+
 QWEN_TOOLS = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
@@ -107,6 +123,9 @@ class ToolStyle:
     # the system prompt), "first_user" (before the first user message's text), "before_last_user" (a block right
     # before the last user turn).
     at = "system"
+    # The tokens a call is written with that reading it back needs; the engine keeps them when decoding a reply,
+    # though a tokenizer may count them special (Mistral's [TOOL_CALLS] is a control token).
+    markers: tuple[str, ...] = ("<tool_call>", "</tool_call>")
 
     def listing(self, schemas: list[dict]) -> str:
         return QWEN_TOOLS.replace("{tools}", "\n".join(_dumps(s) for s in schemas))
@@ -120,6 +139,16 @@ class ToolStyle:
     def call(self, calls: list[dict], ids: list[str]) -> str:
         return "\n".join(f"<tool_call>\n{_dumps(c)}\n</tool_call>" for c in calls)
 
+    def parse_calls(self, text: str) -> tuple[str, list[dict]]:
+        """The inverse of `call`, for a model's reply: (the text besides the calls, the calls as {"name",
+        "arguments"}). A reply with any malformed call stays text, whole. A last call may lack its closing tag (a
+        model that stops right after the JSON)."""
+        call = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+        calls = [_read_calls(block) for block in call.findall(text)]
+        if not calls or any(c is None for c in calls):
+            return text, []
+        return call.sub("", text).strip(), [c for block in calls for c in block]
+
     def result(self, content: str, ids: list[str]) -> str:
         return content
 
@@ -131,6 +160,7 @@ class LlamaTools(ToolStyle):
     preamble: str  # put before the system text when there are tools
     preamble_alone: bool  # also when there is no system text (3.1 always writes its system turn; 4 only if given)
     at = "first_user"
+    markers = ()
 
     def listing(self, schemas: list[dict]) -> str:
         return LLAMA_TOOLS + "".join(_dumps(s, indent=4) + "\n\n" for s in schemas)
@@ -143,6 +173,13 @@ class LlamaTools(ToolStyle):
         objects = [{"name": c["name"], "parameters": c["arguments"]} for c in calls]
         return _dumps(objects[0] if len(objects) == 1 else objects)
 
+    def parse_calls(self, text: str) -> tuple[str, list[dict]]:
+        """A reply that is all JSON call(s). Llama 4 opens one with an empty python block, 3.1 at times with
+        <|python_tag|>; a decoder that keeps special tokens leaves them in."""
+        body = re.sub(r"<\|python_(start|end|tag)\|>", "", text).strip()
+        calls = _read_calls(body, bare=True) if body.startswith(("{", "[")) else None
+        return ("", calls) if calls else (text, [])
+
     def result(self, content: str, ids: list[str]) -> str:
         return _dumps(content)  # Meta's template writes a text result with `tojson`: quoted
 
@@ -153,6 +190,7 @@ class MistralTools(ToolStyle):
 
     space: str
     at = "before_last_user"
+    markers = ("[TOOL_CALLS]",)
 
     def listing(self, schemas: list[dict]) -> str:
         functions = [{**s, "function": {k: v for k, v in s["function"].items() if k != "return"}} for s in schemas]
@@ -160,6 +198,12 @@ class MistralTools(ToolStyle):
 
     def call(self, calls: list[dict], ids: list[str]) -> str:
         return f"[TOOL_CALLS]{self.space}{_dumps([{**c, 'id': i} for c, i in zip(calls, ids)])}"
+
+    def parse_calls(self, text: str) -> tuple[str, list[dict]]:
+        """[TOOL_CALLS] and a JSON list of calls (the ids in it are the model's; callers make their own)."""
+        before, marker, body = text.partition("[TOOL_CALLS]")
+        calls = _read_calls(body) if marker else None
+        return (before.strip(), calls) if calls else (text, [])
 
     def result(self, content: str, ids: list[str]) -> str:
         # Parallel results arrive as one turn (formats.py joins them), answered with the first call's id.
@@ -171,6 +215,7 @@ class GLM4Tools(ToolStyle):
     """GLM-4: the tools in a system turn of their own; a call is `name\\n{arguments}`; results are observations."""
 
     at = "system_turn"
+    markers = ()
 
     def listing(self, schemas: list[dict]) -> str:
         # "\n## ", not the "\n\n## " GLM-4's template spells: under transformers' trim_blocks its `{% if %}` eats a
@@ -183,6 +228,16 @@ class GLM4Tools(ToolStyle):
         if len(calls) != 1:
             raise RowError("GLM-4 calls one function per turn, and this function_call turn holds several")
         return f"{calls[0]['name']}\n{_dumps(calls[0]['arguments'])}"
+
+    def parse_calls(self, text: str) -> tuple[str, list[dict]]:
+        """A function name alone on the first line, then a JSON object of its arguments, as GLM-4's own code reads
+        a reply."""
+        name, newline, body = text.strip().partition("\n")
+        try:
+            arguments = json.loads(body) if newline and re.fullmatch(r"[A-Za-z_][\w.\-]*", name) else None
+        except json.JSONDecodeError:
+            arguments = None
+        return ("", [{"name": name, "arguments": arguments}]) if isinstance(arguments, dict) else (text, [])
 
 
 TOOL_STYLES: dict[str, ToolStyle] = {
@@ -219,6 +274,16 @@ class Template:
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Token ids that end an answer, for generation."""
         return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    @property
+    def tool_format(self) -> ToolStyle:
+        """How this template writes tool calls: what `parse_tool_calls` reads."""
+        raise NotImplementedError
+
+    def parse_tool_calls(self, text: str) -> tuple[str, list[dict]]:
+        """A reply to a prompt that offered tools -> (its text besides the calls, the calls as {"name",
+        "arguments"}); a reply that holds no well-formed call comes back as it is, with no calls."""
+        return self.tool_format.parse_calls(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,6 +409,10 @@ class StringTemplate(Template):
         text, spans = self._render(messages, tokenizer, tools, False)
         return text, spans[-1:] if last_only else spans
 
+    @property
+    def tool_format(self) -> ToolStyle:
+        return TOOL_STYLES[self.tool_style]
+
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         ids = super().stop_token_ids(tokenizer)
         for word in (self.eot, self.last_eot or "", *self.stop_words):
@@ -371,6 +440,11 @@ class ChatTemplate(Template):
         self.enable_thinking = enable_thinking
         self.native_tools = "tools" in chat_template
         self.native_calls = "tool_calls" in chat_template
+        self._tool_format = _family_tool_style(chat_template) if self.native_tools else TOOL_STYLES["qwen"]
+
+    @property
+    def tool_format(self) -> ToolStyle:
+        return self._tool_format
 
     def _hf_messages(self, messages: list[dict], tools: str | None) -> tuple[list[dict], list | None]:
         out = []
@@ -428,6 +502,20 @@ class ChatTemplate(Template):
             if i >= 0 and i + len(tok) > best and not text[i + len(tok):].strip():
                 best = i + len(tok)
         return best if best > start else len(text)
+
+
+def _family_tool_style(chat_template: str) -> ToolStyle:
+    """The tool style a tokenizer's own template writes calls in, told by the markers it spells; Qwen's
+    (`<tool_call>`, what Hermes-style templates share) when none is known."""
+    if "[TOOL_CALLS]" in chat_template:
+        return TOOL_STYLES["mistral"]  # the space after the marker matters to writing, not to reading
+    if "<tool_call>" in chat_template:
+        return TOOL_STYLES["qwen"]
+    if "[gMASK]" in chat_template or "<|observation|>" in chat_template:  # glm-4-9b-chat's spells neither role
+        return TOOL_STYLES["glm4"]
+    if "ipython" in chat_template or '"parameters"' in chat_template:
+        return TOOL_STYLES["llama3"]
+    return TOOL_STYLES["qwen"]
 
 
 def _special_tokens(tokenizer: Any) -> tuple[str, ...]:

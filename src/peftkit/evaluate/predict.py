@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..io.atomic import atomic_write
-from ..train.checkpoint import read_train_config
+from ..io.run_config import read_train_config
 from .metrics import similarity
 
 PREDICTIONS_NAME = "generated_predictions.jsonl"

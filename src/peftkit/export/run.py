@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError
-from ..train.checkpoint import read_train_config
+from ..io.run_config import read_train_config
 from .merge import check_export_dir, export_merged, load_merged, quantized_training_note, writing_export
 
 if TYPE_CHECKING:
@@ -79,6 +79,9 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
 
         result.files.append(out / "Modelfile")
         name = re.sub(r"[^a-z0-9._-]+", "-", out.name.lower()).strip("-._") or "model"  # what Ollama accepts
+        if template.tools:
+            result.notes.append(f"The Modelfile offers tools to Ollama, in the {template.tools} tool-call format the "
+                                "model was trained with.")
         result.notes.append(f"Create the Ollama model with:\n  {ollama_create_command(out / 'Modelfile', name)}")
     return result
 
@@ -148,8 +151,7 @@ def _ollama_template(template_name: str | None, tokenizer: Any) -> Any:
 
     # llama.cpp adds BOS itself only when the GGUF says so; only then may the Go template leave it out.
     bos = tokenizer.bos_token if adds_token(tokenizer, tokenizer.bos_token_id, at_start=True) else None
-    if template_name:  # a built-in template: render with it, as training did
-        template = get_template(template_name, tokenizer)
-        return ollama_template(lambda m, g: template.render(m, tokenizer, add_generation_prompt=g), bos_token=bos)
-    return ollama_template(lambda m, g: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g),
-                           bos_token=bos)
+    # The template training used (a built-in one, or the tokenizer's own): tool calls rendered as in training too.
+    template = get_template(template_name, tokenizer)
+    return ollama_template(
+        lambda m, g, tools=None: template.render(m, tokenizer, tools=tools, add_generation_prompt=g), bos_token=bos)

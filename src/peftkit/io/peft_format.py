@@ -25,7 +25,7 @@ from ..methods.lora import LoraConfig
 from ..methods.prefix import PrefixTuningConfig, PTuningV2Config
 from ..methods.prompt import PromptTuningConfig, PTuningConfig
 
-CONFIG_NAME = "adapter_config.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -379,6 +379,14 @@ def _adalora_unprune(
 
 
 # --- files ---
+def save_method(method: Method, directory: str | os.PathLike, base_model_name_or_path: str | None) -> None:
+    """Write a trained method: its own files when it has them (full fine-tuning's model folder), else a PEFT adapter."""
+    if method.writes_own_files:
+        method.save(directory, base_model_name_or_path)
+    else:
+        save_adapter(method, directory, base_model_name_or_path)
+
+
 def save_adapter(method: Method, directory: str | os.PathLike, base_model_name_or_path: str | None) -> None:
     """Write `method`'s adapter into `directory` exactly as PEFT's `save_pretrained` would."""
     out = Path(directory)
@@ -398,20 +406,20 @@ def save_adapter(method: Method, directory: str | os.PathLike, base_model_name_o
         seen.add(t.untyped_storage().data_ptr())
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config_to_peft(config, base_model_name_or_path), indent=2, sort_keys=True) + "\n"
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / ADAPTER_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_config(directory: str | os.PathLike) -> MethodConfig:
-    path = Path(directory) / CONFIG_NAME
+    path = Path(directory) / ADAPTER_CONFIG_NAME
     if not Path(directory).is_dir():
         what = "is a file, not an adapter folder" if Path(directory).exists() else "does not exist"
-        raise AdapterLoadError(f"The adapter path '{directory}' {what}; pass the folder holding {CONFIG_NAME}.")
+        raise AdapterLoadError(f"The adapter path '{directory}' {what}; pass the folder holding {ADAPTER_CONFIG_NAME}.")
     if not path.is_file():
         if (Path(directory) / "config.json").is_file():
-            raise AdapterLoadError(f"'{directory}' is a full model folder (config.json, no {CONFIG_NAME}), e.g. the "
+            raise AdapterLoadError(f"'{directory}' is a full model folder (config.json, no {ADAPTER_CONFIG_NAME}), e.g. the "
                                    "output of finetuning_type: full: pass it as the model (model_name_or_path, "
                                    "--model), not as an adapter.")
-        raise AdapterLoadError(f"No {CONFIG_NAME} in '{directory}': is this an adapter folder saved by peftkit or PEFT?")
+        raise AdapterLoadError(f"No {ADAPTER_CONFIG_NAME} in '{directory}': is this an adapter folder saved by peftkit or PEFT?")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:

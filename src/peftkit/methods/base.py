@@ -255,6 +255,7 @@ class Method:
     mergeable: ClassVar[bool] = True
     in_place: ClassVar[bool] = False
     output_kind: ClassVar[str] = "adapter"  # what `save` writes, for messages: "adapter" or "model"
+    writes_own_files: ClassVar[bool] = False  # True: `save` writes the result (a full model folder), not a PEFT adapter
 
     def __init__(self, model: nn.Module, config: MethodConfig, adapter_name: str) -> None:
         self.model = model
@@ -331,10 +332,9 @@ class Method:
         return []
 
     def save(self, directory: str | os.PathLike, base_model_name_or_path: str | None) -> None:
-        """Write this adapter to `directory`: PEFT's format by default (see io/peft_format.py)."""
-        from ..io import peft_format
-
-        peft_format.save_adapter(self, directory, base_model_name_or_path)
+        """Write the method's own files (only for `writes_own_files` methods; io/peft_format.py writes the others as
+        PEFT adapters, so the method files never deal with file layouts)."""
+        raise NotImplementedError(f"{self.name} is saved by io.peft_format.save_method.")
 
     # --- attaching ---
     def wrap(self, path: str, layer_cls: type[AdapterLayer], make: Callable[[nn.Module], AdapterLayer] | None = None,

@@ -42,6 +42,7 @@ class Full(Method):
     config_class = FullConfig
     in_place = True
     output_kind = "model"
+    writes_own_files = True
 
     def attach(self) -> None:
         self._upcast_from = None

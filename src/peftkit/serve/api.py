@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..data.formats import RowError
 from .chat import ChatEngine, Completion, GenerationParams
 from .exposure import warn_if_exposed
 
@@ -122,7 +123,9 @@ def _request_params(body: dict[str, Any]) -> GenerationParams:
                             do_sample=temperature is not None and temperature > 0)
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages as the engine takes them: {role, content}, and an assistant's `tool_calls` as
+    [{"function": {"name", "arguments"}}]."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(422, "'messages' is required: a non-empty list of {role, content}.", "invalid_request_error",
@@ -132,12 +135,82 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):  # OpenAI's content parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        calls = m.get("tool_calls") if isinstance(m, dict) and m.get("role") == "assistant" else None
+        if calls is not None and content is None:
+            content = ""  # an assistant message that only calls tools
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") or \
                 not isinstance(content, str):
-            raise ApiError(422, f"messages[{i}] must have a role (system, user, assistant) and text content.",
+            raise ApiError(422, f"messages[{i}] must have a role (system, user, assistant, tool) and text content.",
                            "invalid_request_error", "messages")
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": m["role"], "content": content, **({"tool_calls": _calls_sent(calls, i)} if calls else {})})
     return out
+
+
+def _calls_sent(calls: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls` (as this API returned them), checked: the arguments must be JSON."""
+    problem = f"messages[{i}].tool_calls must be a list of {{'type': 'function', 'function': {{'name', 'arguments'}}}}"
+    if not isinstance(calls, list):
+        raise ApiError(422, problem + ".", "invalid_request_error", "messages")
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ApiError(422, problem + ".", "invalid_request_error", "messages")
+        arguments = function.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise ApiError(422, problem + f"; the arguments of '{function['name']}' are not a JSON object.",
+                           "invalid_request_error", "messages")
+        out.append({"function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The tools to offer the model: OpenAI's `tools`, narrowed by `tool_choice`; None for none.
+
+    `tool_choice`: "none" offers none (the model answers in text); "auto" (the default) offers them all; a named
+    function ({"type": "function", "function": {"name"}}) offers only that one. "required" is accepted, and so is
+    the named choice's "must call": neither is enforced, since generation is not constrained to a call. A model
+    fine-tuned to call tools calls them when offered.
+    """
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        return None
+    problem = ("'tools' must be a list of {'type': 'function', 'function': {'name', 'description', 'parameters'}}, "
+               "where 'parameters' is a JSON Schema object")
+    if not isinstance(tools, list):
+        raise ApiError(422, problem + ".", "invalid_request_error", "tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(function, dict)
+                and isinstance(function.get("name"), str) and function["name"]
+                and isinstance(function.get("description", ""), str)
+                and isinstance(function.get("parameters", {}), dict)):
+            raise ApiError(422, f"{problem}; tools[{i}] is not.", "invalid_request_error", "tools")
+    choice = body.get("tool_choice", "auto")
+    if choice == "none":
+        return None
+    if choice in ("auto", "required"):
+        return tools
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise ApiError(422, "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                       "{'name': ...}}.", "invalid_request_error", "tool_choice")
+    chosen = [t for t in tools if t["function"]["name"] == name]
+    if not chosen:
+        raise ApiError(422, f"'tool_choice' names '{name}', which is not among the tools.", "invalid_request_error",
+                       "tool_choice")
+    return chosen
+
+
+def _openai_calls(calls: list[dict]) -> list[dict[str, Any]]:
+    """The engine's calls as OpenAI's `tool_calls`: a fresh id each, the arguments as JSON text."""
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls]
 
 
 def build_app(engine: ChatEngine, base_name: str, api_key: str | None = None) -> FastAPI:
@@ -193,8 +266,12 @@ def build_app(engine: ChatEngine, base_name: str, api_key: str | None = None) ->
         if body.get("n", 1) != 1:
             raise ApiError(422, "Only n=1 is supported: send several requests for several answers.",
                            "invalid_request_error", "n")
-        messages, params = _messages(body), _request_params(body)
-        prompt = engine.prompt_ids(messages)
+        messages, params, tools = _messages(body), _request_params(body), _tools(body)
+        try:
+            prompt = engine.prompt_ids(messages, tools)
+        except RowError as e:  # the template cannot write them: GLM-4 given two calls in a turn, a Jinja check
+            raise ApiError(422, f"The messages cannot be written in this model's chat format: {e}.",
+                           "invalid_request_error", "messages") from None
         limit = engine.context_length
         if limit is not None and len(prompt) + 1 > limit:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens; the messages take "
@@ -204,26 +281,35 @@ def build_app(engine: ChatEngine, base_name: str, api_key: str | None = None) ->
         adapter = None if model == base_name else model
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.get("stream"):
-            return StreamingResponse(_sse(engine, reply_id, model, messages, params, adapter, len(prompt)),
+            return StreamingResponse(_sse(engine, reply_id, model, messages, prompt, params, adapter, tools),
                                      media_type="text/event-stream")
         done = await anyio.to_thread.run_sync(scheduler.submit, prompt, params, adapter)
+        if tools:
+            done = engine.read_calls(done)
+        message: dict[str, Any] = {"role": "assistant", "content": done.text}
+        if done.tool_calls:  # content is null beside calls when the model wrote nothing else, as in OpenAI's
+            message.update(content=done.text or None, tool_calls=_openai_calls(done.tool_calls))
         return {"id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                             "finish_reason": done.finish_reason}],
+                "choices": [{"index": 0, "message": message, "finish_reason": done.finish_reason}],
                 "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
                           "total_tokens": done.prompt_tokens + done.completion_tokens}}
 
     return app
 
 
-async def _sse(engine: ChatEngine, reply_id: str, model: str, messages: list[dict[str, str]],
-               params: GenerationParams, adapter: str | None, prompt_tokens: int) -> AsyncIterator[str]:
-    """OpenAI's chunk stream: the role first, then content pieces, then the finish reason, then [DONE].
+async def _sse(engine: ChatEngine, reply_id: str, model: str, messages: list[dict[str, Any]], prompt: list[int],
+               params: GenerationParams, adapter: str | None, tools: list[dict] | None) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: the role first, then content pieces (or tool calls), then the finish reason, then
+    [DONE].
+
+    With tools offered, the reply is generated whole before it is sent: whether it is a call is known only once it
+    ends, and a call's markers (Mistral's [TOOL_CALLS]) are special tokens that a text stream drops. It is then sent
+    as one content piece, or as `delta.tool_calls`, one chunk per call, each complete.
 
     Async, so that Starlette can cancel it when the client disconnects: the `finally` then stops the generation at
     its next token, instead of it running to `max_tokens` while holding the engine.
     """
-    def chunk(delta: dict[str, str], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
         data = {"id": reply_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         if usage is not None:
@@ -231,19 +317,33 @@ async def _sse(engine: ChatEngine, reply_id: str, model: str, messages: list[dic
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    text = ""
     cancel = threading.Event()
-    pieces = engine.stream(messages, adapter=adapter, params=params, cancel=cancel)
-    try:
-        # abandon_on_cancel: a disconnect must not wait for the next piece, which may be many tokens away
-        while (piece := await anyio.to_thread.run_sync(next, pieces, None, abandon_on_cancel=True)) is not None:
-            text += piece
-            if piece:
-                yield chunk({"content": piece})
-    finally:
-        cancel.set()
-    completion_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-    finish = "length" if completion_tokens >= params.max_new_tokens else "stop"
+    if tools:
+        try:
+            done = await anyio.to_thread.run_sync(lambda: engine.generate([prompt], params, adapter, cancel)[0],
+                                                  abandon_on_cancel=True)
+        finally:
+            cancel.set()
+        done = engine.read_calls(done)
+        if done.text:
+            yield chunk({"content": done.text})
+        for index, call in enumerate(_openai_calls(done.tool_calls)):
+            yield chunk({"tool_calls": [{"index": index, **call}]})
+        finish, completion_tokens = done.finish_reason, done.completion_tokens
+    else:
+        text = ""
+        pieces = engine.stream(messages, adapter=adapter, params=params, cancel=cancel)
+        try:
+            # abandon_on_cancel: a disconnect must not wait for the next piece, which may be many tokens away
+            while (piece := await anyio.to_thread.run_sync(next, pieces, None, abandon_on_cancel=True)) is not None:
+                text += piece
+                if piece:
+                    yield chunk({"content": piece})
+        finally:
+            cancel.set()
+        completion_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        finish = "length" if completion_tokens >= params.max_new_tokens else "stop"
+    prompt_tokens = len(prompt)
     yield chunk({}, finish, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                              "total_tokens": prompt_tokens + completion_tokens})
     yield "data: [DONE]\n\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -52,14 +53,35 @@ class GenerationParams:
 
 @dataclasses.dataclass
 class Completion:
-    text: str
+    text: str  # with tool calls read out, the text besides them
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+    finish_reason: str  # "stop" (end of turn or a stop string), "length", or "tool_calls"
+    tool_calls: list[dict] = dataclasses.field(default_factory=list)  # [{"name", "arguments": {...}}]
+
+
+def conversation(messages: list[dict]) -> list[dict[str, str]]:
+    """OpenAI chat messages -> peftkit's roles (data/formats.py): an assistant message with `tool_calls` becomes a
+    function_call turn (its text, if any, is dropped: templates write a call turn as the call alone), and consecutive
+    tool results one tool turn, as training data holds them. A tool result's `tool_call_id` is not needed: templates
+    answer calls in order (Mistral's ids are derived from the calls, as in training)."""
+    out: list[dict[str, str]] = []
+    for m in messages:
+        role, content = m["role"], m.get("content") or ""
+        if role == "assistant" and m.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "arguments": c["function"].get("arguments", {})}
+                     for c in m["tool_calls"]]  # arguments as OpenAI's JSON text or an object: templates take both
+            role, content = "function_call", json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+        if role == "tool" and out and out[-1]["role"] == "tool":
+            out[-1] = {"role": "tool", "content": out[-1]["content"] + "\n" + content}
+            continue
+        out.append({"role": role, "content": content})
+    return out
 
 
 class ChatEngine:
-    """Generate assistant replies for lists of {role, content} messages with a base model or a TunedModel.
+    """Generate assistant replies for lists of {role, content} messages with a base model or a TunedModel; offered
+    tools, replies come with the calls in them read out (`complete`).
 
     `template` is a LLaMA-Factory template name, None for the tokenizer's own chat template; `enable_thinking` is
     LLaMA-Factory's key for reasoning templates (False prompts with an empty think block). `adapter` picks one of a
@@ -76,14 +98,27 @@ class ChatEngine:
         self._pristine: Any = None  # an adapter-free tree over those weights, to grow new trees from
         self.tokenizer = tokenizer
         self.template = get_template(template, tokenizer, enable_thinking=enable_thinking)
-        self.stop_ids = sorted(set(self.template.stop_token_ids(tokenizer)))
+        # The model's own end tokens too (its generation_config's: Llama 3.1's <|eom_id|>, GLM-4's <|observation|>,
+        # which ends a tool call), for the tokenizer's own template, which names only eos.
+        model_ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        model_ends = [model_ends] if isinstance(model_ends, int) else list(model_ends or [])
+        self.stop_ids = sorted(set(self.template.stop_token_ids(tokenizer) + model_ends))
+        # id -> marker, for the single-token markers of the template's tool calls, which decoding keeps
+        self.call_markers = {ids[0]: marker for marker in self.template.tool_format.markers
+                             if len(ids := tokenizer.encode(marker, add_special_tokens=False)) == 1}
         self.lock = threading.RLock()
         # What `peftkit chat --adapter` and predict use: the adapter active when the engine was made (None: base).
         self.default_adapter: str | None = getattr(model, "active_adapter", None) if self.adapters else None
 
     # --- inputs ---
-    def prompt_ids(self, messages: list[dict[str, str]], tools: str | None = None) -> list[int]:
-        text = self.template.render(messages, self.tokenizer, tools=tools, add_generation_prompt=True)
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | str | None = None) -> list[int]:
+        """`messages` in peftkit's roles or OpenAI's (see `conversation`); `tools` as OpenAI tool schemas (or bare
+        functions, as LLaMA-Factory's data lists them), a list or its JSON, shown to the model in the template's
+        own tool format."""
+        if tools is not None and not isinstance(tools, str):
+            tools = json.dumps(tools, ensure_ascii=False)
+        text = self.template.render(conversation(messages), self.tokenizer, tools=tools or None,
+                                    add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @property
@@ -171,15 +206,17 @@ class ChatEngine:
     # --- generation ---
     @torch.no_grad()
     def generate(self, prompts: Sequence[list[int]], params: GenerationParams = GenerationParams(),
-                 adapter: str | None = None) -> list[Completion]:
-        """Complete token-id prompts in one batch; stop strings are cut from the text, as OpenAI's API does."""
+                 adapter: str | None = None, cancel: threading.Event | None = None) -> list[Completion]:
+        """Complete token-id prompts in one batch; stop strings are cut from the text, as OpenAI's API does.
+        Setting `cancel` ends the generation at the next token."""
+        stopping = {"stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)])} if cancel is not None else {}
         with self.lock:
             model, context = self._use(adapter)
             with context:
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 batch = self._batch(prompts)
-                out = model.generate(**batch, **self._generate_kwargs(params))
+                out = model.generate(**batch, **self._generate_kwargs(params), **stopping)
         width = batch["input_ids"].shape[1]
         return [self._completion(prompt, row[width:].tolist(), params) for prompt, row in zip(prompts, out)]
 
@@ -188,7 +225,7 @@ class ChatEngine:
         tokens = new[:ended] if ended is not None else new
         while tokens and tokens[-1] == self.tokenizer.pad_token_id and ended is None:
             tokens = tokens[:-1]  # padding after a row that finished early on a stop string
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = self._decode(tokens)
         cut = min((text.find(s) for s in params.stop if s in text), default=-1)
         if cut >= 0:
             text = text[:cut]
@@ -196,12 +233,35 @@ class ChatEngine:
         used = len(tokens) + (1 if ended is not None else 0)
         return Completion(text.strip(), len(prompt), used, "stop" if finished else "length")
 
+    def _decode(self, tokens: list[int]) -> str:
+        """The text without special tokens, except the markers of the template's tool calls."""
+        text, start = "", 0
+        for k, token in enumerate(tokens):
+            if token in self.call_markers:
+                text += self.tokenizer.decode(tokens[start:k], skip_special_tokens=True) + self.call_markers[token]
+                start = k + 1
+        return text + self.tokenizer.decode(tokens[start:], skip_special_tokens=True)
+
+    def read_calls(self, done: Completion) -> Completion:
+        """`done` with the tool calls in its text read out, for a reply to a prompt that offered tools: the calls on
+        `tool_calls`, the rest as its text, finish_reason "tool_calls". A reply without a well-formed call is kept."""
+        content, calls = self.template.parse_tool_calls(done.text)
+        if not calls:
+            return done
+        return dataclasses.replace(done, text=content, tool_calls=calls, finish_reason="tool_calls")
+
+    def complete(self, messages: list[dict], params: GenerationParams = GenerationParams(),
+                 adapter: str | None = None, tools: list[dict] | str | None = None) -> Completion:
+        """One reply to `messages`; when `tools` are offered, the calls in it read out (see `read_calls`)."""
+        done = self.generate([self.prompt_ids(messages, tools)], params, adapter)[0]
+        return self.read_calls(done) if tools else done
+
     def reply(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float | None = None,
               top_p: float | None = None, adapter: str | None = None, params: GenerationParams | None = None) -> str:
         """The full answer (greedy unless a temperature is given)."""
         if params is None:
             params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        return self.generate([self.prompt_ids(messages)], params, adapter)[0].text
+        return self.complete(messages, params, adapter).text
 
     def stream(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float | None = None,
                top_p: float | None = None, adapter: str | None = None,

@@ -18,20 +18,31 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import RESUME_NEUTRAL_KEYS
 from ..errors import ConfigError
 from ..io import peft_format
 from ..io.atomic import atomic_dir, remove_tree
 from ..io.outputs import check_not_a_file, check_overwritable, clear_output
+from ..io.run_config import write_train_config
 from ..methods.base import Method
 
 PREFIX = "checkpoint-"
+# TrainConfig keys a resumed run may change without `resume_allow_changes`: where results, logs and checkpoints go, how often they
+# are written, evaluation and generation. Every other key (data, method, learning rate, schedule, batch, seed, cutoff,
+# precision, ...) changes what is trained, so a resume compares it with the checkpoint's run.
+RESUME_NEUTRAL_KEYS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_changes", "logging_steps",
+    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "eval_strategy", "eval_steps",
+    "per_device_eval_batch_size", "do_train", "do_eval", "do_predict", "plot_loss", "report_to",
+    "dataloader_num_workers", "preprocessing_num_workers", "overwrite_cache", "gradient_checkpointing",
+    "trust_remote_code", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample",
+    "export_dir", "export_size", "export_format", "export_gguf_type", "ollama_system", "infer_dtype", "export_device",
+    "export_legacy_format", "export_quantization_bit", "export_quantization_dataset", "export_hub_model_id",
+})
 STATE_NAME = "trainer_state.json"
 BEST_NAME = "best_adapter_state.safetensors"
 # The trained parameters, when the adapter file holds something derived from them (P-tuning's encoder output): resuming
 # needs the parameters themselves.
 TRAINED_NAME = "trained_parameters.safetensors"
-CONFIG_NAME = "train_config.json"  # the TrainConfig of the run, in checkpoints and beside the final adapter
 
 
 @dataclass
@@ -46,18 +57,6 @@ class TrainerState:
     best_step: int | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
     run_id: str | None = None  # one per fresh run, kept across resumes: pruning never touches another run's checkpoints
-
-
-def read_train_config(folder: str | os.PathLike | None) -> dict[str, Any]:
-    """The settings of the run that wrote `folder` (an adapter or checkpoint), or {} when it has no readable record."""
-    path = Path(folder) / CONFIG_NAME if folder else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -106,7 +105,7 @@ def save_checkpoint(
         if best_state is not None:  # load_best_model_at_end: the best adapter so far, so a resumed run still has it
             save_file({k: t.contiguous().cpu() for k, t in best_state.items()}, tmp / BEST_NAME)
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
+        write_train_config(tmp, config)
     if save_total_limit:
         mine = [p for p in list_checkpoints(out) if _run_id(p) == state.run_id]  # sorted by step
         for old in mine[:-save_total_limit]:

@@ -24,22 +24,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TrainingInterrupted
+from ..io import peft_format
 from ..io.atomic import remove_stale_temporaries, write_text
 from ..io.outputs import record_outputs
+from ..io.run_config import read_train_config, write_train_config
 from ..methods.base import TrainingContext
 from ..objectives import Batch, Objective, get_objective, token_loss_sum
 from ..quantization import model_bytes
 from ..tuned import TunedModel
 from ..varlen import attention_for
 from .checkpoint import (
-    CONFIG_NAME,
     TrainerState,
     check_resume,
     load_best_state,
     load_checkpoint,
     prepare_output_dir,
     read_state,
-    read_train_config,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -311,9 +311,9 @@ class Trainer:
     def _finish(self, runtime: float, tokens: int) -> dict[str, Any]:
         from .plot import plot_loss
 
-        self.method.save(self.output_dir, self.base_model_name)
+        peft_format.save_method(self.method, self.output_dir, self.base_model_name)
         # The run's settings beside the adapter: export reads quantization_bit from it (the note on quantized training).
-        write_text(self.output_dir / CONFIG_NAME, json.dumps(self._config_dict(), indent=2, default=str) + "\n")
+        write_train_config(self.output_dir, self._config_dict())
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.output_dir)
         trainable, total = self.tuned.parameter_counts()
