@@ -24,7 +24,6 @@ from peftkit.train import run_sft
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@register
 class FirstAnswerToken(Objective):
     """A toy stage: cross-entropy on each row's first label token only (one unit per row)."""
 
@@ -40,6 +39,15 @@ class FirstAnswerToken(Objective):
         first = (targets != IGNORE_INDEX).int().argmax(dim=1)  # the first label position of each row
         rows = torch.arange(len(first))
         return torch.nn.functional.cross_entropy(logits[rows, first], targets[rows, first], reduction="sum")
+
+
+@pytest.fixture(autouse=True)
+def toy_stage(monkeypatch):
+    """`stage: first_answer_token` while a test here runs, and gone after it (other tests list the stages)."""
+    from peftkit.objectives import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    register(FirstAnswerToken)
 
 
 def test_a_new_objective_trains_through_the_loop_without_touching_the_package(tmp_path) -> None:

@@ -157,7 +157,8 @@ class TrainConfig:
     save_total_limit: int | None = None  # keep only the newest N checkpoints
     save_only_model: bool = False  # checkpoints hold only the adapter: smaller, but training cannot resume from them
     load_best_model_at_end: bool = False
-    metric_for_best_model: str = "eval_loss"
+    metric_for_best_model: str = "eval_loss"  # the eval metric load_best_model_at_end compares ("loss" = eval_loss)
+    greater_is_better: bool | None = None  # None: lower is better for a metric ending in "loss", higher otherwise
     resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or true for the newest in output_dir
     resume_allow_changes: bool = False  # resume even though settings that change the result differ from the checkpoint's
     seed: int = 42
@@ -229,6 +230,12 @@ class TrainConfig:
             if key not in own and getattr(self, key) != defaults[key]:
                 warnings.warn(f"{key} is a setting of {', '.join(methods)}, not of finetuning_type "
                               f"'{self.finetuning_type}': it is ignored.", UserWarning, stacklevel=4)
+
+    def ignored_settings(self) -> list[str]:
+        """Settings kept in the config (LLaMA-Factory's files set them) that a run does not use, with the reason."""
+        reasons = {"preprocessing_num_workers": "tokenization runs in this process, and its result is cached",
+                   "dataloader_num_workers": "batches are built in the training process"}
+        return [f"Ignoring {key}={getattr(self, key)}: {why}." for key, why in reasons.items() if getattr(self, key)]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values, saved into checkpoints so a run can be reproduced."""
@@ -455,6 +462,8 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("bf16 and fp16 are both true; choose one.")
     if c.eval_strategy == "steps" and c.eval_steps is None:
         c.eval_steps = c.logging_steps
+    if not c.metric_for_best_model.startswith("eval_"):  # transformers' spelling: "loss" means eval_loss
+        c.metric_for_best_model = f"eval_{c.metric_for_best_model}"
     if c.load_best_model_at_end and not c.eval_dataset and c.val_size == 0:
         raise ConfigError("load_best_model_at_end needs an evaluation set: set eval_dataset, or val_size (e.g. 0.1).")
     if c.load_best_model_at_end and c.eval_strategy == "no":

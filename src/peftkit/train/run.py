@@ -30,6 +30,8 @@ def run_sft(cfg: Any) -> dict[str, Any]:
 
     out = cfg.output_dir
     check_output_dir(out, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)  # before minutes of loading
+    for note in cfg.ignored_settings():
+        warnings.warn(note, UserWarning, stacklevel=2)
     seed_everything(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = base_dtype(cfg.bf16, cfg.fp16, device)

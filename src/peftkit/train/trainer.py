@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import TrainingInterrupted
+from ..errors import ConfigError, TrainingInterrupted
 from ..io import peft_format
 from ..io.atomic import remove_stale_temporaries, write_text
 from ..io.outputs import record_outputs
@@ -247,7 +247,7 @@ class Trainer:
                 path = self._save_checkpoint(only_model=False)
                 raise TrainingInterrupted(f"Interrupted ({stop.signal}) after step {step} of {self.total_steps}; "
                                           f"saved {path}.", str(path))
-            if cfg.save_strategy != "no" and cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
+            if self._should_save(step):
                 self._save_checkpoint()
         bar.close()
         if self.eval_data and cfg.eval_strategy != "no" and not any(
@@ -269,6 +269,14 @@ class Trainer:
         if self.cfg.eval_strategy == "epoch":
             return self.state.batch_in_epoch == 0
         return bool(self.cfg.eval_steps) and step % self.cfg.eval_steps == 0
+
+    def _should_save(self, step: int) -> bool:
+        """A checkpoint every `save_steps` steps, or at each epoch's end; the final step saves the result instead."""
+        if step >= self.total_steps:
+            return False
+        if self.cfg.save_strategy == "epoch":
+            return self.state.batch_in_epoch == 0
+        return self.cfg.save_strategy == "steps" and bool(self.cfg.save_steps) and step % self.cfg.save_steps == 0
 
     def _log(self, path: Path, entry: dict[str, Any]) -> None:
         self.state.log_history.append(entry)
@@ -292,9 +300,18 @@ class Trainer:
         start = time.perf_counter()
         loss = self.evaluate()
         self._eval_seconds += time.perf_counter() - start
-        self._log(log_path, {"step": self.state.global_step, "epoch": round(self._epoch_float(), 4), "eval_loss": round(loss, 6)})
-        if self.state.best_metric is None or loss < self.state.best_metric:
-            self.state.best_metric, self.state.best_step = loss, self.state.global_step
+        metrics = {"eval_loss": loss}
+        self._log(log_path, {"step": self.state.global_step, "epoch": round(self._epoch_float(), 4),
+                             **{k: round(v, 6) for k, v in metrics.items()}})
+        name = getattr(self.cfg, "metric_for_best_model", None) or "eval_loss"
+        if name not in metrics:
+            raise ConfigError(f"metric_for_best_model '{name}' is not among the evaluation's metrics: "
+                              f"{', '.join(metrics)}.")
+        value, best = metrics[name], self.state.best_metric
+        greater = getattr(self.cfg, "greater_is_better", None)
+        greater = not name.endswith("loss") if greater is None else greater
+        if best is None or (value > best if greater else value < best):
+            self.state.best_metric, self.state.best_step = value, self.state.global_step
             self._best_state = {k: t.detach().clone() for k, t in self.method.state_dict().items()}
 
     def _save_checkpoint(self, only_model: bool | None = None) -> Path:
