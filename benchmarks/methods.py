@@ -86,9 +86,10 @@ def common_keys(args, data: Path, output_dir: str) -> dict:
     return dict(model_name_or_path="smollm2-135m", dataset="train", eval_dataset="eval", dataset_dir=str(data),
                 cutoff_len=args.cutoff_len, max_samples=args.eval_rows_cap, output_dir=output_dir,
                 overwrite_output_dir=True, per_device_train_batch_size=args.batch_size,
-                per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, max_steps=args.steps,
-                lr_scheduler_type="cosine", warmup_ratio=0.1, logging_steps=1, eval_strategy="steps",
-                eval_steps=max(1, args.steps // args.eval_points), save_strategy="no", seed=args.seed)
+                per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+                max_steps=args.steps, lr_scheduler_type="cosine", warmup_ratio=0.1, logging_steps=1,
+                eval_strategy="steps", eval_steps=max(1, args.steps // args.eval_points), save_strategy="no",
+                seed=args.seed)
 
 
 # --------------------------------------------------------------------------------------------- one run (child)
@@ -126,7 +127,13 @@ def child_hf(spec: dict) -> dict:
     """transformers.Trainer + PEFT LoRA on the same tokenized rows, order, schedule and evaluation rows."""
     import datasets
     import peft
-    from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Trainer, TrainingArguments, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     import peftkit.models
     from peftkit.config import load_config
@@ -178,7 +185,8 @@ def child_hf(spec: dict) -> dict:
     args = TrainingArguments(
         output_dir=cfg.output_dir, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
         max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps), weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", seed=cfg.seed,
+        warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps), weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", seed=cfg.seed,
         logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0, train_sampling_strategy="sequential")
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([train_rows[i] for i in order]),
@@ -274,7 +282,8 @@ def write_docs(record: dict, docs: Path) -> None:
         before, after = start_loss(record, r), final_eval(r)
         speed = r["train_tokens_per_second"] / ref["train_tokens_per_second"] if ref else None
         lines.append(f"| {r['name']} | {r['trainable_params']:,} | {100 * r['trainable_params'] / r['all_params']:.3f} "
-                     f"| {r.get('model_memory_mb', float('nan')):.0f} | {r['peak_memory_mb']:.0f} | {r['train_tokens_per_second']:.0f} | "
+                     f"| {r.get('model_memory_mb', float('nan')):.0f} | {r['peak_memory_mb']:.0f} "
+                     f"| {r['train_tokens_per_second']:.0f} | "
                      f"{'-' if speed is None else f'{speed:.2f}'} | {before:.4f} | {after:.4f} | "
                      f"{(after - before) / before:+.1%} |")
     failed = [r["name"] for r in record["runs"] if "failed" in r]
@@ -283,15 +292,16 @@ def write_docs(record: dict, docs: Path) -> None:
     if "lora" in by_name and "qlora" in by_name and "base_eval_loss_4bit" in record and all(
             "model_memory_mb" in r for r in (by_name["lora"], by_name["qlora"])):
         lo, q = by_name["lora"], by_name["qlora"]
+        base_4bit = record["base_eval_loss_4bit"]
         tradeoff = (
-            f"\n**QLoRA against LoRA** (same settings; the base's linear layers in 4-bit NF4 with double quantization): "
+            "\n**QLoRA against LoRA** (same settings; the base's linear layers in 4-bit NF4 with double quantization): "
             f"weights {q['model_memory_mb']:.0f} MiB instead of {lo['model_memory_mb']:.0f} "
             f"({q['model_memory_mb'] / lo['model_memory_mb']:.0%}; the embeddings stay in full precision), peak RSS "
             f"{q['peak_memory_mb']:.0f} MiB against {lo['peak_memory_mb']:.0f}, "
             f"{q['train_tokens_per_second'] / lo['train_tokens_per_second']:.2f}x LoRA's tokens/s. Quantizing costs "
-            f"quality before any training: the 4-bit base's eval loss is {record['base_eval_loss_4bit']:.4f} against "
+            f"quality before any training: the 4-bit base's eval loss is {base_4bit:.4f} against "
             f"{base:.4f}; after training, QLoRA reaches {final_eval(q):.4f} "
-            f"({(final_eval(q) - record['base_eval_loss_4bit']) / record['base_eval_loss_4bit']:+.1%} on its own base), "
+            f"({(final_eval(q) - base_4bit) / base_4bit:+.1%} on its own base), "
             f"LoRA {final_eval(lo):.4f}.")
         fixed = [by_name.get(n + FIXED_MALLOC_SUFFIX) for n in ("lora", "qlora")]
         if all(fixed):
@@ -309,7 +319,8 @@ def write_docs(record: dict, docs: Path) -> None:
         points = [(0, start_loss(record, r))] + [(e["step"], e["eval_loss"]) for e in r["log"] if "eval_loss" in e]
         ax.plot([s for s, _ in points], [v for _, v in points], marker="osD^v"[i % 5], color=colors[i % 20],
                 linestyle=("-", "--", ":")[i // 20 % 3], label=r["name"])
-    ax.set_xlabel(f"optimizer step ({record['settings']['batch_size'] * record['settings']['grad_accum']} examples each)")
+    examples_per_step = record["settings"]["batch_size"] * record["settings"]["grad_accum"]
+    ax.set_xlabel(f"optimizer step ({examples_per_step} examples each)")
     ax.set_ylabel("eval loss")
     ax.set_title("smollm2-135m on alpaca_en_demo: eval loss per method")
     ax.legend(fontsize=8, ncol=2)
@@ -319,9 +330,15 @@ def write_docs(record: dict, docs: Path) -> None:
     fig.savefig(docs / "methods_eval_loss.png", dpi=110)
     s = record["settings"]
     m = record["machine"]
+    quick = " --quick" if s["quick"] else ""
+    updated = f" (rows added {record['updated'][:10]})" if record.get("updated") else ""
+    smoke = ("\n**This is a smoke run (`--quick`): too few steps for the losses to mean much.**\n"
+             if s["quick"] else "")
+    failures = "" if not failed else "\nFailed: " + ", ".join(failed) + " (see benchmarks/results/methods.json).\n"
+    # The backslashes at line ends continue the text's line: the generated file keeps its long lines.
     text = f"""# Every method, one machine, one run
 
-`python benchmarks/methods.py{' --quick' if s['quick'] else ''}` on {record['date'][:10]}{f" (rows added {record['updated'][:10]})" if record.get('updated') else ''}: {m['cpu']}, {m['cores']} cores,
+`python benchmarks/methods.py{quick}` on {record['date'][:10]}{updated}: {m['cpu']}, {m['cores']} cores,
 torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}. Total {record['total_wall_s'] / 60:.0f} min.
 
 Model `smollm2-135m` (SmolLM2-135M-Instruct); data `alpaca_en_demo`: its first {TRAIN_ROWS} rows train, the next
@@ -329,13 +346,15 @@ Model `smollm2-135m` (SmolLM2-135M-Instruct); data `alpaca_en_demo`: its first {
 {s['batch_size']} x {s['grad_accum']} examples in the same order (cutoff_len {s['cutoff_len']}, cosine schedule,
 10% warm-up, seed {s['seed']}); learning rates are each method's usual order of magnitude, not tuned here (see
 `METHODS` in the script). Eval loss is the mean token loss on the answer tokens of the eval rows; "before" is the
-base model (for QLoRA, the 4-bit base). Weights MiB is what the model's tensors hold (base and adapter, quantization constants included);
+base model (for QLoRA, the 4-bit base). Weights MiB is what the model's tensors hold (base and adapter, \
+quantization constants included);
 tokens/s counts real tokens over the training time (evaluations left out); peak RSS is the
-process's (evaluation runs at the training batch size, so this is the training peak). "x HF+PEFT LoRA" compares with transformers.Trainer + PEFT LoRA (same settings as the `lora` row,
+process's (evaluation runs at the training batch size, so this is the training peak). "x HF+PEFT LoRA" \
+compares with transformers.Trainer + PEFT LoRA (same settings as the `lora` row,
 padding-free collation) run in the same invocation.
-{'' if not s['quick'] else chr(10) + '**This is a smoke run (`--quick`): too few steps for the losses to mean much.**' + chr(10)}
+{smoke}
 {chr(10).join(lines)}
-{tradeoff}{'' if not failed else chr(10) + 'Failed: ' + ', '.join(failed) + ' (see benchmarks/results/methods.json).' + chr(10)}
+{tradeoff}{failures}
 ![eval loss per method](methods_eval_loss.png)
 """
     (docs / "methods.md").write_text(text)
@@ -415,7 +434,8 @@ def main() -> None:
             record.update(base_eval_loss=base["eval_loss"], eval_rows=base["eval_rows"])
         if "qlora" in names and "base_eval_loss_4bit" not in record:
             keys = dict(common_keys(args, data, f"{tmp}/base4"), quantization_bit=4)
-            record["base_eval_loss_4bit"] = spawn({"impl": "base", "name": "4-bit base", "keys": keys}, tmp)["eval_loss"]
+            base4 = spawn({"impl": "base", "name": "4-bit base", "keys": keys}, tmp)
+            record["base_eval_loss_4bit"] = base4["eval_loss"]
         METHODS["adalora"].update(tinit=args.steps // 6, tfinal=args.steps // 6)
         specs = [("hf", "hf-peft-lora", METHODS["lora"])] if not args.no_hf else []
         specs += [("peftkit", name, METHODS[name]) for name in names]
@@ -431,7 +451,8 @@ def main() -> None:
         for run in [r for r in record["runs"] if "failed" not in r and "model_memory_mb" not in r]:
             method = run["name"].removesuffix(FIXED_MALLOC_SUFFIX)
             keys = dict(common_keys(args, data, f"{tmp}/fp"), **METHODS["lora" if method == "hf-peft-lora" else method])
-            run["model_memory_mb"] = spawn({"impl": "footprint", "name": run["name"], "keys": keys}, tmp)["model_memory_mb"]
+            footprint = spawn({"impl": "footprint", "name": run["name"], "keys": keys}, tmp)
+            run["model_memory_mb"] = footprint["model_memory_mb"]
         out.write_text(json.dumps(record, indent=2) + "\n")
         write_docs(record, REPO / "docs")
     print(f"Wrote {out}, docs/methods.md and docs/methods_eval_loss.png ({record['total_wall_s']:.0f} s)")

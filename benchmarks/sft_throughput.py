@@ -120,8 +120,13 @@ def hf_order(n_rows: int, rows_needed: int, seed: int) -> list[int]:
 def run_hf(spec: dict) -> dict:
     import datasets
     import peft
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainingArguments,
+    )
 
     import peftkit.models
 

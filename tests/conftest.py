@@ -90,7 +90,8 @@ def input_ids() -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def smollm2_home(tmp_path_factory: pytest.TempPathFactory):
-    """A PEFTKIT_HOME shared by every slow test, so smollm2-135m is converted once (~20 s) and the user's cache is untouched."""
+    """A PEFTKIT_HOME shared by every slow test, so smollm2-135m is converted once (~20 s) and the user's cache is
+    untouched."""
     from peftkit.models import resolve_model_path
 
     home = tmp_path_factory.mktemp("peftkit_home")

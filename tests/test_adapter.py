@@ -134,7 +134,8 @@ def test_several_adapters_switch_disable_delete(input_ids) -> None:
     assert torch.equal(logits(tuned, input_ids), h)
     tuned.delete_adapter("h")
     assert tuned.active_adapter == "p" and torch.equal(logits(tuned, input_ids), p)
-    assert all(layer.adapter_names() in ([], ["p"]) for layer in tuned.model.modules() if isinstance(layer, BottleneckLayer))
+    assert all(layer.adapter_names() in ([], ["p"])
+               for layer in tuned.model.modules() if isinstance(layer, BottleneckLayer))
     tuned.delete_adapter("p")
     assert torch.equal(logits(tuned, input_ids), base)
 

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: a real server on a free loopback port, the official `openai` client, raw HTTP for errors."""
+"""The OpenAI-compatible API: a real server on a free loopback port, the official `openai` client, raw HTTP for
+errors."""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ import openai
 import pytest
 import torch
 import uvicorn
+from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 
 from peftkit import LoraConfig, TunedModel
 from peftkit.models import load_model_and_tokenizer
 from peftkit.serve import ChatEngine, GenerationParams
 from peftkit.serve.api import build_app
-
-from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 
 BASE = "base-model"
 KEY = "sk-test"

@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 from conftest import tiny_llama
+from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 from transformers import AutoModelForCausalLM
 
 from peftkit import LoraConfig, TunedModel
 from peftkit.cli import main
-
-from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 
 
 def save_word_tokenizer(folder) -> None:
@@ -27,7 +26,8 @@ def save_word_tokenizer(folder) -> None:
 def test_export_merged_reloads_in_transformers(tmp_path, input_ids, capsys) -> None:
     base_dir, adapter_dir, export_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
     tiny_llama().save_pretrained(base_dir)
-    tuned = TunedModel(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, use_dora=True, target_modules="all-linear"))
+    tuned = TunedModel(AutoModelForCausalLM.from_pretrained(base_dir),
+                       LoraConfig(r=4, use_dora=True, target_modules="all-linear"))
     with torch.no_grad():
         for t in tuned.method.state_dict().values():
             t.add_(torch.randn_like(t) * 0.2)
@@ -107,7 +107,8 @@ def test_chat_and_api_refuse_bad_settings_before_loading_a_model(monkeypatch, ca
     for command in ("chat", "api"):
         assert main([command, "--model", "m", "--template", "chatlm"]) == 1
         err = capsys.readouterr().err.strip()
-        assert err.startswith("error: Unknown --template 'chatlm'. Did you mean 'chatml'?") and len(err.splitlines()) == 1
+        assert (err.startswith("error: Unknown --template 'chatlm'. Did you mean 'chatml'?")
+                and len(err.splitlines()) == 1)
 
 
 def random_lora_adapter(base_dir, adapter_dir, seed: int = 0) -> None:
@@ -147,7 +148,8 @@ def test_export_legacy_format_also_writes_bin_weights(base_and_adapter, tmp_path
     (legacy / "model.safetensors").unlink()  # what a .bin-only reader sees
     assert torch.equal(logits(legacy, input_ids), expected)
     # the marker lists the .bin files too, so overwrite_output_dir may replace the folder
-    assert main(["export", *common, f"export_dir={legacy}", "export_legacy_format=true", "overwrite_output_dir=true"]) == 0
+    assert main(["export", *common, f"export_dir={legacy}", "export_legacy_format=true",
+                 "overwrite_output_dir=true"]) == 0
 
 
 def test_bin_copies_of_sharded_weights_load_through_their_index(tmp_path, input_ids) -> None:
@@ -174,7 +176,8 @@ def test_export_device_auto_without_a_gpu_merges_on_the_cpu(base_and_adapter, tm
     assert main(["export", *common, f"export_dir={tmp_path / 'auto'}", "export_device=auto"]) == 0
     out = capsys.readouterr().out
     assert ("export_device: auto found no GPU" in out) == (not torch.cuda.is_available())
-    same = (tmp_path / "cpu" / "model.safetensors").read_bytes() == (tmp_path / "auto" / "model.safetensors").read_bytes()
+    same = ((tmp_path / "cpu" / "model.safetensors").read_bytes()
+            == (tmp_path / "auto" / "model.safetensors").read_bytes())
     assert same or torch.cuda.is_available()
     assert main(["export", *common, f"export_dir={tmp_path / 'x'}", "export_device=gpu"]) == 1
     err = capsys.readouterr().err

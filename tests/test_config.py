@@ -6,12 +6,10 @@ import json
 import warnings
 
 import pytest
-
 from conftest import LLAMA_FACTORY_EXAMPLE
 
 from peftkit import ConfigError, LoraConfig
 from peftkit.config import IGNORED_KEYS, TrainConfig, load_config, parse_overrides
-
 
 BASE = ["model_name_or_path=local/model", "dataset=alpaca_en_demo"]
 
@@ -36,7 +34,8 @@ def test_llama_factory_example_loads(example, tmp_path) -> None:
     assert cfg.dataset == ["identity", "alpaca_en_demo"]
     assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
     assert (cfg.gradient_accumulation_steps, cfg.preprocessing_num_workers, cfg.dataloader_num_workers) == (8, 16, 4)
-    assert (cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.bf16, cfg.resume_from_checkpoint) == ("cosine", 0.1, True, None)
+    assert ((cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.bf16, cfg.resume_from_checkpoint)
+            == ("cosine", 0.1, True, None))
     assert cfg.trust_remote_code and cfg.plot_loss and cfg.overwrite_output_dir and not cfg.save_only_model
     assert (cfg.template, cfg.max_samples, cfg.report_to, cfg.eval_strategy) == ("llama3", 1000, "none", "no")
     method = cfg.method_config()
@@ -46,7 +45,8 @@ def test_llama_factory_example_loads(example, tmp_path) -> None:
 
 def test_overrides_win_over_file_and_keywords_over_overrides(example) -> None:
     with pytest.warns(UserWarning):
-        cfg = load_config(example, ["learning_rate=5e-5", "lora_target=q_proj,v_proj", "packing=true", "seed=1"], seed=2)
+        cfg = load_config(example, ["learning_rate=5e-5", "lora_target=q_proj,v_proj", "packing=true", "seed=1"],
+                          seed=2)
     assert cfg.learning_rate == 5e-5 and cfg.packing is True and cfg.seed == 2
     assert cfg.method_config().target_modules == ["q_proj", "v_proj"]
 

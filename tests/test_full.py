@@ -20,7 +20,6 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.full import FullConfig
 from peftkit.train import Trainer
 
-
 COMMON = dict(model_name_or_path="x", dataset=["identity"])
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 
 from peftkit.errors import ConfigError
 from peftkit.models import load_model_and_tokenizer
 from peftkit.serve import ChatEngine, GenerationParams
-
-from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 
 QUESTION = [{"role": "user", "content": "Write one short sentence about the sea."}]
 

@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -42,8 +43,6 @@ from peftkit.export import write_gguf, write_gguf_lora
 from peftkit.export.gguf import GGUF_TYPES as WRITER_TYPES
 from peftkit.export.gguf import permute_rows
 from peftkit.export.gguf_vocab import _LLAMA3, _QWEN2
-
-from conftest import SHARED_DATA
 
 MIXED = "Hello world! It's 12345 apples, 你好，世界。龘😀🎉 naïve café\n\n  indented\ttab <|im_end|> done"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -158,7 +157,7 @@ def _tiny_gemma(arch: str, common: dict, overrides: dict) -> torch.nn.Module:
     return Gemma3ForCausalLM(cfg).eval()
 
 
-# --- llama.cpp ---------------------------------------------------------------------------------------------------------
+# --- llama.cpp --------------------------------------------------------------------------------------------------------
 
 def llama_cpp():
     try:
@@ -217,7 +216,7 @@ def prompt_ids(tokenizer) -> list[int]:
                                          add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
-# --- layout and metadata (no llama.cpp needed) -------------------------------------------------------------------------
+# --- layout and metadata (no llama.cpp needed) ------------------------------------------------------------------------
 
 def test_gguf_types_agree_with_config() -> None:
     assert tuple(WRITER_TYPES) == GGUF_TYPES
@@ -286,7 +285,7 @@ def test_unsupported_models_fail_with_the_supported_list(tmp_path, tokenizer) ->
     assert not list(tmp_path.iterdir())
 
 
-# --- llama.cpp runs the files ------------------------------------------------------------------------------------------
+# --- llama.cpp runs the files -----------------------------------------------------------------------------------------
 
 def test_gemma_settings_llama_cpp_would_ignore_are_refused(tmp_path, tokenizer) -> None:
     """llama.cpp fixes Gemma's query scale, layer pattern and soft-caps rather than reading them from the file."""
@@ -436,7 +435,7 @@ def test_quantized_exports_generate_sensibly(tmp_path, tokenizer, gguf_type) -> 
         assert corr_orig > 0.999 and agree >= 0.9
 
 
-# --- LoRA as GGUF ------------------------------------------------------------------------------------------------------
+# --- LoRA as GGUF -----------------------------------------------------------------------------------------------------
 
 def _lora_adapter(tmp_path, arch: str, **lora) -> tuple[Path, Path, torch.nn.Module, torch.nn.Module]:
     """A base folder, an adapter with clearly non-zero B, the base model and the merged model."""
@@ -492,7 +491,7 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(tmp_path) -> None:
         write_gguf_lora(base.config, tmp_path / "dora", tmp_path / "x.gguf", gguf_type="q4_0")
 
 
-# --- the command line --------------------------------------------------------------------------------------------------
+# --- the command line -------------------------------------------------------------------------------------------------
 
 def test_cli_exports_gguf_and_gguf_lora(tmp_path, capsys) -> None:
     base_dir, adapter_dir, _, merged = _lora_adapter(tmp_path, "llama", r=4)
@@ -521,7 +520,7 @@ def test_cli_exports_gguf_and_gguf_lora(tmp_path, capsys) -> None:
     assert "export_gguf_type" in capsys.readouterr().err
 
 
-# --- the real model: smollm2-135m with a trained LoRA ------------------------------------------------------------------
+# --- the real model: smollm2-135m with a trained LoRA -----------------------------------------------------------------
 
 @pytest.mark.slow
 def test_smollm2_with_trained_lora_runs_in_llama_cpp(smollm2, tmp_path, monkeypatch, capsys) -> None:

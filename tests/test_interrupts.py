@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
+from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 
 from peftkit.io.atomic import is_temporary
 from peftkit.train.checkpoint import list_checkpoints
-
-from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30

@@ -10,13 +10,12 @@ import pytest
 import torch
 from conftest import LLAMA_FACTORY_EXAMPLE, SHARED_DATA
 from safetensors.torch import load_file
+from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 from transformers import AutoModelForCausalLM
 
 from peftkit import TunedModel
 from peftkit.cli import main
 from peftkit.models import load_model
-
-from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 
 # examples/train_lora/qwen3_lora_sft.yaml (hiyouga/LLaMA-Factory@77e7f47), verbatim
 QWEN3_LORA_SFT = """\

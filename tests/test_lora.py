@@ -60,7 +60,8 @@ def test_trainable_report_matches_hand_count() -> None:
     trainable, total = tuned.parameter_counts()
     assert trainable == expected
     first, second = tuned.trainable_report().splitlines()
-    assert first == f"trainable params: {expected:,d} || all params: {total:,d} || trainable%: {100 * expected / total:.4f}"
+    assert first == (f"trainable params: {expected:,d} || all params: {total:,d} || "
+                     f"trainable%: {100 * expected / total:.4f}")
     assert second.startswith(f"AdamW state: {8 * expected / 2**20:,.1f} MiB")
 
 
@@ -69,7 +70,8 @@ VARIANTS = {
     "rslora": dict(r=4, lora_alpha=8, use_rslora=True),
     "dora": dict(r=4, lora_alpha=8, use_dora=True),
     "all_linear": dict(r=2, lora_alpha=4, target_modules="all-linear"),
-    "embedding_and_head": dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"], modules_to_save=["lm_head"]),
+    "embedding_and_head": dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
+                               modules_to_save=["lm_head"]),
 }
 
 
@@ -173,7 +175,8 @@ def test_two_adapters_switch_and_disable(tmp_path, input_ids) -> None:
 
     # both survive a save/load round trip and still switch
     tuned.save(tmp_path)
-    assert (tmp_path / "sql" / "adapter_config.json").is_file() and (tmp_path / "chat" / "adapter_model.safetensors").is_file()
+    assert ((tmp_path / "sql" / "adapter_config.json").is_file()
+            and (tmp_path / "chat" / "adapter_model.safetensors").is_file())
     again = TunedModel.load(tiny_llama(), tmp_path / "sql", name="sql")
     again.load_adapter(tmp_path / "chat", name="chat")
     assert torch.equal(logits(again, input_ids), sql)
@@ -218,7 +221,9 @@ def test_adapter_for_another_model(tmp_path) -> None:
     bigger = AutoModelForCausalLM.from_config(
         tiny_llama().config.__class__(**{**tiny_llama().config.to_dict(), "hidden_size": 64, "head_dim": 16})
     )
-    with pytest.raises(AdapterLoadError, match=r"Shape mismatch for 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight'"):
+    with pytest.raises(AdapterLoadError,
+                       match=r"Shape mismatch for 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\."
+                             r"lora_A\.weight'"):
         TunedModel.load(bigger, tmp_path)
     with pytest.raises(AdapterLoadError, match="does not fit this base model"):
         TunedModel.load(tiny_gpt2(), tmp_path)

@@ -43,10 +43,12 @@ def test_trainer_optimizer_groups_and_learning_rates(tmp_path) -> None:
     assert names(groups["no_decay"]) == {"model.norm.copies.default.weight"}  # RMSNorm weight of modules_to_save
     # A of every layer (embedding too) and the DoRA magnitudes learn at the base rate
     assert names(groups["lora_A"]) == ({f"{m}.lora_{k}.default" for m in q for k in ("A", "magnitude")}
-                                       | {"model.embed_tokens.lora_A.default", "model.embed_tokens.lora_magnitude.default"})
+                                       | {"model.embed_tokens.lora_A.default",
+                                          "model.embed_tokens.lora_magnitude.default"})
     assert sum(len(g["params"]) for g in groups.values()) == len(tuned.trainable_parameters())
 
-    expected = {"lora_A": (1e-3, 0.1), "no_decay": (1e-3, 0.0), "lora_B": (1.6e-2, 0.1), "lora_embedding_B": (1e-5, 0.1)}
+    expected = {"lora_A": (1e-3, 0.1), "no_decay": (1e-3, 0.0), "lora_B": (1.6e-2, 0.1),
+                "lora_embedding_B": (1e-5, 0.1)}
     for name, (lr, decay) in expected.items():
         assert groups[name]["lr"] == pytest.approx(lr, rel=1e-12) and groups[name]["weight_decay"] == decay
     trainer.optimizer.step()  # no gradients yet: a no-op, so the scheduler may step

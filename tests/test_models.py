@@ -1,4 +1,5 @@
-"""Model loading: the built-in alias converts once and answers, local folders round-trip, bad input gets clear errors."""
+"""Model loading: the built-in alias converts once and answers, local folders round-trip, bad input gets clear
+errors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB, tiny_llama
-from tokenizers import Tokenizer, models as tok_models
+from tokenizers import Tokenizer
+from tokenizers import models as tok_models
 from transformers import PreTrainedTokenizerFast
 
 from peftkit import models
@@ -30,7 +32,8 @@ def test_alias_converts_once_then_reloads_fast_and_answers(smollm2, smollm2_home
     folder = Path(resolve_model_path(smollm2))
     assert folder.parent == smollm2_home / "models" and folder.name.startswith("smollm2-135m-")
     assert list(folder.parent.iterdir()) == [folder]  # no temporary directory left behind
-    for name in ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]:
+    for name in ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"]:
         assert (folder / name).is_file(), name
     mtime = folder.stat().st_mtime_ns
 

@@ -466,7 +466,8 @@ def test_an_answer_with_text_and_calls_renders_as_qwens_own_template(go_render):
     expected = tok.apply_chat_template(request["messages"], tools=request["tools"], tokenize=False,
                                        add_generation_prompt=True)
     assert "Let me check.\n<tool_call>" in expected
-    assert go_render(ollama_template(case("qwen2.5").render).template, request["messages"], request["tools"]) == expected
+    assert go_render(ollama_template(case("qwen2.5").render).template, request["messages"],
+                     request["tools"]) == expected
 
 
 def test_a_render_that_takes_no_tools_gets_no_tool_sections():

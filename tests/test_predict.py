@@ -79,7 +79,8 @@ def test_batched_left_padded_generation_equals_one_at_a_time(small_model_dir) ->
 
     model, tokenizer = load_model_and_tokenizer(str(small_model_dir))
     engine = ChatEngine(model, tokenizer)
-    prompts = [engine.prompt_ids([{"role": "user", "content": text}]) for text in ("Hi", "Who are you? Tell me all about yourself.", "What is one plus one?")]
+    prompts = [engine.prompt_ids([{"role": "user", "content": text}])
+               for text in ("Hi", "Who are you? Tell me all about yourself.", "What is one plus one?")]
     assert len({len(p) for p in prompts}) == 3  # different lengths: the batch is padded
     params = GenerationParams(max_new_tokens=12)
     batched = engine.generate(prompts, params)
@@ -135,7 +136,8 @@ def test_predict_and_eval_commands_with_an_adapter(small_model_dir, tmp_path, ca
                  f"output_dir={tmp_path / 'p'}"]) == 0
     assert "predict_rouge-l" in capsys.readouterr().out
     assert main(["predict", "/dev/null", *common, "max_new_tokens=4", f"output_dir={tmp_path / 'p0'}"]) == 0
-    read = lambda d: [json.loads(x)["predict"] for x in (tmp_path / d / "generated_predictions.jsonl").read_text().splitlines()]  # noqa: E731
+    read = lambda d: [json.loads(x)["predict"]  # noqa: E731
+                      for x in (tmp_path / d / "generated_predictions.jsonl").read_text().splitlines()]
     assert read("p") != read("p0")  # the adapter was used
 
 
@@ -170,10 +172,12 @@ def test_predict_and_eval_follow_the_template_the_adapter_was_trained_with(small
 
     def first_prompt(out: str, **kw) -> str:
         run_predict(predict_cfg(small_model_dir, tmp_path / out, **common, **kw))
-        return json.loads((tmp_path / out / "pred" / "generated_predictions.jsonl").read_text().splitlines()[0])["prompt"]
+        lines = (tmp_path / out / "pred" / "generated_predictions.jsonl").read_text().splitlines()
+        return json.loads(lines[0])["prompt"]
 
     assert first_prompt("recorded").startswith("Below is an instruction that describes a task.")
     assert first_prompt("chatml", template="chatml").startswith("<|im_start|>user\n")  # the config overrides
     losses = {name: run_eval(predict_cfg(small_model_dir, tmp_path / f"e-{name}", **common, **kw))["eval_loss"]
-              for name, kw in (("recorded", {}), ("alpaca", {"template": "alpaca"}), ("chatml", {"template": "chatml"}))}
+              for name, kw in (("recorded", {}), ("alpaca", {"template": "alpaca"}),
+                               ("chatml", {"template": "chatml"}))}
     assert losses["recorded"] == losses["alpaca"] != losses["chatml"]

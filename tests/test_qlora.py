@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import bitsandbytes as bnb
+import helpers
 import pytest
 import torch
 from conftest import tiny_llama
+from helpers import changed, make_cfg, read_log, snapshot, synthetic_examples
 from transformers import AutoModelForCausalLM
 
-import helpers
-from helpers import changed, make_cfg, read_log, snapshot, synthetic_examples
 from peftkit import LoraConfig, TunedModel, available_methods, get_method
 from peftkit.config import load_config
 from peftkit.data import SFTCollator
@@ -203,7 +203,8 @@ def test_other_adapter_methods_train_on_the_4bit_base(base_dir, tmp_path, name) 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_merging_into_the_quantized_model_is_refused_with_the_way_out(base_dir, bits) -> None:
     tuned = qlora(base_dir, QuantizationConfig(bits))
-    with pytest.raises(PeftkitError, match=f"Merging into a {bits}-bit quantized model is not possible.*peftkit export"):
+    with pytest.raises(PeftkitError,
+                       match=f"Merging into a {bits}-bit quantized model is not possible.*peftkit export"):
         tuned.merge_and_unload()
     assert tuned.adapters  # nothing was changed or unloaded
 
@@ -225,7 +226,8 @@ def test_export_merges_a_qlora_adapter_on_the_full_precision_base_and_says_so(ba
     assert "trained against 4-bit quantized base weights" in printed
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert quantized_bits(merged) is None
-    expected = logits(TunedModel.load(AutoModelForCausalLM.from_pretrained(base_dir).eval(), trained_adapter), input_ids)
+    expected = logits(TunedModel.load(AutoModelForCausalLM.from_pretrained(base_dir).eval(), trained_adapter),
+                      input_ids)
     assert (logits(merged, input_ids) - expected).abs().max() <= 1e-5
 
 

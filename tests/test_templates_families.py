@@ -23,8 +23,15 @@ from conftest import SHARED_DATA
 from test_templates import labelled_runs, smollm2_tokenizer
 
 from peftkit import ConfigError
-from peftkit.data import IGNORE_INDEX, TEMPLATES, Conversation, build_sft_dataset, encode, get_template
-from peftkit.data import load_conversations
+from peftkit.data import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    Conversation,
+    build_sft_dataset,
+    encode,
+    get_template,
+    load_conversations,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 
@@ -64,7 +71,8 @@ LLAMA4 = Family("<|begin_of_text|>", "<|eot|>",
 MISTRAL = Family(S, E, ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
                         "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"))
 GEMMA = Family("<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>"))
-DEEPSEEK = Family("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"))
+DEEPSEEK = Family("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+                  ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"))
 FAMILIES: dict[str, Family] = {
     "default": Family(S, E), "alpaca": Family(S, E), "empty": Family(S, E), "chatml": Family(None, "<|im_end|>"),
     "qwen": QWEN, "qwen3": QWEN, "qwen3_nothink": QWEN, "yi": Family(None, "<|im_end|>"),
@@ -152,8 +160,8 @@ EXPECTED: dict[str, tuple[str, list[str]]] = {
     "phi4": ("<|im_start|>system<|im_sep|>You are terse.<|im_end|><|im_start|>user<|im_sep|>Name a colour.<|im_end|>"
              "<|im_start|>assistant<|im_sep|>Blue.<|im_end|><|im_start|>user<|im_sep|>Another one?<|im_end|>"
              "<|im_start|>assistant<|im_sep|>Green.<|im_end|>", answers("Blue.", "Green.", end="<|im_end|>")),
-    "deepseek": ("<｜begin▁of▁sentence｜>You are terse.\n\nUser: Name a colour.\n\nAssistant: Blue.<｜end▁of▁sentence｜>"
-                 "User: Another one?\n\nAssistant: Green.<｜end▁of▁sentence｜>",
+    "deepseek": ("<｜begin▁of▁sentence｜>You are terse.\n\nUser: Name a colour.\n\nAssistant: Blue."
+                 "<｜end▁of▁sentence｜>User: Another one?\n\nAssistant: Green.<｜end▁of▁sentence｜>",
                  answers(" Blue.", " Green.", end="<｜end▁of▁sentence｜>")),
     "deepseek3": (DS3_CHAT.format(think=""), answers("Blue.", "Green.", end="<｜end▁of▁sentence｜>")),
     # R1 prompts with "<think>\n": the loss starts after it (here at "\n\n", one token straddling the prompt's end).
@@ -250,9 +258,11 @@ EXPECTED_TOOLS: dict[str, tuple[str, list[str]]] = {
                       f"{MISTRAL_TOOLS}[INST]Weather in Paris?[/INST]{MISTRAL_CALL}</s>{MISTRAL_RESULT}21 C.</s>",
                       [MISTRAL_CALL + "</s>", "21 C.</s>"]),
     # GLM-4: the tools in a system turn of their own; a call is the function's name, then its arguments.
-    "glm4": ("[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+    "glm4": ("[gMASK]<sop><|system|>\n"
+             "你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
              "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具\n## get_weather\n\n"
-             f"{indented(function_only=True)}\n在调用上述函数时，请使用 Json 格式表示调用的参数。<|system|>\nYou are terse."
+             f"{indented(function_only=True)}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+             "<|system|>\nYou are terse."
              '<|user|>\nWeather in Paris?<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\n{"temp_c": 21}'
              "<|assistant|>\n21 C.<|endoftext|>",
              ['get_weather\n{"city": "Paris"}<|observation|>', "\n21 C.<|endoftext|>"]),
@@ -384,12 +394,13 @@ DEEPSEEKR1_JINJA = (DEEPSEEK3_JINJA.replace("CUT", "{% if '</think>' in content 
 DEEPSEEK3_JINJA = DEEPSEEK3_JINJA.replace("CUT", "").replace("GEN", "")
 # glm-4-9b-chat's: tools ride on a message (`tools`), a call is an assistant message with `metadata` (its name).
 GLM4_JINJA = ("[gMASK]<sop>{% for item in messages %}{% if item['tools'] is defined %}<|system|>\n"
-              "你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。"
+              "你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+              "你的任务是针对用户的问题和要求提供适当的答复和支持。"
               "\n\n# 可用工具{% set tools = item['tools'] %}{% for tool in tools %}{% if tool['type'] == 'function' %}"
               "\n\n## {{ tool['function']['name'] }}\n\n{{ tool['function'] | tojson(indent=4) }}\n"
-              "在调用上述函数时，请使用 Json 格式表示调用的参数。{% endif %}{% endfor %}{% endif %}{% if item['content'] %}"
-              "<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}"
-              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+              "在调用上述函数时，请使用 Json 格式表示调用的参数。{% endif %}{% endfor %}{% endif %}"
+              "{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}"
+              "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 LLAMA2_JINJA = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
                 "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
                 "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import json
 
+import helpers
 import pytest
 import torch
 from conftest import tiny_llama
+from helpers import make_cfg, read_log, synthetic_examples
 
 from peftkit import LoraConfig, TunedModel
 from peftkit.data import SFTCollator
 from peftkit.train import Trainer
 from peftkit.train.checkpoint import list_checkpoints
 
-import helpers
-from helpers import make_cfg, read_log, synthetic_examples
-
 
 def tuned_llama(dropout: float = 0.0) -> TunedModel:
     torch.manual_seed(0)
-    return TunedModel(tiny_llama(initializer_range=0.3), LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+    return TunedModel(tiny_llama(initializer_range=0.3),
+                      LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
 
 
 def run(cfg, data, eval_data=None, tuned=None) -> tuple[Trainer, dict]:
@@ -52,7 +52,8 @@ def test_accumulation_equals_big_batch(tmp_path) -> None:
     """bs=1 x 4 accumulated equals bs=4 in one go: the loss is normalised by the real token count of the step."""
     data = synthetic_examples(8)
     big, _ = run(make_cfg(tmp_path / "a", per_device_train_batch_size=4, max_steps=2, seed=3), data)
-    acc, _ = run(make_cfg(tmp_path / "b", per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=2, seed=3), data)
+    acc, _ = run(make_cfg(tmp_path / "b", per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=2,
+                          seed=3), data)
     la = [e["loss"] for e in read_log(big.cfg)]
     lb = [e["loss"] for e in read_log(acc.cfg)]
     assert la == pytest.approx(lb, abs=1e-5)

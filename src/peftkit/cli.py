@@ -111,7 +111,8 @@ def _load_chat_model(args: argparse.Namespace, template: str | None = None, enab
             print(f"Loading the base in {quantization.describe()}, as the adapter was trained "
                   "(--quantization-bit 0 loads it in full precision).", file=sys.stderr)
     else:
-        quantization = QuantizationConfig(args.quantization_bit, args.quantization_type) if args.quantization_bit else None
+        quantization = (QuantizationConfig(args.quantization_bit, args.quantization_type)
+                        if args.quantization_bit else None)
     return ChatEngine(*load_for_inference(args.model, args.adapter, quantization=quantization), template,
                       enable_thinking=enable_thinking)
 
@@ -312,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization-type", choices=("nf4", "fp4"), default="nf4")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("export", help="merge an adapter into its base model and save it (hf, gguf, ollama), or an adapter as a GGUF LoRA")
+    p = sub.add_parser("export", help="merge an adapter into its base model and save it (hf, gguf, ollama), "
+                                      "or an adapter as a GGUF LoRA")
     p.add_argument("config", nargs="?", help="YAML with model_name_or_path, adapter_name_or_path, export_dir")
     p.add_argument("overrides", nargs="*", help="key=value settings")
     p.set_defaults(func=cmd_export)

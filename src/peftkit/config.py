@@ -53,7 +53,8 @@ IGNORED_KEYS: dict[str, str] = {
     "image_max_pixels": _NO_MEDIA, "video_max_pixels": _NO_MEDIA, "freeze_vision_tower": _NO_MEDIA,
     "media_dir": _NO_MEDIA,
     "export_quantization_nsamples": _NO_GPTQ, "export_quantization_maxlen": _NO_GPTQ,
-    "predict_with_generate": "predict always generates", "run_name": "runs are named by output_dir", "logging_dir": "logs go to output_dir/trainer_log.jsonl",
+    "predict_with_generate": "predict always generates", "run_name": "runs are named by output_dir",
+    "logging_dir": "logs go to output_dir/trainer_log.jsonl",
 }
 _ALIASES = {"evaluation_strategy": "eval_strategy"}  # old TrainingArguments name -> current
 
@@ -101,7 +102,8 @@ class TrainConfig:
     adapter_non_linearity: str = "relu"  # bottleneck adapters: relu | gelu | silu | tanh
     freeze_trainable_layers: int = 2  # freeze: train the last N layers (negative: the first N)
     freeze_trainable_modules: str | list[str] = "all"  # freeze: module names inside those layers, or all
-    freeze_extra_modules: str | list[str] | None = None  # freeze: modules outside the layers to train, e.g. embed_tokens
+    # freeze: modules outside the layers to train, e.g. embed_tokens
+    freeze_extra_modules: str | list[str] | None = None
     num_virtual_tokens: int = 20  # prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2
     prompt_tuning_init: str = "vocab"  # prompt_tuning: random | vocab | text
     prompt_tuning_init_text: str | None = None  # prompt_tuning with init text: the phrase
@@ -160,7 +162,8 @@ class TrainConfig:
     metric_for_best_model: str = "eval_loss"  # the eval metric load_best_model_at_end compares ("loss" = eval_loss)
     greater_is_better: bool | None = None  # None: lower is better for a metric ending in "loss", higher otherwise
     resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or true for the newest in output_dir
-    resume_allow_changes: bool = False  # resume even though settings that change the result differ from the checkpoint's
+    # resume even though settings that change the result differ from the checkpoint's
+    resume_allow_changes: bool = False
     seed: int = 42
     bf16: bool | None = None  # None: bf16 where the device supports it
     fp16: bool = False
@@ -243,7 +246,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Flat `key: value` pairs -> config: old names renamed, LLaMA-Factory-only keys warned about, others refused."""
+        """Flat `key: value` pairs -> config: old names renamed, LLaMA-Factory-only keys warned about, others
+        refused."""
         values = _rename_aliases(values)
         fields = {f.name for f in dataclasses.fields(cls)}
         for key in [k for k in values if k not in fields]:

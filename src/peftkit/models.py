@@ -1,4 +1,5 @@
-"""Load base models and tokenizers from a built-in alias, a local folder, a .gguf file or a hub id, never downloading unasked."""
+"""Load base models and tokenizers from a built-in alias, a local folder, a .gguf file or a hub id, never downloading
+unasked."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def _convert(gguf: Path, target: Path) -> None:
     """Dequantize the GGUF once into a safetensors folder: later loads take under a second instead of ~20 s."""
     print(f"peftkit: converting {gguf.name} to safetensors once (~30 s); later loads reuse {target}", file=sys.stderr)
     with atomic_dir(target, keep_existing=True) as tmp:  # keep_existing: another process won the race
-        _from_pretrained(AutoModelForCausalLM, str(gguf), dtype=torch.float32).save_pretrained(tmp)  # + generation config
+        # the model and its generation config
+        _from_pretrained(AutoModelForCausalLM, str(gguf), dtype=torch.float32).save_pretrained(tmp)
         _from_pretrained(AutoTokenizer, str(gguf)).save_pretrained(tmp)
         if not AutoTokenizer.from_pretrained(tmp, local_files_only=True).chat_template:
             raise ModelLoadError(f"Converting {gguf} lost the tokenizer's chat template; please report this as a bug.")
@@ -103,13 +105,15 @@ def _from_pretrained(auto_cls: Any, name_or_path: str, **kw: Any) -> Any:
     source, hub_kw = _source(name_or_path)
     if auto_cls is not AutoTokenizer:
         if hub_kw.get("local_files_only"):
-            hub_kw["adapter_kwargs"] = {"local_files_only": True}  # transformers forgets to pass it to its adapter lookup
+            # transformers forgets to pass it to its adapter lookup
+            hub_kw["adapter_kwargs"] = {"local_files_only": True}
         if "gguf_file" in hub_kw and "quantization_config" in kw:
             raise ModelLoadError(
                 f"'{name_or_path}' is a .gguf file, which transformers loads only dequantized, so bitsandbytes cannot "
                 "quantize it. Convert it to a model folder first (transformers' from_pretrained(..., gguf_file=...) "
                 "then save_pretrained), or use a built-in alias, which peftkit converts once for you.")
-        if "gguf_file" in hub_kw:  # dequantized: plain nn.Linear layers that adapters can wrap and save_pretrained saves
+        # dequantized: plain nn.Linear layers that adapters can wrap and save_pretrained saves
+        if "gguf_file" in hub_kw:
             hub_kw["quantization_config"] = GgufConfig(dequantize=True)
     try:
         return auto_cls.from_pretrained(source, **hub_kw, **kw)

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from .errors import AdapterLoadError, ConfigError, PeftkitError
 from .io import peft_format
-from .quantization import MERGE_REFUSAL, quantized_bits
 from .methods.base import (
     AdapterLayer,
     Method,
@@ -24,6 +23,7 @@ from .methods.base import (
     replace_module,
     trainable_report,
 )
+from .quantization import MERGE_REFUSAL, quantized_bits
 
 DEFAULT_ADAPTER = "default"
 
@@ -59,7 +59,8 @@ class TunedModel(nn.Module):
         if name in self.adapters:
             raise ConfigError(f"An adapter named '{name}' already exists; pick another name or delete it first.")
         method_cls = method_for_config(config)
-        in_place = [m.name for m in self.adapters.values() if m.in_place] + ([method_cls.name] if method_cls.in_place else [])
+        in_place = ([m.name for m in self.adapters.values() if m.in_place]
+                    + ([method_cls.name] if method_cls.in_place else []))
         if in_place and self.adapters:
             raise ConfigError(f"'{in_place[0]}' trains the base model's own weights, so it cannot share a model with "
                               "other adapters; load the base model again for another adapter.")
@@ -217,7 +218,8 @@ class TunedModel(nn.Module):
 
     save_pretrained = save  # the name transformers and PEFT users type
 
-    def load_adapter(self, directory: str | os.PathLike, name: str = DEFAULT_ADAPTER, trainable: bool = False) -> Method:
+    def load_adapter(self, directory: str | os.PathLike, name: str = DEFAULT_ADAPTER,
+                     trainable: bool = False) -> Method:
         """Load an adapter saved by peftkit or PEFT; with `trainable=False` its parameters stay frozen."""
         config = peft_format.read_config(directory)
         try:
@@ -284,6 +286,7 @@ def _check_merge(layer: AdapterLayer, before: torch.Tensor, after: torch.Tensor)
     if not torch.isfinite(after).all() or diff > tol * scale:
         layer.unmerge()
         raise PeftkitError(
-            f"Merging {type(layer).__name__} changed its output by {diff.item():.3g} (tolerance {tol * scale.item():.3g}): "
+            f"Merging {type(layer).__name__} changed its output by {diff.item():.3g} "
+            f"(tolerance {tol * scale.item():.3g}): "
             "the adapter weights are probably not finite or too large for the base dtype. Merge in float32."
         )

@@ -108,8 +108,8 @@ LLAMA_TOOLS = (
     'argument name and its value}.Do not use variables.\n\n'
 )
 # glm-4-9b-chat's tool preamble, from its tokenizer's chat template.
-GLM4_TOOLS = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的"
-              "答复和支持。\n\n# 可用工具")
+GLM4_TOOLS = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+              "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具")
 
 
 class ToolStyle:
@@ -221,7 +221,8 @@ class GLM4Tools(ToolStyle):
         # "\n## ", not the "\n\n## " GLM-4's template spells: under transformers' trim_blocks its `{% if %}` eats a
         # newline, so this is what apply_chat_template (and so every server) shows the model.
         return GLM4_TOOLS + "".join(
-            f"\n## {s['function']['name']}\n\n{_dumps(s['function'], indent=4)}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+            f"\n## {s['function']['name']}\n\n{_dumps(s['function'], indent=4)}\n"
+            "在调用上述函数时，请使用 Json 格式表示调用的参数。"
             for s in schemas)
 
     def call(self, calls: list[dict], ids: list[str]) -> str:

@@ -43,7 +43,7 @@ def similarity(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, f
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
     if not predictions:
         return {**dict.fromkeys(KEYS, 0.0), "sacrebleu": 0.0}
-    per_sample = [sample_scores(p, l) for p, l in zip(predictions, labels)]
+    per_sample = [sample_scores(pred, label) for pred, label in zip(predictions, labels)]
     means = {k: round(sum(s[k] for s in per_sample) / len(per_sample), 4) for k in KEYS}
     corpus = sacrebleu.corpus_bleu(list(predictions), [list(labels)]).score
     return {**means, "sacrebleu": round(corpus, 4)}

@@ -106,8 +106,9 @@ def run_eval(cfg: Any) -> dict[str, float]:
 
     model, tokenizer = _load(cfg)
     rows, _ = build_sft_dataset(tokenizer, _eval_names(cfg), cfg.dataset_dir, template=inference_template(cfg),
-                                cutoff_len=cfg.cutoff_len, max_samples=cfg.max_samples, train_on_prompt=cfg.train_on_prompt,
-                                mask_history=cfg.mask_history, enable_thinking=cfg.enable_thinking, seed=cfg.seed)
+                                cutoff_len=cfg.cutoff_len, max_samples=cfg.max_samples,
+                                train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history,
+                                enable_thinking=cfg.enable_thinking, seed=cfg.seed)
     collate = SFTCollator(tokenizer.pad_token_id)
     objective = get_objective(cfg.stage)  # the loss training reports, by the same code
     device = next(model.parameters()).device

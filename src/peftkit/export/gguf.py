@@ -99,7 +99,8 @@ def _rope_hparams(w: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
         w.add_rope_scaling_factor(float(rope["factor"]))
     elif rope["rope_type"] not in ("default", "llama3"):  # llama3's scaling is a tensor, see _rope_tensors
         raise ExportError(f"rope type '{rope['rope_type']}' is not supported in GGUF export yet; supported: default, "
-                          "linear, llama3. Export export_format: hf and convert with llama.cpp's convert_hf_to_gguf.py.")
+                          "linear, llama3. Export export_format: hf and convert with llama.cpp's "
+                          "convert_hf_to_gguf.py.")
 
 
 def _warn_if_sliding(w: gguf.GGUFWriter, c: Any) -> None:

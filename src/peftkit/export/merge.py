@@ -27,7 +27,8 @@ def check_export_dir(export_dir: str | os.PathLike, overwrite: bool, sources: di
         raise ConfigError(f"export_dir '{out}' is {place}; an export is written as a folder of its own. Choose a new "
                           "folder (e.g. export_dir=exported).")
     for key, source in sources.items():
-        if source and Path(source).exists() and out.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
+        if (source and Path(source).exists()
+                and out.resolve() in (Path(source).resolve(), *Path(source).resolve().parents)):
             raise ConfigError(f"export_dir '{out}' holds {key} '{source}', which this export reads and would replace; "
                               "choose another export_dir.")
     if out.exists() and any(out.iterdir()):
@@ -69,7 +70,8 @@ def load_merged(model_name_or_path: str, adapter_dir: str | None, *, trust_remot
         method_cls = method_for_config(peft_format.read_config(adapter_dir))
         if not method_cls.mergeable:
             raise PeftkitError(not_mergeable_message(method_cls))
-    model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype="float32", trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype="float32",
+                                                trust_remote_code=trust_remote_code)
     if adapter_dir:
         tuned = TunedModel.load(model, adapter_dir)
         try:

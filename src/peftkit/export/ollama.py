@@ -344,7 +344,8 @@ class _Headers(_Family):
         else:
             prefix, given = slots.system_prefix, "{{ if .Content }}{{ .Content }}\n\n{{ end }}"
             default = f"{slots.default_system}\n\n" if slots.default_system else ""
-        text = '{{ if eq .Role "system" }}' + given + ("{{ else }}" + _go_text(default) if default else "") + "{{ end }}"
+        text = ('{{ if eq .Role "system" }}' + given + ("{{ else }}" + _go_text(default) if default else "")
+                + "{{ end }}")
         return _go_text(prefix) + text + (fmt.go_listing() if fmt.listing_at == "system" else "")
 
     @staticmethod
@@ -660,8 +661,8 @@ def _long_text(text: str, what: str) -> str:
 def _argument(value: str, what: str, *, quote: bool = False) -> str:
     """One value on a Modelfile line; quoted when asked or when it has spaces."""
     if not value or '"' in value or not value.isprintable():
-        raise ExportError(f"{what[0].upper()}{what[1:]} {value!r} cannot be written in a Modelfile: it must be non-empty, "
-                          "on one line and without double quotes.")
+        raise ExportError(f"{what[0].upper()}{what[1:]} {value!r} cannot be written in a Modelfile: it must be "
+                          "non-empty, on one line and without double quotes.")
     return f'"{value}"' if quote or any(c.isspace() for c in value) else value
 
 

@@ -55,8 +55,9 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
 
             _note_template_mismatch(template_name, load_tokenizer(str(out)), notes)
         return ExportResult(out, [out], notes)
-    out = check_export_dir(cfg.export_dir, cfg.overwrite_output_dir, {"model_name_or_path": cfg.model_name_or_path,
-                                                                       "adapter_name_or_path": cfg.adapter_name_or_path})
+    out = check_export_dir(cfg.export_dir, cfg.overwrite_output_dir,
+                           {"model_name_or_path": cfg.model_name_or_path,
+                            "adapter_name_or_path": cfg.adapter_name_or_path})
     if fmt == "gguf_lora":
         return _export_gguf_lora(cfg, out, notes, progress)
     model, tokenizer = load_merged(cfg.model_name_or_path, cfg.adapter_name_or_path,

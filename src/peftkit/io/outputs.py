@@ -2,8 +2,8 @@
 
 `overwrite_output_dir` is where a toolkit can destroy a user's files, so the rule is strict: a folder is cleared only
 when every entry in it is something peftkit wrote (a name only peftkit writes such as `trainer_log.jsonl`, a
-`checkpoint-N` folder, a temporary, or a name listed in the folder's marker file), and never when it is the working directory, a
-folder above it, the home folder or the filesystem root, whatever it holds.
+`checkpoint-N` folder, a temporary, or a name listed in the folder's marker file), and never when it is the working
+directory, a folder above it, the home folder or the filesystem root, whatever it holds.
 """
 
 from __future__ import annotations

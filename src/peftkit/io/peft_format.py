@@ -17,13 +17,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import AdapterLoadError
-from .atomic import atomic_write
 from ..methods.adalora import AdaLoraConfig
 from ..methods.base import Method, MethodConfig
 from ..methods.ia3 import Ia3Config
 from ..methods.lora import LoraConfig
 from ..methods.prefix import PrefixTuningConfig, PTuningV2Config
 from ..methods.prompt import PromptTuningConfig, PTuningConfig
+from .atomic import atomic_write
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -173,7 +173,8 @@ def config_from_peft(raw: dict[str, Any], where: str) -> MethodConfig:
     if peft_type == "LORA":
         for key, neutral in _UNSUPPORTED_LORA.items():
             if raw.get(key, neutral) not in (neutral, None, {}, False):
-                raise AdapterLoadError(f"{where} uses PEFT's '{key}' ({raw[key]!r}), which peftkit does not support yet.")
+                raise AdapterLoadError(f"{where} uses PEFT's '{key}' ({raw[key]!r}), "
+                                       "which peftkit does not support yet.")
         fields = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "init_lora_weights",
                   "fan_in_fan_out", "target_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
                   "task_type")
@@ -416,10 +417,11 @@ def read_config(directory: str | os.PathLike) -> MethodConfig:
         raise AdapterLoadError(f"The adapter path '{directory}' {what}; pass the folder holding {ADAPTER_CONFIG_NAME}.")
     if not path.is_file():
         if (Path(directory) / "config.json").is_file():
-            raise AdapterLoadError(f"'{directory}' is a full model folder (config.json, no {ADAPTER_CONFIG_NAME}), e.g. the "
-                                   "output of finetuning_type: full: pass it as the model (model_name_or_path, "
-                                   "--model), not as an adapter.")
-        raise AdapterLoadError(f"No {ADAPTER_CONFIG_NAME} in '{directory}': is this an adapter folder saved by peftkit or PEFT?")
+            raise AdapterLoadError(f"'{directory}' is a full model folder (config.json, no {ADAPTER_CONFIG_NAME}), "
+                                   "e.g. the output of finetuning_type: full: pass it as the model "
+                                   "(model_name_or_path, --model), not as an adapter.")
+        raise AdapterLoadError(f"No {ADAPTER_CONFIG_NAME} in '{directory}': is this an adapter folder saved by "
+                               "peftkit or PEFT?")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -274,7 +274,8 @@ class Method:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This adapter's tensors, keyed `<module path>.<internal name>`, ready for `io.peft_format`."""
-        return {f"{path}.{key}": t for path, layer in self.layers() for key, t in layer.adapter_state(self.adapter_name).items()}
+        return {f"{path}.{key}": t for path, layer in self.layers()
+                for key, t in layer.adapter_state(self.adapter_name).items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], label: Callable[[str], str] = str) -> None:
         """Load tensors keyed as `state_dict()` returns them; every expected key must be there with its shape.
@@ -358,7 +359,8 @@ class Method:
             paths = [p for p, _ in self.model.named_modules() if p == name or p.endswith(f".{name}")]
             if not paths:
                 raise ConfigError(
-                    f"modules_to_save '{name}' matches no module. Candidates: {', '.join(top_level_modules(self.model))}."
+                    f"modules_to_save '{name}' matches no module. "
+                    f"Candidates: {', '.join(top_level_modules(self.model))}."
                 )
             for path in paths:
                 module = self.model.get_submodule(path)

@@ -5,8 +5,9 @@ fewer heads than queries, and the head dimension is the model's own). Prefix tun
 reparameterisation (Sec. 4.3: direct training is unstable), `prefix_projection: true`; only the MLP's output is kept.
 P-tuning v2 trains them directly, starting by default (`prefix_init: vocab`) from the keys and values the model itself
 computes for P random vocabulary tokens: Li & Liang (Sec. 7.2) find real-word activations a far better start than
-random values, which on a pretrained model (smollm2-135m) first raise the loss from 2.6 to 9.7. Both save PEFT's PREFIX_TUNING format: one tensor `prompt_embeddings`
-[P, num_layers * 2 * kv_heads * head_dim]. How the prefix enters attention: virtual_tokens.py.
+random values, which on a pretrained model (smollm2-135m) first raise the loss from 2.6 to 9.7. Both save PEFT's
+PREFIX_TUNING format: one tensor `prompt_embeddings` [P, num_layers * 2 * kv_heads * head_dim]. How the prefix enters
+attention: virtual_tokens.py.
 """
 
 from __future__ import annotations

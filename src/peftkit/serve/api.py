@@ -95,7 +95,8 @@ def _request_params(body: dict[str, Any]) -> GenerationParams:
         value = body.get(name)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (kind is int and not float(value).is_integer())):
             raise ApiError(422, f"'{name}' must be a number, got {value!r}.", "invalid_request_error", name)
         if not lo <= value <= hi:
             raise ApiError(422, f"'{name}' must be between {lo} and {hi}, got {value}.", "invalid_request_error", name)

@@ -89,7 +89,8 @@ class ChatEngine:
     engine was made); one lock makes switching and generating atomic.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, template: str | None = None, *, enable_thinking: bool = True) -> None:
+    def __init__(self, model: Any, tokenizer: Any, template: str | None = None, *,
+                 enable_thinking: bool = True) -> None:
         if template is None and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("This tokenizer has no chat template; chat needs one (use an instruct/chat model, or set "
                               "`template`).")

@@ -26,9 +26,9 @@ from ..io.run_config import write_train_config
 from ..methods.base import Method
 
 PREFIX = "checkpoint-"
-# TrainConfig keys a resumed run may change without `resume_allow_changes`: where results, logs and checkpoints go, how often they
-# are written, evaluation and generation. Every other key (data, method, learning rate, schedule, batch, seed, cutoff,
-# precision, ...) changes what is trained, so a resume compares it with the checkpoint's run.
+# TrainConfig keys a resumed run may change without `resume_allow_changes`: where results, logs and checkpoints go, how
+# often they are written, evaluation and generation. Every other key (data, method, learning rate, schedule, batch,
+# seed, cutoff, precision, ...) changes what is trained, so a resume compares it with the checkpoint's run.
 RESUME_NEUTRAL_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_allow_changes", "logging_steps",
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "eval_strategy", "eval_steps",

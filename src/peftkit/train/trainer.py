@@ -2,8 +2,8 @@
 through its objective.
 
 One optimizer step = `gradient_accumulation_steps` micro-batches. The loss of a step is the objective's loss summed
-over all its micro-batches divided by their total units (label tokens for a token loss), so accumulation gives exactly the
-gradient of one big batch however the units fall into micro-batches.
+over all its micro-batches divided by their total units (label tokens for a token loss), so accumulation gives exactly
+the gradient of one big batch however the units fall into micro-batches.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def optimizer_step(model: torch.nn.Module, objective: Objective, group: Sequence
 
 
 class Trainer:
-    """Fine-tunes the active adapter of a TunedModel on tokenized examples with an objective (default: `cfg.stage`'s)."""
+    """Fine-tunes the active adapter of a TunedModel on tokenized examples with an objective (default:
+    `cfg.stage`'s)."""
 
     def __init__(
         self,
@@ -206,7 +207,8 @@ class Trainer:
         batches = self._micro_batches()
         window_loss = window_tokens = 0.0
         start_time, start_tokens = time.perf_counter(), self.state.tokens_seen
-        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
+                   dynamic_ncols=True)
         while self.state.global_step < self.total_steps:
             group = []
             for _ in range(ga):
