@@ -569,17 +569,23 @@ def test_create_command_is_absolute_and_shell_quoted(tmp_path, monkeypatch):
                                     str(tmp_path.resolve() / "my export" / "Modelfile")]
 
 
-def test_cli_ollama_export_writes_the_gguf_and_a_modelfile_that_renders_like_training(tmp_path, capsys, go_render):
-    """`peftkit export export_format=ollama` end to end on a tiny model with SmolLM2's chat template."""
+def tiny_base_with_smollm2_template(tmp_path: Path) -> tuple[Path, PreTrainedTokenizerFast]:
+    """A tiny Llama saved with a GPT-2-style tokenizer carrying SmolLM2's chat template: what export reads."""
     from test_gguf import make_tokenizer, tiny
-
-    from peftkit.cli import main
 
     base = tmp_path / "base"
     tiny("llama").save_pretrained(base)
     tok = make_tokenizer("gpt-2")
     tok.chat_template = smollm2_chat_template()
     tok.save_pretrained(base)
+    return base, tok
+
+
+def test_cli_ollama_export_writes_the_gguf_and_a_modelfile_that_renders_like_training(tmp_path, capsys, go_render):
+    """`peftkit export export_format=ollama` end to end on a tiny model with SmolLM2's chat template."""
+    from peftkit.cli import main
+
+    base, tok = tiny_base_with_smollm2_template(tmp_path)
     out = tmp_path / "My Model"
     assert main(["export", f"model_name_or_path={base}", f"export_dir={out}", "export_format=ollama",
                  "export_gguf_type=q8_0", "ollama_system=Answer briefly.", "temperature=0.7", "top_p=0.9"]) == 0
@@ -599,15 +605,9 @@ def test_cli_ollama_export_writes_the_gguf_and_a_modelfile_that_renders_like_tra
 
 def test_cli_ollama_export_of_a_qwen_trained_model_offers_tools(tmp_path, capsys):
     """`template: qwen` in the export config (as training recorded it): the Modelfile gets Qwen's tool sections."""
-    from test_gguf import make_tokenizer, tiny
-
     from peftkit.cli import main
 
-    base = tmp_path / "base"
-    tiny("llama").save_pretrained(base)
-    tok = make_tokenizer("gpt-2")
-    tok.chat_template = smollm2_chat_template()
-    tok.save_pretrained(base)
+    base, _ = tiny_base_with_smollm2_template(tmp_path)
     out = tmp_path / "tools"
     assert main(["export", f"model_name_or_path={base}", f"export_dir={out}", "export_format=ollama",
                  "template=qwen"]) == 0

@@ -388,3 +388,27 @@ def test_a_call_sent_back_with_arguments_that_are_not_json_gets_422(served) -> N
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{city"}}]}]
     with pytest.raises(openai.UnprocessableEntityError, match="not a JSON object"):
         client(server).chat.completions.create(model=BASE, messages=history, tools=TOOLS)
+
+
+def test_mistrals_own_template_trains_tool_conversations_with_call_ids() -> None:
+    """With `template` unset, Mistral v0.3's jinja requires an id on every call and a tool_call_id on each result:
+    peftkit gives them the ids its built-in `mistral` template writes, so such rows train instead of being skipped."""
+    from peftkit.data import IGNORE_INDEX, encode
+    from peftkit.data.formats import Conversation
+    from peftkit.data.templates import _call_id
+
+    tok = tokenizer("mistral")
+    tok.chat_template = fixture("mistral-7b-instruct-v0.3")
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "function_call", "content": json.dumps(call)},
+                {"role": "tool", "content": '{"temp": 21}'},
+                {"role": "assistant", "content": "It is 21 C."}]
+    tools = json.dumps([{"name": "get_weather", "parameters": {"type": "object", "properties": {}}}])
+    chat = get_template(None, tok)
+    text, spans = chat.answer_spans(messages, tok, tools=tools)
+    call_id = _call_id(0, call)
+    assert f'"id": "{call_id}"' in text and f'"call_id": "{call_id}"' in text
+    assert [text[s:e] for s, e in spans][1].strip() == "It is 21 C.</s>"
+    example, _ = encode(Conversation(messages=messages, tools=tools), chat, tok, cutoff_len=4096)
+    assert any(label != IGNORE_INDEX for label in example["labels"])

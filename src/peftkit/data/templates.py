@@ -448,7 +448,9 @@ class ChatTemplate(Template):
         return self._tool_format
 
     def _hf_messages(self, messages: list[dict], tools: str | None) -> tuple[list[dict], list | None]:
-        out = []
+        out: list[dict] = []
+        ids: list[str] = []  # the latest calls' ids: templates such as Mistral's require them, and a result's
+        n_calls = 0
         for m in messages:
             if m["role"] == "function_call" and self.native_calls:
                 try:
@@ -456,9 +458,14 @@ class ChatTemplate(Template):
                 except RowError:
                     calls = None  # not a call the template can write: plain assistant text
                 if calls:
-                    out.append({"role": "assistant", "content": "",
-                                "tool_calls": [{"type": "function", "function": c} for c in calls]})
+                    ids = [_call_id(n_calls + k, c) for k, c in enumerate(calls)]  # as the built-in templates
+                    n_calls += len(calls)
+                    out.append({"role": "assistant", "content": "", "tool_calls": [
+                        {"id": i, "type": "function", "function": c} for i, c in zip(ids, calls)]})
                     continue
+            if m["role"] == "tool" and ids:  # parallel results arrive as one turn: it answers the first call
+                out.append({"role": "tool", "content": m["content"], "tool_call_id": ids[0]})
+                continue
             out.append({"role": "assistant" if m["role"] == "function_call" else m["role"], "content": m["content"]})
         if tools and not self.native_tools:  # the template ignores `tools=`: describe them in the system prompt
             if out and out[0]["role"] == "system":
