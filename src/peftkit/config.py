@@ -389,8 +389,6 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
         "weight_decay", "warmup_steps", "max_grad_norm", "dataloader_num_workers", "preprocessing_num_workers",
         "temperature", "top_k")],
     ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("lora_alpha", lambda v: v > 0, "greater than 0"),
     ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("adam_epsilon", lambda v: v > 0, "greater than 0"),

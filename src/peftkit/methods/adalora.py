@@ -30,7 +30,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .base import LINEAR_TYPES, LinearAdapterLayer, Method, MethodConfig, TrainingContext, find_targets, register
+from .base import (
+    LINEAR_TYPES,
+    LinearAdapterLayer,
+    Method,
+    MethodConfig,
+    TrainingContext,
+    check_lora_scaling,
+    find_targets,
+    register,
+)
 
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
@@ -77,10 +86,7 @@ class AdaLoraConfig(MethodConfig):
                 raise ConfigError(f"AdaLoRA {key} (an EMA factor) must be in (0, 1), got {beta!r}.")
         if self.orth_reg_weight < 0:
             raise ConfigError(f"AdaLoRA orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}.")
-        if self.lora_alpha <= 0:
-            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}.")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        check_lora_scaling(self.lora_alpha, self.lora_dropout)
         if self.total_step is not None:
             _check_int(self.total_step, "total_step", 1)
             check_schedule(self, self.total_step)

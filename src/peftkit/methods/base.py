@@ -215,6 +215,14 @@ class ModulesToSave(AdapterLayer):
         return cast_floats(out, floats[0] if floats else self.base_dtype)
 
 
+def check_lora_scaling(lora_alpha: float, lora_dropout: float) -> None:
+    """The checks every LoRA-family config shares (LoRA, LoRA-drop, AdaLoRA): one place, one message."""
+    if lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be positive, got {lora_alpha!r}.")
+    if not 0 <= lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}.")
+
+
 Batch = dict[str, torch.Tensor]
 
 

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import AdapterLayer, LinearAdapterLayer, Method, MethodConfig, find_targets, register
+from .base import (
+    AdapterLayer,
+    LinearAdapterLayer,
+    Method,
+    MethodConfig,
+    check_lora_scaling,
+    find_targets,
+    register,
+)
 
 BIAS_MODES = ("none", "all", "lora_only")
 # Parameters that get no weight decay, as transformers' Trainer (and LLaMA-Factory's LoRA+ optimizer) decide it.
@@ -45,10 +53,7 @@ class LoraConfig(MethodConfig):
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ConfigError(f"LoRA rank r (lora_rank) must be a positive integer, got {self.r!r}.")
-        if self.lora_alpha <= 0:
-            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}.")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        check_lora_scaling(self.lora_alpha, self.lora_dropout)
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}.")
         if self.init_lora_weights not in (True, False, "gaussian"):
