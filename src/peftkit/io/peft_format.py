@@ -383,6 +383,9 @@ def _adalora_unprune(
 def save_method(method: Method, directory: str | os.PathLike, base_model_name_or_path: str | None) -> None:
     """Write a trained method: its own files when it has them (full fine-tuning's model folder), else a PEFT adapter."""
     if method.writes_own_files:
+        # An adapter left beside a model makes transformers load the adapter's base model instead of this one.
+        for name in (ADAPTER_CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+            (Path(directory) / name).unlink(missing_ok=True)
         method.save(directory, base_model_name_or_path)
     else:
         save_adapter(method, directory, base_model_name_or_path)

@@ -13,9 +13,6 @@ from ..errors import ConfigError
 from ..io.atomic import temp_dir
 from .base import Method, MethodConfig, register
 
-# A PEFT adapter beside a model makes transformers load the adapter's base model instead of this one.
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-
 
 def reject_adapter_keys(config: MethodConfig, instead: str) -> None:
     """In-place methods choose what trains by their own keys; PEFT's targeting keys would be silently ignored."""
@@ -82,7 +79,7 @@ class Full(Method):
             written = {p.name for p in tmp.iterdir()}
             (out / "config.json").unlink(missing_ok=True)
             stale = [p for p in out.glob("model*.safetensors*") if p.name not in written]
-            for p in stale + [out / name for name in _ADAPTER_FILES]:
+            for p in stale:
                 p.unlink(missing_ok=True)
             for name in sorted(written - {"config.json"}) + ["config.json"]:
                 os.replace(tmp / name, out / name)

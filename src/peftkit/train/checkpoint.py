@@ -148,7 +148,7 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: str
     if overwrite:
         check_overwritable(out, "output_dir")
         return
-    earlier = [name for name in ("adapter_model.safetensors", "config.json") if (out / name).exists()]
+    earlier = [name for name in (peft_format.WEIGHTS_NAME, "config.json") if (out / name).exists()]
     earlier += [p.name for p in list_checkpoints(out)][-1:]
     if earlier:
         raise ConfigError(f"output_dir '{out}' holds an earlier run ({earlier[0]}); set overwrite_output_dir: true to "
