@@ -1,16 +1,94 @@
-"""Training helpers shared by the trainer and method tests: a config namespace, learnable data, a short run."""
+"""Plain helpers shared by the tests (fixtures live in conftest): tiny random models built from configs (no
+downloads), seeded for repeatability; the shared data paths; a trainer config namespace, learnable data, a short run."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from conftest import VOCAB
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from peftkit.data import SFTCollator
 from peftkit.train import Trainer
+
+VOCAB = 128
+ATOL = 1e-5  # float32 logits of two computations that differ only in summation order (merge, PEFT's layers)
+
+# LLaMA-Factory's demo data sets: ../shared/data beside the checkout (as on CI), or where PEFTKIT_TEST_DATA says.
+SHARED_DATA = os.environ.get("PEFTKIT_TEST_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+
+# LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, verbatim: it must run once the model and data are local.
+LLAMA_FACTORY_EXAMPLE = """\
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+
+### dataset
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+"""
+
+
+def tiny_llama(seed: int = 0, initializer_range: float = 0.02) -> LlamaForCausalLM:
+    """A larger `initializer_range` lets the logits move far enough for training tests (RMSNorm bounds them)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      initializer_range=initializer_range)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+TINY_MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
 
 
 def make_cfg(tmp_path, **overrides) -> SimpleNamespace:
@@ -71,3 +149,18 @@ def rounding_tolerance(reference: torch.Tensor, dtype: torch.dtype = torch.float
     values' size. A bound from the arithmetic, not from one CPU's summation order; a real bug is orders larger."""
     eps = torch.finfo(dtype).eps
     return 8 * eps * math.sqrt(terms) * depth * max(1.0, reference.abs().max().item())
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def randomize(method, scale: float, seed: int = 0, keys: Callable[[str], bool] | None = None) -> None:
+    """Perturb every tensor of `method.state_dict()` (those whose key passes `keys`) by N(0, scale²), seeded, so that
+    the adapter is not at its identity start (B = 0, scales of one) and comparisons test something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, t in method.state_dict().items():
+            if keys is None or keys(key):
+                t.add_(torch.randn(t.shape, generator=g) * scale)

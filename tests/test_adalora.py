@@ -10,8 +10,19 @@ from types import SimpleNamespace
 import peft
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
-from helpers import changed, make_cfg, rounding_tolerance, run, snapshot, synthetic_examples, train_losses
+from helpers import (
+    changed,
+    logits,
+    make_cfg,
+    randomize,
+    rounding_tolerance,
+    run,
+    snapshot,
+    synthetic_examples,
+    tiny_gpt2,
+    tiny_llama,
+    train_losses,
+)
 from safetensors.torch import load_file
 
 from peftkit import ConfigError, TunedModel
@@ -25,22 +36,9 @@ INIT_R, TARGET_R = 4, 2
 N_LINEAR = 2 * 7  # tiny Llama: 2 layers x (q, k, v, o, gate, up, down)
 
 
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal but for rounding: the same sums taken in another order, or with zero terms left out."""
     return (a - b).abs().max().item() <= rounding_tolerance(b)
-
-
-def randomize(method: AdaLora, seed: int = 0) -> None:
-    """Perturb every adapter tensor, so that λ != 0 and the comparisons test something."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in method.state_dict().values():
-            t.add_(torch.randn(t.shape, generator=g) * 0.3)
 
 
 def prune(method: AdaLora, pattern: dict[str, list[bool]]) -> None:
@@ -119,7 +117,7 @@ def test_trainable_count_by_hand() -> None:
 def test_merge_equals_unmerged(arch: str, input_ids: torch.Tensor) -> None:
     make = tiny_gpt2 if arch == "gpt2" else tiny_llama
     tuned = TunedModel(make(), AdaLoraConfig(init_r=4, target_r=2, target_modules=None))
-    randomize(tuned.method)
+    randomize(tuned.method, 0.3)
     path = next(iter(tuned.method.ranks()))
     prune(tuned.method, {path: [True, False, True, False]})
     unmerged = logits(tuned, input_ids)
@@ -133,7 +131,7 @@ def test_gpt2_conv1d_to_peft_and_back(tmp_path, input_ids: torch.Tensor) -> None
     cfg = AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["c_attn", "c_fc"])
     tuned = TunedModel(tiny_gpt2(), cfg)
     assert cfg.fan_in_fan_out
-    randomize(tuned.method)
+    randomize(tuned.method, 0.3)
     attn, fc = "transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"
     prune(tuned.method, {attn: [False] * 4, fc: [True, False, False, True]})  # attn fully pruned: zero-sized tensors
     expected = logits(tuned, input_ids)
@@ -219,7 +217,7 @@ def test_checkpoint_round_trip_restores_pruned_triplets(tmp_path, input_ids: tor
     """A checkpoint saved mid-run holds only kept triplets (PEFT's layout); resuming puts them back in full-rank
     layers and restores the rank pattern."""
     tuned = TunedModel(tiny_llama(), AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"]))
-    randomize(tuned.method)
+    randomize(tuned.method, 0.3)
     pattern = {"model.layers.0.self_attn.q_proj": [True, False, False, True],
                "model.layers.1.self_attn.q_proj": [False, True, True, True]}
     prune(tuned.method, pattern)

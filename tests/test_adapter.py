@@ -8,8 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_llama
-from helpers import changed, snapshot, train_losses
+from helpers import TINY_MODELS, changed, logits, randomize, snapshot, tiny_llama, train_losses
 from safetensors.torch import load_file
 from torch import nn
 
@@ -20,19 +19,6 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.adapter import AdapterConfig, BottleneckLayer
 
 
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def randomize(tuned: TunedModel, seed: int = 0) -> None:
-    """Perturb every adapter tensor (the up-projections start at zero) so that comparisons test something."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in tuned.method.state_dict().values():
-            t.add_(torch.randn(t.shape, generator=g) * 0.3)
-
-
 @pytest.mark.parametrize("adapter_type", ["houlsby", "pfeiffer"])
 @pytest.mark.parametrize("arch", sorted(TINY_MODELS))
 def test_starts_exactly_as_base(arch: str, adapter_type: str, input_ids) -> None:
@@ -40,7 +26,7 @@ def test_starts_exactly_as_base(arch: str, adapter_type: str, input_ids) -> None
     base = logits(make(), input_ids)
     tuned = TunedModel(make(), AdapterConfig(adapter_type=adapter_type, non_linearity="gelu"))
     assert torch.equal(logits(tuned, input_ids), base)
-    randomize(tuned)
+    randomize(tuned.method, 0.3)
     assert (logits(tuned, input_ids) - base).abs().max() > 1e-3  # the adapters are in the path
 
 
@@ -86,7 +72,7 @@ def test_save_load_identical(arch: str, tmp_path, input_ids) -> None:
     make = TINY_MODELS[arch]
     tuned = TunedModel(make(), AdapterConfig(adapter_type="houlsby", adapter_size=3, non_linearity="tanh",
                                              layers_to_transform=[1]))
-    randomize(tuned)
+    randomize(tuned.method, 0.3)
     expected = logits(tuned, input_ids)
     tuned.save(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -105,7 +91,7 @@ def test_adapter_sits_before_the_residual_add(arch: str, explicit: list[str], in
     returns unchanged (GPT-2: after a dropout, off in eval), so it is applied before the residual add."""
     make = TINY_MODELS[arch]
     blocks = TunedModel(make(), AdapterConfig(adapter_size=4))
-    randomize(blocks)
+    randomize(blocks.method, 0.3)
     projections = TunedModel(make(), AdapterConfig(adapter_size=4, target_modules=explicit))
     ours = list(blocks.method.state_dict().values())
     theirs = list(projections.method.state_dict().values())
@@ -119,12 +105,12 @@ def test_adapter_sits_before_the_residual_add(arch: str, explicit: list[str], in
 def test_several_adapters_switch_disable_delete(input_ids) -> None:
     base = logits(tiny_llama(), input_ids)
     tuned = TunedModel(tiny_llama(), AdapterConfig(adapter_type="houlsby"), adapter_name="h")
-    randomize(tuned, seed=1)
+    randomize(tuned.method, 0.3, seed=1)
     tuned.add_adapter("p", AdapterConfig(adapter_type="pfeiffer", adapter_size=5, non_linearity="silu"))
     assert tuned.active_adapter == "h"
     h = logits(tuned, input_ids)
     tuned.set_adapter("p")
-    randomize(tuned, seed=2)
+    randomize(tuned.method, 0.3, seed=2)
     p = logits(tuned, input_ids)
     assert (h - p).abs().max() > 1e-3 and (p - base).abs().max() > 1e-3
     assert {n.split(".")[-2] for n, _ in tuned.trainable_parameters()} == {"p"}  # only the active adapter trains

@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_qwen2
-from helpers import changed, snapshot, train_losses
+from helpers import changed, logits, randomize, snapshot, tiny_gpt2, tiny_llama, tiny_qwen2, train_losses
 from transformers import AutoModelForCausalLM
 
 from peftkit import ConfigError, TunedModel
@@ -27,18 +26,6 @@ NEW_BIASES = {  # layers that had no bias and got one: Llama all 7 linears, Qwen
     "qwen2": "8 of them had no bias and got a new one (down_proj, gate_proj, o_proj, up_proj)",
     "gpt2": "0 of them had no bias and got a new one",
 }
-
-
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def randomize(tuned: TunedModel, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in tuned.method.state_dict().values():
-            t.add_(torch.randn(t.shape, generator=g) * 0.5)
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
@@ -68,7 +55,7 @@ def test_training_lowers_loss(tmp_path) -> None:
 def test_save_load_merge(arch: str, tmp_path, input_ids) -> None:
     make = MODELS[arch]
     tuned = TunedModel(make(), BitFitConfig())
-    randomize(tuned)
+    randomize(tuned.method, 0.5)
     expected = logits(tuned, input_ids)
     base = logits(make(), input_ids)
     assert (expected - base).abs().max() > 1e-2
@@ -99,10 +86,10 @@ def test_save_load_merge(arch: str, tmp_path, input_ids) -> None:
 def test_two_adapters_switch(input_ids) -> None:
     base = logits(tiny_llama(), input_ids)
     tuned = TunedModel(tiny_llama(), BitFitConfig(), adapter_name="all")
-    randomize(tuned, seed=1)
+    randomize(tuned.method, 0.5, seed=1)
     tuned.add_adapter("q", BitFitConfig(target_modules=["q_proj"]))
     tuned.set_adapter("q")
-    randomize(tuned, seed=2)
+    randomize(tuned.method, 0.5, seed=2)
     assert {n for n, _ in tuned.trainable_parameters()} == {f"model.layers.{i}.self_attn.q_proj.bitfit_bias.q"
                                                             for i in (0, 1)}
     q = logits(tuned, input_ids)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 from transformers import AutoModelForCausalLM
 

@@ -6,7 +6,7 @@ import json
 import warnings
 
 import pytest
-from conftest import LLAMA_FACTORY_EXAMPLE
+from helpers import LLAMA_FACTORY_EXAMPLE
 
 from peftkit import ConfigError, LoraConfig
 from peftkit.config import IGNORED_KEYS, TrainConfig, load_config, parse_overrides

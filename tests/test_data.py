@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from test_templates import smollm2_tokenizer
 
 from peftkit import ConfigError

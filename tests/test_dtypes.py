@@ -14,8 +14,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
-from helpers import train_losses
+from helpers import VOCAB, tiny_llama, train_losses
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,

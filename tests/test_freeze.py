@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
-from helpers import changed, snapshot, train_losses
+from helpers import changed, logits, snapshot, tiny_gpt2, tiny_llama, train_losses
 from safetensors.torch import load_file
 
 from peftkit import AdapterLoadError, ConfigError, TunedModel
@@ -35,11 +34,6 @@ CASES = {
         2 * 1024 + 4096 + 32,
     ),
 }
-
-
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

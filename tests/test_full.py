@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
-from helpers import changed, make_cfg, snapshot, synthetic_examples, train_losses
+from helpers import VOCAB, changed, logits, make_cfg, snapshot, synthetic_examples, tiny_llama, train_losses
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -28,11 +27,6 @@ def tied_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(**{**tiny_llama().config.to_dict(), "tie_word_embeddings": True, "initializer_range": 0.2})
     return LlamaForCausalLM(cfg).eval()
-
-
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def test_trains_everything_and_keeps_embeddings_tied(tmp_path) -> None:

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,

@@ -7,30 +7,13 @@ import json
 import peft
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_gpt2, tiny_llama
-from helpers import changed, snapshot, train_losses
+from helpers import ATOL, TINY_MODELS, changed, logits, randomize, snapshot, tiny_gpt2, tiny_llama, train_losses
 from transformers import AutoModelForCausalLM
 
 from peftkit import AdapterLoadError, ConfigError, TunedModel
 from peftkit.config import load_config
 from peftkit.methods import AdapterLayer
 from peftkit.methods.ia3 import Ia3Config, Ia3Layer
-
-ATOL = 1e-5
-
-
-def randomize(tuned: TunedModel, seed: int = 0) -> None:
-    """Move every vector away from ones (the identity), so the comparisons below test something."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in tuned.method.state_dict().values():
-            t.add_(torch.randn(t.shape, generator=g) * 0.5)
-
-
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
 
 # The tiny models: Llama/Qwen2 hidden 32, 4 heads of 8, 2 kv heads (k/v out 2 x 8 = 16), MLP 64, 2 layers;
 # GPT-2 n_embd 32 (c_attn out 3 x 32 = 96, MLP 4 x 32 = 128), 2 layers. Output scaling costs out_features,
@@ -74,7 +57,7 @@ def test_training_lowers_loss_and_changes_only_ia3_vectors(tmp_path) -> None:
 def test_save_load_identical(arch: str, tmp_path, input_ids) -> None:
     make = TINY_MODELS[arch]
     tuned = TunedModel(make(), Ia3Config())
-    randomize(tuned)
+    randomize(tuned.method, 0.5)
     ours = logits(tuned, input_ids)
     tuned.save(tmp_path)
     again = TunedModel.load(make(), tmp_path)
@@ -87,7 +70,7 @@ def test_save_load_identical(arch: str, tmp_path, input_ids) -> None:
 def test_peftkit_adapter_loads_in_peft(arch: str, tmp_path, input_ids) -> None:
     make = TINY_MODELS[arch]
     tuned = TunedModel(make(), Ia3Config())
-    randomize(tuned)
+    randomize(tuned.method, 0.5)
     ours = logits(tuned, input_ids)
     tuned.save(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -128,7 +111,7 @@ def test_merge_unmerge_and_unload(arch: str, tmp_path, input_ids) -> None:
     # all-linear: GPT-2's c_attn and attn.c_proj have biases, which an output scale multiplies too
     feedforward = ["mlp.c_proj"] if arch == "gpt2" else ["down_proj"]
     tuned = TunedModel(make(), Ia3Config(target_modules="all-linear", feedforward_modules=feedforward))
-    randomize(tuned)
+    randomize(tuned.method, 0.5)
     unmerged = logits(tuned, input_ids)
 
     tuned.merge_adapter()

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import LLAMA_FACTORY_EXAMPLE, SHARED_DATA
+from helpers import LLAMA_FACTORY_EXAMPLE, SHARED_DATA
 from safetensors.torch import load_file
 from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 from transformers import AutoModelForCausalLM

@@ -7,26 +7,11 @@ import json
 import peft
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_gpt2, tiny_llama
+from helpers import ATOL, TINY_MODELS, logits, randomize, tiny_gpt2, tiny_llama
 from transformers import AutoModelForCausalLM
 
 import peftkit
 from peftkit import AdapterLoadError, ConfigError, LoraConfig, TunedModel
-
-ATOL = 1e-5
-
-
-def randomize(tuned: TunedModel, seed: int = 0) -> None:
-    """Perturb every adapter tensor so that B != 0 and the comparisons below test something."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in tuned.method.state_dict().values():
-            t.add_(torch.randn(t.shape, generator=g) * 0.2)
-
-
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_MODELS))
@@ -78,7 +63,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_peftkit_adapter_loads_in_peft(variant: str, tmp_path, input_ids) -> None:
     tuned = TunedModel(tiny_llama(), LoraConfig(**VARIANTS[variant]))
-    randomize(tuned)
+    randomize(tuned.method, 0.2)
     ours = logits(tuned, input_ids)
     tuned.save(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -114,7 +99,7 @@ def test_peft_adapter_loads_in_peftkit(variant: str, tmp_path, input_ids) -> Non
 def test_gpt2_conv1d_interop(use_dora: bool, tmp_path, input_ids) -> None:
     tuned = TunedModel(tiny_gpt2(), LoraConfig(r=4, lora_alpha=8, use_dora=use_dora, bias="lora_only"))
     assert tuned.method.config.target_modules == ["c_attn"] and tuned.method.config.fan_in_fan_out
-    randomize(tuned)
+    randomize(tuned.method, 0.2)
     ours = logits(tuned, input_ids)
     tuned.save(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours").eval()
@@ -135,7 +120,7 @@ def test_merge_and_unload(variant: str, tmp_path, input_ids) -> None:
         "gpt2": dict(use_dora=True, target_modules=["c_attn", "c_fc"]),
     }[variant]
     tuned = TunedModel(make(), LoraConfig(r=4, lora_alpha=8, **kwargs))
-    randomize(tuned)
+    randomize(tuned.method, 0.2)
     unmerged = logits(tuned, input_ids)
 
     tuned.merge_adapter()
@@ -154,7 +139,7 @@ def test_merge_and_unload(variant: str, tmp_path, input_ids) -> None:
 def test_two_adapters_switch_and_disable(tmp_path, input_ids) -> None:
     base_logits = logits(tiny_llama(), input_ids)
     tuned = TunedModel(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="sql")
-    randomize(tuned, seed=1)
+    randomize(tuned.method, 0.2, seed=1)
     tuned.add_adapter("chat", LoraConfig(r=2, use_dora=True, target_modules=["q_proj", "o_proj"]))
     assert tuned.active_adapter == "sql"
     assert [p for p, _ in tuned.adapters["chat"].layers()] == [
@@ -162,7 +147,7 @@ def test_two_adapters_switch_and_disable(tmp_path, input_ids) -> None:
     ]
     sql = logits(tuned, input_ids)
     tuned.set_adapter("chat")
-    randomize(tuned, seed=2)
+    randomize(tuned.method, 0.2, seed=2)
     chat = logits(tuned, input_ids)
     assert (sql - chat).abs().max() > 1e-3
     assert (sql - base_logits).abs().max() > 1e-3

@@ -8,8 +8,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
-from helpers import changed, make_cfg, read_log, snapshot, synthetic_examples
+from helpers import ATOL, VOCAB, changed, logits, make_cfg, read_log, snapshot, synthetic_examples, tiny_llama
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -20,12 +19,11 @@ from peftkit.methods.lora import Lora
 from peftkit.methods.lora_drop import RECORD_NAME, LoraDrop, LoraDropConfig, select_layers
 from peftkit.train import Trainer
 
-ATOL = 1e-5
 LAYER_PARAMS = 256 + 192  # per layer, r=4: q_proj 32->32 (A 4x32 + B 32x4) + v_proj 32->16 (A 4x32 + B 16x4)
 
 
 def tiny_llama4(seed: int = 0, initializer_range: float = 0.02) -> LlamaForCausalLM:
-    """conftest's tiny Llama with 4 layers, so that several layers can be dropped and share one LoRA."""
+    """helpers' tiny Llama with 4 layers, so that several layers can be dropped and share one LoRA."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -35,11 +33,6 @@ def tiny_llama4(seed: int = 0, initializer_range: float = 0.02) -> LlamaForCausa
 
 def drop_config(**kw) -> LoraDropConfig:
     return LoraDropConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **kw})
-
-
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def randomize(method: LoraDrop, seed: int = 0) -> None:

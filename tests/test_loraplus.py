@@ -8,20 +8,13 @@ import warnings
 
 import peft
 import pytest
-import torch
-from conftest import tiny_llama
-from helpers import make_cfg, synthetic_examples, train_losses
+from helpers import logits, make_cfg, synthetic_examples, tiny_llama, train_losses
 
 from peftkit import ConfigError, LoraConfig, TunedModel
 from peftkit.config import load_config
 from peftkit.data import SFTCollator
 from peftkit.methods import available_methods
 from peftkit.train import Trainer
-
-
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def test_trainer_optimizer_groups_and_learning_rates(tmp_path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
+from helpers import VOCAB, tiny_llama
 from tokenizers import Tokenizer
 from tokenizers import models as tok_models
 from transformers import PreTrainedTokenizerFast

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from helpers import make_cfg, read_log, run, synthetic_examples
+from helpers import make_cfg, read_log, run, synthetic_examples, tiny_llama
 
 import peftkit.train.trainer as trainer_module
 from peftkit import LoraConfig, TunedModel, available_methods

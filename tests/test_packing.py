@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, VOCAB, tiny_llama
+from helpers import TINY_MODELS, VOCAB, tiny_llama
 
 from peftkit import ConfigError
 from peftkit.data import IGNORE_INDEX, SFTCollator, check_packing_support, pack

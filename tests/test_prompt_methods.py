@@ -8,8 +8,19 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
-from helpers import changed, make_cfg, read_log, run, snapshot, synthetic_examples, train_losses
+from helpers import (
+    VOCAB,
+    changed,
+    make_cfg,
+    read_log,
+    run,
+    snapshot,
+    synthetic_examples,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_qwen2,
+    train_losses,
+)
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
 from peftkit import (

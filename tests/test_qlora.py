@@ -12,8 +12,7 @@ import bitsandbytes as bnb
 import helpers
 import pytest
 import torch
-from conftest import tiny_llama
-from helpers import changed, make_cfg, read_log, snapshot, synthetic_examples
+from helpers import changed, logits, make_cfg, read_log, snapshot, synthetic_examples, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from peftkit import LoraConfig, TunedModel, available_methods, get_method
@@ -44,11 +43,6 @@ def quantized(base_dir: Path, q: QuantizationConfig = NF4) -> torch.nn.Module:
 def qlora(base_dir: Path, q: QuantizationConfig = NF4, **lora) -> TunedModel:
     torch.manual_seed(0)
     return TunedModel(quantized(base_dir, q), LoraConfig(**{"r": 8, "target_modules": "all-linear", **lora}))
-
-
-def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
 
 
 # --- the 4-bit base ---

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LLAMA_FACTORY_EXAMPLE, SHARED_DATA
+from helpers import LLAMA_FACTORY_EXAMPLE, SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 

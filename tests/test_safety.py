@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from helpers import make_cfg, read_log, run, synthetic_examples
+from helpers import make_cfg, read_log, run, synthetic_examples, tiny_llama
 from safetensors.torch import load_file, save_file
 from test_cli import save_word_tokenizer
 from transformers import AutoModelForCausalLM

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers.optimization
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from peftkit.errors import ConfigError
 from peftkit.train.schedules import get_scheduler

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_gpt2, tiny_llama
-from helpers import changed, snapshot, train_losses
+from helpers import ATOL, TINY_MODELS, changed, logits, randomize, snapshot, tiny_gpt2, tiny_llama, train_losses
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -15,23 +14,6 @@ from peftkit import ConfigError, PeftkitError, TunedModel
 from peftkit.config import load_config
 from peftkit.methods import AdapterLayer
 from peftkit.methods.ssf import SsfConfig
-
-ATOL = 1e-5
-
-
-def randomize(tuned: TunedModel, seed: int = 0, shift_norms: bool = True) -> None:
-    """γ away from 1 and β away from 0 everywhere (β of the norms only with `shift_norms`)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, t in tuned.method.state_dict().items():
-            if shift_norms or "norm" not in key or "ssf_scale" in key:
-                t.add_(torch.randn(t.shape, generator=g) * 0.3)
-
-
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
 
 # Each target costs 2 x its output features (γ and β). Tiny Llama: hidden 32, k/v out 16 (2 kv heads x 8), MLP 64,
 # 2 layers; tiny GPT-2: n_embd 32, c_attn out 96, c_fc out 128, 2 layers.
@@ -87,7 +69,7 @@ def test_training_lowers_loss_and_changes_only_ssf(tmp_path, input_ids) -> None:
 def test_save_load_identical(arch: str, tmp_path, input_ids) -> None:
     make = TINY_MODELS[arch]
     tuned = TunedModel(make(), SsfConfig())
-    randomize(tuned)
+    randomize(tuned.method, 0.3)
     ours = logits(tuned, input_ids)
     tuned.save(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -105,7 +87,7 @@ def test_save_load_identical(arch: str, tmp_path, input_ids) -> None:
 def test_merge_gpt2_linears_and_layernorms(tmp_path, input_ids) -> None:
     base_weights = {n: p.clone() for n, p in tiny_gpt2().named_parameters()}
     tuned = TunedModel(tiny_gpt2(), SsfConfig())  # Conv1D with biases, LayerNorm with biases, ln_f too
-    randomize(tuned)
+    randomize(tuned.method, 0.3)
     unmerged = logits(tuned, input_ids)
 
     tuned.merge_adapter()
@@ -127,7 +109,7 @@ def test_merge_gpt2_linears_and_layernorms(tmp_path, input_ids) -> None:
 def test_merge_llama_creates_biases_and_scales_rmsnorm(tmp_path, input_ids) -> None:
     """Bias-free linears get a bias on merge; RMSNorm takes γ (its β stays 0 here: see the refusal test)."""
     tuned = TunedModel(tiny_llama(), SsfConfig())
-    randomize(tuned, shift_norms=False)
+    randomize(tuned.method, 0.3, keys=lambda key: "norm" not in key or "ssf_scale" in key)
     unmerged = logits(tuned, input_ids)
     q_proj = tuned.model.get_submodule("model.layers.0.self_attn.q_proj").base_layer
     assert q_proj.bias is None
@@ -149,7 +131,7 @@ def test_merge_llama_creates_biases_and_scales_rmsnorm(tmp_path, input_ids) -> N
 
 def test_merge_refuses_rmsnorm_shift(input_ids) -> None:
     tuned = TunedModel(tiny_llama(), SsfConfig(target_modules=["input_layernorm", "v_proj"]))
-    randomize(tuned)
+    randomize(tuned.method, 0.3)
     unmerged = logits(tuned, input_ids)
     with pytest.raises(PeftkitError, match="LlamaRMSNorm: the norm has no bias .*target_modules: all-linear"):
         tuned.merge_and_unload()
@@ -162,11 +144,11 @@ def test_merge_refuses_rmsnorm_shift(input_ids) -> None:
 def test_two_adapters_and_disable(input_ids) -> None:
     base = logits(tiny_llama(), input_ids)
     tuned = TunedModel(tiny_llama(), SsfConfig(target_modules="all-linear"), adapter_name="a")
-    randomize(tuned, seed=1)
+    randomize(tuned.method, 0.3, seed=1)
     tuned.add_adapter("b", SsfConfig(target_modules=["q_proj", "norm"]))
     a = logits(tuned, input_ids)
     tuned.set_adapter("b")
-    randomize(tuned, seed=2)
+    randomize(tuned.method, 0.3, seed=2)
     b = logits(tuned, input_ids)
     assert (a - b).abs().max() > 1e-3 and (a - base).abs().max() > 1e-3
     assert all(".b" in n for n, _ in tuned.trainable_parameters())

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from transformers import AutoTokenizer
 
 from peftkit import ConfigError

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from test_templates import labelled_runs, smollm2_tokenizer
 
 from peftkit import ConfigError

@@ -7,8 +7,7 @@ import json
 import helpers
 import pytest
 import torch
-from conftest import tiny_llama
-from helpers import make_cfg, read_log, synthetic_examples
+from helpers import make_cfg, read_log, synthetic_examples, tiny_llama
 
 from peftkit import LoraConfig, TunedModel
 from peftkit.data import SFTCollator

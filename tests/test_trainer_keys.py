@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from helpers import make_cfg, read_log, run, synthetic_examples
+from helpers import make_cfg, read_log, run, synthetic_examples, tiny_llama
 
 from peftkit import LoraConfig, TunedModel
 from peftkit.config import load_config

@@ -215,6 +215,17 @@ class ModulesToSave(AdapterLayer):
         return cast_floats(out, floats[0] if floats else self.base_dtype)
 
 
+def reject_adapter_keys(config: MethodConfig, instead: str,
+                        keys: tuple[str, ...] = ("target_modules", "modules_to_save", "layers_to_transform",
+                                                 "layers_pattern")) -> None:
+    """Methods that do not wrap target modules (full, freeze, the virtual-token ones) refuse PEFT's targeting keys,
+    which they would otherwise silently ignore."""
+    for key in keys:
+        value = getattr(config, key)
+        if value not in (None, [], ""):
+            raise ConfigError(f"{key} ({value!r}) does not apply to finetuning_type '{config.method}': {instead}")
+
+
 def check_lora_scaling(lora_alpha: float, lora_dropout: float) -> None:
     """The checks every LoRA-family config shares (LoRA, LoRA-drop, AdaLoRA): one place, one message."""
     if lora_alpha <= 0:

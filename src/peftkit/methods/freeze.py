@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Method, MethodConfig, cast_floats, register
-from .full import reject_adapter_keys
+from .base import Method, MethodConfig, cast_floats, register, reject_adapter_keys
 
 HALF = (torch.float16, torch.bfloat16)
 

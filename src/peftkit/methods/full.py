@@ -9,17 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
 from ..io.atomic import temp_dir
-from .base import Method, MethodConfig, register
-
-
-def reject_adapter_keys(config: MethodConfig, instead: str) -> None:
-    """In-place methods choose what trains by their own keys; PEFT's targeting keys would be silently ignored."""
-    for key, value in (("target_modules", config.target_modules), ("modules_to_save", config.modules_to_save),
-                       ("layers_to_transform", config.layers_to_transform), ("layers_pattern", config.layers_pattern)):
-        if value not in (None, [], ""):
-            raise ConfigError(f"{key} ({value!r}) does not apply to finetuning_type '{config.method}': {instead}")
+from .base import Method, MethodConfig, register, reject_adapter_keys
 
 
 @dataclasses.dataclass

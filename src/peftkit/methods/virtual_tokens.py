@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import AdapterLayer, Method, MethodConfig
+from .base import AdapterLayer, Method, MethodConfig, reject_adapter_keys
 
 PREFIX_KWARG = "peftkit_prefix"  # forward kwarg: the active prefix, one (keys, values) per attention layer
 RECORD_KWARG = "peftkit_record"  # forward kwarg: a dict the attention layers store their keys and values in
@@ -91,6 +91,8 @@ class VirtualTokenConfig(MethodConfig):
                               "models (encoder-decoder prompts have one set per stack).")
         if self.modules_to_save:
             raise ConfigError(f"{self.method} does not support modules_to_save (additional_target) yet.")
+        reject_adapter_keys(self, "virtual tokens go before every input, in every attention layer; there is no "
+                                  "module to target.", keys=("target_modules", "layers_to_transform", "layers_pattern"))
 
     def expected_shapes(self, geo: Geometry) -> dict[str, int]:
         """PEFT's record of the model; for input embeddings: the hidden size, layers and attention heads."""
