@@ -66,10 +66,10 @@ resume_from_checkpoint: null
 """
 
 
-def tiny_llama(seed: int = 0, initializer_range: float = 0.02) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, initializer_range: float = 0.02, num_hidden_layers: int = 2) -> LlamaForCausalLM:
     """A larger `initializer_range` lets the logits move far enough for training tests (RMSNorm bounds them)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=num_hidden_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       initializer_range=initializer_range)
     return LlamaForCausalLM(cfg).eval()

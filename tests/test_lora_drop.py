@@ -8,9 +8,9 @@ import json
 import peft
 import pytest
 import torch
-from helpers import ATOL, VOCAB, changed, logits, make_cfg, read_log, snapshot, synthetic_examples, tiny_llama
+from helpers import ATOL, changed, logits, make_cfg, read_log, snapshot, synthetic_examples, tiny_llama
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from peftkit import ConfigError, TunedModel
 from peftkit.config import load_config
@@ -24,11 +24,7 @@ LAYER_PARAMS = 256 + 192  # per layer, r=4: q_proj 32->32 (A 4x32 + B 32x4) + v_
 
 def tiny_llama4(seed: int = 0, initializer_range: float = 0.02) -> LlamaForCausalLM:
     """helpers' tiny Llama with 4 layers, so that several layers can be dropped and share one LoRA."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      initializer_range=initializer_range)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, initializer_range, num_hidden_layers=4)
 
 
 def drop_config(**kw) -> LoraDropConfig:
