@@ -8,11 +8,11 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from peftkit.config import TrainConfig
 from peftkit.data import SFTCollator
 from peftkit.train import Trainer
 
@@ -91,18 +91,18 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 TINY_MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
 
 
-def make_cfg(tmp_path, **overrides) -> SimpleNamespace:
-    """The trainer's settings without TrainConfig's model/data checks (the trainer only reads these)."""
+def make_cfg(tmp_path, **overrides) -> TrainConfig:
+    """A TrainConfig for driving the Trainer directly on in-memory data (no model path or dataset is read).
+
+    The data comes from the test, so an evaluation set is named only to satisfy load_best_model_at_end's check."""
     cfg = dict(
-        stage="sft", output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, per_device_eval_batch_size=4,
-        gradient_accumulation_steps=1, learning_rate=1e-2, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-        adam_epsilon=1e-8, num_train_epochs=2.0, max_steps=-1, lr_scheduler_type="linear", lr_scheduler_kwargs={},
-        warmup_ratio=0.0, warmup_steps=0, max_grad_norm=1.0, logging_steps=1, eval_steps=None, eval_strategy="no",
-        save_steps=500, save_strategy="steps", save_total_limit=None, seed=7, gradient_checkpointing=False,
-        resume_from_checkpoint=None, load_best_model_at_end=False, plot_loss=False,
+        model_name_or_path="tiny-test-model", output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
+        per_device_eval_batch_size=4, learning_rate=1e-2, num_train_epochs=2.0, logging_steps=1, seed=7,
     )
     cfg.update(overrides)
-    return SimpleNamespace(**cfg)
+    if cfg.get("load_best_model_at_end"):
+        cfg.setdefault("eval_dataset", ["given-by-the-test"])
+    return TrainConfig(**cfg)
 
 
 def synthetic_examples(n: int, seed: int = 0) -> list[dict]:

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -44,6 +44,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .schedules import get_scheduler
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 LOG_NAME = "trainer_log.jsonl"
 
@@ -87,7 +90,7 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: TrainConfig,
         tuned: TunedModel,
         train_data: list[dict],
         collator: Callable[[list[dict]], dict[str, torch.Tensor]],
@@ -117,7 +120,7 @@ class Trainer:
         else:
             self.total_steps = math.ceil(self.steps_per_epoch * cfg.num_train_epochs)
         # The output folder is settled before any work (a method's selection phase writes there too).
-        prepare_output_dir(cfg.output_dir, getattr(cfg, "overwrite_output_dir", False), cfg.resume_from_checkpoint)
+        prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)
         remove_stale_temporaries(self.output_dir)  # what a killed run left half-written
         self._entries_before = {p.name for p in self.output_dir.iterdir()} if self.output_dir.is_dir() else set()
         self.method.prepare(self._context())
@@ -182,7 +185,7 @@ class Trainer:
         resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume_from is not None:
             check_resume(resume_from, read_state(resume_from), self.total_steps, read_train_config(resume_from),
-                         self._config_dict(), getattr(cfg, "resume_allow_changes", False))
+                         cfg.to_dict(), cfg.resume_allow_changes)
             self.state = load_checkpoint(resume_from, self.method, self.optimizer, self.scheduler)
             self._best_state = load_best_state(resume_from)
         else:
@@ -305,12 +308,12 @@ class Trainer:
         metrics = {"eval_loss": loss}
         self._log(log_path, {"step": self.state.global_step, "epoch": round(self._epoch_float(), 4),
                              **{k: round(v, 6) for k, v in metrics.items()}})
-        name = getattr(self.cfg, "metric_for_best_model", None) or "eval_loss"
+        name = self.cfg.metric_for_best_model
         if name not in metrics:
             raise ConfigError(f"metric_for_best_model '{name}' is not among the evaluation's metrics: "
                               f"{', '.join(metrics)}.")
         value, best = metrics[name], self.state.best_metric
-        greater = getattr(self.cfg, "greater_is_better", None)
+        greater = self.cfg.greater_is_better
         greater = not name.endswith("loss") if greater is None else greater
         if best is None or (value > best if greater else value < best):
             self.state.best_metric, self.state.best_step = value, self.state.global_step
@@ -318,21 +321,18 @@ class Trainer:
 
     def _save_checkpoint(self, only_model: bool | None = None) -> Path:
         if only_model is None:
-            only_model = getattr(self.cfg, "save_only_model", False)
+            only_model = self.cfg.save_only_model
         return save_checkpoint(self.output_dir, self.state, self.method, self.optimizer, self.scheduler,
-                               self._config_dict(), self.base_model_name, self.cfg.save_total_limit,
+                               self.cfg.to_dict(), self.base_model_name, self.cfg.save_total_limit,
                                only_model=only_model,
                                best_state=self._best_state if self.cfg.load_best_model_at_end else None)
-
-    def _config_dict(self) -> dict[str, Any]:
-        return self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(vars(self.cfg))
 
     def _finish(self, runtime: float, tokens: int) -> dict[str, Any]:
         from .plot import plot_loss
 
         peft_format.save_method(self.method, self.output_dir, self.base_model_name)
         # The run's settings beside the adapter: export reads quantization_bit from it (the note on quantized training).
-        write_train_config(self.output_dir, self._config_dict())
+        write_train_config(self.output_dir, self.cfg.to_dict())
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.output_dir)
         trainable, total = self.tuned.parameter_counts()
