@@ -205,8 +205,8 @@ def child_footprint(spec: dict) -> dict:
     """The weights' memory (base + adapter tensors, no training) for rows measured before runs reported it."""
     from peftkit.config import load_config
     from peftkit.models import load_model
+    from peftkit.precision import base_dtype
     from peftkit.quantization import model_bytes
-    from peftkit.train.precision import base_dtype
     from peftkit.tuned import TunedModel
 
     cfg = load_config(None, **spec["keys"])

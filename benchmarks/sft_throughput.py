@@ -84,8 +84,8 @@ def run_peftkit(spec: dict) -> dict:
     import peftkit
     from peftkit.config import load_config
     from peftkit.data import SFTCollator
+    from peftkit.precision import base_dtype
     from peftkit.train import Trainer
-    from peftkit.train.precision import base_dtype
 
     dtype = base_dtype(None, False, "cpu")  # peftkit's default: bf16 only where it measures faster
     model, tok = peftkit.load_model_and_tokenizer("smollm2-135m", dtype=dtype)

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from peftkit.train import precision
+from peftkit import precision
 
 
 @pytest.mark.parametrize("faster", [True, False])

@@ -245,7 +245,7 @@ def cmd_env(args: argparse.Namespace) -> None:
 
     from . import __version__
     from .models import peftkit_home
-    from .train.precision import bf16_is_faster
+    from .precision import bf16_is_faster
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = {

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from .errors import ConfigError, ModelLoadError
 from .io.atomic import atomic_dir
+from .precision import base_dtype, forced_dtype
 from .quantization import QuantizationConfig, quantized_bits, settle_after_loading
 
 
@@ -146,8 +147,6 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, tru
         raise ConfigError(f"Unknown task {task!r}; use one of: {', '.join(TASKS)}.")
     if num_labels is not None and task != "seq-cls":
         raise ConfigError("num_labels only applies to task='seq-cls'; drop it or set task='seq-cls'.")
-    from .train.precision import forced_dtype
-
     dtype = parse_dtype(dtype)
     if dtype == "auto" and forced_dtype() is not None:  # $PEFTKIT_DTYPE overrides the checkpoint's own precision
         dtype = forced_dtype()
@@ -181,8 +180,6 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None, tru
 
 
 def _quantization_kwargs(quantization: QuantizationConfig, dtype: str | torch.dtype) -> dict[str, Any]:
-    from .train.precision import base_dtype
-
     cuda = torch.cuda.is_available()
     if not isinstance(dtype, torch.dtype):  # "auto": the dtype the trainer picks for this device (measured)
         dtype = base_dtype(None, False, "cuda" if cuda else "cpu")

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from ..objectives import get_objective
+from ..precision import base_dtype
 from ..tuned import TunedModel
 from ..varlen import supports_padding_free
 from .checkpoint import check_output_dir
-from .precision import base_dtype
 from .trainer import Trainer
 
 

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 # Forces the automatic choice (`bf16` unset, or `bf16: true` on a CPU where it is slow) to one dtype, so the tests can
 # run the bf16 path on a CPU that would pick fp32, and the fp32 path on one that would pick bf16.
