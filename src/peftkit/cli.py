@@ -59,15 +59,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _check_template_name(name: str | None) -> None:
     """A mistyped --template fails before minutes of model loading."""
-    import difflib
+    from .data.templates import check_template_name
 
-    from .data.templates import TEMPLATES
-
-    if name is not None and name not in TEMPLATES:
-        close = difflib.get_close_matches(name, list(TEMPLATES), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise PeftkitError(f"Unknown --template '{name}'.{hint} Built-in templates: {', '.join(TEMPLATES)}; leave "
-                           "--template out to use the template the adapter was trained with, or the tokenizer's own.")
+    if name is not None:
+        check_template_name(name, "--template", "leave --template out to use the template the adapter was trained "
+                                                "with, or the tokenizer's own")
 
 
 def _trained_template(folders: list[str]) -> tuple[str | None, bool]:

@@ -649,6 +649,16 @@ TEMPLATES: dict[str, StringTemplate] = {t.name: t for t in [
 ]}
 
 
+def check_template_name(name: str, key: str = "template",
+                        unset: str = "or leave `template` unset to use the tokenizer's own chat template") -> None:
+    """An unknown template name fails with the closest one and the list; `key` and `unset` say it as the caller's
+    user wrote it (a YAML key or a command-line flag)."""
+    if name not in TEMPLATES:
+        close = difflib.get_close_matches(name, list(TEMPLATES), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown {key} '{name}'.{hint} Built-in templates: {', '.join(TEMPLATES)}; {unset}.")
+
+
 def get_template(name: str | None, tokenizer: Any, *, enable_thinking: bool = True) -> Template:
     """None -> the tokenizer's own chat template; otherwise a built-in template by LLaMA-Factory name.
 
@@ -665,11 +675,7 @@ def get_template(name: str | None, tokenizer: Any, *, enable_thinking: bool = Tr
                 f"of: {', '.join(TEMPLATES)}."
             )
         return ChatTemplate(chat_template, _special_tokens(tokenizer), enable_thinking=enable_thinking)
-    if name not in TEMPLATES:
-        close = difflib.get_close_matches(name, list(TEMPLATES), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"Unknown template '{name}'.{hint} Built-in templates: {', '.join(TEMPLATES)}; "
-                          "or leave `template` unset to use the tokenizer's own chat template.")
+    check_template_name(name)
     template = TEMPLATES[name]
     if template.think is not None and template.thinking is None:
         template = dataclasses.replace(template, thinking=enable_thinking)
