@@ -132,19 +132,29 @@ def _sharegpt(row: dict[str, Any], columns: dict[str, str], tags: dict[str, str]
                            f"{', '.join(map(str, role_of))} (set `tags` in dataset_info.json if yours differ)")
         role, content = role_of[raw_role], m.get(tag["content_tag"])
         if role == "assistant" and m.get("tool_calls"):  # OpenAI style: a tool call hidden in an assistant message
-            calls = [c.get("function", c) if isinstance(c, dict) else c for c in m["tool_calls"]]
-            role, content = "function_call", json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
-        content = _content_text(content, i)
-        if role == "tool" and messages and messages[-1]["role"] == "tool":  # parallel tool results: one turn
-            messages[-1]["content"] += "\n" + content
-            continue
-        messages.append({"role": role, "content": content})
+            role, content = "function_call", calls_content(m["tool_calls"])
+        add_turn(messages, role, _content_text(content, i))
     system = _text(row, columns.get("system"))
     if system.strip() and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     if messages and messages[0]["role"] == "system" and not messages[0]["content"].strip():
         messages = messages[1:]
     return messages, _tools(row, columns.get("tools", "tools" if openai else None))
+
+
+def calls_content(tool_calls: list[Any]) -> str:
+    """An assistant message's OpenAI `tool_calls` as a function_call turn's content: the call's JSON (a list for
+    parallel calls). Training data and the serving engine both read OpenAI messages through here."""
+    calls = [c.get("function", c) if isinstance(c, dict) else c for c in tool_calls]
+    return json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+
+
+def add_turn(messages: list[dict[str, str]], role: str, content: str) -> None:
+    """Append a turn; consecutive tool results (the answers to parallel calls) become one tool turn."""
+    if role == "tool" and messages and messages[-1]["role"] == "tool":
+        messages[-1]["content"] += "\n" + content
+    else:
+        messages.append({"role": role, "content": content})
 
 
 def _content_text(content: Any, i: int) -> str:

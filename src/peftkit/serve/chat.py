@@ -13,6 +13,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..data import get_template
+from ..data.formats import add_turn, calls_content
 from ..errors import AdapterLoadError, ConfigError
 
 
@@ -61,21 +62,16 @@ class Completion:
 
 
 def conversation(messages: list[dict]) -> list[dict[str, str]]:
-    """OpenAI chat messages -> peftkit's roles (data/formats.py): an assistant message with `tool_calls` becomes a
-    function_call turn (its text, if any, is dropped: templates write a call turn as the call alone), and consecutive
-    tool results one tool turn, as training data holds them. A tool result's `tool_call_id` is not needed: templates
+    """OpenAI chat messages -> peftkit's roles (data/formats.py), as training reads them: an assistant message with
+    `tool_calls` becomes a function_call turn (its text, if any, is dropped: templates write a call turn as the call
+    alone), and consecutive tool results one tool turn. A tool result's `tool_call_id` is not needed: templates
     answer calls in order (Mistral's ids are derived from the calls, as in training)."""
     out: list[dict[str, str]] = []
     for m in messages:
         role, content = m["role"], m.get("content") or ""
         if role == "assistant" and m.get("tool_calls"):
-            calls = [{"name": c["function"]["name"], "arguments": c["function"].get("arguments", {})}
-                     for c in m["tool_calls"]]  # arguments as OpenAI's JSON text or an object: templates take both
-            role, content = "function_call", json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
-        if role == "tool" and out and out[-1]["role"] == "tool":
-            out[-1] = {"role": "tool", "content": out[-1]["content"] + "\n" + content}
-            continue
-        out.append({"role": role, "content": content})
+            role, content = "function_call", calls_content(m["tool_calls"])
+        add_turn(out, role, content)
     return out
 
 
