@@ -125,7 +125,7 @@ def atomic_dir(final: str | os.PathLike, *, keep_existing: bool = False) -> Iter
 def _remove(path: Path) -> None:
     """Delete a folder by renaming it to a temporary first: a kill half-way leaves debris, never a folder that looks
     complete but lacks files (a checkpoint whose state file survived its weights)."""
-    doomed = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path.name)))
+    doomed = temp_dir(path.parent, path.name)
     os.replace(path, doomed / path.name)
     shutil.rmtree(doomed, ignore_errors=True)
 

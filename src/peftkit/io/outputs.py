@@ -16,13 +16,14 @@ from typing import Iterable
 
 from ..errors import ConfigError
 from .atomic import is_temporary, remove_tree, write_text
+from .run_config import RUN_CONFIG_NAME
 
 # Lists the entries peftkit wrote into the folder (adapter, tokenizer, model shards, GGUF files, ...).
 MARKER = ".peftkit-output.json"
 # Names only peftkit writes: a folder of them is a peftkit output even without a marker. Adapter, model and tokenizer
 # files are not among them: a user's own model or adapter folder has the same names, and must never count as ours.
 KNOWN_NAMES = frozenset({
-    MARKER, "train_config.json", "trainer_log.jsonl", "train_results.json", "training_loss.png",
+    MARKER, RUN_CONFIG_NAME, "trainer_log.jsonl", "train_results.json", "training_loss.png",
     "generated_predictions.jsonl", "predict_results.json", "lora_drop.json",
 })
 _CHECKPOINT = re.compile(r"checkpoint-\d+")

@@ -156,9 +156,9 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: str
 
 
 def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: str | bool | None) -> None:
-    """A fresh run's folder: `check_output_dir`, then the earlier run cleared when overwriting."""
-    check_not_a_file(output_dir, "output_dir")
+    """A fresh run's folder: `check_output_dir`, then the earlier run cleared when overwriting (a resume keeps it)."""
     if resume:
+        check_not_a_file(output_dir, "output_dir")
         return
     check_output_dir(output_dir, overwrite, resume)
     if overwrite:
@@ -222,9 +222,8 @@ def check_resume(path: Path, state: TrainerState, total_steps: int, saved: dict[
     warnings.warn(f"Resuming from '{path}' with changed settings (resume_allow_changes): {listing}.", stacklevel=3)
 
 
-def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
-    """Restore everything `save_checkpoint` wrote; returns the trainer state to continue from."""
-    state = read_state(path)
+def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Restore the tensors and RNG states `save_checkpoint` wrote (`read_state` gives the trainer state)."""
     if not (path / "optimizer.pt").is_file():
         raise ConfigError(f"'{path}' holds only the adapter (saved with save_only_model: true), not the optimizer and "
                           "RNG states needed to resume exactly. Start a new run from it with adapter_name_or_path, or "
@@ -243,4 +242,3 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
             apply(torch.load(path / name, weights_only=False))
         except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
             raise _damaged(path, name, e) from None
-    return state

@@ -150,9 +150,9 @@ class Trainer:
             for i in range(0, len(indices), bs):
                 yield self._to_device(self.collator([self.train_data[j] for j in indices[i:i + bs]]))
 
-        def step(optimizer: torch.optim.Optimizer, group: Sequence[Batch]) -> tuple[float, int]:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            return optimizer_step(self.tuned, self.objective, group, optimizer, params, cfg.max_grad_norm)
+        def step(optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch]) -> tuple[float, int]:
+            params = [p for param_group in optimizer.param_groups for p in param_group["params"]]
+            return optimizer_step(self.tuned, self.objective, micro_batches, optimizer, params, cfg.max_grad_norm)
 
         return TrainingContext(
             total_steps=self.total_steps, train_size=len(self.train_data), batch_size=cfg.per_device_train_batch_size,
@@ -184,9 +184,11 @@ class Trainer:
         cfg = self.cfg
         resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume_from is not None:
-            check_resume(resume_from, read_state(resume_from), self.total_steps, read_train_config(resume_from),
-                         cfg.to_dict(), cfg.resume_allow_changes)
-            self.state = load_checkpoint(resume_from, self.method, self.optimizer, self.scheduler)
+            state = read_state(resume_from)
+            check_resume(resume_from, state, self.total_steps, read_train_config(resume_from), cfg.to_dict(),
+                         cfg.resume_allow_changes)
+            load_checkpoint(resume_from, self.method, self.optimizer, self.scheduler)
+            self.state = state
             self._best_state = load_best_state(resume_from)
         else:
             self.state.run_id = uuid.uuid4().hex
@@ -212,6 +214,7 @@ class Trainer:
         start_time, start_tokens = time.perf_counter(), self.state.tokens_seen
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
                    dynamic_ncols=True)
+        params = [p for _, p in self.method.trainable_parameters()]  # fixed once the method is prepared
         while self.state.global_step < self.total_steps:
             group = []
             for _ in range(ga):
@@ -228,7 +231,6 @@ class Trainer:
                 self.state.global_step += 1
                 self.method.on_step_end(self.state.global_step)  # gradients still in place for the method to read
 
-            params = [p for _, p in self.method.trainable_parameters()]
             step_loss, n_tokens = optimizer_step(self.tuned, self.objective, group, self.optimizer, params,
                                                  cfg.max_grad_norm, self.method.loss_term, after_step)
             self.state.tokens_seen += sum(real_tokens(b) for b in group)
