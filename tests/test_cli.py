@@ -95,7 +95,8 @@ def test_chat_and_api_refuse_bad_settings_before_loading_a_model(monkeypatch, ca
         raise AssertionError("a model was loaded before the settings were checked")
 
     monkeypatch.setattr(peftkit.cli, "_load_chat_model", no_loading)
-    monkeypatch.setattr(peftkit.models, "load_model_and_tokenizer", no_loading)
+    for module in (peftkit.models, peftkit.cli):  # where it is defined, and where `peftkit api` calls it
+        monkeypatch.setattr(module, "load_model_and_tokenizer", no_loading)
     cases = [(["chat", "--temperature", "-1"], "temperature"), (["chat", "--max-new-tokens", "0"], "max_new_tokens"),
              (["chat", "--top-p", "1.5"], "top_p"), (["chat", "--top-p", "-0.5"], "top_p"),
              (["chat", "--top-k", "-1"], "top_k"), (["chat", "--repetition-penalty", "0"], "repetition_penalty"),
@@ -198,12 +199,14 @@ def test_export_device_auto_merges_on_the_gpu_to_the_cpu_result(base_and_adapter
 
 
 def test_export_hub_model_id_is_refused_offline_before_loading(base_and_adapter, tmp_path, monkeypatch, capsys) -> None:
+    import peftkit.export.merge
     import peftkit.models
 
     def no_loading(*_, **__):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    monkeypatch.setattr(peftkit.models, "load_model_and_tokenizer", no_loading)
+    for module in (peftkit.models, peftkit.export.merge):  # where it is defined, and where export calls it
+        monkeypatch.setattr(module, "load_model_and_tokenizer", no_loading)
     base_dir, adapter_dir = base_and_adapter
     out = tmp_path / "merged"
     assert main(["export", f"model_name_or_path={base_dir}", f"adapter_name_or_path={adapter_dir}",

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 import peftkit.models
+import peftkit.train.run
 from peftkit import (
     AdaLoraConfig,
     AdapterConfig,
@@ -329,7 +330,7 @@ def test_cli_train_picks_the_forced_dtype_for_qlora(dtype: torch.dtype, chat_dir
         loaded.append(model.get_input_embeddings().weight.dtype)
         return model, tokenizer
 
-    monkeypatch.setattr(peftkit.models, "load_model_and_tokenizer", spy)
+    monkeypatch.setattr(peftkit.train.run, "load_model_and_tokenizer", spy)  # where `peftkit train` calls it
     out = tmp_path / "run"
     assert main(["train", "/dev/null", f"model_name_or_path={chat_dir}", "dataset=identity",
                  f"dataset_dir={ROOT / 'examples' / 'data'}", "max_samples=8", "cutoff_len=96", "max_steps=4",

@@ -205,12 +205,14 @@ def test_llama3_lora_sft_then_predict_yaml(workdir, small_model_dir) -> None:  #
 
 
 def test_llama3_gptq_yaml_is_refused_naming_gguf(workdir, small_model_dir, monkeypatch, capsys) -> None:  # noqa: F811
+    import peftkit.export.merge
     import peftkit.models
 
     def no_loading(*_, **__):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    monkeypatch.setattr(peftkit.models, "load_model_and_tokenizer", no_loading)
+    for module in (peftkit.models, peftkit.export.merge):  # where it is defined, and where export calls it
+        monkeypatch.setattr(module, "load_model_and_tokenizer", no_loading)
     assert run(LLAMA3_GPTQ, "llama3_gptq.yaml", "export", f"model_name_or_path={small_model_dir}") == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: export_quantization_bit: 4") and len(err.splitlines()) == 1

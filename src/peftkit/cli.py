@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import shlex
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import torch
+import transformers
+
+from . import __version__
+from .config import load_config
+from .data.templates import check_template_name
 from .errors import PeftkitError, TrainingInterrupted
+from .evaluate import run_eval, run_predict
+from .export import run_export
+from .io.run_config import read_train_config
+from .methods import get_method
+from .models import load_model_and_tokenizer, peftkit_home
+from .precision import bf16_is_faster
+from .quantization import QuantizationConfig, trained_quantization
+from .serve import ChatEngine, GenerationParams
+from .train import run_sft
+from .tuned import load_for_inference
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train, then predict if `do_predict` (with the adapter or model just saved), as LLaMA-Factory's `train`."""
-    from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if not (cfg.do_train or cfg.do_predict):
         raise PeftkitError("Nothing to do: set dataset (to train) or do_predict: true with eval_dataset.")
     if cfg.do_train:
-        from .train import run_sft
-
         run_sft(cfg)
         if cfg.do_predict:  # the trained result: an adapter folder, or a full model folder for in-place methods
-            import dataclasses
-
-            from .methods import get_method
-
             trained = {"model_name_or_path": cfg.output_dir, "adapter_name_or_path": None} if get_method(
                 cfg.finetuning_type).output_kind == "model" else {"adapter_name_or_path": cfg.output_dir}
             cfg = dataclasses.replace(cfg, **trained)
@@ -36,30 +48,22 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _print_predict(cfg: Any) -> None:
-    from .evaluate import run_predict
-
     results = run_predict(cfg)
     print(json.dumps(results, indent=2))
     print(f"Wrote {cfg.output_dir}/generated_predictions.jsonl and predict_results.json")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from .config import load_config
-
     _print_predict(load_config(args.config, args.overrides, do_train=False, do_predict=True))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .evaluate import run_eval
-
     results = run_eval(load_config(args.config, args.overrides, do_train=False))
     print(json.dumps(results, indent=2))
 
 
 def _check_template_name(name: str | None) -> None:
     """A mistyped --template fails before minutes of model loading."""
-    from .data.templates import check_template_name
 
     if name is not None:
         check_template_name(name, "--template", "leave --template out to use the template the adapter was trained "
@@ -70,7 +74,6 @@ def _trained_template(folders: list[str]) -> tuple[str | None, bool]:
     """(template, enable_thinking) the adapters in `folders` were trained with, from their train_config.json; (None,
     True) when none has a record: the tokenizer's own template. One engine formats every prompt one way, so adapters
     trained with different templates need --template."""
-    from .io.run_config import read_train_config
 
     trained = {}
     for folder in folders:
@@ -97,10 +100,6 @@ def _chat_template(explicit: str | None, adapters: list[str]) -> tuple[str | Non
 
 
 def _load_chat_model(args: argparse.Namespace, template: str | None = None, enable_thinking: bool = True) -> Any:
-    from .quantization import QuantizationConfig, trained_quantization
-    from .serve import ChatEngine
-    from .tuned import load_for_inference
-
     if args.quantization_bit is None:  # as the adapter was trained: QLoRA adapters run on their 4-bit base
         quantization = trained_quantization(args.adapter)
         if quantization is not None:
@@ -142,7 +141,6 @@ def _shown(done: Any) -> str:
 def cmd_chat(args: argparse.Namespace) -> None:
     """With --tools, replies print whole (calls as `tool call: name({...})`); in the interactive chat `/tool TEXT`
     answers a call with its result, and the model goes on."""
-    from .serve import GenerationParams
 
     # checked before the model loads, so a bad setting fails at once
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -197,9 +195,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .export import run_export
-
     cfg = load_config(args.config, args.overrides, do_train=False)
     result = run_export(cfg)
     what = "merged model" if cfg.adapter_name_or_path and cfg.export_format != "gguf_lora" else "export"
@@ -209,10 +204,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_api(args: argparse.Namespace) -> None:
-    from .models import load_model_and_tokenizer
-    from .quantization import QuantizationConfig
-    from .serve import ChatEngine
-    from .serve.api import serve
+    from .serve.api import serve  # deferred: fastapi and uvicorn load only for `peftkit api`
 
     if not 0 <= args.port <= 65535:
         raise PeftkitError(f"--port must be between 0 and 65535, got {args.port}.")
@@ -235,14 +227,17 @@ def cmd_api(args: argparse.Namespace) -> None:
     serve(engine, args.model, host=args.host, port=args.port, api_key=args.api_key)
 
 
+def cmd_webui(args: argparse.Namespace) -> None:
+    from .webui import launch  # deferred: gradio loads only for `peftkit webui`
+
+    if not 0 <= args.port <= 65535:
+        raise PeftkitError(f"--port must be between 0 and 65535, got {args.port}.")
+    print(f"peftkit webui at http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    launch(args.host, args.port, args.auth, output_root=args.output_root, dataset_dir=args.dataset_dir,
+           model=args.model)
+
+
 def cmd_env(args: argparse.Namespace) -> None:
-    import torch
-    import transformers
-
-    from . import __version__
-    from .models import peftkit_home
-    from .precision import bf16_is_faster
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = {
         "peftkit": __version__,
@@ -254,8 +249,6 @@ def cmd_env(args: argparse.Namespace) -> None:
         "bf16 faster than fp32": bf16_is_faster(device),
         "cache dir (PEFTKIT_HOME)": str(peftkit_home()),
     }
-    from importlib.metadata import PackageNotFoundError, version
-
     for name in ("accelerate", "peft", "bitsandbytes", "gguf", "datasets"):
         try:
             rows[name] = version(name)
@@ -326,6 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization-bit", type=int, choices=(4, 8), help="load the base in 4 or 8 bits")
     p.set_defaults(func=cmd_api)
 
+    p = sub.add_parser("webui", help="train, watch, evaluate, chat and export from a browser")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", metavar="USER:PASSWORD|FILE", help="require a login: user:password, or a file with one "
+                                                                "user:password per line")
+    p.add_argument("--output-root", default="saves", help="where runs go and are listed (default saves)")
+    p.add_argument("--dataset-dir", default="data", help="the dataset directory the forms start with")
+    p.add_argument("--model", help="the model the forms start with (default smollm2-135m)")
+    p.set_defaults(func=cmd_webui)
+
     p = sub.add_parser("env", help="print versions, devices and the cache folder")
     p.set_defaults(func=cmd_env)
     return parser
@@ -333,8 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resume_command(argv: list[str] | None, checkpoint: str) -> str:
     """The command line that continues an interrupted `peftkit train`: the same one, resuming from `checkpoint`."""
-    import shlex
-
     args = [a for a in (sys.argv[1:] if argv is None else argv)
             if not a.startswith(("resume_from_checkpoint=", "overwrite_output_dir="))]
     return shlex.join(["peftkit", *args, f"resume_from_checkpoint={checkpoint}"])

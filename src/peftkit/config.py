@@ -13,15 +13,15 @@ import types
 import typing
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .methods import MethodConfig
-    from .quantization import QuantizationConfig
+from .methods import MethodConfig, available_methods, get_method
+from .objectives import available_objectives, objective_class
+from .quantization import QuantizationConfig
+from .settings import Setting, merge_declarations, setting, settings_of
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
@@ -59,135 +59,145 @@ IGNORED_KEYS: dict[str, str] = {
 _ALIASES = {"evaluation_strategy": "eval_strategy"}  # old TrainingArguments name -> current
 
 
+def _collect(owners: list[tuple[str, type]]) -> dict[str, tuple[Setting, list[str]]]:
+    """The YAML keys that registered methods or objectives declare (`yaml_keys`): name -> (setting, their owners)."""
+    return merge_declarations([(name, s) for name, cls in owners for s in cls.yaml_keys])
+
+
+# Methods' and objectives' own keys live in their config classes; TrainConfig gets them from there, so a new method
+# or stage adds its keys in its own file. Collected once, at import (every built-in registers on import).
+METHOD_SETTINGS = _collect([(n, get_method(n).config_class) for n in available_methods()])
+STAGE_SETTINGS = _collect([(n, objective_class(n)) for n in available_objectives()])
+_OwnKeys = dataclasses.make_dataclass(
+    "MethodAndStageKeys",
+    [(s.name, s.type, s.as_field()) for s, _ in (*METHOD_SETTINGS.values(), *STAGE_SETTINGS.values())],
+)
+
+
 @dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a run, flat as in LLaMA-Factory's YAML; built by `load_config`, validated on creation."""
+class TrainConfig(_OwnKeys):  # type: ignore[valid-type,misc]
+    """Every setting of a run, flat as in LLaMA-Factory's YAML; built by `load_config`, validated on creation.
+
+    Each field's `setting(default, help, group)` is what the YAML loader, `peftkit webui` and the docs show; the
+    methods' and stages' keys come from their config classes (`_OwnKeys`)."""
 
     # --- model ---
-    model_name_or_path: str | None = None  # required: a hub id or local folder (None only to give a clear error)
-    adapter_name_or_path: str | None = None  # continue training, or export, this adapter
-    trust_remote_code: bool = False
-    quantization_bit: int | None = None  # 4 (QLoRA) or 8 (LLM.int8): the base model's linear layers in k bits
-    quantization_type: str = "nf4"  # 4-bit data type: nf4 | fp4
-    double_quantization: bool = True  # 4-bit: quantize the quantization constants too (~0.37 bits/param saved)
-    quantization_method: str = "bnb"  # bitsandbytes, the only backend
-    # --- method ---
-    stage: str = "sft"
-    finetuning_type: str = "lora"  # a name from peftkit.available_methods()
-    lora_rank: int = 8
-    lora_alpha: float | None = None  # None -> 2 * lora_rank, as in LLaMA-Factory
-    lora_dropout: float = 0.0
-    lora_target: str | list[str] | None = "all"  # "all": every linear layer; "q_proj,v_proj"; None/"default": per model
-    target_modules: str | list[str] | None = None  # PEFT's name, for any method; None: the method's own default
-    additional_target: list[str] | None = None  # modules trained in full and saved with the adapter (modules_to_save)
-    use_rslora: bool = False
-    use_dora: bool = False
-    loraplus_lr_ratio: float | None = None  # LoRA+: lora_B learns at learning_rate x this (16 is the paper's)
-    loraplus_lr_embedding: float = 1e-6  # LoRA+: learning rate of embedding LoRA's B
-    lora_drop_sample_ratio: float = 0.1  # LoRA-drop: share of the training data for the selection phase
-    lora_drop_threshold: float = 0.9  # LoRA-drop: keep the most important layers up to this share of importance
-    lora_drop_steps: int | None = None  # LoRA-drop: selection-phase steps; None: one pass over the sample
-    init_r: int = 12  # AdaLoRA: starting rank of every module
-    target_r: int = 8  # AdaLoRA: average rank at the end of the budget schedule
-    tinit: int = 0  # AdaLoRA: steps of warm-up before pruning starts
-    tfinal: int = 0  # AdaLoRA: steps at the end with the final budget fixed
-    deltaT: int = 1  # AdaLoRA: steps between two budget allocations
-    adalora_beta1: float = 0.85  # AdaLoRA: EMA factor of the sensitivity
-    adalora_beta2: float = 0.85  # AdaLoRA: EMA factor of the uncertainty
-    orth_reg_weight: float = 0.5  # AdaLoRA: weight of the orthogonality regulariser
-    feedforward_modules: str | list[str] | None = None  # IA3: targets whose input (not output) is scaled
-    adapter_type: str = "houlsby"  # bottleneck adapters: houlsby | pfeiffer
-    adapter_size: int | None = None  # bottleneck width; None: hidden_size / reduction_factor
-    reduction_factor: float = 16  # bottleneck adapters
-    adapter_non_linearity: str = "relu"  # bottleneck adapters: relu | gelu | silu | tanh
-    freeze_trainable_layers: int = 2  # freeze: train the last N layers (negative: the first N)
-    freeze_trainable_modules: str | list[str] = "all"  # freeze: module names inside those layers, or all
-    # freeze: modules outside the layers to train, e.g. embed_tokens
-    freeze_extra_modules: str | list[str] | None = None
-    num_virtual_tokens: int = 20  # prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2
-    prompt_tuning_init: str = "vocab"  # prompt_tuning: random | vocab | text
-    prompt_tuning_init_text: str | None = None  # prompt_tuning with init text: the phrase
-    encoder_reparameterization_type: str = "mlp"  # p_tuning: mlp | lstm
-    encoder_hidden_size: int | None = None  # p_tuning / prefix_tuning: the encoder's width
-    encoder_num_layers: int = 2  # p_tuning: LSTM layers
-    encoder_dropout: float = 0.0  # p_tuning: dropout between LSTM layers
-    prefix_projection: bool = True  # prefix_tuning: train the prefixes through an MLP
-    prefix_init: str = "vocab"  # p_tuning_v2: vocab (the model's keys/values of random tokens) | random
+    model_name_or_path: str | None = setting(None, "A model alias (smollm2-135m), a local folder or a hub id.", "model")
+    adapter_name_or_path: str | None = setting(None, "An adapter folder to continue training, or to export.", "model")
+    trust_remote_code: bool = setting(False, "Run the model's own Python code from its folder or hub repo.", "model")
+    quantization_bit: int | None = setting(
+        None, "Load the base model's linear layers in 4 bits (QLoRA) or 8 bits (LLM.int8).", "model")
+    quantization_type: str = setting("nf4", "The 4-bit data type: nf4 or fp4.", "model")
+    double_quantization: bool = setting(
+        True, "4-bit: quantize the quantization constants too (about 0.37 bits per parameter saved).", "model")
+    quantization_method: str = setting("bnb", "The quantization backend: bnb (bitsandbytes), the only one.", "model")
+    # --- method and stage ---
+    stage: str = setting("sft", "The training objective: sft (supervised fine-tuning), or another stage.", "method")
+    finetuning_type: str = setting("lora", "The method: a name from peftkit.available_methods().", "method")
+    target_modules: str | list[str] | None = setting(
+        None, "PEFT's name for the modules to adapt, for any method. Empty: the method's own default.", "method")
+    additional_target: list[str] | None = setting(
+        None, "Modules trained in full and saved with the adapter (PEFT's modules_to_save), e.g. lm_head.", "method")
     # --- data ---
-    dataset: list[str] | None = None  # names in dataset_dir/dataset_info.json; "a,b" is split
-    eval_dataset: list[str] | None = None
-    dataset_dir: str = "data"
-    template: str | None = None  # None: the tokenizer's own chat template
-    cutoff_len: int = 2048
-    max_samples: int | None = None
-    val_size: int | float = 0.0  # a fraction in [0, 1), or a count >= 1, of `dataset` held out for evaluation
-    packing: bool = False  # always "neat": packed examples never attend to each other
-    padding_free: bool = True  # a micro-batch is one unpadded row with per-example attention (varlen.py)
-    train_on_prompt: bool = False
-    mask_history: bool = False
-    enable_thinking: bool = True  # reasoning templates (qwen3, deepseekr1): train the think block; False drops it
-    overwrite_cache: bool = False
-    preprocessing_num_workers: int | None = None
-    dataloader_num_workers: int = 0
+    dataset: list[str] | None = setting(
+        None, "Names in dataset_dir/dataset_info.json, e.g. identity,alpaca_en_demo.", "data")
+    eval_dataset: list[str] | None = setting(None, "Names of datasets to evaluate on.", "data")
+    dataset_dir: str = setting("data", "The folder holding dataset_info.json and the data files.", "data")
+    template: str | None = setting(
+        None, "The chat template by LLaMA-Factory's name (qwen, llama3, ...). Empty: the tokenizer's own.", "data")
+    cutoff_len: int = setting(2048, "Longest example in tokens; longer ones are cut.", "data")
+    max_samples: int | None = setting(None, "Use at most this many rows of each dataset.", "data")
+    val_size: int | float = setting(
+        0.0, "Hold out this share (in [0, 1)) or count (>= 1) of dataset for evaluation.", "data")
+    packing: bool = setting(
+        False, "Pack several examples into one row; they never attend to each other.", "data")
+    padding_free: bool = setting(
+        True, "Run a micro-batch as one unpadded row with per-example attention.", "data")
+    train_on_prompt: bool = setting(False, "Train on the prompt tokens too, not only the answers.", "data")
+    mask_history: bool = setting(False, "Train only on the last answer of a conversation.", "data")
+    enable_thinking: bool = setting(
+        True, "Reasoning templates (qwen3, deepseekr1): train the think block; false drops it.", "data")
+    overwrite_cache: bool = setting(False, "Tokenize the data again instead of reading the cache.", "data")
+    preprocessing_num_workers: int | None = setting(
+        None, "Accepted for LLaMA-Factory's files; tokenization runs in this process.", "data")
+    dataloader_num_workers: int = setting(
+        0, "Accepted for LLaMA-Factory's files; batches are built in the training process.", "data")
     # --- training (TrainingArguments) ---
-    do_train: bool | None = None  # None: true when `dataset` is set (LLaMA-Factory's predict configs set none)
-    do_eval: bool = False
-    do_predict: bool = False
-    output_dir: str = "saves/run"
-    overwrite_output_dir: bool = False
-    per_device_train_batch_size: int = 1
-    per_device_eval_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    optim: str = "adamw_torch"  # the only optimizer; other names warn and fall back to it
-    num_train_epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    lr_scheduler_type: str = "linear"
-    lr_scheduler_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0  # > 0 overrides warmup_ratio
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    logging_steps: int = 10
-    eval_strategy: str = "no"
-    eval_steps: int | None = None  # None -> logging_steps, as in TrainingArguments
-    save_strategy: str = "steps"
-    save_steps: int = 500
-    save_total_limit: int | None = None  # keep only the newest N checkpoints
-    save_only_model: bool = False  # checkpoints hold only the adapter: smaller, but training cannot resume from them
-    load_best_model_at_end: bool = False
-    metric_for_best_model: str = "eval_loss"  # the eval metric load_best_model_at_end compares ("loss" = eval_loss)
-    greater_is_better: bool | None = None  # None: lower is better for a metric ending in "loss", higher otherwise
-    resume_from_checkpoint: str | bool | None = None  # a checkpoint folder, or true for the newest in output_dir
-    # resume even though settings that change the result differ from the checkpoint's
-    resume_allow_changes: bool = False
-    seed: int = 42
-    bf16: bool | None = None  # None: bf16 where the device supports it
-    fp16: bool = False
-    gradient_checkpointing: bool = False
-    report_to: str | list[str] = "none"  # only "none": metrics go to output_dir/trainer_log.jsonl
-    plot_loss: bool = False
+    do_train: bool | None = setting(None, "Train. Empty: true when dataset is set.", "basic")
+    learning_rate: float = setting(5e-5, "The peak learning rate of AdamW.", "basic")
+    num_train_epochs: float = setting(3.0, "Passes over the training data.", "basic")
+    max_steps: int = setting(-1, "Optimizer steps to train; > 0 overrides num_train_epochs.", "basic")
+    per_device_train_batch_size: int = setting(1, "Examples per micro-batch.", "basic")
+    gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.", "basic")
+    lr_scheduler_type: str = setting("linear", "How the learning rate changes over training.", "basic",
+                                     LR_SCHEDULERS)
+    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this; 0 disables clipping.", "basic")
+    warmup_ratio: float = setting(0.0, "Share of the steps that warm the learning rate up from 0.", "basic")
+    warmup_steps: int = setting(0, "Warm-up steps; > 0 overrides warmup_ratio.", "basic")
+    bf16: bool | None = setting(None, "Train in bfloat16. Empty: where the device computes it fast.", "basic")
+    fp16: bool = setting(False, "Train in float16 (GPUs without bfloat16).", "basic")
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay.", "extra")
+    adam_beta1: float = setting(0.9, "AdamW's beta1.", "extra")
+    adam_beta2: float = setting(0.999, "AdamW's beta2.", "extra")
+    adam_epsilon: float = setting(1e-8, "AdamW's epsilon.", "extra")
+    optim: str = setting("adamw_torch", "The optimizer: adamw_torch, the only one (others fall back to it).", "extra")
+    lr_scheduler_kwargs: dict[str, Any] = setting({}, "Extra arguments of the schedule, e.g. {num_cycles: 2}.",
+                                                  "extra")
+    logging_steps: int = setting(10, "Log the loss every N steps.", "extra")
+    seed: int = setting(42, "Seed of initialisation, shuffling and dropout.", "extra")
+    gradient_checkpointing: bool = setting(
+        False, "Recompute activations in the backward pass: less memory, about 30% slower.", "extra")
+    report_to: str | list[str] = setting(
+        "none", "Only none: metrics go to output_dir/trainer_log.jsonl.", "extra")
+    plot_loss: bool = setting(False, "Save the loss curve as output_dir/training_loss.png.", "extra")
+    do_eval: bool = setting(False, "Evaluate (peftkit eval, or after training).", "evaluation")
+    do_predict: bool = setting(False, "Generate answers for the dataset (peftkit predict).", "evaluation")
+    per_device_eval_batch_size: int = setting(1, "Examples per evaluation batch.", "evaluation")
+    eval_strategy: str = setting("no", "When to evaluate during training.", "evaluation", EVAL_STRATEGIES)
+    eval_steps: int | None = setting(None, "Evaluate every N steps. Empty: logging_steps.", "evaluation")
+    load_best_model_at_end: bool = setting(
+        False, "Keep the checkpoint with the best metric_for_best_model, not the last.", "evaluation")
+    metric_for_best_model: str = setting(
+        "eval_loss", "The evaluation metric load_best_model_at_end compares (loss = eval_loss).", "evaluation")
+    greater_is_better: bool | None = setting(
+        None, "Empty: lower is better for a metric ending in loss, higher otherwise.", "evaluation")
+    output_dir: str = setting("saves/run", "Where the adapter, checkpoints and logs go.", "output")
+    overwrite_output_dir: bool = setting(False, "Replace an earlier run in output_dir.", "output")
+    save_strategy: str = setting("steps", "When to save checkpoints.", "output", SAVE_STRATEGIES)
+    save_steps: int = setting(500, "Save a checkpoint every N steps.", "output")
+    save_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.", "output")
+    save_only_model: bool = setting(
+        False, "Checkpoints hold only the adapter: smaller, but training cannot resume from them.", "output")
+    resume_from_checkpoint: str | bool | None = setting(
+        None, "A checkpoint folder, or true for the newest one in output_dir.", "output")
+    resume_allow_changes: bool = setting(
+        False, "Resume even though settings that change the result differ from the checkpoint's.", "output")
     # --- generation and export ---
-    max_new_tokens: int = 512
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    do_sample: bool = False
-    export_dir: str | None = None
-    export_size: int = 5  # shard size in GB
-    export_format: str = "hf"  # hf folder | gguf file | ollama (gguf + Modelfile) | gguf_lora (llama.cpp LoRA adapter)
-    export_gguf_type: str = "f16"  # the GGUF's weight type (norms stay f32)
-    ollama_system: str | None = None  # a SYSTEM line for the Modelfile; the template's default system otherwise
-    export_device: str = "cpu"  # where the merge runs: cpu, or auto (the GPU when there is one: faster)
-    export_legacy_format: bool = False  # hf: also write PyTorch .bin weights beside the safetensors, for older tools
-    export_quantization_bit: int | None = None  # LLaMA-Factory's GPTQ export: refused, naming gguf q4_0/q8_0 instead
-    export_quantization_dataset: str | None = None  # GPTQ calibration data: refused with export_quantization_bit
-    export_hub_model_id: str | None = None  # upload after export: refused (no network); upload export_dir yourself
-    infer_dtype: str = "auto"
+    max_new_tokens: int = setting(512, "Longest answer in tokens.", "generation")
+    temperature: float | None = setting(None, "Sampling temperature. Empty: the model's default.", "generation")
+    top_p: float | None = setting(None, "Nucleus sampling: keep the most likely tokens up to this mass.", "generation")
+    top_k: int | None = setting(None, "Sample among the k most likely tokens.", "generation")
+    repetition_penalty: float | None = setting(None, "Above 1 makes repeated tokens less likely.", "generation")
+    do_sample: bool = setting(False, "Sample; false: greedy decoding.", "generation")
+    infer_dtype: str = setting("auto", "The inference dtype.", "generation", INFER_DTYPES)
+    export_dir: str | None = setting(None, "Where peftkit export writes.", "export")
+    export_size: int = setting(5, "Shard size of an exported HF model, in GB.", "export")
+    export_format: str = setting(
+        "hf", "hf folder, gguf file, ollama (gguf + Modelfile), or gguf_lora (llama.cpp LoRA adapter).", "export",
+        EXPORT_FORMATS)
+    export_gguf_type: str = setting("f16", "The GGUF's weight type (norms stay f32).", "export", GGUF_TYPES)
+    ollama_system: str | None = setting(
+        None, "A SYSTEM line for the Modelfile. Empty: the template's default system prompt.", "export")
+    export_device: str = setting(
+        "cpu", "Where the merge runs: cpu, or auto (the GPU when there is one).", "export", EXPORT_DEVICES)
+    export_legacy_format: bool = setting(
+        False, "hf: also write PyTorch .bin weights beside the safetensors, for older tools.", "export")
+    export_quantization_bit: int | None = setting(
+        None, "LLaMA-Factory's GPTQ export: refused; export_format gguf with q4_0 or q8_0 quantizes.", "export")
+    export_quantization_dataset: str | None = setting(
+        None, "GPTQ calibration data: refused with export_quantization_bit.", "export")
+    export_hub_model_id: str | None = setting(
+        None, "Upload after export: refused (no network); upload export_dir yourself.", "export")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -195,24 +205,21 @@ class TrainConfig:
 
     def quantization(self) -> QuantizationConfig | None:
         """The base model's quantization, or None for a full-precision base."""
-        from .quantization import QuantizationConfig
-
         if self.quantization_bit is None:
             return None
         return QuantizationConfig(self.quantization_bit, self.quantization_type, self.double_quantization)
 
     def method_config(self) -> MethodConfig:
         """The `finetuning_type` method's config, from the keys its config class declares (`yaml_keys`)."""
-        from .methods import get_method
-
         cls = get_method(self.finetuning_type).config_class
-        values = {field: getattr(self, key) for key, field in cls.yaml_keys.items()}
+        values = {s.target: getattr(self, s.name) for s in cls.yaml_keys}
         names = {f.name for f in dataclasses.fields(cls)}
         if "lora_alpha" in values and values["lora_alpha"] is None:
             values["lora_alpha"] = 2 * self.lora_rank  # LLaMA-Factory's default
         if "target_modules" in names:
             target = self.target_modules
-            if target is None and "lora_target" in cls.yaml_keys:
+            if target is None and "lora_target" in METHOD_SETTINGS and self.finetuning_type in METHOD_SETTINGS[
+                    "lora_target"][1]:
                 target = self.lora_target
             values["target_modules"] = _targets(target)
         if "modules_to_save" in names:
@@ -223,16 +230,15 @@ class TrainConfig:
 
     def _check_method_keys(self) -> None:
         """Build the method config now, so impossible values fail before any work; warn about keys set for another
-        method (e.g. `lora_rank` with `finetuning_type: ia3`), which would otherwise be silently ignored."""
-        from .methods import get_method, method_keys
-
+        method (e.g. `lora_rank` with `finetuning_type: ia3`), which would otherwise be silently ignored. The same for
+        a stage's keys."""
         self.method_config()
-        own = set(get_method(self.finetuning_type).config_class.yaml_keys)
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for key, methods in method_keys().items():
-            if key not in own and getattr(self, key) != defaults[key]:
-                warnings.warn(f"{key} is a setting of {', '.join(methods)}, not of finetuning_type "
-                              f"'{self.finetuning_type}': it is ignored.", UserWarning, stacklevel=4)
+        for kind, chosen, declared in (("finetuning_type", self.finetuning_type, METHOD_SETTINGS),
+                                       ("stage", self.stage, STAGE_SETTINGS)):
+            for key, (s, owners) in declared.items():
+                if chosen not in owners and getattr(self, key) != s.default:
+                    warnings.warn(f"{key} is a setting of {', '.join(owners)}, not of {kind} '{chosen}': it is "
+                                  "ignored.", UserWarning, stacklevel=4)
 
     def ignored_settings(self) -> list[str]:
         """Settings kept in the config (LLaMA-Factory's files set them) that a run does not use, with the reason."""
@@ -383,7 +389,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("learning_rate", lambda v: v > 0, "greater than 0 (e.g. 1e-4)"),
     *[(k, lambda v: v >= 1, "at least 1") for k in (
         "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "cutoff_len",
-        "lora_rank", "logging_steps", "save_steps", "eval_steps", "save_total_limit", "max_samples", "export_size",
+        "logging_steps", "save_steps", "eval_steps", "save_total_limit", "max_samples", "export_size",
         "max_new_tokens")],
     *[(k, lambda v: v >= 0, "at least 0") for k in (
         "weight_decay", "warmup_steps", "max_grad_norm", "dataloader_num_workers", "preprocessing_num_workers",
@@ -420,23 +426,14 @@ def _validate(c: TrainConfig) -> None:
     if isinstance(c.resume_from_checkpoint, str) and c.resume_from_checkpoint.lower() in ("true", "false"):
         c.resume_from_checkpoint = c.resume_from_checkpoint.lower() == "true"
 
-    from .objectives import available_objectives
-
     if c.stage not in available_objectives():
         verb = "is not supported yet" if c.stage in STAGES else "is unknown"
         raise ConfigError(f"stage '{c.stage}' {verb}: LLaMA-Factory's stages are {', '.join(STAGES)}; "
                           f"supported here: {', '.join(available_objectives())}.")
-    try:
-        from .methods import available_methods
-    except ImportError:  # the method registry is checked again when the method is built
-        pass
-    else:
-        _check_choice("finetuning_type", c.finetuning_type, available_methods())
-    for key, options in (("lr_scheduler_type", LR_SCHEDULERS), ("eval_strategy", EVAL_STRATEGIES),
-                         ("save_strategy", SAVE_STRATEGIES), ("infer_dtype", INFER_DTYPES),
-                         ("export_format", EXPORT_FORMATS), ("export_gguf_type", GGUF_TYPES),
-                         ("export_device", EXPORT_DEVICES)):
-        _check_choice(key, getattr(c, key), options)
+    _check_choice("finetuning_type", c.finetuning_type, available_methods())
+    for s in RUN_SETTINGS:  # the methods' own choices are checked by their config classes, with their messages
+        if s.choices:
+            _check_choice(s.name, getattr(c, s.name), s.choices)
     if c.optim != "adamw_torch":
         warnings.warn(f"optim '{c.optim}' is not supported; using adamw_torch (torch.optim.AdamW).", stacklevel=2)
         c.optim = "adamw_torch"
@@ -448,8 +445,6 @@ def _validate(c: TrainConfig) -> None:
     if c.quantization_method not in ("bnb", "bitsandbytes"):
         raise ConfigError(f"quantization_method '{c.quantization_method}' is not supported; use bnb (bitsandbytes).")
     if c.quantization() is not None:
-        from .methods import get_method
-
         if get_method(c.finetuning_type).in_place:
             raise ConfigError(f"finetuning_type '{c.finetuning_type}' trains the base weights themselves, which "
                               f"quantization_bit: {c.quantization_bit} stores frozen in {c.quantization_bit} bits; use "
@@ -478,3 +473,6 @@ def _validate(c: TrainConfig) -> None:
 
 
 _HINTS = typing.get_type_hints(TrainConfig)
+# TrainConfig's own keys (not a method's or a stage's), as declared by its fields.
+RUN_SETTINGS: list[Setting] = [s for s in settings_of(TrainConfig, _HINTS)
+                               if s.name not in METHOD_SETTINGS and s.name not in STAGE_SETTINGS]

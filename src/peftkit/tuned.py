@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .errors import AdapterLoadError, ConfigError, PeftkitError
 from .io import peft_format
+from .methods import available_methods, get_method
 from .methods.base import (
     AdapterLayer,
     Method,
@@ -23,6 +24,7 @@ from .methods.base import (
     replace_module,
     trainable_report,
 )
+from .models import base_model_id, load_model_and_tokenizer
 from .quantization import MERGE_REFUSAL, quantized_bits
 
 DEFAULT_ADAPTER = "default"
@@ -164,7 +166,6 @@ class TunedModel(nn.Module):
     # --- merge ---
     def merge_adapter(self, name: str | None = None, verify: bool = True, progress: bool = False) -> None:
         """Fold adapter `name` (default: the active one) into the base weights in place; `unmerge_adapter` undoes it.
-
         With `verify`, each layer's output on a random probe is compared before and after, so a wrong merge fails
         here rather than silently changing the model.
         """
@@ -210,8 +211,6 @@ class TunedModel(nn.Module):
     # --- save / load ---
     def save(self, directory: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
         """Save adapters in PEFT's format: the default one at `directory`, any other at `directory/<name>`."""
-        from .models import base_model_id
-
         for name in adapter_names or list(self.adapters):
             target = Path(directory) if name == DEFAULT_ADAPTER or len(self.adapters) == 1 else Path(directory) / name
             peft_format.save_method(self.adapters[name], target, base_model_id(self.model))
@@ -250,7 +249,6 @@ def load_for_inference(name_or_path: str, adapter_dir: str | os.PathLike | None 
                        quantization: Any = None, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for generation: the base model (quantized if asked), with the adapter in `adapter_dir`
     attached and active when given; in eval mode."""
-    from .models import load_model_and_tokenizer
 
     if adapter_dir:
         peft_format.read_config(adapter_dir)  # a wrong adapter path fails now, not after loading the model
@@ -270,7 +268,6 @@ def share_base(model: nn.Module) -> nn.Module:
 
 def not_mergeable_message(method: Method | type[Method]) -> str:
     """Why `method` (an adapter, or its class) cannot be merged, and which methods can (for merge and export errors)."""
-    from .methods import available_methods, get_method
 
     can = [n for n in available_methods() if get_method(n).mergeable]
     return (f"finetuning_type '{method.name}' cannot be merged into the base weights: its layers add computation "

@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..data import SFTCollator, build_sft_dataset, load_conversations
 from ..errors import ConfigError
 from ..io.atomic import atomic_write
 from ..io.run_config import read_train_config
+from ..objectives import get_objective
+from ..quantization import trained_quantization
+from ..serve import ChatEngine, GenerationParams
+from ..tuned import load_for_inference
 from .metrics import similarity
 
 PREDICTIONS_NAME = "generated_predictions.jsonl"
@@ -27,8 +32,6 @@ RESULTS_NAME = "predict_results.json"
 
 def _load(cfg: Any) -> tuple[Any, Any]:
     """The config's base model (quantized as the config says, else as the adapter was trained) with its adapter."""
-    from ..quantization import trained_quantization
-    from ..tuned import load_for_inference
 
     return load_for_inference(cfg.model_name_or_path, cfg.adapter_name_or_path,
                               quantization=cfg.quantization() or trained_quantization(cfg.adapter_name_or_path),
@@ -51,8 +54,6 @@ def inference_template(cfg: Any) -> str | None:
 def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str, float]:
     """Generate for every row of `eval_dataset` (its last assistant turn is the label), write both files to
     `output_dir`, and return the metrics."""
-    from ..data import load_conversations
-    from ..serve import ChatEngine, GenerationParams
 
     if model is None:
         model, tokenizer = _load(cfg)
@@ -101,8 +102,6 @@ def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str,
 
 def run_eval(cfg: Any) -> dict[str, float]:
     """Mean token loss on the answers of `eval_dataset` (as training computes it) and its perplexity, exp(loss)."""
-    from ..data import SFTCollator, build_sft_dataset
-    from ..objectives import get_objective
 
     model, tokenizer = _load(cfg)
     rows, _ = build_sft_dataset(tokenizer, _eval_names(cfg), cfg.dataset_dir, template=inference_template(cfg),

@@ -15,6 +15,7 @@ from ..io import peft_format
 from ..io.atomic import atomic_dir
 from ..io.outputs import check_not_a_file, check_overwritable, protected_place, record_outputs
 from ..methods import method_for_config
+from ..models import load_model_and_tokenizer, parse_dtype
 from ..tuned import TunedModel, not_mergeable_message
 
 
@@ -63,7 +64,6 @@ def load_merged(model_name_or_path: str, adapter_dir: str | None, *, trust_remot
     `device` "auto" merges on the GPU when there is one (the float32 model must fit in its memory); the merged model
     is handed back on the CPU either way, where every writer reads it.
     """
-    from ..models import load_model_and_tokenizer
 
     on = merge_device(device)
     if adapter_dir:
@@ -100,7 +100,6 @@ def export_merged(
     """Write base + merged adapter to `export_dir` (safetensors sharded at `export_size` GB, tokenizer, generation
     config), through a temporary folder so an interrupted export leaves nothing half-written. `legacy_format` also
     writes the weights as PyTorch .bin files, for tools that predate safetensors."""
-    from ..models import parse_dtype
 
     out = check_export_dir(export_dir, overwrite, {"model_name_or_path": model_name_or_path,
                                                    "adapter_name_or_path": adapter_dir})

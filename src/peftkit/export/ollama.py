@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..config import TrainConfig
 from ..data.templates import LLAMA_TOOLS, QWEN_TOOLS
 from ..errors import ExportError
 from ..io.atomic import atomic_write
@@ -705,8 +706,6 @@ def ollama_parameters(cfg: Any) -> dict[str, float | int | str]:
 
 
 def _train_config_default(key: str) -> Any:
-    from ..config import TrainConfig
-
     return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == key)
 
 

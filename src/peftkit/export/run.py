@@ -5,16 +5,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..config import TrainConfig
+from ..data.templates import get_template
 from ..errors import ConfigError
 from ..io.run_config import read_train_config
+from ..models import load_tokenizer, resolve_model_path
+from ..quantization import trained_quantization
+from .gguf import write_gguf
+from .gguf_lora import write_gguf_lora
+from .gguf_vocab import adds_token
 from .merge import check_export_dir, export_merged, load_merged, quantized_training_note, writing_export
-
-if TYPE_CHECKING:
-    from ..config import TrainConfig
+from .ollama import ollama_create_command, ollama_parameters, ollama_template, write_modelfile
 
 
 @dataclass
@@ -26,7 +31,6 @@ class ExportResult:
 
 def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
     """Write `cfg.export_dir` in `cfg.export_format`: hf, gguf, ollama (gguf + Modelfile) or gguf_lora."""
-    from ..quantization import trained_quantization
 
     if not cfg.export_dir:
         raise ConfigError("export needs export_dir (e.g. `peftkit export cfg.yaml export_dir=out/merged`).")
@@ -51,7 +55,6 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
                             trust_remote_code=cfg.trust_remote_code, progress=progress, device=cfg.export_device,
                             legacy_format=cfg.export_legacy_format)
         if template_name:  # the tokenizer as exported, read back only when there is a template to compare
-            from ..models import load_tokenizer
 
             _note_template_mismatch(template_name, load_tokenizer(str(out)), notes)
         return ExportResult(out, [out], notes)
@@ -62,7 +65,6 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
         return _export_gguf_lora(cfg, out, notes, progress)
     model, tokenizer = load_merged(cfg.model_name_or_path, cfg.adapter_name_or_path,
                                    trust_remote_code=cfg.trust_remote_code, progress=progress, device=cfg.export_device)
-    from .gguf import write_gguf
 
     gguf_name = f"model-{cfg.export_gguf_type}.gguf"
     template = _ollama_template(template_name, tokenizer) if fmt == "ollama" else None  # fails before the write
@@ -71,13 +73,9 @@ def run_export(cfg: TrainConfig, *, progress: bool = True) -> ExportResult:
         write_gguf(model, tokenizer, tmp / gguf_name, gguf_type=cfg.export_gguf_type, model_name=out.name,
                    progress=progress)
         if template is not None:
-            from .ollama import ollama_parameters, write_modelfile
-
             write_modelfile(tmp, gguf_name, template, system=cfg.ollama_system, parameters=ollama_parameters(cfg))
     result = ExportResult(out, [out / gguf_name], notes)
     if template is not None:
-        from .ollama import ollama_create_command
-
         result.files.append(out / "Modelfile")
         name = re.sub(r"[^a-z0-9._-]+", "-", out.name.lower()).strip("-._") or "model"  # what Ollama accepts
         if template.tools:
@@ -107,9 +105,6 @@ def _check_unsupported(cfg: TrainConfig) -> None:
 def _export_gguf_lora(cfg: TrainConfig, out: Path, notes: list[str], progress: bool) -> ExportResult:
     from transformers import AutoConfig
 
-    from ..models import resolve_model_path
-    from .gguf_lora import write_gguf_lora
-
     if not cfg.adapter_name_or_path:
         raise ConfigError("export_format: gguf_lora exports an adapter: set adapter_name_or_path.")
     base_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name_or_path),
@@ -128,7 +123,6 @@ _PROBE = [{"role": "user", "content": "Hi"}]
 
 def _note_template_mismatch(template_name: str | None, tokenizer: Any, notes: list[str]) -> None:
     """The exported files carry the tokenizer's own chat template; say so when training used another one."""
-    from ..data.templates import get_template
 
     if not template_name:
         return
@@ -146,9 +140,6 @@ def _note_template_mismatch(template_name: str | None, tokenizer: Any, notes: li
 
 def _ollama_template(template_name: str | None, tokenizer: Any) -> Any:
     """The Modelfile TEMPLATE, translated from the template the model was trained with."""
-    from ..data.templates import get_template
-    from .gguf_vocab import adds_token
-    from .ollama import ollama_template
 
     # llama.cpp adds BOS itself only when the GGUF says so; only then may the Go template leave it out.
     bos = tokenizer.bos_token if adds_token(tokenizer, tokenizer.bos_token_id, at_start=True) else None

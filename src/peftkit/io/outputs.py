@@ -8,11 +8,17 @@ directory, a folder above it, the home folder or the filesystem root, whatever i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): runs are not locked against each other
+    fcntl = None  # type: ignore[assignment]
 
 from ..errors import ConfigError
 from .atomic import is_temporary, remove_tree, write_text
@@ -20,11 +26,15 @@ from .run_config import RUN_CONFIG_NAME
 
 # Lists the entries peftkit wrote into the folder (adapter, tokenizer, model shards, GGUF files, ...).
 MARKER = ".peftkit-output.json"
+LOCK_NAME = ".peftkit-lock"  # held by the training run writing into the folder
+# What a launcher (the web UI) writes into output_dir before it starts `peftkit train` there: the run's own config and
+# console output, which an overwrite of the folder keeps.
+LAUNCH_NAMES = frozenset({"training_args.yaml", "running_log.txt"})
 # Names only peftkit writes: a folder of them is a peftkit output even without a marker. Adapter, model and tokenizer
 # files are not among them: a user's own model or adapter folder has the same names, and must never count as ours.
 KNOWN_NAMES = frozenset({
     MARKER, RUN_CONFIG_NAME, "trainer_log.jsonl", "train_results.json", "training_loss.png",
-    "generated_predictions.jsonl", "predict_results.json", "lora_drop.json",
+    "generated_predictions.jsonl", "predict_results.json", "lora_drop.json", LOCK_NAME, *LAUNCH_NAMES,
 })
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 
@@ -96,4 +106,44 @@ def clear_output(path: str | os.PathLike, key: str) -> None:
     check_overwritable(path, key)
     if path.is_dir():
         for entry in path.iterdir():
-            remove_tree(entry)
+            if entry.name not in LAUNCH_NAMES and entry.name != LOCK_NAME:
+                remove_tree(entry)
+
+
+@contextlib.contextmanager
+def lock_output(path: str | os.PathLike, key: str = "output_dir") -> Iterator[None]:
+    """Hold `path` for this run: another run into it is refused while this one lives. The OS releases the lock when
+    the process ends, however it ends, so a killed run never leaves the folder locked."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a+", encoding="utf-8") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise ConfigError(f"{key} '{folder}' is in use by another training run ({holder}); wait for it to "
+                                  f"end, stop it, or choose another {key}.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:  # the run has written everything: the folder is free again
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+
+
+def output_in_use(path: str | os.PathLike) -> bool:
+    """Whether a live training run holds `path` (see `lock_output`)."""
+    lock = Path(path) / LOCK_NAME
+    if fcntl is None or not lock.is_file():
+        return False
+    with open(lock, encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False

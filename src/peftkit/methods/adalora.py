@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import AdapterLoadError, ConfigError
+from ..settings import Setting
 from .base import (
     LINEAR_TYPES,
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_TARGET,
     LinearAdapterLayer,
     Method,
     MethodConfig,
@@ -40,8 +44,14 @@ from .base import (
     find_targets,
     register,
 )
+from .lora import UNSUPPORTED_PEFT_KEYS
 
 RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
+# PEFT's AdaLoraConfig fields that are ours too; rank_pattern has its own form in the file
+_PEFT_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
+                "lora_alpha", "lora_dropout", "fan_in_fan_out", "target_modules", "layers_to_transform",
+                "layers_pattern", "modules_to_save", "task_type")
+_TRIPLET_DIMS = (("lora_A", 0), ("lora_E", 0), ("lora_B", 1))  # tensor, and the dimension that indexes triplets
 
 
 def _check_int(value: Any, key: str, minimum: int) -> None:
@@ -68,9 +78,17 @@ class AdaLoraConfig(MethodConfig):
     fan_in_fan_out: bool = False
 
     method = "adalora"
-    yaml_keys = {"init_r": "init_r", "target_r": "target_r", "tinit": "tinit", "tfinal": "tfinal", "deltaT": "deltaT",
-                 "adalora_beta1": "beta1", "adalora_beta2": "beta2", "orth_reg_weight": "orth_reg_weight",
-                 "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "lora_target": "target_modules"}
+    yaml_keys = (
+        Setting("init_r", int, 12, "AdaLoRA: the starting rank of every module."),
+        Setting("target_r", int, 8, "AdaLoRA: the average rank left when the budget schedule ends."),
+        Setting("tinit", int, 0, "AdaLoRA: warm-up steps before pruning starts."),
+        Setting("tfinal", int, 0, "AdaLoRA: steps at the end that keep the final budget fixed."),
+        Setting("deltaT", int, 1, "AdaLoRA: steps between two budget allocations."),
+        Setting("adalora_beta1", float, 0.85, "AdaLoRA: EMA factor of the sensitivity.", field="beta1"),
+        Setting("adalora_beta2", float, 0.85, "AdaLoRA: EMA factor of the uncertainty.", field="beta2"),
+        Setting("orth_reg_weight", float, 0.5, "AdaLoRA: weight of the orthogonality regulariser."),
+        LORA_ALPHA, LORA_DROPOUT, LORA_TARGET,
+    )
 
     def __post_init__(self) -> None:
         _check_int(self.init_r, "init_r", 1)
@@ -94,6 +112,43 @@ class AdaLoraConfig(MethodConfig):
             if not isinstance(mask, list) or len(mask) != self.init_r:
                 raise ConfigError(f"AdaLoRA rank_pattern['{path}'] must list init_r={self.init_r} booleans, got "
                                   f"{mask!r}.")
+
+    # --- PEFT's ADALORA format: our tensor names are PEFT's (no ".weight": PEFT keeps them in ParameterDicts) ---
+    peft_type = "ADALORA"
+
+    def to_peft(self) -> dict[str, Any]:
+        pattern = self.rank_pattern
+        return {
+            **{k: getattr(self, k) for k in _PEFT_FIELDS},
+            "alpha_pattern": {},
+            "bias": "none",
+            "init_lora_weights": self.init_lora_weights,
+            "loftq_config": {},
+            "megatron_config": None,
+            "megatron_core": "megatron.core",
+            "r": 8,  # LoraConfig's default, unused by AdaLoRA (PEFT warns when it is anything else)
+            "rank_pattern": None if pattern is None else {f"{p}.lora_E": list(mask) for p, mask in pattern.items()},
+            "use_dora": False,
+            "use_rslora": False,
+        }
+
+    @classmethod
+    def from_peft(cls, raw: dict[str, Any], where: str) -> AdaLoraConfig:
+        unsupported = {**{k: v for k, v in UNSUPPORTED_PEFT_KEYS.items() if k != "rank_pattern"}, "bias": "none"}
+        for key, neutral in unsupported.items():
+            if raw.get(key, neutral) not in (neutral, None, {}, False):
+                raise AdapterLoadError(f"{where} uses PEFT's '{key}' ({raw[key]!r}), which peftkit's AdaLoRA does not "
+                                       "support.")
+        values = {k: raw[k] for k in _PEFT_FIELDS if raw.get(k) is not None}
+        if isinstance(values.get("target_modules"), list):
+            values["target_modules"] = sorted(values["target_modules"])
+        if raw.get("rank_pattern"):  # {"<module>.lora_E": [bool] * init_r}; older files may keep the adapter name
+            values["rank_pattern"] = {k.rsplit(".lora_E", 1)[0]: [bool(b) for b in mask]
+                                      for k, mask in raw["rank_pattern"].items()}
+        try:
+            return AdaLoraConfig(**values)
+        except ConfigError as e:
+            raise AdapterLoadError(f"{where} holds an AdaLoRA config peftkit cannot use: {e}") from e
 
 
 def check_schedule(cfg: AdaLoraConfig, total_step: int) -> None:
@@ -357,6 +412,44 @@ class AdaLora(Method):
             if path in pattern and E.shape[0] == len(pattern[path]):
                 keep = torch.tensor(pattern[path], dtype=torch.bool, device=E.device)
                 E.masked_fill_(~keep.view(-1, 1), 0.0)
+
+    # --- saving and loading: PEFT's files hold only the triplets rank_pattern keeps ---
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Only the kept triplets, as PEFT's get_peft_model_state_dict saves them (a layer already built at its pruned
+        size, i.e. loaded, is written as it is)."""
+        state = dict(super().export_state())
+        for path, mask in (self.config.rank_pattern or {}).items():
+            keep = torch.tensor(mask, dtype=torch.bool)
+            for name, dim in _TRIPLET_DIMS:
+                t = state.get(f"{path}.{name}")
+                if t is not None and t.shape[dim] == len(mask):
+                    state[f"{path}.{name}"] = t[keep.to(t.device)] if dim == 0 else t[:, keep.to(t.device)]
+        return state
+
+    def adapt_loaded_state(self, state: dict[str, torch.Tensor],
+                           file_config: Callable[[], MethodConfig]) -> dict[str, torch.Tensor]:
+        """Put a pruned file's triplets back in place when the layers are at full rank (resuming a run from a
+        checkpoint): pruned triplets come back as zeros, and the file's rank pattern becomes the method's."""
+        # `.ranknum`: written by some PEFT releases; always init_r, which the config already gives
+        state = {k: t for k, t in state.items() if not k.endswith(".ranknum")}
+        pattern = getattr(file_config(), "rank_pattern", None)
+        if not pattern:
+            return state
+        live = self.state_dict()
+        for path, mask in pattern.items():
+            keep = torch.tensor(mask, dtype=torch.bool)
+            for name, dim in _TRIPLET_DIMS:
+                key = f"{path}.{name}"
+                pruned = key in state and state[key].shape[dim] == int(keep.sum()) != len(mask)
+                if pruned and key in live and live[key].shape[dim] == len(mask):
+                    full = torch.zeros(live[key].shape, dtype=state[key].dtype)
+                    if dim == 0:
+                        full[keep] = state[key]
+                    else:
+                        full[:, keep] = state[key]
+                    state[key] = full
+        self.config.rank_pattern = pattern
+        return state
 
     # --- reporting ---
     def _rank_line(self, title: str) -> str:

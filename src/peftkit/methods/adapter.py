@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, PeftkitError
+from ..settings import Setting
 from .base import (
     ALL_LINEAR,
     LINEAR_TYPES,
@@ -56,8 +57,14 @@ class AdapterConfig(MethodConfig):
     non_linearity: str = "relu"
 
     method = "adapter"
-    yaml_keys = {"adapter_type": "adapter_type", "adapter_size": "adapter_size",
-                 "reduction_factor": "reduction_factor", "adapter_non_linearity": "non_linearity"}
+    yaml_keys = (
+        Setting("adapter_type", str, "houlsby", "Houlsby: adapters after attention and MLP; Pfeiffer: after the MLP.",
+                choices=ADAPTER_TYPES),
+        Setting("adapter_size", int | None, None, "Bottleneck width. Empty: hidden size / reduction_factor."),
+        Setting("reduction_factor", float, 16, "Bottleneck width as a fraction of the hidden size (1 / this)."),
+        Setting("adapter_non_linearity", str, "relu", "The bottleneck's activation.", choices=tuple(NON_LINEARITIES),
+                field="non_linearity"),
+    )
 
     def __post_init__(self) -> None:
         if self.adapter_type not in ADAPTER_TYPES:

@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import AdapterLoadError, ConfigError, PeftkitError
 from ..quantization import MERGE_REFUSAL, dequantized_weight, is_quantized_param, logical_numel, quantized_bits
+from ..settings import Setting
 
 # Per-architecture default targets, as PEFT and LLaMA-Factory users expect them.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -53,9 +54,9 @@ class MethodConfig:
     task_type: str | None = None
 
     method: ClassVar[str] = ""
-    # TrainConfig (YAML) key -> field of this config, e.g. {"lora_rank": "r"}. `target_modules` and `modules_to_save`
-    # are filled by TrainConfig for every method that has them; list them here only under another YAML name.
-    yaml_keys: ClassVar[dict[str, str]] = {}
+    # The YAML keys this method reads, each filling one field (`Setting.field`, e.g. lora_rank -> r); config.py collects
+    # them into TrainConfig. `target_modules` and `modules_to_save` are TrainConfig's own keys, for every method.
+    yaml_keys: ClassVar[tuple[Setting, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -68,6 +69,27 @@ class MethodConfig:
         if unknown:
             raise ConfigError(_unknown_key_message(unknown[0], fields, f"{cls.method} config"))
         return cls(**values)
+
+    # --- the PEFT file format (io/peft_format.py writes and reads the files; each method declares its mapping here) ---
+    # PEFT's name of this method (its `peft_type`), for methods PEFT also has; None: saved as "PEFTKIT_<METHOD>" with
+    # the fields as they are, which PEFT refuses to load rather than mistaking for its own.
+    peft_type: ClassVar[str | None] = None
+    # Our tensor suffix -> PEFT's (the first that ends a key applies); keys not listed (biases) keep their names.
+    peft_tensor_names: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # True: the adapter saves one tensor, under its bare name (PEFT's prompt learning: "prompt_embeddings").
+    peft_bare_keys: ClassVar[bool] = False
+
+    def to_peft(self) -> dict[str, Any]:
+        """This config's fields in adapter_config.json, without the file's own (peft_type, base_model_name_or_path,
+        peft_version, ...), which io adds. Default, for methods PEFT lacks: every field as it is."""
+        return self.to_dict()
+
+    @classmethod
+    def from_peft(cls, raw: dict[str, Any], where: str) -> MethodConfig:
+        """The config an adapter_config.json describes (`raw` without the file's own fields; `where` names the file in
+        messages), raising AdapterLoadError for a setting peftkit cannot honour, so loading never silently changes
+        the maths. Default: the fields as `to_peft` wrote them; a ConfigError means another peftkit wrote the file."""
+        return cls.from_dict(raw)
 
 
 def _unknown_key_message(key: str, valid: set[str] | list[str], where: str) -> str:
@@ -226,6 +248,15 @@ def reject_adapter_keys(config: MethodConfig, instead: str,
             raise ConfigError(f"{key} ({value!r}) does not apply to finetuning_type '{config.method}': {instead}")
 
 
+# The LoRA family's shared keys (LoRA, LoRA-drop, AdaLoRA): one declaration each.
+LORA_ALPHA = Setting("lora_alpha", float | None, None, "Scale of the update: lora_alpha / lora_rank (/ sqrt(lora_rank) "
+                     "with rsLoRA). Empty: 2 x lora_rank, as in LLaMA-Factory.")
+LORA_DROPOUT = Setting("lora_dropout", float, 0.0, "Dropout on the input of the LoRA branch, in [0, 1).")
+LORA_TARGET = Setting("lora_target", str | list[str] | None, "all",
+                      "Modules to adapt: all (every linear layer but the output head), names such as q_proj,v_proj, or "
+                      "a regex. Empty or default: the model family's usual targets.", field="target_modules")
+
+
 def check_lora_scaling(lora_alpha: float, lora_dropout: float) -> None:
     """The checks every LoRA-family config shares (LoRA, LoRA-drop, AdaLoRA): one place, one message."""
     if lora_alpha <= 0:
@@ -325,8 +356,16 @@ class Method:
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """The tensors the adapter file holds (internal keys): `state_dict()`, except for methods that train a
-        reparameterisation of what they save (P-tuning's encoder, prefix tuning's MLP)."""
+        reparameterisation of what they save (P-tuning's encoder, prefix tuning's MLP) or save only part of it
+        (AdaLoRA's kept triplets)."""
         return self.state_dict()
+
+    def adapt_loaded_state(self, state: dict[str, torch.Tensor],
+                           file_config: Callable[[], MethodConfig]) -> dict[str, torch.Tensor]:
+        """Fit tensors read from an adapter file to this adapter before `load_state_dict` checks them: the inverse of
+        what `export_state` leaves out (AdaLoRA's pruned triplets). Keys are internal names; a file key with no
+        internal name keeps the file's. `file_config()` reads the file's config. Default: the tensors as they are."""
+        return state
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """This adapter's trainable parameters (what the optimizer gets): exactly the parameters it saves."""
@@ -420,8 +459,8 @@ def method_keys() -> dict[str, list[str]]:
     """Every method-specific YAML key -> the methods whose config reads it (for "that key is not for this method")."""
     keys: dict[str, list[str]] = {}
     for name, cls in sorted(_REGISTRY.items()):
-        for key in cls.config_class.yaml_keys:
-            keys.setdefault(key, []).append(name)
+        for s in cls.config_class.yaml_keys:
+            keys.setdefault(s.name, []).append(name)
     return keys
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..settings import Setting
 from .base import Method, MethodConfig, cast_floats, register, reject_adapter_keys
 
 HALF = (torch.float16, torch.bfloat16)
@@ -30,9 +31,13 @@ class FreezeConfig(MethodConfig):
     freeze_extra_modules: list[str] | str | None = None  # modules outside the layers that also train
 
     method = "freeze"
-    yaml_keys = {"freeze_trainable_layers": "freeze_trainable_layers",
-                 "freeze_trainable_modules": "freeze_trainable_modules",
-                 "freeze_extra_modules": "freeze_extra_modules"}
+    yaml_keys = (
+        Setting("freeze_trainable_layers", int, 2, "Train the last N decoder layers (a negative N: the first |N|)."),
+        Setting("freeze_trainable_modules", str | list[str], "all",
+                "Module names inside those layers that train (e.g. mlp,self_attn), or all."),
+        Setting("freeze_extra_modules", str | list[str] | None, None,
+                "Modules outside the decoder layers that also train, e.g. embed_tokens."),
+    )
 
     def __post_init__(self) -> None:
         reject_adapter_keys(self, "choose what trains with freeze_trainable_layers, freeze_trainable_modules and "

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import AdapterLoadError, ConfigError
+from ..settings import Setting
 from .base import ALL_LINEAR, LINEAR_TYPES, LinearAdapterLayer, Method, MethodConfig, find_targets, register
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for the decoder models we
@@ -53,6 +54,9 @@ DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
     "bert": ["output.dense"],
 }
 _REGEX_CHARS = "*+?[]()|\\^$"
+# PEFT 0.21's IA3Config fields besides the file's own (peft_type, base_model_name_or_path, ...): all of them ours too
+_PEFT_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out", "modules_to_save",
+                "init_ia3_weights", "task_type")
 
 
 def _name_list(value: list[str] | str | None) -> list[str] | str | None:
@@ -70,7 +74,8 @@ class Ia3Config(MethodConfig):
     init_ia3_weights: bool = True  # False: random vectors (PEFT's option, for tests)
 
     method = "ia3"
-    yaml_keys = {"feedforward_modules": "feedforward_modules"}
+    yaml_keys = (Setting("feedforward_modules", str | list[str] | None, None,
+                         "IA3: targets whose input (not output) is scaled. Empty: the architecture's MLP layers."),)
 
     def __post_init__(self) -> None:
         self.target_modules = _name_list(self.target_modules)
@@ -93,6 +98,31 @@ class Ia3Config(MethodConfig):
                     f"{', '.join(extra)} is not a target: add it to target_modules or remove it from "
                     "feedforward_modules."
                 )
+
+    # --- PEFT's IA3 format ---
+    peft_type = "IA3"
+    peft_tensor_names = ((".ia3_scale", ".ia3_l"),)
+
+    def to_peft(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _PEFT_FIELDS}
+
+    @classmethod
+    def from_peft(cls, raw: dict[str, Any], where: str) -> Ia3Config:
+        """A field of a later PEFT release that is set (not null/false/empty) may change the maths, so it is refused
+        rather than ignored."""
+        for key, value in raw.items():
+            if key not in _PEFT_FIELDS and value not in (None, False, {}, []):
+                raise AdapterLoadError(f"{where} uses PEFT's IA3 setting '{key}' ({value!r}), which peftkit does not "
+                                       "support.")
+        values = {k: raw[k] for k in _PEFT_FIELDS if raw.get(k) is not None}
+        for key in ("target_modules", "feedforward_modules", "exclude_modules"):
+            if isinstance(values.get(key), list):
+                values[key] = sorted(values[key])
+            elif isinstance(values.get(key), str) and values[key] != ALL_LINEAR:
+                # a regex to PEFT even without regex characters, which Ia3Config would split
+                values[key] = f"(?:{values[key]})"
+        values["init_ia3_weights"] = True  # only affects initialisation, which loading overwrites
+        return Ia3Config(**values)
 
 
 def _matches_feedforward(path: str, feedforward: list[str] | str) -> bool:

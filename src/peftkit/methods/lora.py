@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import AdapterLoadError, ConfigError
+from ..settings import Setting
 from .base import (
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_TARGET,
     AdapterLayer,
     LinearAdapterLayer,
     Method,
@@ -30,6 +34,23 @@ from .base import (
 BIAS_MODES = ("none", "all", "lora_only")
 # Parameters that get no weight decay, as transformers' Trainer (and LLaMA-Factory's LoRA+ optimizer) decide it.
 _NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+# PEFT config keys that change the math and that peftkit does not implement yet: loading must not silently ignore them
+# (AdaLoRA's config, a LoraConfig in PEFT, checks them too). Key -> its neutral value.
+UNSUPPORTED_PEFT_KEYS: dict[str, Any] = {
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "lora_bias": False,
+    "layer_replication": None,
+    "use_qalora": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "use_bdlora": None,
+}
+# LoraConfig's fields that PEFT's LoraConfig has too
+_PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "init_lora_weights",
+                "fan_in_fan_out", "target_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+                "task_type")
 
 
 @dataclasses.dataclass
@@ -46,13 +67,19 @@ class LoraConfig(MethodConfig):
     loraplus_lr_embedding: float = 1e-6  # LoRA+: learning rate of embedding LoRA's B
 
     method = "lora"
-    yaml_keys = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-                 "lora_target": "target_modules", "use_rslora": "use_rslora", "use_dora": "use_dora",
-                 "loraplus_lr_ratio": "loraplus_lr_ratio", "loraplus_lr_embedding": "loraplus_lr_embedding"}
+    yaml_keys = (
+        Setting("lora_rank", int, 8, "Rank of the update matrices: more rank, more trainable parameters.", field="r"),
+        LORA_ALPHA, LORA_DROPOUT, LORA_TARGET,
+        Setting("use_rslora", bool, False, "Rank-stabilised LoRA: scale by lora_alpha / sqrt(lora_rank)."),
+        Setting("use_dora", bool, False, "DoRA: learn each output row's magnitude apart from its direction."),
+        Setting("loraplus_lr_ratio", float | None, None,
+                "LoRA+: lora_B learns at learning_rate x this (the paper uses 16). Empty: plain LoRA."),
+        Setting("loraplus_lr_embedding", float, 1e-6, "LoRA+: the learning rate of an embedding LoRA's B."),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"LoRA rank r (lora_rank) must be a positive integer, got {self.r!r}.")
+            raise ConfigError(f"lora_rank must be at least 1 (LoRA's rank r: a positive integer), got {self.r!r}.")
         check_lora_scaling(self.lora_alpha, self.lora_dropout)
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}.")
@@ -64,6 +91,34 @@ class LoraConfig(MethodConfig):
         if not self.loraplus_lr_embedding > 0:
             raise ConfigError(f"loraplus_lr_embedding must be greater than 0 (default 1e-6), "
                               f"got {self.loraplus_lr_embedding!r}.")
+
+    # --- PEFT's LORA format: LoRA+ and LoRA-drop adapters are plain LoRA at inference and save as it ---
+    peft_type = "LORA"
+    peft_tensor_names = (
+        (".lora_A", ".lora_A.weight"),
+        (".lora_B", ".lora_B.weight"),
+        (".lora_emb_A", ".lora_embedding_A"),
+        (".lora_emb_B", ".lora_embedding_B"),
+        (".lora_magnitude", ".lora_magnitude_vector"),
+    )
+
+    def to_peft(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in _PEFT_FIELDS}, "alpha_pattern": {}, "loftq_config": {},
+                "megatron_config": None, "megatron_core": "megatron.core", "rank_pattern": {}}
+
+    @classmethod
+    def from_peft(cls, raw: dict[str, Any], where: str) -> LoraConfig:
+        """Always a plain LoraConfig (LoRA-drop's and LoRA+'s settings only shape training, and are not saved)."""
+        for key, neutral in UNSUPPORTED_PEFT_KEYS.items():
+            if raw.get(key, neutral) not in (neutral, None, {}, False):
+                raise AdapterLoadError(f"{where} uses PEFT's '{key}' ({raw[key]!r}), "
+                                       "which peftkit does not support yet.")
+        values = {k: raw[k] for k in _PEFT_FIELDS if k in raw and raw[k] is not None}
+        if isinstance(values.get("target_modules"), list):
+            values["target_modules"] = sorted(values["target_modules"])
+        if values.get("init_lora_weights") not in (True, False, "gaussian"):
+            values["init_lora_weights"] = True  # only affects initialisation, which loading overwrites
+        return LoraConfig(**values)
 
     @property
     def scaling(self) -> float:

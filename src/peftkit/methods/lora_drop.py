@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, PeftkitError
+from ..io.atomic import atomic_write
+from ..settings import Setting
 from .base import TrainingContext, register, trainable_report
 from .lora import Lora, LoraConfig, LoraEmbedding, LoraLayer
 
@@ -42,8 +44,13 @@ class LoraDropConfig(LoraConfig):
     lora_drop_steps: int | None = None
 
     method = "lora_drop"
-    yaml_keys = {**LoraConfig.yaml_keys, "lora_drop_sample_ratio": "lora_drop_sample_ratio",
-                 "lora_drop_threshold": "lora_drop_threshold", "lora_drop_steps": "lora_drop_steps"}
+    yaml_keys = (
+        *LoraConfig.yaml_keys,
+        Setting("lora_drop_sample_ratio", float, 0.1, "Share of the training data that the selection phase trains on."),
+        Setting("lora_drop_threshold", float, 0.9, "Keep the most important layers until they hold this share of the "
+                "total importance; the others share one LoRA."),
+        Setting("lora_drop_steps", int | None, None, "Steps of the selection phase. Empty: one pass over the sample."),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -280,8 +287,6 @@ class LoraDrop(Lora):
         print(f"After LoRA-drop: {trainable_report(self.model)}")
 
     def _write_record(self, path: Path, sample_size: int, steps: int) -> None:
-        from ..io.atomic import atomic_write
-
         total = sum(self.importance.values()) or 1.0
         record = {
             "kept_layers": self.kept_layers,

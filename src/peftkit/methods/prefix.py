@@ -13,13 +13,17 @@ attention: virtual_tokens.py.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..settings import Setting
 from .base import register
 from .virtual_tokens import (
+    ENCODER_HIDDEN_SIZE,
+    NUM_VIRTUAL_TOKENS,
     Geometry,
     Prefix,
     PrefixSource,
@@ -32,6 +36,8 @@ from .virtual_tokens import (
 )
 
 PREFIX_INITS = ("vocab", "random")
+PREFIX_INIT = Setting("prefix_init", str, "vocab", "Prefixes learned directly start as the model's keys and values "
+                      "of random tokens (vocab) or as N(0, 1) (random).", choices=PREFIX_INITS)
 
 
 @dataclasses.dataclass
@@ -42,8 +48,12 @@ class PrefixTuningConfig(VirtualTokenConfig):
     prefix_init: str = "vocab"
 
     method = "prefix_tuning"
-    yaml_keys = {"num_virtual_tokens": "num_virtual_tokens", "prefix_projection": "prefix_projection",
-                 "encoder_hidden_size": "encoder_hidden_size", "prefix_init": "prefix_init"}
+    yaml_keys = (
+        NUM_VIRTUAL_TOKENS,
+        Setting("prefix_projection", bool, True, "Prefix tuning: learn the prefixes through an MLP."),
+        ENCODER_HIDDEN_SIZE,
+        PREFIX_INIT,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,13 +68,28 @@ class PrefixTuningConfig(VirtualTokenConfig):
         if self.encoder_hidden_size is None:
             self.encoder_hidden_size = geo.kv_dim
 
+    peft_type = "PREFIX_TUNING"  # P-tuning v2's too: PEFT's prefix tuning without the projection
+
+    def to_peft(self) -> dict[str, Any]:
+        return {**super().to_peft(), "prefix_projection": self.prefix_projection,
+                "encoder_hidden_size": self.encoder_hidden_size, "init_weights": None}
+
+    @classmethod
+    def from_peft(cls, raw: dict[str, Any], where: str) -> VirtualTokenConfig:
+        """P-tuning v2's files too (the base class of the configs sharing a peft_type reads its files): a file
+        without prefix_projection is P-tuning v2's; the MLP of one with it is not in the file, only its output."""
+        values = cls.peft_fields(raw, where)
+        if raw.get("prefix_projection"):
+            return PrefixTuningConfig.loaded(where, **values, prefix_projection=True)
+        return PTuningV2Config.loaded(where, **values)
+
 
 @dataclasses.dataclass
 class PTuningV2Config(PrefixTuningConfig):
     prefix_projection: bool = False
 
     method = "p_tuning_v2"
-    yaml_keys = {"num_virtual_tokens": "num_virtual_tokens", "prefix_init": "prefix_init"}
+    yaml_keys = (NUM_VIRTUAL_TOKENS, PREFIX_INIT)
 
     def __post_init__(self) -> None:
         super().__post_init__()

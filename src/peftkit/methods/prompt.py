@@ -9,13 +9,18 @@ without lengthening its input: virtual_tokens.py.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import load_tokenizer
+from ..settings import Setting
 from .base import register
 from .virtual_tokens import (
+    ENCODER_HIDDEN_SIZE,
+    NUM_VIRTUAL_TOKENS,
     Geometry,
     Prefix,
     PrefixSource,
@@ -27,6 +32,7 @@ from .virtual_tokens import (
 )
 
 PROMPT_INITS = ("random", "vocab", "text")
+_PEFT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # PEFT's PromptTuningInit names
 ENCODERS = ("mlp", "lstm")
 
 
@@ -39,8 +45,12 @@ class PromptTuningConfig(VirtualTokenConfig):
     tokenizer_name_or_path: str | None = None  # for the text init; TrainConfig fills in the model's
 
     method = "prompt_tuning"
-    yaml_keys = {"num_virtual_tokens": "num_virtual_tokens", "prompt_tuning_init": "prompt_tuning_init",
-                 "prompt_tuning_init_text": "prompt_tuning_init_text"}
+    yaml_keys = (
+        NUM_VIRTUAL_TOKENS,
+        Setting("prompt_tuning_init", str, "vocab", "Start the prompt from random vectors, the embeddings of random "
+                "vocabulary tokens, or those of prompt_tuning_init_text.", choices=PROMPT_INITS),
+        Setting("prompt_tuning_init_text", str | None, None, "prompt_tuning_init: text starts from this phrase."),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,6 +58,21 @@ class PromptTuningConfig(VirtualTokenConfig):
         if self.prompt_tuning_init == "text" and not self.prompt_tuning_init_text and not self.inference_mode:
             raise ConfigError("prompt_tuning_init: text needs prompt_tuning_init_text, the phrase whose token "
                               "embeddings start the prompt (e.g. 'Answer the question truthfully:').")
+
+    peft_type = "PROMPT_TUNING"
+
+    def to_peft(self) -> dict[str, Any]:
+        return {**super().to_peft(), "prompt_tuning_init": _PEFT_INITS[self.prompt_tuning_init],
+                "prompt_tuning_init_text": self.prompt_tuning_init_text,
+                "tokenizer_name_or_path": self.tokenizer_name_or_path, "tokenizer_kwargs": None}
+
+    @classmethod
+    def from_peft(cls, raw: dict[str, Any], where: str) -> VirtualTokenConfig:
+        values = cls.peft_fields(raw, where)
+        init = {v: k for k, v in _PEFT_INITS.items()}.get(str(raw.get("prompt_tuning_init", "RANDOM")).upper())
+        return cls.loaded(where, **values, prompt_tuning_init=init or "random",
+                          prompt_tuning_init_text=raw.get("prompt_tuning_init_text") or None,
+                          tokenizer_name_or_path=raw.get("tokenizer_name_or_path"))
 
 
 @dataclasses.dataclass
@@ -58,10 +83,13 @@ class PTuningConfig(VirtualTokenConfig):
     encoder_dropout: float = 0.0  # between LSTM layers
 
     method = "p_tuning"
-    yaml_keys = {"num_virtual_tokens": "num_virtual_tokens",
-                 "encoder_reparameterization_type": "encoder_reparameterization_type",
-                 "encoder_hidden_size": "encoder_hidden_size", "encoder_num_layers": "encoder_num_layers",
-                 "encoder_dropout": "encoder_dropout"}
+    yaml_keys = (
+        NUM_VIRTUAL_TOKENS,
+        Setting("encoder_reparameterization_type", str, "mlp", "P-tuning: the prompt encoder.", choices=ENCODERS),
+        ENCODER_HIDDEN_SIZE,
+        Setting("encoder_num_layers", int, 2, "P-tuning: LSTM layers (the MLP always has three linear layers)."),
+        Setting("encoder_dropout", float, 0.0, "P-tuning: dropout between LSTM layers."),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +97,19 @@ class PTuningConfig(VirtualTokenConfig):
                                                       self.encoder_reparameterization_type, ENCODERS)
         if self.encoder_num_layers < 1 or not 0.0 <= self.encoder_dropout < 1.0:
             raise ConfigError("encoder_num_layers must be >= 1 and encoder_dropout in [0, 1).")
+
+    peft_type = "P_TUNING"
+
+    def to_peft(self) -> dict[str, Any]:
+        return {**super().to_peft(), "encoder_reparameterization_type": self.encoder_reparameterization_type.upper(),
+                "encoder_hidden_size": self.encoder_hidden_size, "encoder_num_layers": self.encoder_num_layers,
+                "encoder_dropout": self.encoder_dropout}
+
+    @classmethod
+    def from_peft(cls, raw: dict[str, Any], where: str) -> VirtualTokenConfig:
+        """Only the encoder's output is in the file: the loaded adapter is that fixed prompt."""
+        return cls.loaded(where, **cls.peft_fields(raw, where),
+                          encoder_reparameterization_type=raw.get("encoder_reparameterization_type") or "mlp")
 
     def fill(self, geo: Geometry) -> None:
         super().fill(geo)
@@ -137,8 +178,6 @@ class PromptTuning(VirtualTokenMethod):
 
     def _text_ids(self) -> list[int]:
         """The init text's token ids, repeated or cut to num_virtual_tokens."""
-        from ..models import load_tokenizer
-
         c = self.config
         if not c.tokenizer_name_or_path:
             raise ConfigError("prompt_tuning_init: text needs tokenizer_name_or_path (the base model's name or "

@@ -29,7 +29,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import AdapterLoadError, ConfigError
+from ..settings import Setting
 from .base import AdapterLayer, Method, MethodConfig, reject_adapter_keys
 
 PREFIX_KWARG = "peftkit_prefix"  # forward kwarg: the active prefix, one (keys, values) per attention layer
@@ -71,6 +72,15 @@ def geometry(model: nn.Module) -> Geometry:
     )
 
 
+NUM_VIRTUAL_TOKENS = Setting("num_virtual_tokens", int, 20, "Virtual tokens put before every input.")
+ENCODER_HIDDEN_SIZE = Setting("encoder_hidden_size", int | None, None,
+                              "Width of the encoder (P-tuning) or MLP (prefix tuning). Empty: the model's own width.")
+
+
+_PEFT_FIELDS = ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules",
+                "task_type")
+
+
 @dataclasses.dataclass
 class VirtualTokenConfig(MethodConfig):
     """PEFT's prompt-learning fields; the model's shapes are filled in on attach and checked when loading."""
@@ -106,6 +116,29 @@ class VirtualTokenConfig(MethodConfig):
                 raise ConfigError(f"This {self.method} adapter was made for a model with {key} {getattr(self, key)}; "
                                   f"this model has {value}. Load it onto the base model it was trained on.")
             setattr(self, key, value)
+
+    # --- PEFT's prompt-learning formats: its PromptLearningConfig fields, plus each type's own ---
+    peft_bare_keys = True  # one tensor, saved under the bare key "prompt_embeddings"
+
+    def to_peft(self) -> dict[str, Any]:
+        return {"modules_to_save": None, **{k: getattr(self, k) for k in _PEFT_FIELDS}}
+
+    @classmethod
+    def peft_fields(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        """The PromptLearningConfig fields of a file, which must be for a causal language model."""
+        if raw.get("task_type") not in (None, "CAUSAL_LM"):
+            raise AdapterLoadError(f"{where} is a {cls.peft_type} adapter for task_type {raw['task_type']!r}; "
+                                   "peftkit's virtual tokens are for causal language models (CAUSAL_LM).")
+        return {k: raw[k] for k in _PEFT_FIELDS if raw.get(k) is not None}
+
+    @classmethod
+    def loaded(cls, where: str, **values: Any) -> VirtualTokenConfig:
+        """The config of a loaded adapter: fixed values (PEFT's inference mode), as P-tuning's encoder and prefix
+        tuning's MLP are not in the file, only their output."""
+        try:
+            return cls(**values, inference_mode=True)
+        except ConfigError as e:
+            raise AdapterLoadError(f"{where} holds a {cls.peft_type} config peftkit cannot use: {e}") from e
 
 
 def choice(key: str, value: Any, options: tuple[str, ...]) -> str:

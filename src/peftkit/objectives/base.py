@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..settings import Setting
 
 Batch = dict[str, torch.Tensor]
 
@@ -23,6 +24,8 @@ class Objective:
     """One training stage's loss. Subclasses set `name` (the config's `stage`) and implement `units` and `loss`."""
 
     name: ClassVar[str]
+    # The YAML keys this stage reads (e.g. a preference loss's beta); config.py collects them into TrainConfig.
+    yaml_keys: ClassVar[tuple[Setting, ...]] = ()
 
     def units(self, batch: Batch) -> int:
         """How many units (label tokens, pairs, ...) this batch's loss sums over."""
@@ -43,8 +46,12 @@ def available_objectives() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_objective(name: str) -> Objective:
-    """The objective for `stage: name`; an unknown name lists the valid ones."""
+def objective_class(name: str) -> type[Objective]:
+    """The objective class for `stage: name`; an unknown name lists the valid ones."""
     if name not in _REGISTRY:
         raise ConfigError(f"stage '{name}' is not available; available stages: {', '.join(available_objectives())}.")
-    return _REGISTRY[name]()
+    return _REGISTRY[name]
+
+
+def get_objective(name: str) -> Objective:
+    return objective_class(name)()

@@ -15,6 +15,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from ..data import get_template
 from ..data.formats import add_turn, calls_content
 from ..errors import AdapterLoadError, ConfigError
+from ..methods.base import ModuleTaken
+from ..tuned import TunedModel, share_base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,12 +130,9 @@ class ChatEngine:
 
     def load_adapter(self, folder: str, name: str) -> None:
         """Serve the adapter in `folder` as `name`, on the same base weights as every other adapter.
-
         Adapters go on one TunedModel when their layers fit together; one whose target modules already carry another
         method's layers (LoRA and IA3 both on v_proj) goes on a further module tree that shares the base tensors.
         """
-        from ..methods.base import ModuleTaken
-        from ..tuned import TunedModel, share_base
 
         if name in self.adapters:
             raise ConfigError(f"An adapter named '{name}' is already served; pick another name.")

@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import SFTCollator, build_sft_dataset, check_packing_support
+from ..io.outputs import lock_output
+from ..models import base_model_id, load_model_and_tokenizer
 from ..objectives import get_objective
 from ..precision import base_dtype
 from ..tuned import TunedModel
@@ -24,12 +27,14 @@ def seed_everything(seed: int) -> None:
 
 
 def run_sft(cfg: Any) -> dict[str, Any]:
-    """Train the configured method on the configured data; returns the train results (also in train_results.json)."""
-    from ..data import SFTCollator, build_sft_dataset, check_packing_support
-    from ..models import base_model_id, load_model_and_tokenizer
+    """Train the configured method on the configured data; returns the train results (also in train_results.json).
+    The output_dir is locked for the run: a second run into it is refused while this one lives."""
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)  # before minutes of loading
+    with lock_output(cfg.output_dir):
+        return _train(cfg)
 
-    out = cfg.output_dir
-    check_output_dir(out, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)  # before minutes of loading
+
+def _train(cfg: Any) -> dict[str, Any]:
     for note in cfg.ignored_settings():
         warnings.warn(note, UserWarning, stacklevel=2)
     seed_everything(cfg.seed)
@@ -72,6 +77,6 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     trainer = Trainer(cfg, tuned, train_data, collator, eval_data, base_model_name=base_model_id(model),
                       tokenizer=tokenizer, objective=get_objective(cfg.stage))
     results = trainer.train()
-    print(f"Saved the {tuned.method.output_kind} to {out} ({results['train_runtime']:.0f} s, "
+    print(f"Saved the {tuned.method.output_kind} to {cfg.output_dir} ({results['train_runtime']:.0f} s, "
           f"{results['train_tokens_per_second']:.0f} tokens/s)")
     return results

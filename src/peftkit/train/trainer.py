@@ -18,11 +18,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..config import TrainConfig
 from ..errors import ConfigError, TrainingInterrupted
 from ..io import peft_format
 from ..io.atomic import remove_stale_temporaries, write_text
@@ -44,9 +45,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .schedules import get_scheduler
-
-if TYPE_CHECKING:
-    from ..config import TrainConfig
 
 LOG_NAME = "trainer_log.jsonl"
 
@@ -330,7 +328,7 @@ class Trainer:
                                best_state=self._best_state if self.cfg.load_best_model_at_end else None)
 
     def _finish(self, runtime: float, tokens: int) -> dict[str, Any]:
-        from .plot import plot_loss
+        from .plot import plot_loss  # deferred: matplotlib loads only when plot_loss is set
 
         peft_format.save_method(self.method, self.output_dir, self.base_model_name)
         # The run's settings beside the adapter: export reads quantization_bit from it (the note on quantized training).
