@@ -78,7 +78,7 @@ def test_llama_factory_example_runs(smollm2, tmp_path) -> None:
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ddp_timeout" in done.stderr  # accepted with a warning, not silently
+    assert "Ignoring preprocessing_num_workers=16" in done.stderr  # accepted with a warning, not silently
     assert len((out / "trainer_log.jsonl").read_text().splitlines()) == 2
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
 

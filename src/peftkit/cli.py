@@ -8,6 +8,8 @@ import json
 import os
 import platform
 import shlex
+import socket
+import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -32,8 +34,14 @@ from .tuned import load_for_inference
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train, then predict if `do_predict` (with the adapter or model just saved), as LLaMA-Factory's `train`."""
-
+    """Train, then predict if `do_predict` (with the adapter or model just saved), as LLaMA-Factory's `train`.
+    With --nproc-per-node (or FORCE_TORCHRUN=1), torchrun starts the processes and each runs this command."""
+    processes = _torchrun_processes(args.nproc_per_node)
+    if processes:
+        code = subprocess.call(_torchrun_command(processes, args))
+        if code:
+            raise SystemExit(code)
+        return
     cfg = load_config(args.config, args.overrides)
     if not (cfg.do_train or cfg.do_predict):
         raise PeftkitError("Nothing to do: set dataset (to train) or do_predict: true with eval_dataset.")
@@ -43,8 +51,44 @@ def cmd_train(args: argparse.Namespace) -> None:
             trained = {"model_name_or_path": cfg.output_dir, "adapter_name_or_path": None} if get_method(
                 cfg.finetuning_type).output_kind == "model" else {"adapter_name_or_path": cfg.output_dir}
             cfg = dataclasses.replace(cfg, **trained)
-    if cfg.do_predict:
+    if cfg.do_predict and _rank() == 0:
         _print_predict(cfg)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _torchrun_processes(asked: int | None) -> int:
+    """Processes per machine to start through torchrun: --nproc-per-node, or FORCE_TORCHRUN=1 with NPROC_PER_NODE
+    (default: the GPUs, or 1), as LLaMA-Factory reads them; 0 when this process trains itself (also when torchrun or
+    accelerate started it)."""
+    if "LOCAL_RANK" in os.environ:
+        return 0
+    if asked is not None:
+        if asked < 1:
+            raise PeftkitError(f"--nproc-per-node must be at least 1, got {asked}.")
+        return asked
+    if os.environ.get("FORCE_TORCHRUN", "").lower() in ("1", "true", "yes"):
+        return int(os.environ.get("NPROC_PER_NODE") or max(torch.cuda.device_count(), 1))
+    return 0
+
+
+def _torchrun_command(processes: int, args: argparse.Namespace) -> list[str]:
+    """torchrun running `peftkit train` on this machine's share of the processes; NNODES, NODE_RANK, MASTER_ADDR and
+    MASTER_PORT place it among several machines."""
+    env = os.environ
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+            f"--nnodes={env.get('NNODES', '1')}", f"--node_rank={env.get('NODE_RANK', '0')}",
+            f"--master_addr={env.get('MASTER_ADDR', '127.0.0.1')}",
+            f"--master_port={env.get('MASTER_PORT') or _free_port()}",
+            "-m", "peftkit", "train", args.config, *args.overrides]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _print_predict(cfg: Any) -> None:
@@ -267,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a YAML config: peftkit train cfg.yaml [key=value ...]")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    p.add_argument("--nproc-per-node", type=int, help="start N processes through torchrun (DDP, or FSDP with "
+                                                      "fsdp: full_shard); NNODES, NODE_RANK, MASTER_ADDR, "
+                                                      "MASTER_PORT place them among several machines")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="generate answers for eval_dataset and score them (BLEU-4, ROUGE)")
@@ -338,7 +385,19 @@ def _resume_command(argv: list[str] | None, checkpoint: str) -> str:
     """The command line that continues an interrupted `peftkit train`: the same one, resuming from `checkpoint`."""
     args = [a for a in (sys.argv[1:] if argv is None else argv)
             if not a.startswith(("resume_from_checkpoint=", "overwrite_output_dir="))]
-    return shlex.join(["peftkit", *args, f"resume_from_checkpoint={checkpoint}"])
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    launcher = ["peftkit"]
+    if world > 1:  # started by torchrun: the same processes again
+        nodes = [f"--nnodes={world // local}"] if world > local else []
+        launcher = ["torchrun", f"--nproc_per_node={local}", *nodes, "-m", "peftkit"]
+    return shlex.join([*launcher, *args, f"resume_from_checkpoint={checkpoint}"])
+
+
+def _peer_gone(error: RuntimeError) -> bool:
+    """Whether a collective failed because another process of a multi-process run ended (gloo and NCCL say so)."""
+    peer = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return distributed and (isinstance(error, torch.distributed.DistError) or any(p in str(error) for p in peer))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,13 +408,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except TrainingInterrupted as e:
-        print(f"{e}\nResume with: {_resume_command(argv, e.checkpoint)}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"{e}\nResume with: {_resume_command(argv, e.checkpoint)}", file=sys.stderr)
         return 130
     except PeftkitError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if _rank() == 0:  # every rank meets the same settings and data: rank 0 says it for all
+            print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # torch.distributed's errors included
+        if not _peer_gone(e):
+            raise
+        return 1  # another process of the run failed and printed why (torchrun's summary names it)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

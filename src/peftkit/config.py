@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import json
 import types
 import typing
 import warnings
@@ -31,15 +32,16 @@ INFER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 EXPORT_FORMATS = ("hf", "gguf", "ollama", "gguf_lora")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # export/gguf.py maps them onto ggml types
 EXPORT_DEVICES = ("cpu", "auto")  # LLaMA-Factory's: where the merge runs
+# transformers' `fsdp` words; sharding is per decoder layer whichever is given
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap")
 
-_NOT_HERE = "single-device training only; multi-GPU settings have no effect"
+_NOT_HERE = "FSDP shards each decoder layer (fsdp: full_shard); its finer settings are not read"
 _NO_MEDIA = "text-only models for now; multimodal settings have no effect"
 _NO_HUB = "uploading is not supported (no network); push the output_dir yourself"
 _NO_GPTQ = "GPTQ export is not supported; export_format: gguf with export_gguf_type: q4_0 or q8_0 quantizes instead"
 # Keys from LLaMA-Factory configs that are accepted so its files load, with a warning saying why they do nothing.
 IGNORED_KEYS: dict[str, str] = {
-    "ddp_timeout": _NOT_HERE, "ddp_find_unused_parameters": _NOT_HERE, "deepspeed": _NOT_HERE, "fsdp": _NOT_HERE,
-    "fsdp_config": _NOT_HERE, "ray_run_name": _NOT_HERE,
+    "fsdp_config": _NOT_HERE, "ray_run_name": "Ray is not used: launch with torchrun or accelerate",
     "flash_attn": "attention uses transformers' default implementation for the model",
     "enable_liger_kernel": "Liger kernels are not used", "use_unsloth": "Unsloth is not used",
     "preprocessing_batch_size": "tokenization is not batched by this setting",
@@ -172,6 +174,15 @@ class TrainConfig(_OwnKeys):  # type: ignore[valid-type,misc]
         None, "A checkpoint folder, or true for the newest one in output_dir.", "output")
     resume_allow_changes: bool = setting(
         False, "Resume even though settings that change the result differ from the checkpoint's.", "output")
+    # --- several processes (torchrun, accelerate launch, peftkit train --nproc-per-node) ---
+    fsdp: str | list[str] | None = setting(
+        None, "Shard parameters, gradients and optimizer state over the processes: full_shard. Empty: DDP.",
+        "distributed")
+    deepspeed: str | None = setting(
+        None, "A DeepSpeed JSON config (ZeRO stage 0-3); needs a GPU. On a CPU, use fsdp: full_shard.", "distributed")
+    ddp_timeout: int = setting(1800, "Seconds a process waits for the others before the run fails.", "distributed")
+    ddp_find_unused_parameters: bool | None = setting(
+        None, "DDP: allow trainable parameters a step does not use (slower). Empty: false.", "distributed")
     # --- generation and export ---
     max_new_tokens: int = setting(512, "Longest answer in tokens.", "generation")
     temperature: float | None = setting(None, "Sampling temperature. Empty: the model's default.", "generation")
@@ -269,6 +280,24 @@ class TrainConfig(_OwnKeys):  # type: ignore[valid-type,misc]
                 values["packing"] = True
             warnings.warn(f"Ignoring {key}={value!r}: {IGNORED_KEYS[key]}.", UserWarning, stacklevel=3)
         return cls(**values)
+
+
+def deepspeed_stage(path: str) -> int:
+    """The ZeRO stage of a DeepSpeed JSON config (LLaMA-Factory's ds_z0/z2/z3 files), which must be 0 to 3."""
+    p = Path(path).expanduser()
+    try:
+        config = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"deepspeed: cannot read '{p}' ({e.strerror}); give the path of a DeepSpeed JSON config, "
+                          "e.g. examples/deepspeed/ds_z3_config.json.") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed: '{p}' is not valid JSON ({e}).") from None
+    zero = config.get("zero_optimization", {}) if isinstance(config, dict) else None
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed: '{p}' has zero_optimization.stage {stage!r}; DeepSpeed's ZeRO stages are 0, 1, "
+                          "2 and 3.")
+    return stage
 
 
 def _targets(target: str | list[str] | None) -> str | list[str] | None:
@@ -455,6 +484,15 @@ def _validate(c: TrainConfig) -> None:
     if c.num_train_epochs <= 0 and c.max_steps <= 0:
         raise ConfigError(f"Nothing to train: num_train_epochs is {c.num_train_epochs} and max_steps is "
                           f"{c.max_steps}; set num_train_epochs > 0 or max_steps > 0.")
+    fsdp = c.fsdp.split() if isinstance(c.fsdp, str) else list(c.fsdp or [])
+    unknown = [w for w in fsdp if w not in FSDP_OPTIONS]
+    if unknown:
+        raise ConfigError(f"fsdp '{' '.join(unknown)}' is not one of: {', '.join(FSDP_OPTIONS)} (e.g. fsdp: "
+                          "full_shard).")
+    if c.deepspeed and fsdp:
+        raise ConfigError("deepspeed and fsdp are both set; choose one engine.")
+    if c.deepspeed:
+        deepspeed_stage(c.deepspeed)
     if c.bf16 and c.fp16:
         raise ConfigError("bf16 and fp16 are both true; choose one.")
     if c.eval_strategy == "steps" and c.eval_steps is None:

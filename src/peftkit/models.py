@@ -184,7 +184,8 @@ def _quantization_kwargs(quantization: QuantizationConfig, dtype: str | torch.dt
     if not isinstance(dtype, torch.dtype):  # "auto": the dtype the trainer picks for this device (measured)
         dtype = base_dtype(None, False, "cuda" if cuda else "cpu")
     return {"dtype": dtype, "quantization_config": quantization.to_transformers(dtype),
-            "device_map": {"": 0 if cuda else "cpu"}}  # bitsandbytes quantizes as the weights reach the device
+            # bitsandbytes quantizes as the weights reach the device: this process's GPU (one per rank under torchrun)
+            "device_map": {"": torch.cuda.current_device() if cuda else "cpu"}}
 
 
 def _check_quantized(model: nn.Module, quantization: QuantizationConfig, name_or_path: str) -> None:

@@ -35,7 +35,7 @@ def _matmul_seconds(dtype: torch.dtype, device: str) -> float:
 @functools.lru_cache(maxsize=None)
 def bf16_is_faster(device: str) -> bool:
     """Whether bf16 matmuls beat fp32 here; on CUDA, whether bf16 is supported at all."""
-    if device == "cuda":
+    if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
     # Alternate and keep each dtype's best time, so a busy moment on a shared machine cannot decide alone.
     bf16, fp32 = float("inf"), float("inf")

@@ -114,5 +114,6 @@ def varlen_attention(model: torch.nn.Module) -> Iterator[None]:
 
 def attention_for(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ContextManager[None]:
     """The attention a batch needs: padding-free for flattened batches, the model's own otherwise. The trainer holds
-    it over forward *and* backward, since gradient checkpointing recomputes attention during the backward pass."""
-    return varlen_attention(model) if "cu_seq_lens_q" in batch else nullcontext()
+    it over forward *and* backward, since gradient checkpointing recomputes attention during the backward pass. A DDP
+    wrapper is looked through to the model it runs."""
+    return varlen_attention(getattr(model, "module", model)) if "cu_seq_lens_q" in batch else nullcontext()

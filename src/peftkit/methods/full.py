@@ -66,7 +66,7 @@ class Full(Method):
         out.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(out, "full-model")
         try:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=_weights(self.model))
             written = {p.name for p in tmp.iterdir()}
             (out / "config.json").unlink(missing_ok=True)
             stale = [p for p in out.glob("model*.safetensors*") if p.name not in written]
@@ -76,3 +76,14 @@ class Full(Method):
                 os.replace(tmp / name, out / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a model folder holds, read from the parameters and persistent buffers themselves: under FSDP (whole
+    for saving) `state_dict()` would hand back each rank's shard."""
+    out = {name: p.detach() for name, p in model.named_parameters()}
+    for prefix, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buffer
+    return out

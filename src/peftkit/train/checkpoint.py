@@ -11,7 +11,7 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ RESUME_NEUTRAL_KEYS = frozenset({
     "trust_remote_code", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample",
     "export_dir", "export_size", "export_format", "export_gguf_type", "ollama_system", "infer_dtype", "export_device",
     "export_legacy_format", "export_quantization_bit", "export_quantization_dataset", "export_hub_model_id",
+    "fsdp", "deepspeed", "ddp_timeout", "ddp_find_unused_parameters",  # the engine: same result, any number of ranks
 })
 STATE_NAME = "trainer_state.json"
 BEST_NAME = "best_adapter_state.safetensors"
@@ -51,7 +52,9 @@ class TrainerState:
 
     global_step: int = 0
     epoch: int = 0  # the epoch in progress
-    batch_in_epoch: int = 0  # micro-batches of that epoch already consumed
+    batch_in_epoch: int = 0  # micro-batches of that epoch already consumed (of `world_size` x the batch size)
+    rows_in_epoch: int | None = None  # examples of that epoch already consumed (None in older checkpoints)
+    world_size: int = 1  # the processes that trained it
     tokens_seen: int = 0
     best_metric: float | None = None
     best_step: int | None = None
@@ -78,18 +81,17 @@ def save_checkpoint(
     output_dir: str | os.PathLike,
     state: TrainerState,
     method: Method,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any] | None,
     scheduler: Any,
     config: dict[str, Any],
     base_model_name: str | None,
     save_total_limit: int | None = None,
-    only_model: bool = False,
     best_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `output_dir/checkpoint-<step>` through a temporary folder, then prune the oldest beyond the limit.
 
-    `only_model` (save_only_model) leaves out the optimizer, scheduler and RNG states: a third of the size for LoRA
-    (AdamW keeps two moments per weight), but training cannot resume from it.
+    Without `optimizer_state` (save_only_model) the optimizer, scheduler and RNG states are left out: a third of the
+    size for LoRA (AdamW keeps two moments per weight), but training cannot resume from it.
     """
     out = Path(output_dir)
     final = out / f"{PREFIX}{state.global_step}"
@@ -98,8 +100,8 @@ def save_checkpoint(
         trained = method.state_dict()
         if set(trained) != set(method.export_state()):
             save_file({k: t.detach().contiguous().cpu() for k, t in trained.items()}, tmp / TRAINED_NAME)
-        if not only_model:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng_state.pt")
         if best_state is not None:  # load_best_model_at_end: the best adapter so far, so a resumed run still has it
@@ -222,8 +224,9 @@ def check_resume(path: Path, state: TrainerState, total_steps: int, saved: dict[
     warnings.warn(f"Resuming from '{path}' with changed settings (resume_allow_changes): {listing}.", stacklevel=3)
 
 
-def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """Restore the tensors and RNG states `save_checkpoint` wrote (`read_state` gives the trainer state)."""
+def load_trained(path: Path, method: Method) -> None:
+    """Restore the trained tensors `save_checkpoint` wrote (`read_state` gives the trainer state, and
+    `load_training_state` the optimizer's)."""
     if not (path / "optimizer.pt").is_file():
         raise ConfigError(f"'{path}' holds only the adapter (saved with save_only_model: true), not the optimizer and "
                           "RNG states needed to resume exactly. Start a new run from it with adapter_name_or_path, or "
@@ -235,7 +238,12 @@ def load_checkpoint(path: Path, method: Method, optimizer: torch.optim.Optimizer
             raise _damaged(path, TRAINED_NAME, e) from None
     else:
         peft_format.load_weights(method, path)  # a damaged adapter file gets its own message there
-    restore = {"optimizer.pt": optimizer.load_state_dict, "scheduler.pt": scheduler.load_state_dict,
+
+
+def load_training_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any,
+                        load_optimizer: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Restore the optimizer (through `load_optimizer` when given: FSDP's), scheduler and RNG states."""
+    restore = {"optimizer.pt": load_optimizer or optimizer.load_state_dict, "scheduler.pt": scheduler.load_state_dict,
                "rng_state.pt": _set_rng_state}
     for name, apply in restore.items():
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import warnings
 from typing import Any
@@ -11,12 +12,15 @@ import torch
 
 from ..data import SFTCollator, build_sft_dataset, check_packing_support
 from ..io.outputs import lock_output
+from ..methods import get_method
 from ..models import base_model_id, load_model_and_tokenizer
 from ..objectives import get_objective
 from ..precision import base_dtype
 from ..tuned import TunedModel
 from ..varlen import supports_padding_free
+from . import distributed
 from .checkpoint import check_output_dir
+from .distributed import Ranks, check_engine
 from .trainer import Trainer
 
 
@@ -27,19 +31,27 @@ def seed_everything(seed: int) -> None:
 
 
 def run_sft(cfg: Any) -> dict[str, Any]:
-    """Train the configured method on the configured data; returns the train results (also in train_results.json).
-    The output_dir is locked for the run: a second run into it is refused while this one lives."""
+    """Train the configured method on the configured data; returns the train results (also in train_results.json;
+    empty on every rank but the first of a multi-process run). The output_dir is locked for the run: a second run into
+    it is refused while this one lives."""
     check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)  # before minutes of loading
-    with lock_output(cfg.output_dir):
-        return _train(cfg)
+    check_engine(cfg, get_method(cfg.finetuning_type), cfg.quantization() is not None)
+    ranks = distributed.start(cfg)
+    try:
+        with lock_output(cfg.output_dir) if ranks.is_main else contextlib.nullcontext():
+            return _train(cfg, ranks)
+    finally:
+        distributed.stop()
 
 
-def _train(cfg: Any) -> dict[str, Any]:
-    for note in cfg.ignored_settings():
-        warnings.warn(note, UserWarning, stacklevel=2)
+def _train(cfg: Any, ranks: Ranks) -> dict[str, Any]:
+    if ranks.is_main:
+        for note in cfg.ignored_settings():
+            warnings.warn(note, UserWarning, stacklevel=2)
     seed_everything(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = base_dtype(cfg.bf16, cfg.fp16, device)
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    # one dtype for every rank: rank 0's choice (on a CPU it is measured, and each rank would measure alone)
+    dtype = getattr(torch, ranks.gather(str(base_dtype(cfg.bf16, cfg.fp16, device)).removeprefix("torch."))[0])
     quantization = cfg.quantization()
     model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=dtype, quantization=quantization,
                                                 trust_remote_code=cfg.trust_remote_code)
@@ -61,12 +73,15 @@ def _train(cfg: Any) -> dict[str, Any]:
         seed=cfg.seed,
         overwrite_cache=cfg.overwrite_cache,
     )
+    ranks.same_everywhere("configs", cfg.to_dict())
+    ranks.same_everywhere("datasets", [train_data, eval_data])
     seed_everything(cfg.seed)  # adapter init must not depend on what data loading drew
     if cfg.adapter_name_or_path:
         tuned = TunedModel.load(model, cfg.adapter_name_or_path, trainable=True)
     else:
         tuned = TunedModel(model, cfg.method_config())
-    print(tuned.trainable_report())
+    if ranks.is_main:
+        print(tuned.trainable_report())
     padding_free = cfg.padding_free and supports_padding_free(model)
     if cfg.padding_free and not padding_free:
         warnings.warn(f"padding_free: {type(model).__name__}'s attention cannot run padding-free here; "
@@ -75,8 +90,9 @@ def _train(cfg: Any) -> dict[str, Any]:
         check_packing_support(model)
     collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, mask_dtype=model.dtype, padding_free=padding_free)
     trainer = Trainer(cfg, tuned, train_data, collator, eval_data, base_model_name=base_model_id(model),
-                      tokenizer=tokenizer, objective=get_objective(cfg.stage))
+                      tokenizer=tokenizer, objective=get_objective(cfg.stage), ranks=ranks)
     results = trainer.train()
-    print(f"Saved the {tuned.method.output_kind} to {cfg.output_dir} ({results['train_runtime']:.0f} s, "
-          f"{results['train_tokens_per_second']:.0f} tokens/s)")
+    if ranks.is_main:
+        print(f"Saved the {tuned.method.output_kind} to {cfg.output_dir} ({results['train_runtime']:.0f} s, "
+              f"{results['train_tokens_per_second']:.0f} tokens/s)")
     return results

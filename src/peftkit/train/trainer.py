@@ -35,15 +35,18 @@ from ..quantization import model_bytes
 from ..tuned import TunedModel
 from ..varlen import attention_for
 from .checkpoint import (
+    PREFIX,
     TrainerState,
     check_resume,
     load_best_state,
-    load_checkpoint,
+    load_trained,
+    load_training_state,
     prepare_output_dir,
     read_state,
     resolve_checkpoint,
     save_checkpoint,
 )
+from .distributed import Ranks, full_parameters, no_sync, shard_of, wrap
 from .schedules import get_scheduler
 
 LOG_NAME = "trainer_log.jsonl"
@@ -55,20 +58,27 @@ __all__ = ["Trainer", "optimizer_step", "real_tokens", "token_loss_sum"]  # toke
 def optimizer_step(model: torch.nn.Module, objective: Objective, group: Sequence[Batch],
                    optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], max_grad_norm: float,
                    extra_loss: Callable[[], torch.Tensor | None] = lambda: None,
-                   after_step: Callable[[], None] = lambda: None) -> tuple[float, int]:
+                   after_step: Callable[[], None] = lambda: None, ranks: Ranks = Ranks(),
+                   counted: Sequence[bool] | None = None) -> tuple[float, int]:
     """One optimizer step over the micro-batches in `group`: forward and backward of each (the loss divided by the
-    group's units), gradient clipping, the optimizer's step, `after_step` (gradients still in place), zero_grad.
+    step's units), gradient clipping on the global norm, the optimizer's step, `after_step` (gradients still in place),
+    zero_grad.
 
-    The Trainer and a method's own short training (a selection phase before the run) both step through here. Returns the
-    group's summed loss and its units. The batch's attention stays set over backward too: gradient checkpointing
-    recomputes attention there.
+    With several ranks, the units are summed over all of them and the loss scaled by their number (DDP and FSDP average
+    gradients), so N ranks with batch b give the gradient of one process with batch N x b. A batch not `counted` (a
+    rank with no rows left in an epoch's last batch runs one of another rank's, so the collectives still meet) adds
+    nothing. The Trainer and a method's own short training (a selection phase before the run) both step through here.
+    Returns the step's summed loss and units over all ranks. The batch's attention stays set over backward too:
+    gradient checkpointing recomputes attention there.
     """
-    units = sum(objective.units(b) for b in group)
+    counted = [True] * len(group) if counted is None else counted
+    units = ranks.sum([sum(objective.units(b) for b, c in zip(group, counted) if c)])[0]
+    scale = ranks.world_size / max(units, 1)
     total = 0.0
-    for batch in group:
-        with attention_for(model, batch):
-            loss_sum = objective.loss(model, batch)
-            loss = loss_sum / max(units, 1)
+    for i, (batch, weight) in enumerate(zip(group, counted)):
+        with attention_for(model, batch), no_sync(model, last=i == len(group) - 1):
+            loss_sum = objective.loss(model, batch) * float(weight)
+            loss = loss_sum * scale
             extra = extra_loss()
             if extra is not None:
                 loss = loss + extra / len(group)
@@ -79,7 +89,7 @@ def optimizer_step(model: torch.nn.Module, objective: Objective, group: Sequence
     optimizer.step()
     after_step()
     optimizer.zero_grad(set_to_none=True)
-    return total, units
+    return ranks.sum([total])[0], int(units)
 
 
 class Trainer:
@@ -96,8 +106,10 @@ class Trainer:
         base_model_name: str | None = None,
         tokenizer: Any = None,
         objective: Objective | None = None,
+        ranks: Ranks = Ranks(),
     ) -> None:
         self.cfg = cfg
+        self.ranks = ranks
         self.objective = objective or get_objective(cfg.stage)
         self.tuned = tuned
         self.method = tuned.method
@@ -111,17 +123,30 @@ class Trainer:
         self.state = TrainerState()
 
         bs, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-        self.batches_per_epoch = math.ceil(len(train_data) / bs)
+        self.global_batch = bs * ranks.world_size  # the rows of one micro-batch over all ranks
+        self.batches_per_epoch = math.ceil(len(train_data) / self.global_batch)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / ga)
         if cfg.max_steps and cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = math.ceil(self.steps_per_epoch * cfg.num_train_epochs)
         # The output folder is settled before any work (a method's selection phase writes there too).
-        prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)
-        remove_stale_temporaries(self.output_dir)  # what a killed run left half-written
+        if ranks.is_main:
+            prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)
+            remove_stale_temporaries(self.output_dir)  # what a killed run left half-written
+        ranks.barrier()
         self._entries_before = {p.name for p in self.output_dir.iterdir()} if self.output_dir.is_dir() else set()
         self.method.prepare(self._context())
+        try:
+            self.resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+        except ConfigError:  # no checkpoint to resume (yet): train() says so, a method's prepare hook may not care
+            self.resume_from = None
+        if self.resume_from is not None:  # the trained tensors go in before FSDP shards them
+            self.state = read_state(self.resume_from)
+            check_resume(self.resume_from, self.state, self.total_steps, read_train_config(self.resume_from),
+                         cfg.to_dict(), cfg.resume_allow_changes)
+            load_trained(self.resume_from, self.method)
+        self.model = wrap(tuned, ranks, cfg.ddp_find_unused_parameters)  # what forward runs: tuned, or DDP over it
         self.optimizer = self._make_optimizer(self.method.param_groups(cfg.learning_rate))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler(
@@ -132,6 +157,12 @@ class Trainer:
             scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None,
         )
         self._best_state: dict[str, torch.Tensor] | None = None
+        if self.resume_from is not None:
+            load_training_state(self.resume_from, self.optimizer, self.scheduler, self._load_optimizer_state)
+            self._best_state = load_best_state(self.resume_from)
+            self._position_from(self.state)
+        else:
+            self.state.run_id = uuid.uuid4().hex
         self._eval_seconds = 0.0  # time spent evaluating during train(), left out of tokens/s
 
     def _make_optimizer(self, params: Any) -> torch.optim.Optimizer:
@@ -163,16 +194,30 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed + epoch)
         return torch.randperm(len(self.train_data), generator=g).tolist()
 
-    def _micro_batches(self) -> Any:
-        """Yield (epoch, index in epoch, batch) from the saved position onwards, forever (the step count stops us)."""
-        bs = self.cfg.per_device_train_batch_size
-        epoch, start = self.state.epoch, self.state.batch_in_epoch
+    def _micro_batches(self) -> Iterator[tuple[int, int, Batch, bool]]:
+        """Yield (epoch, rows of the epoch consumed after it, this rank's batch, counted) from the saved position
+        onwards, forever (the step count stops us). Each global micro-batch is the next `global_batch` rows of the
+        epoch's order, split between the ranks; a rank left without rows runs another's, not counted."""
+        epoch, row, n = self.state.epoch, self.state.rows_in_epoch or 0, len(self.train_data)
         while True:
             order = self._epoch_order(epoch)
-            for i in range(start, self.batches_per_epoch):
-                rows = [self.train_data[j] for j in order[i * bs:(i + 1) * bs]]
-                yield epoch, i, self.collator(rows)
-            epoch, start = epoch + 1, 0
+            while row < n:
+                rows = order[row:row + self.global_batch]
+                mine = shard_of(rows, self.ranks)
+                row += len(rows)
+                yield epoch, row, self.collator([self.train_data[j] for j in mine or rows[:1]]), bool(mine)
+            epoch, row = epoch + 1, 0
+
+    def _position_from(self, state: TrainerState) -> None:
+        """Where a resumed run continues: the saved example position in the epoch, whatever the number of ranks."""
+        if state.rows_in_epoch is None:  # a checkpoint from before positions were kept in rows: one process
+            state.rows_in_epoch = min(state.batch_in_epoch * self.cfg.per_device_train_batch_size, len(self.train_data))
+        if state.world_size != self.ranks.world_size and self.ranks.is_main:
+            print(f"peftkit: resuming a {state.world_size}-process checkpoint on {self.ranks.world_size} processes: "
+                  f"continuing at example {state.rows_in_epoch} of epoch {state.epoch}, {self.global_batch} rows per "
+                  "micro-batch from here.", file=sys.stderr, flush=True)
+        state.world_size = self.ranks.world_size
+        state.batch_in_epoch = math.ceil(state.rows_in_epoch / self.global_batch)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -180,16 +225,9 @@ class Trainer:
     # --- the loop ---
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
-        resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-        if resume_from is not None:
-            state = read_state(resume_from)
-            check_resume(resume_from, state, self.total_steps, read_train_config(resume_from), cfg.to_dict(),
-                         cfg.resume_allow_changes)
-            load_checkpoint(resume_from, self.method, self.optimizer, self.scheduler)
-            self.state = state
-            self._best_state = load_best_state(resume_from)
-        else:
-            self.state.run_id = uuid.uuid4().hex
+        if self.resume_from is None:
+            resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)  # a resume without a checkpoint stops here
+        self.state.world_size = self.ranks.world_size
         if cfg.gradient_checkpointing:
             model = self.tuned.model
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
@@ -199,9 +237,10 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.output_dir / LOG_NAME
         # A resumed run's log restarts from the checkpoint's copy, so steps redone after a kill appear once.
-        write_text(log_path, "".join(json.dumps(e) + "\n" for e in self.state.log_history))
+        if self.ranks.is_main:
+            write_text(log_path, "".join(json.dumps(e) + "\n" for e in self.state.log_history))
         self.tuned.train()
-        with _stop_on_signal() as stop:
+        with _stop_on_signal(several=self.ranks.enabled) as stop:
             return self._train_loop(log_path, stop)
 
     def _train_loop(self, log_path: Path, stop: "_StopRequest") -> dict[str, Any]:
@@ -211,16 +250,18 @@ class Trainer:
         window_loss = window_tokens = 0.0
         start_time, start_tokens = time.perf_counter(), self.state.tokens_seen
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not self.ranks.is_main)
         params = [p for _, p in self.method.trainable_parameters()]  # fixed once the method is prepared
         while self.state.global_step < self.total_steps:
-            group = []
+            group, counted = [], []
             for _ in range(ga):
-                epoch, index, batch = next(batches)
+                epoch, row, batch, mine = next(batches)
                 group.append(self._to_device(batch))
-                self.state.epoch, self.state.batch_in_epoch = epoch, index + 1
-                if index + 1 == self.batches_per_epoch:  # an epoch's last partial group still makes a step
-                    self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
+                counted.append(mine)
+                self.state.epoch, self.state.rows_in_epoch = epoch, row
+                self.state.batch_in_epoch = math.ceil(row / self.global_batch)
+                if row == len(self.train_data):  # an epoch's last partial group still makes a step
+                    self.state.epoch, self.state.rows_in_epoch, self.state.batch_in_epoch = epoch + 1, 0, 0
                     break
             lr = self.scheduler.get_last_lr()[0]
 
@@ -229,9 +270,13 @@ class Trainer:
                 self.state.global_step += 1
                 self.method.on_step_end(self.state.global_step)  # gradients still in place for the method to read
 
-            step_loss, n_tokens = optimizer_step(self.tuned, self.objective, group, self.optimizer, params,
-                                                 cfg.max_grad_norm, self.method.loss_term, after_step)
-            self.state.tokens_seen += sum(real_tokens(b) for b in group)
+            step_loss, n_tokens = optimizer_step(self.model, self.objective, group, self.optimizer, params,
+                                                 cfg.max_grad_norm, self.method.loss_term, after_step, self.ranks,
+                                                 counted)
+            # tokens over all ranks; and a stop asked on any rank (a signal, Ctrl-C) stops them all after this step
+            tokens, stopping = self.ranks.sum([sum(real_tokens(b) for b, c in zip(group, counted) if c),
+                                               float(stop.signal is not None)])
+            self.state.tokens_seen += int(tokens)
             window_loss += step_loss
             window_tokens += n_tokens
 
@@ -247,10 +292,11 @@ class Trainer:
                 window_loss = window_tokens = 0.0
             if self._should_eval(step):
                 self._evaluate_and_track(log_path)
-            if stop.signal is not None and step < self.total_steps:  # Ctrl-C: keep the work, then stop
+            if stopping and step < self.total_steps:  # Ctrl-C: keep the work, then stop
                 bar.close()
                 path = self._save_checkpoint(only_model=False)
-                raise TrainingInterrupted(f"Interrupted ({stop.signal}) after step {step} of {self.total_steps}; "
+                why = stop.signal or "a signal to another rank"
+                raise TrainingInterrupted(f"Interrupted ({why}) after step {step} of {self.total_steps}; "
                                           f"saved {path}.", str(path))
             if self._should_save(step):
                 self._save_checkpoint()
@@ -284,20 +330,27 @@ class Trainer:
         return self.cfg.save_strategy == "steps" and bool(self.cfg.save_steps) and step % self.cfg.save_steps == 0
 
     def _log(self, path: Path, entry: dict[str, Any]) -> None:
-        self.state.log_history.append(entry)
-        with path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        self.state.log_history.append(entry)  # on every rank: checkpoints carry it
+        if self.ranks.is_main:
+            with path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """The objective's mean loss over the eval set."""
+        """The objective's mean loss over the eval set (each rank evaluates its share; the sums are added up)."""
         self.tuned.eval()
         total, count = 0.0, 0
-        bs = self.cfg.per_device_eval_batch_size
-        for i in tqdm(range(0, len(self.eval_data), bs), desc="eval", leave=False, dynamic_ncols=True):
-            batch = self._to_device(self.collator(self.eval_data[i:i + bs]))
-            total += self.objective.loss(self.tuned, batch).item()
-            count += self.objective.units(batch)
+        rows = self.cfg.per_device_eval_batch_size * self.ranks.world_size
+        for i in tqdm(range(0, len(self.eval_data), rows), desc="eval", leave=False, dynamic_ncols=True,
+                      disable=not self.ranks.is_main):
+            chunk = list(range(i, min(i + rows, len(self.eval_data))))
+            mine = shard_of(chunk, self.ranks)
+            batch = self._to_device(self.collator([self.eval_data[j] for j in mine or chunk[:1]]))
+            loss = self.objective.loss(self.model, batch).item()  # every rank runs a batch: FSDP gathers layers
+            if mine:
+                total += loss
+                count += self.objective.units(batch)
+        total, count = self.ranks.sum([total, count])
         self.tuned.train()
         return total / max(count, 1)
 
@@ -319,15 +372,48 @@ class Trainer:
             self.state.best_metric, self.state.best_step = value, self.state.global_step
             self._best_state = {k: t.detach().clone() for k, t in self.method.state_dict().items()}
 
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state to save: under FSDP gathered whole (a collective: every rank calls it), so that any
+        number of ranks can resume from it."""
+        if self.ranks.engine != "fsdp":
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if self.ranks.engine != "fsdp":
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
     def _save_checkpoint(self, only_model: bool | None = None) -> Path:
+        """Rank 0 writes the checkpoint (FSDP's shards gathered first, by every rank); the others wait for it."""
         if only_model is None:
             only_model = self.cfg.save_only_model
-        return save_checkpoint(self.output_dir, self.state, self.method, self.optimizer, self.scheduler,
-                               self.cfg.to_dict(), self.base_model_name, self.cfg.save_total_limit,
-                               only_model=only_model,
-                               best_state=self._best_state if self.cfg.load_best_model_at_end else None)
+        optimizer_state = None if only_model else self._optimizer_state()
+        path = self.output_dir / f"{PREFIX}{self.state.global_step}"
+        with full_parameters(self.model, self.ranks):
+            if self.ranks.is_main:
+                path = save_checkpoint(self.output_dir, self.state, self.method, optimizer_state, self.scheduler,
+                                       self.cfg.to_dict(), self.base_model_name, self.cfg.save_total_limit,
+                                       best_state=self._best_state if self.cfg.load_best_model_at_end else None)
+        self.ranks.barrier()
+        return path
 
     def _finish(self, runtime: float, tokens: int) -> dict[str, Any]:
+        """Rank 0 saves the result (FSDP's shards gathered first, by every rank) and the run's records."""
+        peaks = self.ranks.gather(round(peak_memory_mb(self.device), 1))  # before the gathering below adds to them
+        with full_parameters(self.model, self.ranks):
+            if self.ranks.is_main:
+                results = self._save_result(runtime, tokens, peaks)
+        self.ranks.barrier()
+        return results if self.ranks.is_main else {}
+
+    def _save_result(self, runtime: float, tokens: int, peaks: list[float]) -> dict[str, Any]:
         from .plot import plot_loss  # deferred: matplotlib loads only when plot_loss is set
 
         peft_format.save_method(self.method, self.output_dir, self.base_model_name)
@@ -343,7 +429,8 @@ class Trainer:
             "train_tokens_per_second": round(tokens / max(runtime - self._eval_seconds, 1e-9), 2),
             "train_steps": self.state.global_step,
             "train_loss": train_losses[-1] if train_losses else None,
-            "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+            "peak_memory_mb": peaks[0],
+            **({"peak_memory_mb_per_rank": peaks} if len(peaks) > 1 else {}),
             "model_memory_mb": round(model_bytes(self.tuned.model) / 2**20, 1),  # weights alone, adapter included
             "trainable_params": trainable,
             "all_params": total,
@@ -361,11 +448,13 @@ class Trainer:
 
 class _StopRequest:
     signal: str | None = None  # the name of the first signal received
+    at: float = 0.0  # when (time.monotonic)
 
 
 @contextlib.contextmanager
-def _stop_on_signal() -> Iterator[_StopRequest]:
-    """The first SIGINT/SIGTERM asks the loop to finish its step, checkpoint and stop; a second stops at once.
+def _stop_on_signal(several: bool = False) -> Iterator[_StopRequest]:
+    """The first SIGINT/SIGTERM asks the loop to finish its step, checkpoint and stop; a second stops at once. With
+    `several` processes, a signal within seconds of the first is torchrun passing the same Ctrl-C on, not a second.
 
     Only the main thread may install signal handlers; elsewhere (a UI's worker thread) signals keep their meaning.
     """
@@ -376,11 +465,13 @@ def _stop_on_signal() -> Iterator[_StopRequest]:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(signum: int, frame: Any) -> None:
+        if stop.signal is not None and several and time.monotonic() - stop.at < 5.0:
+            return
         if stop.signal is not None:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             raise KeyboardInterrupt
-        stop.signal = signal.Signals(signum).name
+        stop.signal, stop.at = signal.Signals(signum).name, time.monotonic()
         print(f"\n{stop.signal}: finishing this step, then saving a checkpoint (send it again to stop at once).",
               file=sys.stderr, flush=True)
 
