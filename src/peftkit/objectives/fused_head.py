@@ -1,0 +1,97 @@
+"""The LM head and the cross-entropy in one pass over chunks of rows, never holding every logit at once.
+
+A plain loss keeps the logits of every label position in the model's dtype, their fp32 copy and the softmax
+gradient: (2 + 4 + 4) bytes x positions x vocabulary, 0.5 GB for 1,000 positions of a 49k vocabulary. Here each chunk's
+logits are made, turned into its loss and its gradients (softmax minus the one-hot target), and dropped; backward only
+scales the stored gradients. Same arithmetic as the plain path (logits in the model's dtype, softmax in fp32), so the
+results agree to rounding.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+CHUNK_ROWS = 256  # 256 x 49k fp32 logits = 50 MB at a time
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        want = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if want[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and want[2] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            h = hidden[start:start + CHUNK_ROWS]
+            t = targets[start:start + CHUNK_ROWS]
+            logits = nn.functional.linear(h, weight, bias).float()
+            counted = t != ignore_index
+            safe = torch.where(counted, t, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * counted).sum()
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
+                continue
+            probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+            probs[torch.arange(len(t)), safe] -= 1.0
+            probs *= counted[:, None]
+            grad_logits = probs.to(hidden.dtype)  # as autograd would hand it back through `.float()`
+            if grad_hidden is not None:
+                grad_hidden[start:start + CHUNK_ROWS] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += grad_logits.t().float() @ h.float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.float().sum(0)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight,
+                                                                                   grad_bias)))
+        ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        has_hidden, has_weight, has_bias = ctx.has
+        return (grad_hidden * grad_out if has_hidden else None,
+                (grad_weight * grad_out).to(ctx.dtypes[0]) if has_weight else None,
+                (grad_bias * grad_out).to(ctx.dtypes[1]) if has_bias else None, None, None)
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
+                             ignore_index: int) -> torch.Tensor:
+    """sum over rows of cross_entropy(head(hidden), targets), rows whose target is `ignore_index` left out.
+    `hidden` is [rows, hidden size]."""
+    return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, ignore_index)
+
+
+def fusable_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output layer when the fused loss can stand in for it: a plain linear layer with float weights
+    (not an adapter's, not quantized, not sharded) and no soft-capping of the logits after it; None otherwise."""
+    inner = getattr(model, "module", model)  # DDP's wrapper
+    inner = getattr(inner, "model", inner) if not hasattr(inner, "get_output_embeddings") else inner
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    config = getattr(inner, "config", None)
+    if type(head) is not nn.Linear or not head.weight.is_floating_point() or type(head.weight) is not nn.Parameter:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    return head
+
+
+@contextmanager
+def hidden_instead_of_logits(model: nn.Module, head: nn.Linear) -> Iterator[None]:
+    """While inside, the model's forward returns the output layer's input (the final hidden states at the positions
+    `logits_to_keep` selects) as its `logits`."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "model", inner) if not hasattr(inner, "get_output_embeddings") else inner
+    inner.set_output_embeddings(nn.Identity())
+    try:
+        yield
+    finally:
+        inner.set_output_embeddings(head)

@@ -1,0 +1,79 @@
+"""The chunked LM head + cross-entropy gives the plain loss and gradients (fp32: <= 1e-5), and stands aside where it
+cannot stand in for the model's head."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import tiny_gpt2, tiny_llama
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+import peftkit.objectives.sft as sft
+from peftkit import LoraConfig, TunedModel
+from peftkit.objectives import fused_head
+from peftkit.objectives.fused_head import fusable_head, linear_cross_entropy_sum
+
+
+def loss_and_grads(model: torch.nn.Module, batch: dict, fused: bool, monkeypatch: pytest.MonkeyPatch):
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(sft, "fusable_head", lambda model: None)
+        loss, units = sft.token_loss_sum(model, batch)
+    loss.backward()
+    return loss.item(), units, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def padded_batch(vocab: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 60), generator=g)
+    labels = ids.clone()
+    labels[:, :10] = -100  # prompts
+    labels[1, 45:] = -100  # a shorter row: ignored rows inside the kept columns
+    mask = torch.ones_like(ids)
+    mask[1, 45:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-tied"])
+def test_full_model_loss_and_gradients_equal_the_plain_path(make, monkeypatch) -> None:
+    monkeypatch.setattr(fused_head, "CHUNK_ROWS", 32)  # several chunks, one partial
+    model = make()
+    assert fusable_head(model) is not None
+    batch = padded_batch(model.config.vocab_size)
+    fused = loss_and_grads(copy.deepcopy(model), batch, True, monkeypatch)
+    plain = loss_and_grads(copy.deepcopy(model), batch, False, monkeypatch)
+    assert fused[1] == plain[1] and fused[0] == pytest.approx(plain[0], rel=1e-6)
+    assert fused[2].keys() == plain[2].keys()
+    for key, grad in plain[2].items():
+        assert (fused[2][key] - grad).norm() <= 1e-5 * grad.norm() + 1e-12, key
+
+
+def test_lora_gradients_equal_the_plain_path(monkeypatch) -> None:
+    tuned = TunedModel(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+    batch = padded_batch(tuned.model.config.vocab_size, seed=1)
+    fused = loss_and_grads(copy.deepcopy(tuned), batch, True, monkeypatch)
+    plain = loss_and_grads(copy.deepcopy(tuned), batch, False, monkeypatch)
+    assert fused[0] == pytest.approx(plain[0], rel=1e-6) and fused[2].keys() == plain[2].keys()
+    assert all((fused[2][k] - g).norm() <= 1e-5 * g.norm() for k, g in plain[2].items())
+
+
+def test_the_plain_path_where_the_head_is_not_a_plain_linear() -> None:
+    tuned = TunedModel(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert fusable_head(tuned) is None  # a trained copy of the head: the adapter's module, not nn.Linear
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    assert fusable_head(gemma) is None  # final_logit_softcapping after the head
+
+
+def test_rows_all_ignored_and_no_grad() -> None:
+    head = torch.nn.Linear(8, 20)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    targets = torch.full((5,), -100)
+    loss = linear_cross_entropy_sum(hidden, head, targets, -100)
+    loss.backward()
+    assert loss.item() == 0 and hidden.grad.abs().sum() == 0 and head.weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(head(hidden), torch.arange(5), reduction="sum")
+        assert linear_cross_entropy_sum(hidden, head, torch.arange(5), -100).item() == pytest.approx(expected.item())
