@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_chat_model
 from safetensors.torch import load_file
-from test_dtypes import byte_tokenizer
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from peftkit.config import load_config
 from peftkit.errors import ConfigError
@@ -31,16 +31,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_chat_llama")
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_chat_model(tmp_path_factory.mktemp("chat_model"))
 
 
 def settings(model: Path, out: Path, **extra: object) -> list[str]:
@@ -85,12 +77,12 @@ def close(a: list[float], b: list[float], rel: float) -> bool:
 
 # --- exactness ---
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_ddp_lora_equals_one_process_with_twice_the_batch(tiny_dir: Path, tmp_path: Path, accumulation: int) -> None:
+def test_ddp_lora_equals_one_process_with_twice_the_batch(chat_dir: Path, tmp_path: Path, accumulation: int) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
-    ok(peftkit("train", "/dev/null", *settings(tiny_dir, one, per_device_train_batch_size=4,
+    ok(peftkit("train", "/dev/null", *settings(chat_dir, one, per_device_train_batch_size=4,
                                                 gradient_accumulation_steps=accumulation)))
     # the two launch spellings: --nproc-per-node, and LLaMA-Factory's FORCE_TORCHRUN=1 with NPROC_PER_NODE
-    args = settings(tiny_dir, two, per_device_train_batch_size=2, gradient_accumulation_steps=accumulation)
+    args = settings(chat_dir, two, per_device_train_batch_size=2, gradient_accumulation_steps=accumulation)
     if accumulation == 1:
         result = ok(peftkit("train", "/dev/null", *args, "--nproc-per-node", "2"))
     else:
@@ -105,13 +97,13 @@ def test_ddp_lora_equals_one_process_with_twice_the_batch(tiny_dir: Path, tmp_pa
     assert (one / "adapter_config.json").read_text() == (two / "adapter_config.json").read_text()
 
 
-def test_fsdp_full_fine_tuning_equals_one_process(tiny_dir: Path, tmp_path: Path) -> None:
+def test_fsdp_full_fine_tuning_equals_one_process(chat_dir: Path, tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     common = dict(finetuning_type="full", learning_rate=1e-3, per_device_train_batch_size=2,
                   gradient_accumulation_steps=2, val_size=4, eval_strategy="steps", eval_steps=2)
-    ok(peftkit("train", "/dev/null", *settings(tiny_dir, one, **{**common, "per_device_train_batch_size": 2})))
+    ok(peftkit("train", "/dev/null", *settings(chat_dir, one, **{**common, "per_device_train_batch_size": 2})))
     result = ok(torchrun("-m", "peftkit", "train", "/dev/null",
-                         *settings(tiny_dir, two, **{**common, "per_device_train_batch_size": 1}), "fsdp=full_shard"))
+                         *settings(chat_dir, two, **{**common, "per_device_train_batch_size": 1}), "fsdp=full_shard"))
     assert "FSDP on 2 processes" in result.stderr
     assert close(losses(two), losses(one), 1e-4), (losses(two), losses(one))
     evals = [[e["eval_loss"] for e in map(json.loads, (o / "trainer_log.jsonl").read_text().splitlines())
@@ -122,15 +114,15 @@ def test_fsdp_full_fine_tuning_equals_one_process(tiny_dir: Path, tmp_path: Path
     assert (a(ids).logits - b(ids).logits).abs().max() <= 1e-4
 
 
-def test_two_nodes_on_loopback_equal_one_node(tiny_dir: Path, tmp_path: Path) -> None:
+def test_two_nodes_on_loopback_equal_one_node(chat_dir: Path, tmp_path: Path) -> None:
     """torchrun --nnodes 2 --node_rank 0|1 with a static rendezvous on 127.0.0.1: one process per "machine"."""
     single, multi = tmp_path / "single", tmp_path / "multi"
-    ok(torchrun("-m", "peftkit", "train", "/dev/null", *settings(tiny_dir, single, per_device_train_batch_size=2)))
+    ok(torchrun("-m", "peftkit", "train", "/dev/null", *settings(chat_dir, single, per_device_train_batch_size=2)))
     port = free_port()
     environ = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     nodes = [subprocess.Popen([*TORCHRUN, "--nproc_per_node=1", "--nnodes=2", f"--node_rank={rank}",
                                "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "peftkit", "train",
-                               "/dev/null", *settings(tiny_dir, multi, per_device_train_batch_size=2)],
+                               "/dev/null", *settings(chat_dir, multi, per_device_train_batch_size=2)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, cwd=ROOT)
              for rank in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]
@@ -139,17 +131,17 @@ def test_two_nodes_on_loopback_equal_one_node(tiny_dir: Path, tmp_path: Path) ->
 
 
 # --- resume ---
-def test_resume_on_two_ranks_is_exact_and_on_one_rank_continues_at_the_example(tiny_dir: Path, tmp_path: Path) -> None:
+def test_resume_on_two_ranks_is_exact_and_on_one_rank_continues_at_the_example(chat_dir: Path, tmp_path: Path) -> None:
     full, again, alone = tmp_path / "full", tmp_path / "again", tmp_path / "alone"
     args = dict(per_device_train_batch_size=2, save_steps=2)
-    ok(torchrun("-m", "peftkit", "train", "/dev/null", *settings(tiny_dir, full, **args)))
+    ok(torchrun("-m", "peftkit", "train", "/dev/null", *settings(chat_dir, full, **args)))
     for folder in (again, alone):
         folder.mkdir()
         subprocess.run(["cp", "-r", str(full / "checkpoint-2"), str(folder)], check=True)
-    ok(torchrun("-m", "peftkit", "train", "/dev/null", *settings(tiny_dir, again, **args),
+    ok(torchrun("-m", "peftkit", "train", "/dev/null", *settings(chat_dir, again, **args),
                 "resume_from_checkpoint=true"))
     assert losses(again) == losses(full)
-    result = ok(peftkit("train", "/dev/null", *settings(tiny_dir, alone, **args), "resume_from_checkpoint=true"))
+    result = ok(peftkit("train", "/dev/null", *settings(chat_dir, alone, **args), "resume_from_checkpoint=true"))
     assert "resuming a 2-process checkpoint on 1 processes: continuing at example 8 of epoch 0" in result.stderr
     log = losses(alone)
     assert log[:2] == losses(full)[:2] and len(log) == 5  # 2 rows per step from there: the same 5 steps in all
@@ -178,12 +170,12 @@ CRASH = textwrap.dedent("""
 """)
 
 
-def test_one_rank_failing_ends_the_job_promptly_and_says_why_once(tiny_dir: Path, tmp_path: Path) -> None:
+def test_one_rank_failing_ends_the_job_promptly_and_says_why_once(chat_dir: Path, tmp_path: Path) -> None:
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
     out = tmp_path / "run"
     start = time.monotonic()
-    result = torchrun(str(script), "train", "/dev/null", *settings(tiny_dir, out, per_device_train_batch_size=2,
+    result = torchrun(str(script), "train", "/dev/null", *settings(chat_dir, out, per_device_train_batch_size=2,
                                                                     save_steps=2, max_steps=8))
     assert result.returncode != 0 and time.monotonic() - start < 60
     assert result.stderr.count("RuntimeError: injected failure on rank 1") == 1
@@ -192,11 +184,11 @@ def test_one_rank_failing_ends_the_job_promptly_and_says_why_once(tiny_dir: Path
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()  # complete: the last good one
 
 
-def test_ranks_with_different_settings_are_refused_at_start(tiny_dir: Path, tmp_path: Path) -> None:
+def test_ranks_with_different_settings_are_refused_at_start(chat_dir: Path, tmp_path: Path) -> None:
     script = tmp_path / "differ.py"
     script.write_text(CRASH)
     out = tmp_path / "run"
-    result = torchrun(str(script), "train", "/dev/null", *settings(tiny_dir, out, per_device_train_batch_size=2),
+    result = torchrun(str(script), "train", "/dev/null", *settings(chat_dir, out, per_device_train_batch_size=2),
                       "--differ")
     assert result.returncode != 0
     assert result.stderr.count("The ranks' configs differ (rank 1 vs rank 0)") == 1

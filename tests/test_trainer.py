@@ -57,7 +57,9 @@ def test_accumulation_equals_big_batch(tmp_path) -> None:
     lb = [e["loss"] for e in read_log(acc.cfg)]
     assert la == pytest.approx(lb, abs=1e-5)
     for (k, a), b in zip(big.method.state_dict().items(), acc.method.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-5), k
+        # relative to the tensor: Adam turns the last-bit differences of near-zero gradients (one GEMM of 4 rows vs
+        # four of 1) into visible ones, element by element
+        assert (a - b).norm() <= 1e-5 * a.norm(), k
 
 
 class Interrupt(Exception):

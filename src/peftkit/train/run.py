@@ -37,6 +37,9 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)  # before minutes of loading
     check_engine(cfg, get_method(cfg.finetuning_type), cfg.quantization() is not None)
     ranks = distributed.start(cfg)
+    if cfg.fsdp and not ranks.enabled:
+        warnings.warn("fsdp shards over several processes, and this is one: it trains as usual. Launch with "
+                      "--nproc-per-node N (or torchrun) to shard.", UserWarning, stacklevel=2)
     try:
         with lock_output(cfg.output_dir) if ranks.is_main else contextlib.nullcontext():
             return _train(cfg, ranks)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 
@@ -35,20 +37,15 @@ def build(output_root: str = "saves", dataset_dir: str = "data", model: str | No
                                            label=text("language", "en"), elem_id="pk-language", scale=0,
                                            min_width=160), "language")
         with gr.Tabs():
-            with gr.Tab(text("tab_train", "en"), id="train", elem_id="pk-tab-train") as tab:
-                texts.label(tab, "tab_train")
+            with _tab(texts, "train"):
                 train = TrainTab(texts, output_root, dataset_dir, model)
-            with gr.Tab(text("tab_runs", "en"), id="runs", elem_id="pk-tab-runs") as tab:
-                texts.label(tab, "tab_runs")
+            with _tab(texts, "runs"):
                 runs = RunsTab(texts, output_root)
-            with gr.Tab(text("tab_eval", "en"), id="eval", elem_id="pk-tab-eval") as tab:
-                texts.label(tab, "tab_eval")
+            with _tab(texts, "eval"):
                 evaluate = EvalTab(texts, output_root, dataset_dir, model)
-            with gr.Tab(text("tab_chat", "en"), id="chat", elem_id="pk-tab-chat") as tab:
-                texts.label(tab, "tab_chat")
+            with _tab(texts, "chat"):
                 chat = ChatTab(texts, model)
-            with gr.Tab(text("tab_export", "en"), id="export", elem_id="pk-tab-export") as tab:
-                texts.label(tab, "tab_export")
+            with _tab(texts, "export"):
                 export = ExportTab(texts, output_root, model)
         train.wire(lang)
         runs.wire()
@@ -58,6 +55,14 @@ def build(output_root: str = "saves", dataset_dir: str = "data", model: str | No
         lang.change(texts.updates, lang, texts.components())
         demo.load(None, None, lang, js=BROWSER_LANGUAGE)
     return demo
+
+
+@contextlib.contextmanager
+def _tab(texts: Texts, name: str) -> Iterator[None]:
+    """A tab whose label follows the language (locales' `tab_<name>`), found by tests as #pk-tab-<name>."""
+    with gr.Tab(text(f"tab_{name}", "en"), id=name, elem_id=f"pk-tab-{name}") as tab:
+        texts.label(tab, f"tab_{name}")
+        yield
 
 
 def read_auth(spec: str | None) -> list[tuple[str, str]] | None:
