@@ -149,7 +149,7 @@ def test_resume_on_two_ranks_is_exact_and_on_one_rank_continues_at_the_example(c
 
 # --- faults ---
 CRASH = textwrap.dedent("""
-    import os, sys
+    import os, signal, sys
     from peftkit.cli import main
     from peftkit.objectives import base
     from peftkit.objectives.sft import Sft
@@ -160,25 +160,32 @@ CRASH = textwrap.dedent("""
         def loss(self, model, batch):
             Crash.calls += 1
             if os.environ.get("RANK") == "1" and Crash.calls == 5:
+                if "--kill" in sys.argv:
+                    os.kill(os.getpid(), signal.SIGKILL)  # killed by a signal: no Python error at all
                 raise RuntimeError("injected failure on rank 1")
             return super().loss(model, batch)
 
     base._REGISTRY["sft"] = Crash
     if os.environ.get("RANK") == "1" and "--differ" in sys.argv:
         sys.argv.append("seed=2")  # this rank's settings differ from rank 0's
-    sys.exit(main([a for a in sys.argv[1:] if a != "--differ"]))
+    sys.exit(main([a for a in sys.argv[1:] if a not in ("--differ", "--kill")]))
 """)
 
 
-def test_one_rank_failing_ends_the_job_promptly_and_says_why_once(chat_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["raises", "killed"])
+def test_one_rank_failing_ends_the_job_promptly_and_says_why_once(chat_dir: Path, tmp_path: Path, how: str) -> None:
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
     out = tmp_path / "run"
     start = time.monotonic()
     result = torchrun(str(script), "train", "/dev/null", *settings(chat_dir, out, per_device_train_batch_size=2,
-                                                                    save_steps=2, max_steps=8))
+                                                                    save_steps=2, max_steps=8),
+                      *(["--kill"] if how == "killed" else []))
     assert result.returncode != 0 and time.monotonic() - start < 60
-    assert result.stderr.count("RuntimeError: injected failure on rank 1") == 1
+    if how == "raises":
+        assert result.stderr.count("RuntimeError: injected failure on rank 1") == 1
+    else:  # torchrun's summary names the signal
+        assert "Signal 9 (SIGKILL)" in result.stderr or "SIGKILL" in result.stderr
     assert "[rank0]" not in result.stderr  # the survivor does not add a traceback of its own
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()  # complete: the last good one
