@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from ..config import METHOD_SETTINGS, RUN_SETTINGS, STAGE_SETTINGS, TrainConfig
-from ..data.sources import load_registry
+from ..data.sources import load_registry, split_names
 from ..errors import ConfigError, PeftkitError
 from ..models import BUILTIN_MODELS
 from ..settings import Setting
@@ -234,13 +234,13 @@ def check(document: dict[str, Any], *, resume: bool = False) -> dict[str, str]:
             and not Path(model).expanduser().exists():
         problems["model_name_or_path"] = f"The folder '{model}' does not exist."
     dataset_dir = str(document.get("dataset_dir") or "data")
+    known = dataset_names(dataset_dir)
     if not Path(dataset_dir).expanduser().is_dir():
         problems["dataset_dir"] = f"The dataset directory '{dataset_dir}' does not exist."
-    elif document.get("dataset") and not dataset_names(dataset_dir) and not resume:
+    elif document.get("dataset") and not known and not resume:
         problems["dataset_dir"] = f"'{dataset_dir}' has no dataset_info.json listing the datasets."
     elif document.get("dataset"):
-        names = [n.strip() for n in re.split(r",", ",".join(_as_list(document["dataset"]))) if n.strip()]
-        missing = [n for n in names if n not in dataset_names(dataset_dir)]
+        missing = [n for n in split_names(document["dataset"]) if n not in known]
         if missing:
             problems["dataset"] = f"Not in {dataset_dir}/dataset_info.json: {', '.join(missing)}."
     if not document.get("dataset"):
@@ -258,10 +258,6 @@ def check(document: dict[str, Any], *, resume: bool = False) -> dict[str, str]:
         except ConfigError as e:
             problems[_key_named(str(e))] = str(e)
     return problems
-
-
-def _as_list(value: Any) -> list[str]:
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
 def _key_named(message: str) -> str:

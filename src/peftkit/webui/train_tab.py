@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pandas as pd
 
 from ..config import TrainConfig
 from ..data import TEMPLATES
+from ..data.sources import split_names
 from ..errors import PeftkitError
 from ..io.atomic import write_text
 from ..io.outputs import output_in_use
@@ -231,8 +231,7 @@ class TrainTab:
         for name in self.inputs:
             value = shown[name]
             if name == "dataset":
-                value = [n.strip() for n in re.split(r",", ",".join(form._as_list(document.get("dataset") or [])))
-                         if n.strip()]
+                value = split_names(document.get("dataset"))
                 updates.append(gr.update(value=value, choices=sorted({*form.dataset_names(
                     document.get("dataset_dir", "data")), *value})))
                 continue
