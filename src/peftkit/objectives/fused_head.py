@@ -69,11 +69,16 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Linear, targets: tor
     return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, ignore_index)
 
 
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model that owns the output layer, through DDP's wrapper and peftkit's TunedModel."""
+    inner = getattr(model, "module", model)
+    return inner if hasattr(inner, "get_output_embeddings") else getattr(inner, "model", inner)
+
+
 def fusable_head(model: nn.Module) -> nn.Linear | None:
     """The model's output layer when the fused loss can stand in for it: a plain linear layer with float weights
     (not an adapter's, not quantized, not sharded) and no soft-capping of the logits after it; None otherwise."""
-    inner = getattr(model, "module", model)  # DDP's wrapper
-    inner = getattr(inner, "model", inner) if not hasattr(inner, "get_output_embeddings") else inner
+    inner = _causal_lm(model)
     get = getattr(inner, "get_output_embeddings", None)
     head = get() if get is not None else None
     config = getattr(inner, "config", None)
@@ -88,8 +93,7 @@ def fusable_head(model: nn.Module) -> nn.Linear | None:
 def hidden_instead_of_logits(model: nn.Module, head: nn.Linear) -> Iterator[None]:
     """While inside, the model's forward returns the output layer's input (the final hidden states at the positions
     `logits_to_keep` selects) as its `logits`."""
-    inner = getattr(model, "module", model)
-    inner = getattr(inner, "model", inner) if not hasattr(inner, "get_output_embeddings") else inner
+    inner = _causal_lm(model)
     inner.set_output_embeddings(nn.Identity())
     try:
         yield
