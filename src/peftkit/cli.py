@@ -30,6 +30,7 @@ from .precision import bf16_is_faster
 from .quantization import QuantizationConfig, trained_quantization
 from .serve import ChatEngine, GenerationParams
 from .train import run_sft
+from .train.distributed import launched
 from .tuned import load_for_inference
 
 
@@ -396,8 +397,7 @@ def _resume_command(argv: list[str] | None, checkpoint: str) -> str:
 def _peer_gone(error: RuntimeError) -> bool:
     """Whether a collective failed because another process of a multi-process run ended (gloo and NCCL say so)."""
     peer = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return distributed and (isinstance(error, torch.distributed.DistError) or any(p in str(error) for p in peer))
+    return launched() and (isinstance(error, torch.distributed.DistError) or any(p in str(error) for p in peer))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,6 +188,27 @@ def full_parameters(model: nn.Module, ranks: Ranks) -> Iterator[None]:
             m.reshard()
 
 
+def whole_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ranks: Ranks) -> dict[str, Any]:
+    """The optimizer's state to save: under FSDP gathered whole (a collective: every rank calls it), so that any
+    number of ranks can resume from it; otherwise each rank's own, which is everyone's."""
+    if ranks.engine != "fsdp" or not ranks.enabled:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_whole_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                               ranks: Ranks) -> None:
+    """The inverse of `whole_optimizer_state`: under FSDP each rank keeps its shard of the saved whole."""
+    if ranks.engine != "fsdp" or not ranks.enabled:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def shard_of(rows: Sequence[int], ranks: Ranks) -> list[int]:
     """This rank's rows of one global micro-batch: contiguous slices, rank 0 first, so that ranks x batch b see the
     rows one process would see in a batch of ranks x b."""

@@ -53,8 +53,9 @@ def _train(cfg: Any, ranks: Ranks) -> dict[str, Any]:
             warnings.warn(note, UserWarning, stacklevel=2)
     seed_everything(cfg.seed)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    # one dtype for every rank: rank 0's choice (on a CPU it is measured, and each rank would measure alone)
-    dtype = getattr(torch, ranks.gather(str(base_dtype(cfg.bf16, cfg.fp16, device)).removeprefix("torch."))[0])
+    # one dtype for every rank: rank 0's choice (on a CPU it is measured; ranks measuring alone could disagree)
+    choice = str(base_dtype(cfg.bf16, cfg.fp16, device)).removeprefix("torch.") if ranks.is_main else None
+    dtype = getattr(torch, ranks.gather(choice)[0])
     quantization = cfg.quantization()
     model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=dtype, quantization=quantization,
                                                 trust_remote_code=cfg.trust_remote_code)

@@ -46,7 +46,15 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .distributed import Ranks, full_parameters, no_sync, shard_of, wrap
+from .distributed import (
+    Ranks,
+    full_parameters,
+    load_whole_optimizer_state,
+    no_sync,
+    shard_of,
+    whole_optimizer_state,
+    wrap,
+)
 from .schedules import get_scheduler
 
 LOG_NAME = "trainer_log.jsonl"
@@ -158,7 +166,8 @@ class Trainer:
         )
         self._best_state: dict[str, torch.Tensor] | None = None
         if self.resume_from is not None:
-            load_training_state(self.resume_from, self.optimizer, self.scheduler, self._load_optimizer_state)
+            load_training_state(self.resume_from, self.optimizer, self.scheduler,
+                                lambda state: load_whole_optimizer_state(self.model, self.optimizer, state, self.ranks))
             self._best_state = load_best_state(self.resume_from)
             self._position_from(self.state)
         else:
@@ -372,29 +381,11 @@ class Trainer:
             self.state.best_metric, self.state.best_step = value, self.state.global_step
             self._best_state = {k: t.detach().clone() for k, t in self.method.state_dict().items()}
 
-    def _optimizer_state(self) -> dict[str, Any]:
-        """The optimizer's state to save: under FSDP gathered whole (a collective: every rank calls it), so that any
-        number of ranks can resume from it."""
-        if self.ranks.engine != "fsdp":
-            return self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
-        if self.ranks.engine != "fsdp":
-            self.optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
-
     def _save_checkpoint(self, only_model: bool | None = None) -> Path:
         """Rank 0 writes the checkpoint (FSDP's shards gathered first, by every rank); the others wait for it."""
         if only_model is None:
             only_model = self.cfg.save_only_model
-        optimizer_state = None if only_model else self._optimizer_state()
+        optimizer_state = None if only_model else whole_optimizer_state(self.model, self.optimizer, self.ranks)
         path = self.output_dir / f"{PREFIX}{self.state.global_step}"
         with full_parameters(self.model, self.ranks):
             if self.ranks.is_main:
