@@ -235,3 +235,22 @@ def test_a_module_carries_one_method() -> None:
     tuned = TunedModel(tiny_llama(), Ia3Config(target_modules=["k_proj"], feedforward_modules=[]))
     with pytest.raises(ConfigError, match=r"k_proj' already carries a Ia3Layer; lora cannot wrap it again"):
         tuned.add_adapter("lora", LoraConfig(r=4, target_modules=["k_proj"]))
+
+
+def test_bf16_training_product_matches_fp32_product(input_ids) -> None:
+    """On a bf16 base, training computes B A x in bf16 (fast path); inference in fp32, as PEFT. Same loss and
+    gradients up to bf16 rounding; the parameters stay fp32."""
+    tuned = TunedModel(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                   init_lora_weights=False))
+
+    def loss_and_grads(training: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tuned.train(training)
+        loss = tuned(input_ids=input_ids, labels=input_ids).loss
+        params = [p for _, p in tuned.trainable_parameters()]
+        return loss.float(), [g.float() for g in torch.autograd.grad(loss, params)]
+
+    fast, slow = loss_and_grads(True), loss_and_grads(False)
+    assert {p.dtype for _, p in tuned.trainable_parameters()} == {torch.float32}
+    assert abs(fast[0] - slow[0]) <= 1e-2 * slow[0]
+    for a, b in zip(fast[1], slow[1]):
+        assert (a - b).norm() <= 5e-2 * b.norm()

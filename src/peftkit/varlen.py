@@ -13,6 +13,7 @@ attention sinks), keep padded batches: see `supports_padding_free`.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager, nullcontext
 from typing import Any, ContextManager, Iterator
 
@@ -25,6 +26,40 @@ ATTN_NAME = "peftkit_varlen"
 _SUPPORTED_BASE = ("sdpa", "eager") + tuple(vt.ATTN_PREFIX + impl for impl in ("sdpa", "eager"))
 
 
+# Longest example that `_matmul_attention` takes instead of SDPA: see its docstring.
+MATMUL_ATTENTION_MAX_LEN = 256
+
+
+@functools.lru_cache(maxsize=64)
+def _future_bias(n: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """-inf above the diagonal, 0 elsewhere, stacked `groups` times: [groups * n, n], added to the scores."""
+    bias = torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu(1)
+    return bias.repeat(groups, 1)
+
+
+def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal attention of one example as two batched matmuls and an fp32 softmax (as transformers' eager kernel).
+
+    Why: on CPU, SDPA's flash kernel runs its backward in small blocks for short sequences; in bf16, for examples of
+    up to ~256 tokens, autograd through these ops is ~1.7x faster per attention layer (docs/performance.md,
+    "attention"). The scores are rounded to the model's dtype before the softmax, as transformers' eager attention
+    does. Grouped-query heads share their key/value head by folding the group into the matmul's rows.
+    """
+    _, heads, n, dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    rows = q[0].reshape(kv_heads, groups * n, dim)
+    bias = _future_bias(n, groups, q.dtype, q.device)
+    scores = torch.baddbmm(bias, rows, k[0].transpose(1, 2), alpha=scaling)  # [kv_heads, groups * n, n]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(probs, v[0]).view(1, heads, n, dim)
+
+
+def _use_matmul_attention(q: torch.Tensor) -> bool:
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+            and q.shape[-2] <= MATMUL_ATTENTION_MAX_LEN)
+
+
 def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None,
                        sliding_window: int | None, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
                        positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,6 +68,8 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scalin
     if prefix is not None:  # virtual tokens (methods/virtual_tokens.py) before this example
         k, v, mask = vt.with_prefix(q, k, v, None, prefix, sliding_window, positions, "bool")
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    if (sliding_window is None or n <= sliding_window) and _use_matmul_attention(q):
+        return _matmul_attention(q, k, v, q.shape[-1] ** -0.5 if scaling is None else scaling)
     if sliding_window is None or n <= sliding_window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
     i = torch.arange(n, device=q.device)

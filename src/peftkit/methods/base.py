@@ -408,6 +408,7 @@ class Method:
             raise ModuleTaken(f"'{path}' already carries a {type(module).__name__}; {self.name} cannot wrap it "
                               f"again.{hint}")
         layer = (make or layer_cls)(module)
+        layer.train(module.training)  # a layer added to a model in eval mode is in eval mode (no dropout)
         replace_module(self.model, path, layer)
         return layer
 

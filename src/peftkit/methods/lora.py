@@ -226,6 +226,12 @@ class LoraLinear(LoraLayer, LinearAdapterLayer):
         name = self.active_adapter
         A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
         dropout = self.lora_dropout[name]
+        if name not in self.lora_magnitude and self.training and result.dtype == torch.bfloat16:
+            # Training on a bf16 base: the low-rank product runs in bf16 too, from the fp32 parameters (the
+            # optimizer's master copy) cast per forward, r x d elements, instead of casting the activations to fp32
+            # and back: 1.2x the step speed with LoRA on every linear layer (docs/performance.md, "casts").
+            # Inference keeps the fp32 product, as PEFT computes it.
+            return result + F.linear(F.linear(dropout(x), A.to(result.dtype)), (B * s).to(result.dtype))
         h = dropout(x.to(A.dtype))
         lora = F.linear(F.linear(h, A), B) * s
         if name not in self.lora_magnitude:
