@@ -250,3 +250,22 @@ def test_engine_from_the_config() -> None:
     assert engine_of(load_config(None, ["model_name_or_path=m", "fsdp=full_shard auto_wrap"])) == "fsdp"
     with pytest.raises(ConfigError, match="choose one engine"):
         load_config(None, ["model_name_or_path=m", "fsdp=full_shard", f"deepspeed={ROOT / 'pyproject.toml'}"])
+
+
+def test_cpu_threads_one_per_physical_core_shared_by_the_ranks_here(monkeypatch) -> None:
+    from peftkit.train.distributed import physical_cores, set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert 1 <= physical_cores() <= os.cpu_count()
+        set_cpu_threads(1)
+        assert torch.get_num_threads() == physical_cores()
+        set_cpu_threads(physical_cores() * 4)  # more ranks than cores: one thread each
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(2)
+        set_cpu_threads(1)  # the user's setting is kept
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

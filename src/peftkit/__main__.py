@@ -1,8 +1,6 @@
 """`python -m peftkit ...` is `peftkit ...` (the web UI starts runs this way, with its own interpreter)."""
 
-import sys
-
-from .cli import main
+from .cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

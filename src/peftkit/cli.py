@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import os
@@ -427,5 +428,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console() -> None:
+    """The `peftkit` command: `main`, then exit without tearing down the interpreter's objects one by one.
+
+    atexit handlers (temporary folders, logging) still run; only the final garbage collection of the model's modules
+    and tensors is skipped, which takes 1-2 s after a run (docs/performance.md, "start-up and exit").
+    """
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -77,6 +77,17 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scalin
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
 
 
+_last_bounds: list = [None, []]  # (cu_seq_lens tensor, its values): every layer of a forward reads the same one
+
+
+def _bounds(cu_seq_lens: torch.Tensor) -> list[int]:
+    """The example boundaries as Python ints, read from the device once per batch instead of once per layer (on a
+    GPU each read waits for the queued work)."""
+    if _last_bounds[0] is not cu_seq_lens:
+        _last_bounds[:] = [cu_seq_lens, cu_seq_lens.tolist()]
+    return _last_bounds[1]
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -106,7 +117,7 @@ def varlen_attention_forward(
                            "implement; set padding_free: false.")
     if dropout and module.training:
         raise RuntimeError("Padding-free attention does not apply attention dropout; set padding_free: false.")
-    bounds = cu_seq_lens_q.tolist()
+    bounds = _bounds(cu_seq_lens_q)
     layer_prefix = prefix[module.layer_idx] if prefix is not None else None
     positions = kwargs.get("position_ids")
     parts = [

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -93,18 +94,38 @@ def engine_of(cfg: Any) -> str:
     return "fsdp" if any(w in fsdp.split() for w in ("full_shard", "shard_grad_op", "hybrid_shard")) else "ddp"
 
 
+def physical_cores() -> int:
+    """Cores this process may run on, hyperthread siblings counted once: two threads on one core's siblings only
+    contend for its matrix units."""
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return len(cores)
+
+
+def set_cpu_threads(processes_here: int) -> None:
+    """One intra-op thread per physical core, shared among the processes on this machine; $OMP_NUM_THREADS wins."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, physical_cores() // processes_here))
+
+
 def start(cfg: Any) -> Ranks:
     """Join the process group torchrun set up (gloo on CPU, nccl on GPU); one process returns `Ranks()` untouched."""
+    cuda = torch.cuda.is_available()
     if not launched():
+        if not cuda:
+            set_cpu_threads(1)
         return Ranks()
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())  # respects CUDA_VISIBLE_DEVICES
     else:  # ranks on one machine share its cores instead of each taking all of them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        set_cpu_threads(local_world)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.ddp_timeout))
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), local_rank, local_world, engine_of(cfg))

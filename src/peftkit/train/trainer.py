@@ -82,7 +82,7 @@ def optimizer_step(model: torch.nn.Module, objective: Objective, group: Sequence
     counted = [True] * len(group) if counted is None else counted
     units = ranks.sum([sum(objective.units(b) for b, c in zip(group, counted) if c)])[0]
     scale = ranks.world_size / max(units, 1)
-    total = 0.0
+    total = torch.zeros(())  # summed on the loss's device, read once per step: no host sync per micro-batch
     for i, (batch, weight) in enumerate(zip(group, counted)):
         with attention_for(model, batch), no_sync(model, last=i == len(group) - 1):
             loss_sum = objective.loss(model, batch) * float(weight)
@@ -91,13 +91,13 @@ def optimizer_step(model: torch.nn.Module, objective: Objective, group: Sequence
             if extra is not None:
                 loss = loss + extra / len(group)
             loss.backward()
-        total += loss_sum.item()
+        total = total.to(loss_sum.device) + loss_sum.detach().float()
     if max_grad_norm and max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     after_step()
     optimizer.zero_grad(set_to_none=True)
-    return ranks.sum([total])[0], int(units)
+    return ranks.sum([total.item()])[0], int(units)
 
 
 class Trainer:
