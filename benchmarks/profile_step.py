@@ -28,8 +28,9 @@ from peftkit.train.trainer import optimizer_step
 ROOT = Path(__file__).resolve().parents[1]
 # operator name patterns -> category, first match wins
 CATEGORIES = [
-    ("matmul", r"aten::(mm|addmm|bmm|matmul|linear|_mkldnn|mkldnn_|baddbmm)"),
-    ("attention", r"(scaled_dot_product|_flash_attention|attention|_efficient)"),
+    # short examples' attention is batched matmuls + a softmax (varlen._matmul_attention); nothing else here uses them
+    ("attention", r"(scaled_dot_product|_flash_attention|attention|_efficient|aten::(bmm|baddbmm)$|aten::_softmax($|_b))"),
+    ("matmul", r"aten::(mm|addmm|matmul|linear|_mkldnn|mkldnn_)"),
     ("cross-entropy and softmax", r"(log_softmax|logsumexp|nll_loss|cross_entropy|_softmax|exp\b|aten::exp)"),
     ("norms and activations", r"(rms|layer_norm|silu|gelu|rsqrt|pow|mean|sigmoid)"),
     ("casts and copies", r"(aten::to\b|_to_copy|copy_|clone|contiguous|empty_like|aten::cat|index|gather|scatter)"),
