@@ -1,0 +1,1 @@
+"""Benchmarks against transformers + PEFT; `python -m benchmarks all` runs the lot (see README.md)."""
