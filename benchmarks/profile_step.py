@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # operator name patterns -> category, first match wins
 CATEGORIES = [
     # short examples' attention is batched matmuls + a softmax (varlen._matmul_attention); nothing else here uses them
-    ("attention", r"(scaled_dot_product|_flash_attention|attention|_efficient|aten::(bmm|baddbmm)$|aten::_softmax($|_b))"),
+    ("attention",
+     r"(scaled_dot_product|_flash_attention|attention|_efficient|aten::(bmm|baddbmm)$|aten::_softmax($|_b))"),
     ("matmul", r"aten::(mm|addmm|matmul|linear|_mkldnn|mkldnn_)"),
     ("cross-entropy and softmax", r"(log_softmax|logsumexp|nll_loss|cross_entropy|_softmax|exp\b|aten::exp)"),
     ("norms and activations", r"(rms|layer_norm|silu|gelu|rsqrt|pow|mean|sigmoid)"),

@@ -1,8 +1,12 @@
 """An OpenAI-compatible API: one base model in memory, any number of adapters, picked per request by `model`.
 
-Requests wait in one queue; a worker thread takes the oldest and, with it, every waiting request for the same adapter
-and the same sampling settings, and generates them as one left-padded batch. Streaming requests run alone. The
-engine's lock makes adapter switching and generation atomic, so concurrent requests never mix adapters.
+One worker thread generates everything, with continuous batching: requests for the same adapter share a decode
+batch, a request that arrives while it runs joins it at the next step (its prompt prefilled, its cache rows added),
+and a request that finishes leaves it at once. Each row keeps its own sampling settings, stop strings and seed, so
+any requests can share a batch, and streaming requests take part like the others. Batches of different adapters
+take turns, a step each. The engine's lock makes adapter switching and generation atomic, so requests never mix
+adapters. Models the decode loop does not cover generate as before: same-adapter, same-settings requests in one
+static batch, streams alone.
 """
 
 from __future__ import annotations
@@ -14,66 +18,189 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import anyio
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from transformers import TextIteratorStreamer
 
 from ..data.formats import RowError
 from .chat import ChatEngine, Completion, GenerationParams
+from .decode import Decoder, Row
 from .exposure import warn_if_exposed
 
 MAX_BATCH = 16
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Job:
     prompt: list[int]
     params: GenerationParams
     adapter: str | None
     future: Future
+    row: Row | None = None  # None: the decode loop does not cover this model or these settings
+    streamer: TextIteratorStreamer | None = None
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+        if self.streamer is not None:
+            self.streamer.end()
 
 
 class BatchScheduler:
-    """One queue, one worker: same-adapter, same-settings requests are generated together."""
+    """One queue, one worker: continuous batching per adapter (see the module's docstring).
+
+    `batches_run` counts decode batches started (a batch lasts as long as requests keep it going), `steps_run` the
+    decode steps of all of them.
+    """
 
     def __init__(self, engine: ChatEngine, max_batch: int = MAX_BATCH) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.jobs: queue.Queue[_Job] = queue.Queue()
         self.batches_run = 0
+        self.steps_run = 0
+        self.lanes: dict[str | None, Decoder] = {}  # adapter -> its running batch
+        self.waiting: dict[str | None, list[_Job]] = {}  # adapter -> jobs not yet in its batch
+        self.running: dict[Row, _Job] = {}
         threading.Thread(target=self._work, daemon=True, name="peftkit-batcher").start()
 
-    def submit(self, prompt: list[int], params: GenerationParams, adapter: str | None) -> Completion:
+    # --- requests ---
+    def _job(self, prompt: list[int], params: GenerationParams, adapter: str | None,
+             cancel: threading.Event | None, stream: bool = False) -> _Job:
         job = _Job(prompt, params, adapter, Future())
+        rows = self.engine.rows([prompt], params, self.engine.tree(adapter), cancel)
+        if rows is None:
+            return job
+        job.row = rows[0]
+        if stream:
+            streamer = job.streamer = TextIteratorStreamer(self.engine.tokenizer, skip_special_tokens=True)
+            job.row.on_token = lambda token: streamer.put(torch.tensor([token]))
+
+        def done(row: Row) -> None:
+            self.running.pop(row, None)
+            try:
+                job.future.set_result(self.engine.completion(prompt, row.tokens, params))
+            except Exception as e:  # noqa: BLE001  (the request fails, the batch goes on)
+                job.future.set_exception(e)
+            if job.streamer is not None:
+                job.streamer.end()
+
+        job.row.on_done = done
+        return job
+
+    def submit(self, prompt: list[int], params: GenerationParams, adapter: str | None,
+               cancel: threading.Event | None = None) -> Completion:
+        """The completion of `prompt` (blocks until it is done)."""
+        job = self._job(prompt, params, adapter, cancel)
         self.jobs.put(job)
         return job.future.result()
 
+    def stream(self, prompt: list[int], params: GenerationParams, adapter: str | None,
+               cancel: threading.Event) -> tuple[Iterator[str], Future] | None:
+        """Text pieces of the completion as they are generated, and a future of the whole completion; None where
+        the decode loop does not cover the model or the settings (stream with `ChatEngine.stream` then). Setting
+        `cancel` ends the row at its next step."""
+        job = self._job(prompt, params, adapter, cancel, stream=True)
+        if job.row is None:
+            return None
+        self.jobs.put(job)
+        return iter(job.streamer), job.future
+
+    # --- the worker ---
     def _work(self) -> None:
+        turn = 0
         while True:
-            first = self.jobs.get()
-            batch, later = [first], []
-            while len(batch) < self.max_batch:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                same = job.adapter == first.adapter and job.params == first.params and first.params.seed is None
-                (batch if same else later).append(job)
-            for job in later:  # back in the queue, in order, for the next round
-                self.jobs.put(job)
+            self._collect(block=not self.waiting and not any(len(lane) for lane in self.lanes.values()))
+            for adapter in list(self.waiting):
+                self._join(adapter)
+            running = [a for a, lane in self.lanes.items() if len(lane)]
+            if running:
+                turn += 1
+                self._step(running[turn % len(running)])
+
+    def _collect(self, block: bool) -> None:
+        """Move queued jobs to `waiting` (run those the decode loop does not cover); with `block`, wait for one."""
+        while True:
             try:
-                results = self.engine.generate([j.prompt for j in batch], first.params, first.adapter)
-            except Exception as e:  # a failed batch fails its requests, not the server
-                for job in batch:
-                    job.future.set_exception(e)
-                continue
-            self.batches_run += 1
-            for job, result in zip(batch, results):
-                job.future.set_result(result)
+                job = self.jobs.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if job.row is None:
+                self._static(job)
+            else:
+                self.waiting.setdefault(job.adapter, []).append(job)
+
+    def _join(self, adapter: str | None) -> None:
+        """Prefill the waiting jobs of `adapter` that fit, and add them to its batch."""
+        lane = self.lanes.get(adapter)
+        room = self.max_batch - (len(lane) if lane is not None else 0)
+        if room <= 0 or (lane is not None and not lane.can_join()):
+            return
+        jobs, rest = self.waiting[adapter][:room], self.waiting[adapter][room:]
+        if rest:
+            self.waiting[adapter] = rest
+        else:
+            del self.waiting[adapter]
+        try:
+            with self.engine.lock:
+                model, context = self.engine.use(adapter)
+                if lane is None or (not len(lane) and lane.model is not model):
+                    lane = self.lanes[adapter] = self.engine.decoder(model)
+                started = not len(lane)
+                self.running.update((job.row, job) for job in jobs)
+                with context:
+                    lane.add([job.row for job in jobs])
+            self.batches_run += started and len(lane) > 0
+        except Exception as e:  # a failed prefill fails its requests, not the server
+            for job in jobs:
+                self.running.pop(job.row, None)
+                job.fail(e)
+
+    def _step(self, adapter: str | None) -> None:
+        lane = self.lanes[adapter]
+        try:
+            with self.engine.lock:
+                _, context = self.engine.use(adapter)
+                with context:
+                    lane.step()
+            self.steps_run += 1
+        except Exception as e:  # a failed step fails the batch's requests, not the server
+            del self.lanes[adapter]
+            for row in lane.rows:
+                job = self.running.pop(row, None)
+                if job is not None:
+                    job.fail(e)
+
+    def _static(self, first: _Job) -> None:
+        """A job the decode loop does not cover: with every queued job of the same adapter and settings, one
+        `ChatEngine.generate` batch, as before continuous batching."""
+        batch, later = [first], []
+        while len(batch) < self.max_batch:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            same = (job.row is None and job.adapter == first.adapter and job.params == first.params
+                    and first.params.seed is None)
+            (batch if same else later).append(job)
+        for job in later:  # back in the queue, in order, for the next round
+            self.jobs.put(job)
+        try:
+            results = self.engine.generate([j.prompt for j in batch], first.params, first.adapter)
+        except Exception as e:  # a failed batch fails its requests, not the server
+            for job in batch:
+                job.fail(e)
+            return
+        self.batches_run += 1
+        for job, result in zip(batch, results):
+            job.future.set_result(result)
 
 
 class ApiError(Exception):
@@ -282,7 +409,7 @@ def build_app(engine: ChatEngine, base_name: str, api_key: str | None = None) ->
         adapter = None if model == base_name else model
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.get("stream"):
-            return StreamingResponse(_sse(engine, reply_id, model, messages, prompt, params, adapter, tools),
+            return StreamingResponse(_sse(engine, scheduler, reply_id, model, messages, prompt, params, adapter, tools),
                                      media_type="text/event-stream")
         done = await anyio.to_thread.run_sync(scheduler.submit, prompt, params, adapter)
         if tools:
@@ -298,8 +425,9 @@ def build_app(engine: ChatEngine, base_name: str, api_key: str | None = None) ->
     return app
 
 
-async def _sse(engine: ChatEngine, reply_id: str, model: str, messages: list[dict[str, Any]], prompt: list[int],
-               params: GenerationParams, adapter: str | None, tools: list[dict] | None) -> AsyncIterator[str]:
+async def _sse(engine: ChatEngine, scheduler: BatchScheduler, reply_id: str, model: str, messages: list[dict[str, Any]],
+               prompt: list[int], params: GenerationParams, adapter: str | None,
+               tools: list[dict] | None) -> AsyncIterator[str]:
     """OpenAI's chunk stream: the role first, then content pieces (or tool calls), then the finish reason, then
     [DONE].
 
@@ -321,7 +449,7 @@ async def _sse(engine: ChatEngine, reply_id: str, model: str, messages: list[dic
     cancel = threading.Event()
     if tools:
         try:
-            done = await anyio.to_thread.run_sync(lambda: engine.generate([prompt], params, adapter, cancel)[0],
+            done = await anyio.to_thread.run_sync(scheduler.submit, prompt, params, adapter, cancel,
                                                   abandon_on_cancel=True)
         finally:
             cancel.set()
@@ -332,18 +460,25 @@ async def _sse(engine: ChatEngine, reply_id: str, model: str, messages: list[dic
             yield chunk({"tool_calls": [{"index": index, **call}]})
         finish, completion_tokens = done.finish_reason, done.completion_tokens
     else:
-        text = ""
-        pieces = engine.stream(messages, adapter=adapter, params=params, cancel=cancel)
+        text, done = "", None
+        streaming = scheduler.stream(prompt, params, adapter, cancel)
+        pieces = engine.stream(messages, adapter=adapter, params=params, cancel=cancel) if streaming is None \
+            else streaming[0]
         try:
             # abandon_on_cancel: a disconnect must not wait for the next piece, which may be many tokens away
             while (piece := await anyio.to_thread.run_sync(next, pieces, None, abandon_on_cancel=True)) is not None:
                 text += piece
                 if piece:
                     yield chunk({"content": piece})
+            if streaming is not None:
+                done = await anyio.to_thread.run_sync(streaming[1].result, abandon_on_cancel=True)
         finally:
             cancel.set()
-        completion_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-        finish = "length" if completion_tokens >= params.max_new_tokens else "stop"
+        if done is not None:
+            finish, completion_tokens = done.finish_reason, done.completion_tokens
+        else:
+            completion_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+            finish = "length" if completion_tokens >= params.max_new_tokens else "stop"
     prompt_tokens = len(prompt)
     yield chunk({}, finish, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                              "total_tokens": prompt_tokens + completion_tokens})

@@ -1,11 +1,17 @@
 """The one generation engine: chat template, batching with left padding, sampling, stop tokens and strings, adapter
-choice. `peftkit chat`, `peftkit predict` and the API all generate through it, so they behave identically."""
+choice. `peftkit chat`, `peftkit predict` and the API all generate through it, so they behave identically.
+
+Tokens come from peftkit's decode loop (`decode.py`: the model's own forward and cache, `generate`'s processing, rows
+that leave and join a running batch), or from transformers' `model.generate` for models and settings it does not
+cover (encoder-decoders, generation_config processing it lacks, a `generate` replaced on the instance), and
+everywhere with PEFTKIT_DECODE=generate, to compare."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import os
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -17,6 +23,10 @@ from ..data.formats import add_turn, calls_content
 from ..errors import AdapterLoadError, ConfigError
 from ..methods.base import ModuleTaken
 from ..tuned import TunedModel, share_base
+from . import decode
+from .packed import PackedWeights
+
+DECODE_ENV = "PEFTKIT_DECODE"  # "generate": always generate through transformers' model.generate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +116,7 @@ class ChatEngine:
         self.call_markers = {ids[0]: marker for marker in self.template.tool_format.markers
                              if len(ids := tokenizer.encode(marker, add_special_tokens=False)) == 1}
         self.lock = threading.RLock()
+        self.packed = PackedWeights()  # bf16 weights packed for oneDNN, shared by every tree (see packed.py)
         # What `peftkit chat --adapter` and predict use: the adapter active when the engine was made (None: base).
         self.default_adapter: str | None = getattr(model, "active_adapter", None) if self.adapters else None
 
@@ -136,6 +147,7 @@ class ChatEngine:
 
         if name in self.adapters:
             raise ConfigError(f"An adapter named '{name}' is already served; pick another name.")
+        self.packed.forget()  # the trees' modules change
         if not isinstance(self.model, TunedModel):  # a plain base model: wrap it, keeping an adapter-free tree
             self._pristine = share_base(self.model)
             self.model = TunedModel(self.model).eval()
@@ -159,7 +171,7 @@ class ChatEngine:
     def _batch(self, prompts: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         """Left-padded, so every row's next token is generated at the same position."""
         width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        pad = self._pad_id()
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -187,36 +199,73 @@ class ChatEngine:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kw
 
-    def _use(self, adapter: str | None) -> tuple[Any, Any]:
-        """The model tree to generate with and the context to generate in, with `adapter` active (None: the base)."""
+    def tree(self, adapter: str | None) -> Any:
+        """The module tree that carries `adapter` (None: the base model's), without switching to it."""
         if adapter is None:
-            if not self.adapters:
-                return self.model, contextlib.nullcontext()
-            return self.model, self.model.disable_adapter()
+            return self.model
         tree = next((t for t in self.trees if adapter in getattr(t, "adapters", {})), None)
         if tree is None:
             raise ConfigError(f"No adapter named '{adapter}'. Served: {', '.join(self.adapters) or 'none'}.")
+        return tree
+
+    def use(self, adapter: str | None) -> tuple[Any, Any]:
+        """The model tree to generate with and the context to generate in, with `adapter` active (None: the base);
+        hold `lock` from here to the end of the generation."""
+        tree = self.tree(adapter)
+        if adapter is None:
+            return tree, (tree.disable_adapter() if self.adapters else contextlib.nullcontext())
         tree.set_adapter(adapter)
         return tree, contextlib.nullcontext()
 
     # --- generation ---
+    def rows(self, prompts: Sequence[list[int]], params: GenerationParams, model: Any = None,
+             cancel: threading.Event | None = None) -> list[decode.Row] | None:
+        """Rows for the decode loop (one per prompt, each with `params`' processing, stop ids and strings), or None
+        where `model` (default: the engine's) must generate through `model.generate` instead."""
+        model = self.model if model is None else model
+        if os.environ.get(DECODE_ENV, "").strip().lower() == "generate" or not decode.supports(model):
+            return None
+        found = decode.processors(self._generate_kwargs(params), getattr(model, "generation_config", None))
+        if found is None:
+            return None
+        processors, sample = found
+        return [decode.Row(list(p), params.max_new_tokens, frozenset(self.stop_ids), processors, sample, params.seed,
+                           params.stop, cancel) for p in prompts]
+
+    def decoder(self, model: Any) -> decode.Decoder:
+        """A decode batch on `model` (one of `trees`), to fill with `rows`."""
+        return decode.Decoder(model, self.tokenizer, self._pad_id(), self.packed)
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[list[int]], params: GenerationParams = GenerationParams(),
                  adapter: str | None = None, cancel: threading.Event | None = None) -> list[Completion]:
         """Complete token-id prompts in one batch; stop strings are cut from the text, as OpenAI's API does.
         Setting `cancel` ends the generation at the next token."""
-        stopping = {"stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)])} if cancel is not None else {}
         with self.lock:
-            model, context = self._use(adapter)
+            model, context = self.use(adapter)
+            rows = self.rows(prompts, params, model, cancel)
             with context:
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                batch = self._batch(prompts)
-                out = model.generate(**batch, **self._generate_kwargs(params), **stopping)
-        width = batch["input_ids"].shape[1]
-        return [self._completion(prompt, row[width:].tolist(), params) for prompt, row in zip(prompts, out)]
+                if rows is None:
+                    return self._generate_hf(model, prompts, params, cancel)
+                self.decoder(model).run(rows)
+        return [self.completion(prompt, row.tokens, params) for prompt, row in zip(prompts, rows)]
 
-    def _completion(self, prompt: list[int], new: list[int], params: GenerationParams) -> Completion:
+    def _generate_hf(self, model: Any, prompts: Sequence[list[int]], params: GenerationParams,
+                     cancel: threading.Event | None) -> list[Completion]:
+        """`generate` through transformers' `model.generate` (the engine's lock held, the adapter set)."""
+        stopping = {"stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)])} if cancel is not None else {}
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        batch = self._batch(prompts)
+        out = model.generate(**batch, **self._generate_kwargs(params), **stopping)
+        width = batch["input_ids"].shape[1]
+        return [self.completion(prompt, row[width:].tolist(), params) for prompt, row in zip(prompts, out)]
+
+    def completion(self, prompt: list[int], new: list[int], params: GenerationParams) -> Completion:
+        """The Completion of `prompt` from its generated tokens `new` (stop token and strings cut off)."""
         ended = next((i for i, t in enumerate(new) if t in self.stop_ids), None)
         tokens = new[:ended] if ended is not None else new
         while tokens and tokens[-1] == self.tokenizer.pad_token_id and ended is None:
@@ -270,21 +319,25 @@ class ChatEngine:
         if params is None:
             params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         cancel = threading.Event() if cancel is None else cancel
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        batch = self._batch([self.prompt_ids(messages)])
-        kwargs = {**batch, **self._generate_kwargs(params), "streamer": streamer,
-                  "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)])}
-
+        prompt = self.prompt_ids(messages)
         failure: list[BaseException] = []
+        rows = self.rows([prompt], params, self.tree(adapter), cancel)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=rows is None, skip_special_tokens=True)
 
         def run() -> None:
             try:
                 with self.lock, torch.no_grad():
-                    model, context = self._use(adapter)
+                    model, context = self.use(adapter)
                     with context:
+                        if rows is not None:
+                            rows[0].on_token = lambda token: streamer.put(torch.tensor([token]))
+                            self.decoder(model).run(rows)
+                            streamer.end()
+                            return
                         if params.seed is not None:
                             torch.manual_seed(params.seed)
-                        model.generate(**kwargs)
+                        model.generate(**self._batch([prompt]), **self._generate_kwargs(params), streamer=streamer,
+                                       stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
             except BaseException as e:  # re-raised in the caller's thread; end the stream so it does not hang
                 failure.append(e)
                 streamer.end()
