@@ -170,13 +170,7 @@ class ChatEngine:
 
     def _batch(self, prompts: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         """Left-padded, so every row's next token is generated at the same position."""
-        width = max(len(p) for p in prompts)
-        pad = self._pad_id()
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = decode.left_padded(prompts, self._pad_id())
         return {"input_ids": ids.to(self._device()), "attention_mask": mask.to(self._device())}
 
     def _generate_kwargs(self, params: GenerationParams) -> dict[str, Any]:
@@ -254,13 +248,14 @@ class ChatEngine:
         return [self.completion(prompt, row.tokens, params) for prompt, row in zip(prompts, rows)]
 
     def _generate_hf(self, model: Any, prompts: Sequence[list[int]], params: GenerationParams,
-                     cancel: threading.Event | None) -> list[Completion]:
-        """`generate` through transformers' `model.generate` (the engine's lock held, the adapter set)."""
+                     cancel: threading.Event | None, **extra: Any) -> list[Completion]:
+        """`generate` through transformers' `model.generate` (the engine's lock held, the adapter set); `extra`
+        goes to `model.generate` (a streamer)."""
         stopping = {"stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)])} if cancel is not None else {}
         if params.seed is not None:
             torch.manual_seed(params.seed)
         batch = self._batch(prompts)
-        out = model.generate(**batch, **self._generate_kwargs(params), **stopping)
+        out = model.generate(**batch, **self._generate_kwargs(params), **stopping, **extra)
         width = batch["input_ids"].shape[1]
         return [self.completion(prompt, row[width:].tolist(), params) for prompt, row in zip(prompts, out)]
 
@@ -334,10 +329,7 @@ class ChatEngine:
                             self.decoder(model).run(rows)
                             streamer.end()
                             return
-                        if params.seed is not None:
-                            torch.manual_seed(params.seed)
-                        model.generate(**self._batch([prompt]), **self._generate_kwargs(params), streamer=streamer,
-                                       stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
+                        self._generate_hf(model, [prompt], params, cancel, streamer=streamer)
             except BaseException as e:  # re-raised in the caller's thread; end the stream so it does not hang
                 failure.append(e)
                 streamer.end()

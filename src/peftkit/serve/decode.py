@@ -147,12 +147,7 @@ class Decoder:
         rows = [r for r in rows if not _cancelled_before_start(r)]
         if not rows:
             return []
-        width = max(len(r.prompt) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
-            mask[i, width - len(r.prompt):] = 1
+        ids, mask = left_padded([r.prompt for r in rows], self.pad_id)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = kv.new_cache(self.model)
         logits = self._forward(ids, None if bool(mask.all()) else mask, positions, cache)
@@ -276,6 +271,18 @@ class Decoder:
         if first > 0:
             kv.drop_left(self.cache, first)
             self.mask = self.mask[:, first:]
+
+
+def left_padded(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of `prompts` left-padded to the longest, so every row's next token is generated at
+    the same position, as `generate` pads a batch."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
