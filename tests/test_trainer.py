@@ -133,7 +133,7 @@ def test_load_best_model_at_end(tmp_path) -> None:
     best_step = min(evals, key=evals.get)
     assert best_step < 12 and evals[12] > evals[best_step] + 0.1  # the final adapter is not the best one
     assert results["best_step"] == best_step and results["best_eval_loss"] == pytest.approx(evals[best_step], abs=1e-6)
-    assert trainer.evaluate() == pytest.approx(evals[best_step], abs=1e-5)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(evals[best_step], abs=1e-5)
 
 
 def test_token_loss_matches_transformers_loss() -> None:
@@ -191,5 +191,5 @@ def test_load_best_model_at_end_survives_a_resume(tmp_path) -> None:
     resumed, results = run(make_cfg(tmp_path / "killed", resume_from_checkpoint=True, **common), data,
                            eval_data=eval_data)
     assert results["best_step"] == ref_results["best_step"] < 9
-    assert resumed.evaluate() == pytest.approx(ref.evaluate(), abs=1e-6)
-    assert resumed.evaluate() == pytest.approx(ref_results["best_eval_loss"], abs=1e-5)
+    assert resumed.evaluate()["eval_loss"] == pytest.approx(ref.evaluate()["eval_loss"], abs=1e-6)
+    assert resumed.evaluate()["eval_loss"] == pytest.approx(ref_results["best_eval_loss"], abs=1e-5)

@@ -57,6 +57,9 @@ IGNORED_KEYS: dict[str, str] = {
     "export_quantization_nsamples": _NO_GPTQ, "export_quantization_maxlen": _NO_GPTQ,
     "predict_with_generate": "predict always generates", "run_name": "runs are named by output_dir",
     "logging_dir": "logs go to output_dir/trainer_log.jsonl",
+    "ref_model_quantization_bit": "a separate reference model loads in the training dtype",
+    "pref_bco_weight": "BCO is not implemented", "ld_alpha": "LD-DPO is not implemented",
+    "use_ref_model": "whether a reference is used follows pref_loss (orpo and simpo use none)",
 }
 _ALIASES = {"evaluation_strategy": "eval_strategy"}  # old TrainingArguments name -> current
 
@@ -111,8 +114,9 @@ class TrainConfig(_OwnKeys):  # type: ignore[valid-type,misc]
     max_samples: int | None = setting(None, "Use at most this many rows of each dataset.", "data")
     val_size: int | float = setting(
         0.0, "Hold out this share (in [0, 1)) or count (>= 1) of dataset for evaluation.", "data")
-    packing: bool = setting(
-        False, "Pack several examples into one row; they never attend to each other.", "data")
+    packing: bool | None = setting(
+        None, "Pack several examples into one row; they never attend to each other. Empty: on for stage pt (its "
+        "documents are joined and cut into cutoff_len blocks), off otherwise.", "data")
     padding_free: bool = setting(
         True, "Run a micro-batch as one unpadded row with per-example attention.", "data")
     train_on_prompt: bool = setting(False, "Train on the prompt tokens too, not only the answers.", "data")
@@ -440,6 +444,28 @@ def _check_choice(key: str, value: Any, options: Sequence[str]) -> None:
         raise ConfigError(f"{key} '{value}' is not one of: {', '.join(options)}.{hint}")
 
 
+def _check_stage(c: TrainConfig) -> None:
+    """Combinations of a stage with other keys that cannot work, refused before any work; the stage's defaults."""
+    data = objective_class(c.stage).data
+    if c.packing is None:
+        c.packing = data == "text"  # LLaMA-Factory packs pretraining text by default
+    if c.packing and data in ("pairs", "kto"):
+        raise ConfigError(f"packing: true cannot be used with stage '{c.stage}': its examples are compared with each "
+                          "other, not trained one by one. Set packing: false.")
+    uses_reference = c.stage == "kto" or (c.stage == "dpo" and c.pref_loss not in ("orpo", "simpo"))
+    if (c.ref_model or c.ref_model_adapters) and not uses_reference:
+        why = (f"pref_loss: {c.pref_loss} is reference-free" if c.stage == "dpo"
+               else f"stage '{c.stage}' has no reference model")
+        raise ConfigError(f"ref_model / ref_model_adapters are set, but {why}; remove them (or use stage: dpo with a "
+                          "pref_loss that compares with a reference, or stage: kto).")
+    if c.ref_model_adapters and not c.ref_model:
+        raise ConfigError("ref_model_adapters needs ref_model: the base model the reference adapter goes on.")
+    if c.stage in ("dpo", "kto") and c.pref_beta <= 0:
+        raise ConfigError(f"pref_beta must be greater than 0, got {c.pref_beta}.")
+    if not 0 <= c.dpo_label_smoothing < 0.5:
+        raise ConfigError(f"dpo_label_smoothing must be in [0, 0.5), got {c.dpo_label_smoothing}.")
+
+
 def _validate(c: TrainConfig) -> None:
     """Types first, then each value, then combinations; fills the defaults that depend on other keys."""
     for f in dataclasses.fields(c):
@@ -459,6 +485,7 @@ def _validate(c: TrainConfig) -> None:
         verb = "is not supported yet" if c.stage in STAGES else "is unknown"
         raise ConfigError(f"stage '{c.stage}' {verb}: LLaMA-Factory's stages are {', '.join(STAGES)}; "
                           f"supported here: {', '.join(available_objectives())}.")
+    _check_stage(c)
     _check_choice("finetuning_type", c.finetuning_type, available_methods())
     for s in RUN_SETTINGS:  # the methods' own choices are checked by their config classes, with their messages
         if s.choices:

@@ -4,9 +4,9 @@
     batch = SFTCollator(tokenizer.pad_token_id)(train[:8])
 """
 
-from .dataset import DataReport, DatasetStats, build_sft_dataset, default_cache_dir, load_conversations
+from .dataset import DataReport, DatasetStats, build_dataset, build_sft_dataset, default_cache_dir, load_conversations
 from .formats import Conversation
-from .packing import SFTCollator, check_packing_support, pack
+from .packing import KtoCollator, PairCollator, SFTCollator, check_packing_support, collator_for, pack
 from .templates import IGNORE_INDEX, TEMPLATES, ChatTemplate, StringTemplate, Template, encode, get_template
 
 __all__ = [
@@ -16,11 +16,15 @@ __all__ = [
     "Conversation",
     "DataReport",
     "DatasetStats",
+    "KtoCollator",
+    "PairCollator",
     "SFTCollator",
     "StringTemplate",
     "Template",
+    "build_dataset",
     "build_sft_dataset",
     "check_packing_support",
+    "collator_for",
     "default_cache_dir",
     "encode",
     "get_template",

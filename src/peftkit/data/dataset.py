@@ -1,4 +1,13 @@
-"""The SFT data pipeline: load and convert datasets, tokenize with labels, split, pack, and cache the result."""
+"""The data pipeline of every stage: load and convert datasets, tokenize with labels, split, pack, and cache.
+
+What a stage's examples hold depends on its kind of rows (formats.KINDS):
+- sft: input_ids, labels (IGNORE_INDEX on prompt tokens); packed rows add position_ids and seq_lens;
+- text: input_ids, labels (every token): documents, each ended with EOS, joined and cut into cutoff_len blocks
+  (LLaMA-Factory's pretraining layout), or with packing off one truncated document per example;
+- pairs: chosen_ids, chosen_labels, rejected_ids, rejected_labels (labels on the last answer only);
+- kto: input_ids, labels, kto_tag (1 desirable, 0 not), kl_ids, kl_labels: the same prompt with the answer of
+  another example, for KTO's reference point (the KL estimate from mismatched pairs).
+"""
 
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ from .templates import ChatTemplate, StringTemplate, Template, encode_counted, g
 
 logger = logging.getLogger("peftkit.data")
 
-CACHE_VERSION = 3  # bump whenever a change here, in formats or in templates changes the tokenized output or report
+CACHE_VERSION = 4  # bump whenever a change here, in formats or in templates changes the tokenized output or report
 SHOWN_SKIPS = 3
 
 
@@ -90,13 +99,14 @@ class DataReport:
 
 
 def load_conversations(dataset: list[str] | str, dataset_dir: str, *, max_samples: int | None = None,
-                       seed: int = 42) -> tuple[list[Conversation], DataReport]:
+                       seed: int = 42, kind: str = "sft", stage: str = "sft") -> tuple[list[Conversation], DataReport]:
     """Read datasets (names in dataset_info.json, or file paths) as canonical conversations, skipping bad rows."""
     report = DataReport()
-    return _load(resolve_datasets(dataset, dataset_dir), max_samples, seed, report), report
+    return _load(resolve_datasets(dataset, dataset_dir, kind, stage), max_samples, seed, report, kind), report
 
 
-def _load(attrs: list[DatasetAttr], max_samples: int | None, seed: int, report: DataReport) -> list[Conversation]:
+def _load(attrs: list[DatasetAttr], max_samples: int | None, seed: int, report: DataReport,
+          kind: str = "sft") -> list[Conversation]:
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
                                     or max_samples < 1):
         raise ConfigError(f"max_samples must be a positive integer (or unset for all rows), got {max_samples!r}.")
@@ -117,12 +127,12 @@ def _load(attrs: list[DatasetAttr], max_samples: int | None, seed: int, report: 
         if formatting is None:  # detect it from the first object; with none, every row is skipped below
             first = next((rows[i] for i in indices if isinstance(rows[i], dict)), None)
             if first is not None:
-                formatting, columns, tags = detect_format(first, attr.name)
+                formatting, columns, tags = detect_format(first, attr.name, kind)
         stats = report.datasets.setdefault(attr.name, DatasetStats(attr.name))
         stats.rows += len(indices)
         for i in indices:
             try:
-                conv = to_conversation(rows[i], formatting, columns, tags)
+                conv = to_conversation(rows[i], formatting, columns, tags, kind)
             except RowError as e:
                 stats.skip(i, str(e))
                 continue
@@ -145,11 +155,19 @@ def default_cache_dir() -> Path:
     return (Path(home).expanduser() if home else Path.home() / ".cache" / "peftkit") / "datasets"
 
 
-def build_sft_dataset(
+def build_sft_dataset(tokenizer: Any, dataset: list[str] | str, dataset_dir: str, **kwargs: Any
+                      ) -> tuple[list[dict], list[dict] | None]:
+    """`build_dataset` for SFT conversations (the default stage)."""
+    return build_dataset(tokenizer, dataset, dataset_dir, kind="sft", **kwargs)
+
+
+def build_dataset(
     tokenizer: Any,
     dataset: list[str] | str,
     dataset_dir: str,
     *,
+    kind: str = "sft",
+    stage: str | None = None,
     template: str | None = None,
     cutoff_len: int = 2048,
     max_samples: int | None = None,
@@ -163,44 +181,49 @@ def build_sft_dataset(
     cache_dir: str | None = None,
     overwrite_cache: bool = False,
 ) -> tuple[list[dict], list[dict] | None]:
-    """Tokenized SFT examples (input_ids, labels; packed rows add position_ids, seq_lens): (train, eval or None).
+    """Tokenized examples of `kind` (see the module's docstring): (train, eval or None).
 
     `eval_dataset` wins over `val_size`; with `packing` both splits are packed. The result is cached on disk, keyed
     by everything that changes it, so a second run starts at once.
     """
+    stage = stage or kind
     if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len < 2:
         raise ConfigError(f"cutoff_len must be an integer >= 2, got {cutoff_len!r}.")
+    if packing and kind in ("pairs", "kto"):
+        raise ConfigError(f"packing: true cannot be used with stage '{stage}': its examples are compared with each "
+                          "other, not trained one by one. Set packing: false.")
     _check_val_size(val_size)
     if split_names(eval_dataset) and val_size:
         logger.warning("Both eval_dataset and val_size are set; using eval_dataset and ignoring val_size.")
         val_size = 0.0
     chat = get_template(template, tokenizer, enable_thinking=enable_thinking)
-    train_attrs = resolve_datasets(dataset, dataset_dir)
-    eval_attrs = resolve_datasets(eval_dataset, dataset_dir) if split_names(eval_dataset) else []
+    train_attrs = resolve_datasets(dataset, dataset_dir, kind, stage)
+    eval_attrs = resolve_datasets(eval_dataset, dataset_dir, kind, stage) if split_names(eval_dataset) else []
     settings = dict(template=_template_id(chat), cutoff_len=cutoff_len, max_samples=max_samples, val_size=val_size,
                     train_on_prompt=train_on_prompt, mask_history=mask_history, enable_thinking=enable_thinking,
-                    packing=packing, seed=seed)
+                    packing=packing, seed=seed, kind=kind)
     path = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = path / f"sft-{_cache_key(tokenizer, train_attrs, eval_attrs, settings)}.npz"
+    path = path / f"{kind}-{_cache_key(tokenizer, train_attrs, eval_attrs, settings)}.npz"
     if not overwrite_cache and path.exists():
         cached = _read_cache(path)
         if cached is not None:
             return cached
 
     report = DataReport()
-    opts = dict(cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history)
-    train = _tokenize(_load(train_attrs, max_samples, seed, report), chat, tokenizer, report, "train", **opts)
+    opts = dict(cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history,
+                kind=kind, packing=packing)
+    train = _tokenize(_load(train_attrs, max_samples, seed, report, kind), chat, tokenizer, report, "train", **opts)
     if eval_attrs:
-        evals: list[dict] | None = _tokenize(_load(eval_attrs, max_samples, seed, report), chat, tokenizer, report,
-                                             "eval", **opts)
+        evals: list[dict] | None = _tokenize(_load(eval_attrs, max_samples, seed, report, kind), chat, tokenizer,
+                                             report, "eval", **opts)
     elif val_size:
         train, evals = _split(train, val_size, seed)
     else:
         evals = None
-    if packing:
+    if packing and kind == "sft":
         train = pack(train, cutoff_len)
         evals = pack(evals, cutoff_len) if evals is not None else None
-    report.log("SFT data:")
+    report.log(f"{stage} data:")
     _write_cache(path, train, evals, report)
     return train, evals
 
@@ -223,20 +246,31 @@ def _split(examples: list[dict], val_size: float | int, seed: int) -> tuple[list
 
 
 def _tokenize(conversations: list[Conversation], chat: Template, tokenizer: Any, report: DataReport, split: str, *,
-              cutoff_len: int, train_on_prompt: bool, mask_history: bool) -> list[dict]:
-    examples = []
-    for conv in tqdm(conversations, desc=f"Tokenizing {split}", unit="conv", mininterval=1.0):
-        stats = report.datasets[conv.source]
-        try:
-            example, truncated, labels_cut = encode_counted(conv, chat, tokenizer, cutoff_len=cutoff_len,
-                                                            train_on_prompt=train_on_prompt, mask_history=mask_history)
-        except RowError as e:
-            stats.skip(conv.row, str(e))
-            continue
-        stats.tokenized += 1
-        stats.truncated += truncated
-        stats.labels_cut += labels_cut
-        examples.append(example)
+              cutoff_len: int, train_on_prompt: bool, mask_history: bool, kind: str = "sft",
+              packing: bool = False) -> list[dict]:
+    if kind == "text":
+        examples = _documents(conversations, tokenizer, report, split, cutoff_len, packing)
+    else:
+        examples = []
+        for k, conv in enumerate(tqdm(conversations, desc=f"Tokenizing {split}", unit="conv", mininterval=1.0)):
+            stats = report.datasets[conv.source]
+            try:
+                if kind == "pairs":
+                    example, truncated, labels_cut = _pair_example(conv, chat, tokenizer, cutoff_len)
+                elif kind == "kto":
+                    other = conversations[(k + 1) % len(conversations)]  # the mismatched answer of KTO's KL term
+                    example, truncated, labels_cut = _kto_example(conv, other, chat, tokenizer, cutoff_len)
+                else:
+                    example, truncated, labels_cut = encode_counted(conv, chat, tokenizer, cutoff_len=cutoff_len,
+                                                                    train_on_prompt=train_on_prompt,
+                                                                    mask_history=mask_history)
+            except RowError as e:
+                stats.skip(conv.row, str(e))
+                continue
+            stats.tokenized += 1
+            stats.truncated += truncated
+            stats.labels_cut += labels_cut
+            examples.append(example)
     for name in dict.fromkeys(c.source for c in conversations):
         stats = report.datasets[name]
         if not stats.tokenized:
@@ -245,6 +279,57 @@ def _tokenize(conversations: list[Conversation], chat: Template, tokenizer: Any,
         if stats.skipped > stats.rows - stats.loaded:
             logger.warning("Dataset '%s' after tokenizing: %s", name, stats.describe_skips())
     return examples
+
+
+def _documents(conversations: list[Conversation], tokenizer: Any, report: DataReport, split: str, cutoff_len: int,
+               packing: bool) -> list[dict]:
+    """Pretraining examples: each document tokenized (with the tokenizer's own BOS, if it adds one) and ended with
+    EOS; with `packing`, all joined and cut into blocks of cutoff_len (the last, shorter block dropped when there is
+    a full one, as LLaMA-Factory does), else one truncated document per example. Every token is a label."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("The tokenizer has no EOS token to end pretraining documents with; set one "
+                          "(tokenizer.eos_token) or use a model whose tokenizer defines it.")
+    docs = []
+    for conv in tqdm(conversations, desc=f"Tokenizing {split}", unit="doc", mininterval=1.0):
+        stats = report.datasets[conv.source]
+        ids = list(tokenizer(conv.text, add_special_tokens=True)["input_ids"]) + [eos]
+        stats.tokenized += 1
+        if not packing and len(ids) > cutoff_len:
+            stats.truncated += 1
+            stats.labels_cut += len(ids) - cutoff_len
+            ids = ids[:cutoff_len]
+        docs.append(ids)
+    if not packing:
+        return [{"input_ids": ids, "labels": list(ids)} for ids in docs if len(ids) >= 2]
+    stream = [t for ids in docs for t in ids]
+    blocks = [stream[i:i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
+    if len(blocks) > 1 and len(blocks[-1]) < cutoff_len:
+        blocks.pop()
+    return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) >= 2]
+
+
+def _pair_example(conv: Conversation, chat: Template, tokenizer: Any, cutoff_len: int
+                  ) -> tuple[dict[str, list[int]], bool, int]:
+    """Chosen and rejected conversations encoded alike, labels on the last answer only (the one being compared)."""
+    rejected = dataclasses.replace(conv, messages=conv.messages[:-1] + [conv.rejected])
+    a, cut_a, lost_a = encode_counted(conv, chat, tokenizer, cutoff_len=cutoff_len, mask_history=True)
+    b, cut_b, lost_b = encode_counted(rejected, chat, tokenizer, cutoff_len=cutoff_len, mask_history=True)
+    if a["input_ids"] == b["input_ids"]:
+        raise RowError("chosen and rejected answers are identical after tokenization")
+    return ({"chosen_ids": a["input_ids"], "chosen_labels": a["labels"], "rejected_ids": b["input_ids"],
+             "rejected_labels": b["labels"]}, cut_a or cut_b, lost_a + lost_b)
+
+
+def _kto_example(conv: Conversation, other: Conversation, chat: Template, tokenizer: Any, cutoff_len: int
+                 ) -> tuple[dict[str, Any], bool, int]:
+    """The example, its tag, and its prompt followed by another example's answer (KTO's mismatched pair)."""
+    example, truncated, labels_cut = encode_counted(conv, chat, tokenizer, cutoff_len=cutoff_len, mask_history=True)
+    answer = other.messages[-1] if other is not conv else conv.messages[-1]
+    mismatched = dataclasses.replace(conv, messages=conv.messages[:-1] + [answer])
+    kl, _, _ = encode_counted(mismatched, chat, tokenizer, cutoff_len=cutoff_len, mask_history=True)
+    return ({"input_ids": example["input_ids"], "labels": example["labels"], "kto_tag": int(bool(conv.kto_tag)),
+             "kl_ids": kl["input_ids"], "kl_labels": kl["labels"]}, truncated, labels_cut)
 
 
 def _template_id(chat: Template) -> Any:
@@ -272,16 +357,21 @@ def _cache_key(tokenizer: Any, train_attrs: list[DatasetAttr], eval_attrs: list[
 
 
 def _write_cache(path: Path, train: list[dict], evals: list[dict] | None, report: DataReport) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written cache."""
+    """Every field of every example as flat arrays (lists concatenated with their lengths, numbers as one array).
+    Written to a temporary file, then renamed: a crash never leaves a half-written cache."""
     arrays: dict[str, np.ndarray] = {"report": np.array(json.dumps(report.to_dict()))}
     for split, rows in (("train", train), ("eval", evals)):
         if rows is None:
             continue
-        arrays[f"{split}_ids"] = np.fromiter((t for r in rows for t in r["input_ids"]), dtype=np.int32)
-        arrays[f"{split}_labels"] = np.fromiter((t for r in rows for t in r["labels"]), dtype=np.int32)
-        arrays[f"{split}_lens"] = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
-        arrays[f"{split}_nseq"] = np.array([len(r.get("seq_lens", ())) for r in rows], dtype=np.int64)
-        arrays[f"{split}_seq_lens"] = np.array([n for r in rows for n in r.get("seq_lens", ())], dtype=np.int64)
+        arrays[f"{split}__rows"] = np.array(len(rows))
+        for key in rows[0] if rows else ():
+            if key == "position_ids":  # rebuilt from seq_lens on reading
+                continue
+            if isinstance(rows[0][key], list):
+                arrays[f"{split}__{key}__lens"] = np.array([len(r.get(key, ())) for r in rows], dtype=np.int64)
+                arrays[f"{split}__{key}"] = np.fromiter((t for r in rows for t in r.get(key, ())), dtype=np.int64)
+            else:
+                arrays[f"{split}__{key}__value"] = np.array([r[key] for r in rows], dtype=np.int64)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         def write(tmp: str) -> None:
@@ -297,7 +387,7 @@ def _read_cache(path: Path) -> tuple[list[dict], list[dict] | None] | None:
     start = time.perf_counter()
     try:
         with np.load(path, allow_pickle=False) as z:
-            splits = [_rows_from(z, s) if f"{s}_ids" in z else None for s in ("train", "eval")]
+            splits = [_rows_from(z, s) if f"{s}__rows" in z else None for s in ("train", "eval")]
             report = DataReport.from_dict(json.loads(str(z["report"])))
     except Exception as e:  # noqa: BLE001 -- any unreadable cache is simply rebuilt
         logger.warning("Ignoring unreadable dataset cache %s (%s); tokenizing again.", path, e)
@@ -309,15 +399,22 @@ def _read_cache(path: Path) -> tuple[list[dict], list[dict] | None] | None:
 
 
 def _rows_from(z: Any, split: str) -> list[dict]:
-    lens, nseq = z[f"{split}_lens"], z[f"{split}_nseq"]
-    bounds = np.cumsum(lens)[:-1]
-    ids, labels = np.split(z[f"{split}_ids"], bounds), np.split(z[f"{split}_labels"], bounds)
-    seq_lens = np.split(z[f"{split}_seq_lens"], np.cumsum(nseq)[:-1]) if nseq.any() else None
-    rows = []
-    for k in range(len(lens)):
-        row = {"input_ids": ids[k].tolist(), "labels": labels[k].tolist()}
-        if seq_lens is not None and nseq[k]:
-            row["seq_lens"] = seq_lens[k].tolist()
-            row["position_ids"] = [p for n in row["seq_lens"] for p in range(n)]
-        rows.append(row)
+    n = int(z[f"{split}__rows"])
+    rows: list[dict] = [{} for _ in range(n)]
+    prefix = f"{split}__"
+    for name in z.files:
+        if not name.startswith(prefix) or name == f"{split}__rows" or name.endswith("__lens"):
+            continue
+        key = name[len(prefix):]
+        if key.endswith("__value"):
+            for row, v in zip(rows, z[name].tolist()):
+                row[key.removesuffix("__value")] = v
+            continue
+        lens = z[f"{name}__lens"]
+        for row, length, part in zip(rows, lens.tolist(), np.split(z[name], np.cumsum(lens)[:-1])):
+            if key != "seq_lens" or length:
+                row[key] = part.tolist()
+    for row in rows:
+        if "seq_lens" in row:
+            row["position_ids"] = [p for m in row["seq_lens"] for p in range(m)]
     return rows

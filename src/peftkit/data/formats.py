@@ -3,6 +3,10 @@
 Canonical roles: `system` (first only), then alternating prompt turns (`user`, `tool` = a tool's result) and answer
 turns (`assistant`, `function_call` = the model calling a tool, content a JSON `{"name", "arguments"}`), ending on an
 answer. Rows that break this are skipped by the caller and counted, never silently repaired.
+
+A stage reads one kind of row (`KINDS`): `sft` conversations; `text` documents (pretraining); `pairs`, a conversation
+whose last answer is the chosen one, plus the rejected answer (LLaMA-Factory's `ranking: true`); `kto`, a
+conversation plus its desirable/undesirable tag (`kto_tag`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 from ..errors import ConfigError
 from .sources import json_kind
 
+KINDS = ("sft", "text", "pairs", "kto")
 ROLES = ("system", "user", "assistant", "function_call", "tool")
 PROMPT_ROLES = ("user", "tool")
 ANSWER_ROLES = ("assistant", "function_call")
@@ -32,21 +37,97 @@ class Conversation:
     tools: str | None = None
     source: str = ""  # the dataset it came from, for reports
     row: int = -1  # its row in that dataset, for reports
+    rejected: dict[str, str] | None = None  # pairs: the rejected last answer ({"role", "content"}); messages end chosen
+    kto_tag: bool | None = None  # kto: whether the last answer is desirable
+    text: str | None = None  # text: the document (messages stay empty)
 
 
 class RowError(ValueError):
     """A row that cannot become a valid conversation; the message is the reason shown to the user."""
 
 
-def to_conversation(row: Any, formatting: str, columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+def to_conversation(row: Any, formatting: str, columns: dict[str, str], tags: dict[str, str],
+                    kind: str = "sft") -> Conversation:
     if not isinstance(row, dict):  # a `null` or a number among the rows of a JSON file
         raise RowError(f"not a JSON object ({json_kind(row)})")
+    if kind == "text":
+        return Conversation(messages=[], text=_document(row, formatting, columns))
+    if kind == "pairs":
+        return _pair(row, formatting, columns, tags)
     if formatting == "alpaca":
         messages, tools = _alpaca(row, columns), None
     else:
         messages, tools = _sharegpt(row, columns, tags, openai=formatting == "openai")
     check_turns(messages)
-    return Conversation(messages=messages, tools=tools)
+    conv = Conversation(messages=messages, tools=tools)
+    if kind == "kto":
+        conv.kto_tag = _tag(row, columns.get("kto_tag", "kto_tag"))
+    return conv
+
+
+def _document(row: dict[str, Any], formatting: str, columns: dict[str, str]) -> str:
+    """Pretraining text: the `prompt` column (LLaMA-Factory's `columns: {prompt: text}`), else the first message."""
+    if formatting == "alpaca":
+        text = "\n".join(t for t in (_text(row, columns.get("prompt", "instruction"), required=True),
+                                     _text(row, columns.get("query"))) if t)
+    else:
+        messages, _ = _sharegpt(row, columns, {}, openai=formatting == "openai")
+        text = messages[0]["content"] if messages else ""
+    if not text.strip():
+        raise RowError("empty text")
+    return text
+
+
+def _pair(row: dict[str, Any], formatting: str, columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+    """A preference row: the prompt turns, then the chosen answer as the last message; the rejected one beside."""
+    if formatting == "alpaca":
+        messages = _alpaca({**row, "__answer": ""}, {**columns, "response": "__answer"})[:-1]
+        chosen = {"role": "assistant", "content": _text(row, columns.get("chosen", "chosen"), required=True)}
+        rejected = {"role": "assistant", "content": _text(row, columns.get("rejected", "rejected"), required=True)}
+        tools = None
+    else:
+        messages, tools = _sharegpt(row, columns, tags, openai=formatting == "openai")
+        chosen = _answer_message(row, columns.get("chosen", "chosen"), tags, formatting)
+        rejected = _answer_message(row, columns.get("rejected", "rejected"), tags, formatting)
+    for name, m in (("chosen", chosen), ("rejected", rejected)):
+        if not m["content"].strip():
+            raise RowError(f"empty {name} answer")
+    if chosen["content"].strip() == rejected["content"].strip():
+        raise RowError("chosen and rejected answers are identical")
+    if messages and messages[-1]["role"] in ANSWER_ROLES:
+        raise RowError("the prompt turns end with an answer; the chosen and rejected answers must follow a user turn")
+    check_turns(messages + [chosen])
+    return Conversation(messages=messages + [chosen], tools=tools, rejected=rejected)
+
+
+def _answer_message(row: dict[str, Any], column: str, tags: dict[str, str], formatting: str) -> dict[str, str]:
+    """A chosen/rejected answer: a message object in the dataset's role/content tags, or plain text."""
+    if column not in row:
+        raise RowError(f"missing column '{column}' (row has: {', '.join(sorted(row))})")
+    value = row[column]
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    if not isinstance(value, dict):
+        raise RowError(f"column '{column}' holds {json_kind(value)}, not a message object or text")
+    tag = {**(OPENAI_TAGS if formatting == "openai" else SHAREGPT_TAGS), **tags}
+    role = value.get(tag["role_tag"], tag["assistant_tag"])
+    roles = {tag["assistant_tag"]: "assistant", tag["function_tag"]: "function_call"}
+    if role not in roles:
+        raise RowError(f"column '{column}' has role '{role}'; a chosen or rejected answer must be "
+                       f"'{tag['assistant_tag']}' or '{tag['function_tag']}'")
+    return {"role": roles[role], "content": _content_text(value.get(tag["content_tag"]), 0)}
+
+
+def _tag(row: dict[str, Any], column: str) -> bool:
+    """A KTO tag: true (desirable) or false (undesirable); CSV's "true"/"false" text is accepted."""
+    if column not in row or row[column] is None:
+        raise RowError(f"missing kto_tag column '{column}'")
+    value = row[column]
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise RowError(f"kto_tag column '{column}' holds {value!r}; it must be true or false")
 
 
 def check_turns(messages: list[dict[str, str]]) -> None:
@@ -182,19 +263,25 @@ def _tools(row: dict[str, Any], column: str | None) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-def detect_format(row: dict[str, Any], name: str) -> tuple[str, dict[str, str], dict[str, str]]:
+def detect_format(row: dict[str, Any], name: str, kind: str = "sft") -> tuple[str, dict[str, str], dict[str, str]]:
     """Guess (formatting, columns, tags) for a file not in dataset_info.json, from its first row."""
+    extra = {c: c for c in ("chosen", "rejected", "kto_tag") if c in row}
+    if kind == "text" and "text" in row:
+        return "alpaca", {"prompt": "text"}, {}
+    if kind == "pairs" and "instruction" in row and "chosen" in row:
+        return "alpaca", {**{c: c for c in ("system", "history") if c in row}, **extra}, {}
     for column in ("messages", "conversations", "conversation"):
         msgs = row.get(column)
         if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict):
-            columns = {"messages": column, **{c: c for c in ("system", "tools") if c in row}}
+            columns = {"messages": column, **{c: c for c in ("system", "tools") if c in row}, **extra}
             if "role" in msgs[0]:
                 return "openai", columns, {}
             if "from" in msgs[0]:
                 return "sharegpt", columns, {}
-    if "instruction" in row and "output" in row:
-        return "alpaca", {c: c for c in ("system", "history") if c in row}, {}
-    hint = " It looks like plain text for pretraining; SFT needs prompts with answers." if set(row) == {"text"} else ""
+    if "instruction" in row and ("output" in row or kind == "text"):
+        return "alpaca", {**{c: c for c in ("system", "history") if c in row}, **extra}, {}
+    plain = set(row) == {"text"} and kind != "text"
+    hint = " It looks like plain text for pretraining, which only `stage: pt` trains on." if plain else ""
     raise ConfigError(
         f"Cannot tell the format of '{name}' from its columns ({', '.join(sorted(row))}).{hint} Register it in "
         "dataset_info.json with `formatting` and `columns` (alpaca: prompt/query/response; sharegpt: messages)."

@@ -151,3 +151,37 @@ class SFTCollator:
         mask = torch.zeros((batch, 1, width, width), dtype=self.mask_dtype)
         mask.masked_fill_(~allowed[:, None], torch.finfo(self.mask_dtype).min)
         return position_ids, mask
+
+
+class PairCollator:
+    """Preference pairs -> one batch of sequences: every pair's chosen sequence, then every rejected one, laid out
+    by `SFTCollator` (padding-free or padded), so one forward scores both sides."""
+
+    def __init__(self, pad_token_id: int | None, *, mask_dtype: torch.dtype = torch.float32,
+                 padding_free: bool = False) -> None:
+        self.sequences = SFTCollator(pad_token_id, mask_dtype=mask_dtype, padding_free=padding_free)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.sequences([{"input_ids": f["chosen_ids"], "labels": f["chosen_labels"]} for f in features]
+                              + [{"input_ids": f["rejected_ids"], "labels": f["rejected_labels"]} for f in features])
+
+
+class KtoCollator:
+    """KTO examples -> the examples, then their mismatched pairs (for the KL reference point), plus `kto_tag`."""
+
+    def __init__(self, pad_token_id: int | None, *, mask_dtype: torch.dtype = torch.float32,
+                 padding_free: bool = False) -> None:
+        self.sequences = SFTCollator(pad_token_id, mask_dtype=mask_dtype, padding_free=padding_free)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.sequences([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+                               + [{"input_ids": f["kl_ids"], "labels": f["kl_labels"]} for f in features])
+        batch["kto_tag"] = torch.tensor([int(f["kto_tag"]) for f in features], dtype=torch.long)
+        return batch
+
+
+def collator_for(kind: str, pad_token_id: int | None, *, mask_dtype: torch.dtype = torch.float32,
+                 padding_free: bool = False) -> Any:
+    """The collator of a stage's kind of examples (formats.KINDS)."""
+    cls = {"pairs": PairCollator, "kto": KtoCollator}.get(kind, SFTCollator)
+    return cls(pad_token_id, mask_dtype=mask_dtype, padding_free=padding_free)

@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import ConfigError
 
 DATA_CONFIG = "dataset_info.json"
-EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 _ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "ranking", "split", "num_samples", "subset", "folder",
                "file_sha1", *_HUB_KEYS}
@@ -31,6 +31,7 @@ class DatasetAttr:
     split: str = "train"
     num_samples: int | None = None
     entry: dict[str, Any] = dataclasses.field(default_factory=dict)  # the raw registry entry, for cache keys
+    ranking: bool = False  # preference pairs (chosen/rejected)
 
 
 def split_names(dataset: list[str] | str | None) -> list[str]:
@@ -54,8 +55,10 @@ def load_registry(dataset_dir: str | Path) -> dict[str, dict[str, Any]] | None:
     return registry
 
 
-def resolve_datasets(dataset: list[str] | str, dataset_dir: str | Path) -> list[DatasetAttr]:
-    """Turn dataset names (registry names or file paths) into file lists plus their format settings."""
+def resolve_datasets(dataset: list[str] | str, dataset_dir: str | Path, kind: str = "sft",
+                     stage: str = "sft") -> list[DatasetAttr]:
+    """Turn dataset names (registry names or file paths) into file lists plus their format settings. A registered
+    dataset whose shape does not fit the stage's `kind` of rows (formats.KINDS) is refused here, before any work."""
     names = split_names(dataset)
     if not names:
         raise ConfigError("No dataset given; set `dataset` to a name in dataset_info.json or a data file path.")
@@ -64,11 +67,16 @@ def resolve_datasets(dataset: list[str] | str, dataset_dir: str | Path) -> list[
     attrs = []
     for name in names:
         if registry is not None and name in registry:
-            attrs.append(_from_entry(name, registry[name], dataset_dir))
+            attrs.append(_from_entry(name, registry[name], dataset_dir, kind, stage))
             continue
         path = _as_data_path(name, dataset_dir)
         if path is not None:
-            attrs.append(DatasetAttr(name=name, files=_files_in(path, name), formatting=None))
+            files = _files_in(path, name)
+            if EXTENSIONS[files[0].suffix.lower()] == "text":
+                _check_kind(name, kind, stage, text=True)
+                attrs.append(DatasetAttr(name=name, files=files, columns={"prompt": "text"}))
+            else:
+                attrs.append(DatasetAttr(name=name, files=files, formatting=None))
         elif registry is None:
             raise ConfigError(
                 f"Dataset '{name}' is not a data file and there is no {DATA_CONFIG} in dataset_dir '{dataset_dir}'. "
@@ -84,7 +92,34 @@ def resolve_datasets(dataset: list[str] | str, dataset_dir: str | Path) -> list[
     return attrs
 
 
-def _from_entry(name: str, entry: dict[str, Any], dataset_dir: Path) -> DatasetAttr:
+def _check_kind(name: str, kind: str, stage: str, *, ranking: bool = False, kto: bool = False,
+                text: bool = False) -> None:
+    """Refuse a dataset whose rows cannot be what `stage` trains on, saying what is missing."""
+    if kind == "pairs" and not ranking:
+        raise ConfigError(f"Dataset '{name}' has no chosen/rejected answers, which stage '{stage}' trains on: register "
+                          f"it in {DATA_CONFIG} with \"ranking\": true and its chosen and rejected columns.")
+    if kind == "kto" and not kto:
+        raise ConfigError(f"Dataset '{name}' has no kto_tag column, which stage '{stage}' needs (true for a desirable "
+                          f"answer, false for an undesirable one): add \"kto_tag\" to its columns in {DATA_CONFIG}.")
+    if kind == "text":
+        if ranking:
+            raise ConfigError(f"Dataset '{name}' is a preference dataset (ranking: true); stage '{stage}' trains on "
+                              "plain text. Use a text dataset (columns: {prompt: text}) or stage: dpo / rm.")
+        return
+    if kind != "pairs" and ranking:
+        raise ConfigError(f"Dataset '{name}' is a ranking (preference) dataset with chosen/rejected answers; stage "
+                          f"'{stage}' needs one answer per prompt. Use it with stage: dpo or rm, or pick another "
+                          "dataset.")
+    if kind == "sft" and kto:
+        raise ConfigError(f"Dataset '{name}' is a KTO dataset (answers labelled good or bad); stage '{stage}' would "
+                          "also learn the bad ones. Use it with stage: kto, or pick an SFT dataset.")
+    if text:
+        raise ConfigError(f"Dataset '{name}' is plain text (no prompts with answers); stage '{stage}' cannot train on "
+                          "it. Use it with stage: pt.")
+
+
+def _from_entry(name: str, entry: dict[str, Any], dataset_dir: Path, kind: str = "sft",
+                stage: str = "sft") -> DatasetAttr:
     if not isinstance(entry, dict):
         raise ConfigError(f"Entry '{name}' in {DATA_CONFIG} must be an object with at least a file_name.")
     unknown = set(entry) - _ENTRY_KEYS
@@ -93,21 +128,15 @@ def _from_entry(name: str, entry: dict[str, Any], dataset_dir: Path) -> DatasetA
         close = difflib.get_close_matches(key, sorted(_ENTRY_KEYS), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"Unknown key '{key}' in {DATA_CONFIG} entry '{name}'.{hint}")
-    if entry.get("ranking"):
-        raise ConfigError(
-            f"Dataset '{name}' is a ranking (preference) dataset with chosen/rejected answers; SFT needs one answer "
-            "per prompt. Use it with a preference-training stage, or pick an SFT dataset."
-        )
     columns = entry.get("columns") or {}
     media = [c for c in ("images", "videos", "audios") if c in columns]
     if media:
         raise ConfigError(f"Dataset '{name}' has {'/'.join(media)} columns; peftkit trains on text only. "
                           "Pick a text dataset.")
-    if "kto_tag" in columns:
-        raise ConfigError(
-            f"Dataset '{name}' is a KTO dataset (answers labelled good or bad); SFT would also learn the bad ones. "
-            "Pick an SFT dataset."
-        )
+    # LLaMA-Factory's text datasets: a .txt file, or `columns: {prompt: text}` with no answer column
+    plain = entry.get("formatting", "alpaca") == "alpaca" and not entry.get("ranking") and (
+        str(entry.get("file_name", "")).lower().endswith(".txt") or columns == {"prompt": "text"})
+    _check_kind(name, kind, stage, ranking=bool(entry.get("ranking")), kto="kto_tag" in columns, text=plain)
     if "file_name" not in entry:
         where = ", ".join(f"{k}={entry[k]}" for k in _HUB_KEYS if k in entry)
         if where:
@@ -131,6 +160,7 @@ def _from_entry(name: str, entry: dict[str, Any], dataset_dir: Path) -> DatasetA
     return DatasetAttr(
         name=name, files=_files_in(path, name), formatting=formatting, columns=dict(entry.get("columns") or {}),
         tags=dict(entry.get("tags") or {}), split=split, num_samples=entry.get("num_samples"), entry=entry,
+        ranking=bool(entry.get("ranking")),
     )
 
 
@@ -145,11 +175,12 @@ def _files_in(path: Path, name: str) -> list[Path]:
     """A file, or every data file of one type in a folder (sorted, so the order is stable)."""
     if path.is_file():
         if path.suffix.lower() not in EXTENSIONS:
-            raise ConfigError(f"Dataset '{name}': '{path}' has an unknown type; use .json, .jsonl, .csv or .parquet.")
+            raise ConfigError(f"Dataset '{name}': '{path}' has an unknown type; use .json, .jsonl, .csv, .parquet or "
+                              ".txt.")
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
     if not files:
-        raise ConfigError(f"Dataset '{name}': folder '{path}' holds no .json/.jsonl/.csv/.parquet files.")
+        raise ConfigError(f"Dataset '{name}': folder '{path}' holds no .json/.jsonl/.csv/.parquet/.txt files.")
     kinds = {EXTENSIONS[p.suffix.lower()] for p in files}
     if len(kinds) > 1:
         raise ConfigError(f"Dataset '{name}': folder '{path}' mixes file types ({', '.join(sorted(kinds))}); keep one.")
@@ -164,7 +195,11 @@ def read_rows(attr: DatasetAttr) -> list[Any]:
     rows: list[Any] = []
     for path in attr.files:
         kind = EXTENSIONS[path.suffix.lower()]
-        rows.extend(_read_json(path) if kind == "json" else _read_csv(path) if kind == "csv" else _read_parquet(path))
+        if kind == "text":  # one document per non-empty line, as LLaMA-Factory reads a .txt file
+            rows.extend({"text": line} for line in read_text(path).splitlines() if line.strip())
+        else:
+            rows.extend(_read_json(path) if kind == "json" else _read_csv(path) if kind == "csv"
+                        else _read_parquet(path))
     return rows
 
 

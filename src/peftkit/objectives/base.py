@@ -1,13 +1,23 @@
 """The Objective interface: what a training stage gives the one training loop.
 
-An objective says how many units a batch's loss sums over and computes that sum; the loop divides a step's summed
-loss by the step's total units, so gradient accumulation equals one large batch for every objective. It never sees
-the loop: stepping, accumulation, checkpoints and logs belong to the Trainer.
+An objective says what rows it trains on (`data`: a kind from data.formats.KINDS), how many units a batch's loss
+sums over, and computes that sum; the loop divides a step's summed loss by the step's total units, so gradient
+accumulation equals one large batch for every objective. It never sees the loop: stepping, accumulation,
+checkpoints and logs belong to the Trainer.
+
+What a stage adds beyond a loss goes through narrow seams the loop calls for every objective:
+- `attach(model, reference)`: the model being trained (a TunedModel) and a separate frozen reference model, if the
+  run has one (preference stages compare with it);
+- `record` / `take_stats`: per-batch sums (rewards, accuracies) the loop logs beside the loss, averaged per unit;
+- `eval_metrics`: what an evaluation reports besides its loss (perplexity);
+- `parameters` / `state_dict` / `load_state_dict` / `save`: trainable tensors of the objective's own (a reward
+  model's value head), optimized, checkpointed and saved with the adapter.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -24,8 +34,28 @@ class Objective:
     """One training stage's loss. Subclasses set `name` (the config's `stage`) and implement `units` and `loss`."""
 
     name: ClassVar[str]
+    data: ClassVar[str] = "sft"  # the kind of rows it trains on (data.formats.KINDS)
     # The YAML keys this stage reads (e.g. a preference loss's beta); config.py collects them into TrainConfig.
     yaml_keys: ClassVar[tuple[Setting, ...]] = ()
+
+    def __init__(self) -> None:
+        self.stats: dict[str, list[Any]] = {}  # name -> [sum (tensor or float), count]
+        self.model: nn.Module | None = None
+        self.reference: nn.Module | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Objective:
+        """The objective with its settings read from a TrainConfig (by default, none)."""
+        return cls()
+
+    def uses_reference(self, cfg: Any) -> bool:
+        """Whether this run compares with a reference model (then the trainer provides one)."""
+        return False
+
+    def attach(self, model: nn.Module, reference: nn.Module | None = None) -> None:
+        """Called by the Trainer before training: the TunedModel being trained, and a frozen reference model when the
+        run has a separate one (else a stage that needs one uses the model with its adapter disabled)."""
+        self.model, self.reference = model, reference
 
     def units(self, batch: Batch) -> int:
         """How many units (label tokens, pairs, ...) this batch's loss sums over."""
@@ -34,6 +64,42 @@ class Objective:
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The sum of the per-unit losses of `batch` (a scalar tensor with its graph)."""
         raise NotImplementedError
+
+    # --- metrics ---
+    def record(self, name: str, total: torch.Tensor | float, count: int | float) -> None:
+        """Add a batch's sum of `name` over `count` items (detached; read on the host only when logged)."""
+        entry = self.stats.setdefault(name, [0.0, 0])
+        value = total.detach().float() if isinstance(total, torch.Tensor) else float(total)
+        entry[0] = entry[0] + value
+        entry[1] += count
+
+    def take_stats(self) -> dict[str, tuple[float, float]]:
+        """The recorded (sum, count) pairs since the last call, and start afresh."""
+        out = {k: (float(v[0]), float(v[1])) for k, v in self.stats.items()}
+        self.stats = {}
+        return out
+
+    def finish_metrics(self, means: dict[str, float]) -> dict[str, float]:
+        """The logged metrics from the recorded means (a stage may add ones derived from them)."""
+        return means
+
+    def eval_metrics(self, loss: float) -> dict[str, float]:
+        """An evaluation's metrics besides eval_loss and the recorded stats, from its mean loss."""
+        return {}
+
+    # --- the objective's own trainable tensors ---
+    def parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ConfigError(f"stage '{self.name}' has no tensors of its own to load ({', '.join(state)}).")
+
+    def save(self, output_dir: Path) -> None:
+        """Write the objective's own tensors beside the saved adapter (nothing by default)."""
 
 
 def register(cls: type[Objective]) -> type[Objective]:
@@ -53,5 +119,7 @@ def objective_class(name: str) -> type[Objective]:
     return _REGISTRY[name]
 
 
-def get_objective(name: str) -> Objective:
-    return objective_class(name)()
+def get_objective(name: str, cfg: Any = None) -> Objective:
+    """The objective of `stage: name`, with its settings from `cfg` when given."""
+    cls = objective_class(name)
+    return cls.from_config(cfg) if cfg is not None else cls()

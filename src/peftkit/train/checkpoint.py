@@ -44,6 +44,7 @@ BEST_NAME = "best_adapter_state.safetensors"
 # The trained parameters, when the adapter file holds something derived from them (P-tuning's encoder output): resuming
 # needs the parameters themselves.
 TRAINED_NAME = "trained_parameters.safetensors"
+OBJECTIVE_NAME = "objective_state.safetensors"  # the training stage's own tensors (a reward model's value head)
 
 
 @dataclass
@@ -87,6 +88,7 @@ def save_checkpoint(
     base_model_name: str | None,
     save_total_limit: int | None = None,
     best_state: dict[str, torch.Tensor] | None = None,
+    objective_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `output_dir/checkpoint-<step>` through a temporary folder, then prune the oldest beyond the limit.
 
@@ -100,6 +102,8 @@ def save_checkpoint(
         trained = method.state_dict()
         if set(trained) != set(method.export_state()):
             save_file({k: t.detach().contiguous().cpu() for k, t in trained.items()}, tmp / TRAINED_NAME)
+        if objective_state:
+            save_file({k: t.detach().contiguous().cpu() for k, t in objective_state.items()}, tmp / OBJECTIVE_NAME)
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -222,6 +226,14 @@ def check_resume(path: Path, state: TrainerState, total_steps: int, saved: dict[
                           "what is trained, so the result would be neither run. Restore them, or set "
                           "resume_allow_changes: true to resume with the new settings anyway.")
     warnings.warn(f"Resuming from '{path}' with changed settings (resume_allow_changes): {listing}.", stacklevel=3)
+
+
+def load_objective_state(path: Path) -> dict[str, torch.Tensor]:
+    """The training stage's own tensors saved in a checkpoint (none for most stages)."""
+    try:
+        return load_file(path / OBJECTIVE_NAME) if (path / OBJECTIVE_NAME).is_file() else {}
+    except (SafetensorError, OSError) as e:
+        raise _damaged(path, OBJECTIVE_NAME, e) from None
 
 
 def load_trained(path: Path, method: Method) -> None:

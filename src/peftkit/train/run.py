@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import SFTCollator, build_sft_dataset, check_packing_support
+from ..data import build_dataset, check_packing_support, collator_for
+from ..errors import ConfigError
 from ..io.outputs import lock_output
 from ..methods import get_method
-from ..models import base_model_id, load_model_and_tokenizer
-from ..objectives import get_objective
+from ..models import base_model_id, load_model_and_tokenizer, load_tokenizer
+from ..objectives import Objective, get_objective
 from ..precision import base_dtype
 from ..tuned import TunedModel
 from ..varlen import supports_padding_free
@@ -36,6 +37,7 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     it is refused while this one lives."""
     check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)  # before minutes of loading
     check_engine(cfg, get_method(cfg.finetuning_type), cfg.quantization() is not None)
+    check_reference(cfg)
     ranks = distributed.start(cfg)
     if cfg.fsdp and not ranks.enabled:
         warnings.warn("fsdp shards over several processes, and this is one: it trains as usual. Launch with "
@@ -45,6 +47,38 @@ def run_sft(cfg: Any) -> dict[str, Any]:
             return _train(cfg, ranks)
     finally:
         distributed.stop()
+
+
+def check_reference(cfg: Any) -> None:
+    """A separate reference model must read the same token ids as the model trained: refused before any work."""
+    if not cfg.ref_model:
+        return
+    mine = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    theirs = load_tokenizer(cfg.ref_model, trust_remote_code=cfg.trust_remote_code)
+    if mine.get_vocab() != theirs.get_vocab():
+        raise ConfigError(f"ref_model '{cfg.ref_model}' has another tokenizer ({len(theirs)} tokens) than "
+                          f"model_name_or_path '{cfg.model_name_or_path}' ({len(mine)} tokens); the reference must "
+                          "score the same token ids. Use a reference of the same model family, or remove ref_model.")
+
+
+def load_reference(cfg: Any, objective: Objective, in_place: bool, dtype: torch.dtype, weights_dtype: torch.dtype,
+                   device: str) -> torch.nn.Module | None:
+    """The frozen reference model the stage compares with, when it needs one the trained model cannot give: `ref_model`
+    (with `ref_model_adapters`), or the base model again when the method trains the base weights themselves. None
+    otherwise: adapter methods use the model with its adapter disabled. Loaded as the trained model was (`dtype`), then
+    cast as its weights are (full fine-tuning keeps them in float32), so both start from the same values."""
+    if not objective.uses_reference(cfg) or not (cfg.ref_model or in_place):
+        return None
+    model, _ = load_model_and_tokenizer(cfg.ref_model or cfg.model_name_or_path, dtype=dtype,
+                                        trust_remote_code=cfg.trust_remote_code)
+    model.to(device=device, dtype=weights_dtype)
+    reference: torch.nn.Module = model
+    if cfg.ref_model_adapters:
+        reference = TunedModel.load(model, cfg.ref_model_adapters)
+    reference.eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
 
 
 def _train(cfg: Any, ranks: Ranks) -> dict[str, Any]:
@@ -61,10 +95,13 @@ def _train(cfg: Any, ranks: Ranks) -> dict[str, Any]:
                                                 trust_remote_code=cfg.trust_remote_code)
     if quantization is None:  # a quantized model is loaded onto its device (bitsandbytes quantizes it there)
         model.to(device)
-    train_data, eval_data = build_sft_dataset(
+    objective = get_objective(cfg.stage, cfg)
+    train_data, eval_data = build_dataset(
         tokenizer,
         cfg.dataset,
         cfg.dataset_dir,
+        kind=objective.data,
+        stage=cfg.stage,
         template=cfg.template,
         cutoff_len=cfg.cutoff_len,
         max_samples=cfg.max_samples,
@@ -86,15 +123,18 @@ def _train(cfg: Any, ranks: Ranks) -> dict[str, Any]:
         tuned = TunedModel(model, cfg.method_config())
     if ranks.is_main:
         print(tuned.trainable_report())
-    padding_free = cfg.padding_free and supports_padding_free(model)
+    reference = load_reference(cfg, objective, tuned.method.in_place, dtype, next(tuned.model.parameters()).dtype,
+                               device)
+    padding_free = (cfg.padding_free and supports_padding_free(model)
+                    and (reference is None or supports_padding_free(reference)))
     if cfg.padding_free and not padding_free:
         warnings.warn(f"padding_free: {type(model).__name__}'s attention cannot run padding-free here; "
                       "batches are padded instead.", stacklevel=2)
     if cfg.packing and not padding_free:
         check_packing_support(model)
-    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, mask_dtype=model.dtype, padding_free=padding_free)
+    collator = collator_for(objective.data, tokenizer.pad_token_id, mask_dtype=model.dtype, padding_free=padding_free)
     trainer = Trainer(cfg, tuned, train_data, collator, eval_data, base_model_name=base_model_id(model),
-                      tokenizer=tokenizer, objective=get_objective(cfg.stage), ranks=ranks)
+                      tokenizer=tokenizer, objective=objective, ranks=ranks, reference=reference)
     results = trainer.train()
     if ranks.is_main:
         print(f"Saved the {tuned.method.output_kind} to {cfg.output_dir} ({results['train_runtime']:.0f} s, "

@@ -39,6 +39,7 @@ from .checkpoint import (
     TrainerState,
     check_resume,
     load_best_state,
+    load_objective_state,
     load_trained,
     load_training_state,
     prepare_output_dir,
@@ -58,6 +59,7 @@ from .distributed import (
 from .schedules import get_scheduler
 
 LOG_NAME = "trainer_log.jsonl"
+OBJECTIVE_KEY = "objective/"  # prefix of the stage's own tensors in the best state kept for load_best_model_at_end
 
 
 __all__ = ["Trainer", "optimizer_step", "real_tokens", "token_loss_sum"]  # token_loss_sum: re-exported
@@ -115,6 +117,7 @@ class Trainer:
         tokenizer: Any = None,
         objective: Objective | None = None,
         ranks: Ranks = Ranks(),
+        reference: torch.nn.Module | None = None,
     ) -> None:
         self.cfg = cfg
         self.ranks = ranks
@@ -144,6 +147,7 @@ class Trainer:
             remove_stale_temporaries(self.output_dir)  # what a killed run left half-written
         ranks.barrier()
         self._entries_before = {p.name for p in self.output_dir.iterdir()} if self.output_dir.is_dir() else set()
+        self.objective.attach(tuned, reference)  # before the method's prepare hook, which may train with it
         self.method.prepare(self._context())
         try:
             self.resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
@@ -154,8 +158,11 @@ class Trainer:
             check_resume(self.resume_from, self.state, self.total_steps, read_train_config(self.resume_from),
                          cfg.to_dict(), cfg.resume_allow_changes)
             load_trained(self.resume_from, self.method)
+            self.objective.load_state_dict(load_objective_state(self.resume_from))
         self.model = wrap(tuned, ranks, cfg.ddp_find_unused_parameters)  # what forward runs: tuned, or DDP over it
-        self.optimizer = self._make_optimizer(self.method.param_groups(cfg.learning_rate))
+        own = [p for _, p in self.objective.parameters()]  # a stage's own tensors (a value head) learn alongside
+        groups = self.method.param_groups(cfg.learning_rate) + ([{"params": own}] if own else [])
+        self.optimizer = self._make_optimizer(groups)
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler(
             cfg.lr_scheduler_type,
@@ -260,7 +267,8 @@ class Trainer:
         start_time, start_tokens = time.perf_counter(), self.state.tokens_seen
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
                    dynamic_ncols=True, disable=not self.ranks.is_main)
-        params = [p for _, p in self.method.trainable_parameters()]  # fixed once the method is prepared
+        # fixed once the method is prepared
+        params = [p for _, p in self.method.trainable_parameters()] + [p for _, p in self.objective.parameters()]
         while self.state.global_step < self.total_steps:
             group, counted = [], []
             for _ in range(ga):
@@ -296,7 +304,8 @@ class Trainer:
             if step % cfg.logging_steps == 0 or step == self.total_steps:
                 loss = window_loss / max(window_tokens, 1)
                 self._log(log_path, {"step": step, "epoch": round(self._epoch_float(), 4), "loss": round(loss, 6),
-                                     "learning_rate": lr, "tokens_per_second": round(tok_s, 1)})
+                                     **self._stage_metrics(), "learning_rate": lr,
+                                     "tokens_per_second": round(tok_s, 1)})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
                 window_loss = window_tokens = 0.0
             if self._should_eval(step):
@@ -318,6 +327,9 @@ class Trainer:
             with torch.no_grad():
                 for key, t in self.method.state_dict().items():
                     t.copy_(self._best_state[key])
+            own = {k.removeprefix(OBJECTIVE_KEY): t for k, t in self._best_state.items() if k.startswith(OBJECTIVE_KEY)}
+            if own:
+                self.objective.load_state_dict(own)
         return self._finish(time.perf_counter() - start_time, self.state.tokens_seen - start_tokens)
 
     def _epoch_float(self) -> float:
@@ -344,10 +356,20 @@ class Trainer:
             with path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
 
+    def _stage_metrics(self, prefix: str = "") -> dict[str, float]:
+        """The objective's recorded metrics since they were last taken, averaged over all ranks' items."""
+        stats = self.objective.take_stats()
+        names = sorted(stats)
+        sums = self.ranks.sum([x for name in names for x in stats[name]])
+        means = {name: sums[2 * i] / sums[2 * i + 1] for i, name in enumerate(names) if sums[2 * i + 1]}
+        return {prefix + k: round(v, 6) for k, v in self.objective.finish_metrics(means).items()}
+
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """The objective's mean loss over the eval set (each rank evaluates its share; the sums are added up)."""
+    def evaluate(self) -> dict[str, float]:
+        """eval_loss, the objective's mean loss over the eval set (each rank evaluates its share; the sums are added
+        up), and the stage's metrics on it (eval_rewards/accuracies, eval_perplexity, ...)."""
         self.tuned.eval()
+        training_stats, self.objective.stats = self.objective.stats, {}  # the training window's, kept for its log
         total, count = 0.0, 0
         rows = self.cfg.per_device_eval_batch_size * self.ranks.world_size
         for i in tqdm(range(0, len(self.eval_data), rows), desc="eval", leave=False, dynamic_ncols=True,
@@ -361,13 +383,16 @@ class Trainer:
                 count += self.objective.units(batch)
         total, count = self.ranks.sum([total, count])
         self.tuned.train()
-        return total / max(count, 1)
+        loss = total / max(count, 1)
+        metrics = {"eval_loss": loss, **self._stage_metrics("eval_"),
+                   **{f"eval_{k}": v for k, v in self.objective.eval_metrics(loss).items()}}
+        self.objective.stats = training_stats
+        return metrics
 
     def _evaluate_and_track(self, log_path: Path) -> None:
         start = time.perf_counter()
-        loss = self.evaluate()
+        metrics = self.evaluate()
         self._eval_seconds += time.perf_counter() - start
-        metrics = {"eval_loss": loss}
         self._log(log_path, {"step": self.state.global_step, "epoch": round(self._epoch_float(), 4),
                              **{k: round(v, 6) for k, v in metrics.items()}})
         name = self.cfg.metric_for_best_model
@@ -380,6 +405,8 @@ class Trainer:
         if best is None or (value > best if greater else value < best):
             self.state.best_metric, self.state.best_step = value, self.state.global_step
             self._best_state = {k: t.detach().clone() for k, t in self.method.state_dict().items()}
+            self._best_state.update({OBJECTIVE_KEY + k: t.detach().clone()
+                                     for k, t in self.objective.state_dict().items()})
 
     def _save_checkpoint(self, only_model: bool | None = None) -> Path:
         """Rank 0 writes the checkpoint (FSDP's shards gathered first, by every rank); the others wait for it."""
@@ -391,7 +418,8 @@ class Trainer:
             if self.ranks.is_main:
                 path = save_checkpoint(self.output_dir, self.state, self.method, optimizer_state, self.scheduler,
                                        self.cfg.to_dict(), self.base_model_name, self.cfg.save_total_limit,
-                                       best_state=self._best_state if self.cfg.load_best_model_at_end else None)
+                                       best_state=self._best_state if self.cfg.load_best_model_at_end else None,
+                                       objective_state=self.objective.state_dict())
         self.ranks.barrier()
         return path
 
@@ -405,9 +433,10 @@ class Trainer:
         return results if self.ranks.is_main else {}
 
     def _save_result(self, runtime: float, tokens: int, peaks: list[float]) -> dict[str, Any]:
-        from .plot import plot_loss  # deferred: matplotlib loads only when plot_loss is set
+        from .plot import plot_loss, plot_metric  # deferred: matplotlib loads only when plot_loss is set
 
         peft_format.save_method(self.method, self.output_dir, self.base_model_name)
+        self.objective.save(self.output_dir)  # a stage's own tensors beside the adapter (a value head)
         # The run's settings beside the adapter: export reads quantization_bit from it (the note on quantized training).
         write_train_config(self.output_dir, self.cfg.to_dict())
         if self.tokenizer is not None:
@@ -431,6 +460,8 @@ class Trainer:
         write_text(self.output_dir / "train_results.json", json.dumps(results, indent=2) + "\n")
         if self.cfg.plot_loss:
             plot_loss(self.state.log_history, self.output_dir / "training_loss.png")
+            plot_metric(self.state.log_history, "rewards/accuracies",
+                        self.output_dir / "training_rewards_accuracies.png")
         # What this run wrote (tokenizer files, model shards vary by model): overwrite_output_dir may replace them.
         record_outputs(self.output_dir, {p.name for p in self.output_dir.iterdir()} - self._entries_before)
         remove_stale_temporaries(self.output_dir)
