@@ -9,6 +9,7 @@
 
 from . import methods  # registers every method
 from .errors import AdapterLoadError, ConfigError, ModelLoadError, PeftkitError
+from .evaluate.reward import RewardModel
 from .methods import (
     AdaLoraConfig,
     AdapterConfig,
@@ -50,6 +51,7 @@ __all__ = [
     "PeftkitError",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "RewardModel",
     "SsfConfig",
     "TunedModel",
     "available_methods",
