@@ -122,7 +122,7 @@ def test_dpo_losses_match_trl_dpo_trainer(loss_type: str, beta: float) -> None:
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     assert logged["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=1e-9)
     assert logged["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), abs=1e-9)
-    assert logged["rewards/accuracies"] == (chosen_rewards > rejected_rewards).double().mean().item()
+    assert logged["rewards/accuracies"] == (chosen_rewards > rejected_rewards).float().mean().item()
     assert logged["rewards/margins"] == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), abs=1e-9)
     assert logged["logps/chosen"] == pytest.approx(sums[:6].mean().item(), abs=1e-9)
     # the case tests something: rewards split both ways, and hinge sees pairs on both sides of its kink

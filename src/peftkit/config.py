@@ -446,6 +446,9 @@ def _check_choice(key: str, value: Any, options: Sequence[str]) -> None:
 
 def _check_stage(c: TrainConfig) -> None:
     """Combinations of a stage with other keys that cannot work, refused before any work; the stage's defaults."""
+    for s, _ in STAGE_SETTINGS.values():
+        if s.choices:
+            _check_choice(s.name, getattr(c, s.name), s.choices)
     data = objective_class(c.stage).data
     if c.packing is None:
         c.packing = data == "text"  # LLaMA-Factory packs pretraining text by default
