@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..data import build_dataset, check_packing_support, collator_for
+from ..data.sources import resolve_datasets, split_names
 from ..errors import ConfigError
 from ..io.outputs import lock_output
 from ..methods import get_method
@@ -37,6 +38,10 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     it is refused while this one lives."""
     check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)  # before minutes of loading
     check_engine(cfg, get_method(cfg.finetuning_type), cfg.quantization() is not None)
+    kind = get_objective(cfg.stage, cfg).data
+    for names in (cfg.dataset, cfg.eval_dataset):  # a dataset the stage cannot train on: refused before any work
+        if split_names(names):
+            resolve_datasets(names, cfg.dataset_dir, kind, cfg.stage)
     check_reference(cfg)
     ranks = distributed.start(cfg)
     if cfg.fsdp and not ranks.enabled:
@@ -71,7 +76,9 @@ def load_reference(cfg: Any, objective: Objective, in_place: bool, dtype: torch.
         return None
     model, _ = load_model_and_tokenizer(cfg.ref_model or cfg.model_name_or_path, dtype=dtype,
                                         trust_remote_code=cfg.trust_remote_code)
-    model.to(device=device, dtype=weights_dtype)
+    model.to(device)
+    for p in model.parameters():  # parameters only: buffers (rotary frequencies) keep the dtype they load in
+        p.data = p.data.to(weights_dtype)
     reference: torch.nn.Module = model
     if cfg.ref_model_adapters:
         reference = TunedModel.load(model, cfg.ref_model_adapters)
