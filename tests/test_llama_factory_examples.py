@@ -218,3 +218,221 @@ def test_llama3_gptq_yaml_is_refused_naming_gguf(workdir, small_model_dir, monke
     assert err.startswith("error: export_quantization_bit: 4") and len(err.splitlines()) == 1
     assert "not supported" in err and "export_format: gguf with export_gguf_type: q4_0" in err
     assert not (workdir / "output").exists()
+
+
+# examples/train_lora/llama3_lora_{dpo,pretrain,reward,kto}.yaml (hiyouga/LLaMA-Factory@e6aa967, 8234462, 512ac7f,
+# 5817cda), verbatim
+LLAMA3_DPO = """\
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+
+### method
+stage: dpo
+do_train: true
+finetuning_type: lora
+lora_target: all
+pref_beta: 0.1
+pref_loss: sigmoid  # choices: [sigmoid (dpo), orpo, simpo]
+
+### dataset
+dataset: dpo_en_demo
+template: llama3
+cutoff_len: 1024
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+
+### output
+output_dir: saves/llama3-8b/lora/dpo
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 5.0e-6
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+
+### eval
+val_size: 0.1
+per_device_eval_batch_size: 1
+eval_strategy: steps
+eval_steps: 500
+"""
+
+LLAMA3_PRETRAIN = """\
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+
+### method
+stage: pt
+do_train: true
+finetuning_type: lora
+lora_target: all
+
+### dataset
+dataset: c4_demo
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+
+### output
+output_dir: saves/llama3-8b/lora/pretrain
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+
+### eval
+val_size: 0.1
+per_device_eval_batch_size: 1
+eval_strategy: steps
+eval_steps: 500
+"""
+
+LLAMA3_REWARD = """\
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+trust_remote_code: true
+
+### method
+stage: rm
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+
+### dataset
+dataset: dpo_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/reward
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+
+### eval
+# eval_dataset: dpo_en_demo
+# val_size: 0.1
+# per_device_eval_batch_size: 1
+# eval_strategy: steps
+# eval_steps: 500
+"""
+
+LLAMA3_KTO = """\
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+trust_remote_code: true
+
+### method
+stage: kto
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+pref_beta: 0.1
+
+### dataset
+dataset: kto_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/kto
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 5.0e-6
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+
+### eval
+# val_size: 0.1
+# per_device_eval_batch_size: 1
+# eval_strategy: steps
+# eval_steps: 500
+"""
+
+
+@pytest.fixture
+def workdir_with_kto(tmp_path, monkeypatch):
+    """As `workdir`, with LLaMA-Factory's kto_en_demo entry backed by a file of that shape (the repo's identity_kto
+    set: OpenAI-style messages with a `label` true/false), since ../shared/data lacks the file."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in os.listdir(SHARED_DATA):
+        os.symlink(os.path.join(SHARED_DATA, f), data / f)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.symlink(os.path.join(repo, "examples", "data", "identity_kto.json"), data / "kto_en_demo.json")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name,yaml_text,out,logged", [
+    ("llama3_lora_dpo.yaml", LLAMA3_DPO, "saves/llama3-8b/lora/dpo", "eval_rewards/accuracies"),
+    ("llama3_lora_pretrain.yaml", LLAMA3_PRETRAIN, "saves/llama3-8b/lora/pretrain", "eval_perplexity"),
+    ("llama3_lora_reward.yaml", LLAMA3_REWARD, "saves/llama3-8b/lora/reward", "rewards/accuracies"),
+    ("llama3_lora_kto.yaml", LLAMA3_KTO, "saves/llama3-8b/lora/kto", "kl"),
+])
+def test_llama_factory_stage_yamls_run_unchanged(workdir_with_kto, small_model_dir, name, yaml_text, out,  # noqa: F811
+                                                 logged) -> None:
+    model = f"model_name_or_path={small_model_dir}"
+    assert run(yaml_text, name, "train", model, "max_steps=2", "logging_steps=1") == 0
+    folder = workdir_with_kto / out
+    log = [json.loads(line) for line in (folder / "trainer_log.jsonl").read_text().splitlines()]
+    assert any(logged in e for e in log)
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (folder / "training_loss.png").is_file()
+    if "reward" in name:
+        assert (folder / "value_head.safetensors").is_file()
