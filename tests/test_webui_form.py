@@ -27,7 +27,8 @@ def test_every_key_is_one_field_and_method_keys_show_for_their_method() -> None:
     assert form.visible(by_name["lora_rank"], "lora", "sft") and not form.visible(by_name["lora_rank"], "ia3", "sft")
     assert form.visible(by_name["num_virtual_tokens"], "prefix_tuning", "sft")
     assert form.visible(by_name["learning_rate"], "ia3", "sft")
-    assert by_name["bf16"].kind == "tristate" and by_name["packing"].kind == "checkbox"
+    assert by_name["bf16"].kind == "tristate" and by_name["packing"].kind == "tristate"
+    assert by_name["do_sample"].kind == "checkbox"
     assert by_name["lr_scheduler_type"].kind == "choice" and by_name["lora_rank"].kind == "number"
     grouped = [f.name for g in form.TRAIN_GROUPS for f in form.group_fields(g)]
     assert "lora_rank" in grouped and "learning_rate" in grouped and "export_format" not in grouped
@@ -51,7 +52,7 @@ def test_hand_written_yaml_round_trips_unchanged(tmp_path) -> None:
 def test_an_untouched_form_writes_only_what_differs_from_the_defaults() -> None:
     values = form.form_values({})
     assert form.to_document(values) == {}
-    values.update(model_name_or_path="m", lora_rank=16, packing=True, bf16="false", dataset="identity")
+    values.update(model_name_or_path="m", lora_rank=16, packing="true", bf16="false", dataset="identity")
     assert form.to_document(values) == {"model_name_or_path": "m", "lora_rank": 16, "packing": True, "bf16": False,
                                         "dataset": "identity"}
     with pytest.raises(ConfigError, match="lr_scheduler_kwargs must be a mapping"):
