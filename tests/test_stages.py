@@ -297,3 +297,39 @@ def test_reward_model_resumes_exactly(model_dir, data_dir, tmp_path) -> None:
     for k in a:
         assert torch.equal(a[k], b[k])
     assert [e["loss"] for e in log_of(whole)] == [e["loss"] for e in log_of(part)]
+
+
+@pytest.mark.parametrize("method", ["adalora", "adapter", "bitfit", "freeze", "ia3", "lora_drop", "p_tuning",
+                                    "p_tuning_v2", "prefix_tuning", "prompt_tuning", "ssf", "qlora"])
+def test_every_method_trains_with_dpo(model_dir, data_dir, tmp_path, method) -> None:
+    """The stage never knows the method: each one trains a few DPO steps, with the adapter-disabled reference (or,
+    for freeze, a separate frozen copy). Methods whose fresh adapter leaves the model unchanged start at ln 2."""
+    extra = {"quantization_bit": 4} if method == "qlora" else {}
+    finetuning_type = "lora" if method == "qlora" else method
+    if method == "lora_drop":
+        extra["lora_drop_steps"] = 2
+    out = tmp_path / method
+    run_sft(config(model_dir, data_dir, out, stage="dpo", dataset="identity_pairs", finetuning_type=finetuning_type,
+                   max_steps=2, lora_target="all" if finetuning_type in ("lora", "adalora", "lora_drop") else None,
+                   **extra))
+    log = [e for e in log_of(out) if "loss" in e]
+    assert len(log) == 2 and all(math.isfinite(e["loss"]) and "rewards/accuracies" in e for e in log)
+    if method not in ("p_tuning", "p_tuning_v2", "prefix_tuning", "prompt_tuning"):  # virtual tokens change outputs
+        assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), method
+
+
+def test_a_dpo_adapter_is_an_ordinary_peft_lora(model_dir, data_dir, tmp_path) -> None:
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from peftkit import TunedModel
+
+    out = tmp_path / "dpo"
+    run_sft(config(model_dir, data_dir, out, stage="dpo", dataset="identity_pairs", bf16=False, max_steps=3))
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out).eval()
+    ours = TunedModel.load(AutoModelForCausalLM.from_pretrained(model_dir), out).eval()
+    with torch.no_grad():
+        a, b = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-5 and (a - base).abs().max() > 1e-4  # it loads, and DPO moved it
