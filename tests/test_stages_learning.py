@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 from helpers import SHARED_DATA
 
 from peftkit.config import TrainConfig
@@ -35,6 +36,7 @@ def before_and_after(model_name: str, tmp_path, **kw) -> tuple[dict, dict]:
     train, evals = build_dataset(tokenizer, cfg.dataset, cfg.dataset_dir, kind=objective.data, stage=cfg.stage,
                                  cutoff_len=cfg.cutoff_len, val_size=cfg.val_size, packing=cfg.packing, seed=cfg.seed,
                                  max_samples=cfg.max_samples, cache_dir=str(tmp_path / "cache"))
+    torch.manual_seed(cfg.seed)  # the adapter's initial values, as run.py seeds them
     tuned = TunedModel(model, cfg.method_config())
     collator = collator_for(objective.data, tokenizer.pad_token_id, mask_dtype=model.dtype,
                             padding_free=supports_padding_free(model))
