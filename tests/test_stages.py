@@ -333,3 +333,12 @@ def test_a_dpo_adapter_is_an_ordinary_peft_lora(model_dir, data_dir, tmp_path) -
         a, b = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
         base = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits
     assert (a - b).abs().max() <= 1e-5 and (a - base).abs().max() > 1e-4  # it loads, and DPO moved it
+
+
+def test_kto_with_a_batch_of_one_warns_about_its_reference_point() -> None:
+    with pytest.warns(UserWarning, match="with a batch of 1 that is a single pair"):
+        TrainConfig(model_name_or_path="m", dataset="d", stage="kto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig(model_name_or_path="m", dataset="d", stage="kto", per_device_train_batch_size=4,
+                    per_device_eval_batch_size=4)

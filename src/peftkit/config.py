@@ -465,6 +465,11 @@ def _check_stage(c: TrainConfig) -> None:
         raise ConfigError("ref_model_adapters needs ref_model: the base model the reference adapter goes on.")
     if c.stage in ("dpo", "kto") and c.pref_beta <= 0:
         raise ConfigError(f"pref_beta must be greater than 0, got {c.pref_beta}.")
+    if c.stage == "kto" and min(c.per_device_train_batch_size, c.per_device_eval_batch_size) < 2:
+        warnings.warn("stage kto estimates its reference point (the KL term) from the mismatched pairs of each "
+                      "micro-batch, as TRL does; with a batch of 1 that is a single pair, clamped at 0, a noisy and "
+                      "upward-biased estimate. Use per_device_train_batch_size and per_device_eval_batch_size >= 2.",
+                      UserWarning, stacklevel=3)
     if not 0 <= c.dpo_label_smoothing < 0.5:
         raise ConfigError(f"dpo_label_smoothing must be in [0, 0.5), got {c.dpo_label_smoothing}.")
 
