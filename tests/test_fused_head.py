@@ -77,3 +77,31 @@ def test_rows_all_ignored_and_no_grad() -> None:
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(head(hidden), torch.arange(5), reduction="sum")
         assert linear_cross_entropy_sum(hidden, head, torch.arange(5), -100).item() == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_log_probs_equal_log_softmax_with_any_row_weights(bias) -> None:
+    """DPO/KTO weigh each row's log-prob by a factor known only after forward: values and gradients (hidden, weight,
+    bias) equal the plain log_softmax path in fp32, chunks spanning several CHUNK_ROWS."""
+    from peftkit.objectives.fused_head import CHUNK_ROWS, linear_log_probs
+
+    g = torch.Generator().manual_seed(0)
+    rows, width, vocab = CHUNK_ROWS + 37, 16, 50
+    head = torch.nn.Linear(width, vocab, bias=bias)
+    hidden = torch.randn(rows, width, generator=g, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[::7] = -100
+    weights = torch.randn(rows, generator=g)
+
+    ours = linear_log_probs(hidden, head, targets, -100)
+    (ours * weights).sum().backward()
+    mine = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+    hidden.grad = None
+    head.zero_grad()
+    plain = torch.log_softmax(head(hidden).float(), -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    plain = plain * (targets != -100)
+    (plain * weights).sum().backward()
+    theirs = [hidden.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
+    assert (ours - plain).abs().max() <= 1e-5 and ours[::7].abs().max() == 0
+    for a, b in zip(mine, theirs):
+        assert (a - b).abs().max() <= 1e-5

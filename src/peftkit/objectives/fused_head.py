@@ -62,6 +62,60 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 (grad_bias * grad_out).to(ctx.dtypes[1]) if has_bias else None, None, None)
 
 
+class _LinearLogProbs(torch.autograd.Function):
+    """Each row's log-probability of its target, chunk by chunk. A sequence-level loss (DPO, KTO) weighs each row's
+    gradient by its own factor, known only after forward; so forward keeps d logp / d logits = onehot - softmax per
+    row, in the hidden states' dtype (what the plain path hands back through `.float()`), instead of the logits, their
+    fp32 copy and the log-softmax output, and backward scales it by each row's incoming gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        keep = any(ctx.needs_input_grad[:3])
+        out = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        direction = hidden.new_empty(hidden.shape[0], weight.shape[0]) if keep else None
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            t = targets[start:start + CHUNK_ROWS]
+            logits = nn.functional.linear(hidden[start:start + CHUNK_ROWS], weight, bias).float()
+            counted = t != ignore_index
+            safe = torch.where(counted, t, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            out[start:start + CHUNK_ROWS] = (logits.gather(1, safe[:, None]).squeeze(1) - lse) * counted
+            if direction is not None:
+                grad = torch.exp(logits.sub_(lse[:, None])).neg_()  # -softmax, in place of the logits
+                grad[torch.arange(len(t)), safe] += 1.0
+                grad *= counted[:, None]
+                direction[start:start + CHUNK_ROWS] = grad
+        ctx.save_for_backward(hidden, weight, direction if direction is not None else torch.empty(0))
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        hidden, weight, direction = ctx.saved_tensors
+        want = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if want[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want[1] else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if (
+            ctx.has_bias and want[2]) else None
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            g = (direction[rows].float() * grad_out[rows, None]).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = g @ weight
+            if grad_weight is not None:
+                grad_weight += g.t().float() @ hidden[rows].float()
+            if grad_bias is not None:
+                grad_bias += g.float().sum(0)
+        return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                grad_bias.to(weight.dtype) if grad_bias is not None else None, None, None)
+
+
+def linear_log_probs(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """log softmax(head(hidden))[target] of each row [rows], float32; 0 where the target is `ignore_index`."""
+    return _LinearLogProbs.apply(hidden, head.weight, head.bias, targets, ignore_index)
+
+
 def linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
                              ignore_index: int) -> torch.Tensor:
     """sum over rows of cross_entropy(head(hidden), targets), rows whose target is `ignore_index` left out.

@@ -13,7 +13,7 @@ from torch import nn
 from ..data.templates import IGNORE_INDEX
 from ..varlen import attention_for
 from .base import Batch
-from .fused_head import fusable_head, hidden_instead_of_logits
+from .fused_head import fusable_head, hidden_instead_of_logits, linear_log_probs
 
 NOT_MODEL_INPUTS = ("labels", "kto_tag")
 
@@ -39,11 +39,19 @@ def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
     """
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    with attention_for(model, batch):
-        logits = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits.float()
-    targets = targets[:, keep]
-    token_logps = -nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                               ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    head = fusable_head(model)
+    if head is not None:  # the head and the log-softmax chunk by chunk, no full logits held (fused_head.py)
+        with attention_for(model, batch), hidden_instead_of_logits(model, head):
+            hidden = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits
+        targets = targets[:, keep]
+        token_logps = linear_log_probs(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
+                                       IGNORE_INDEX).view(targets.shape)
+    else:
+        with attention_for(model, batch):
+            logits = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits.float()
+        targets = targets[:, keep]
+        token_logps = -nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                   ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
     counted = (targets != IGNORE_INDEX).float()
     if "cu_seq_lens_q" not in batch:
         return token_logps.sum(-1), counted.sum(-1)
