@@ -470,6 +470,17 @@ def _check_stage(c: TrainConfig) -> None:
                       "micro-batch, as TRL does; with a batch of 1 that is a single pair, clamped at 0, a noisy and "
                       "upward-biased estimate. Use per_device_train_batch_size and per_device_eval_batch_size >= 2.",
                       UserWarning, stacklevel=3)
+    if c.stage == "kd":
+        if not c.teacher_model_name_or_path:
+            raise ConfigError("stage kd needs teacher_model_name_or_path: the model the student learns to imitate.")
+        for key, ok, must in (("kd_temperature", c.kd_temperature > 0, "greater than 0"),
+                              ("kd_alpha", 0 <= c.kd_alpha <= 1, "in [0, 1]"),
+                              ("kd_jsd_beta", 0 < c.kd_jsd_beta < 1, "in (0, 1)"),
+                              ("kd_top_k", c.kd_top_k >= 0, "0 (the whole vocabulary) or a number of tokens")):
+            if not ok:
+                raise ConfigError(f"{key} must be {must}, got {getattr(c, key)!r}.")
+        if c.teacher_quantization_bit not in (None, 4, 8):
+            raise ConfigError(f"teacher_quantization_bit must be 4 or 8, got {c.teacher_quantization_bit!r}.")
     if not 0 <= c.dpo_label_smoothing < 0.5:
         raise ConfigError(f"dpo_label_smoothing must be in [0, 0.5), got {c.dpo_label_smoothing}.")
 

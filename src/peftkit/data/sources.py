@@ -92,6 +92,24 @@ def resolve_datasets(dataset: list[str] | str, dataset_dir: str | Path, kind: st
     return attrs
 
 
+def dataset_kind(dataset: list[str] | str, dataset_dir: str | Path) -> str:
+    """The kind of rows (formats.KINDS) the named datasets hold, from their registry entries or file types: "text"
+    only when every one is plain text; a stage that reads either conversations or text (kd) picks by it."""
+    registry = load_registry(dataset_dir) or {}
+    kinds = set()
+    for name in split_names(dataset):
+        entry = registry.get(name)
+        if isinstance(entry, dict):
+            columns = entry.get("columns") or {}
+            kinds.add("pairs" if entry.get("ranking") else "kto" if "kto_tag" in columns else "text" if (
+                entry.get("formatting", "alpaca") == "alpaca" and (
+                    str(entry.get("file_name", "")).lower().endswith(".txt") or columns == {"prompt": "text"}))
+                else "sft")
+        else:
+            kinds.add("text" if name.lower().endswith(".txt") else "sft")
+    return kinds.pop() if len(kinds) == 1 else "sft"
+
+
 def _check_kind(name: str, kind: str, stage: str, *, ranking: bool = False, kto: bool = False,
                 text: bool = False) -> None:
     """Refuse a dataset whose rows cannot be what `stage` trains on, saying what is missing."""

@@ -1,8 +1,8 @@
 """Training objectives, one module per stage; importing this package registers them all."""
 
-from . import dpo, kto, pt, rm  # noqa: F401 -- registers the stages
-from .base import Batch, Objective, available_objectives, get_objective, objective_class, register
+from . import dpo, kd, kto, pt, rm  # noqa: F401 -- registers the stages
+from .base import Batch, Objective, ReferenceSpec, available_objectives, get_objective, objective_class, register
 from .sft import Sft, label_tokens, token_loss_sum
 
-__all__ = ["Batch", "Objective", "Sft", "available_objectives", "get_objective", "label_tokens", "objective_class",
-           "register", "token_loss_sum"]
+__all__ = ["Batch", "Objective", "ReferenceSpec", "Sft", "available_objectives", "get_objective", "label_tokens",
+           "objective_class", "register", "token_loss_sum"]

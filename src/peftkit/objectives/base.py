@@ -16,6 +16,7 @@ What a stage adds beyond a loss goes through narrow seams the loop calls for eve
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,6 +27,17 @@ from ..errors import ConfigError
 from ..settings import Setting
 
 Batch = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceSpec:
+    """A frozen model a stage compares with: where it comes from, and how to load it."""
+
+    key: str  # the YAML key that names it, for messages
+    name_or_path: str
+    adapter: str | None = None
+    quantization_bit: int | None = None
+    same_values: bool = False  # cast to the trained weights' dtype (a DPO reference starts equal to the policy)
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
@@ -51,6 +63,11 @@ class Objective:
     def uses_reference(self, cfg: Any) -> bool:
         """Whether this run compares with a reference model (then the trainer provides one)."""
         return False
+
+    def reference_model(self, cfg: Any, in_place: bool) -> ReferenceSpec | None:
+        """The separate frozen model the run must load for this stage (a teacher, a reference), or None;
+        `in_place`: the method trains the base weights themselves."""
+        return None
 
     def attach(self, model: nn.Module, reference: nn.Module | None = None) -> None:
         """Called by the Trainer before training: the TunedModel being trained, and a frozen reference model when the

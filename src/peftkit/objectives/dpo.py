@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..settings import Setting
-from .base import Batch, Objective, register
-from .reference import REFERENCE_SETTINGS, reference_logps
+from .base import Batch, Objective, ReferenceSpec, register
+from .reference import REFERENCE_SETTINGS, reference_logps, separate_reference
 from .sequences import sequence_count, sequence_logps
 
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo")
@@ -110,6 +110,9 @@ class Dpo(Objective):
 
     def uses_reference(self, cfg: Any = None) -> bool:
         return self.loss_type not in REFERENCE_FREE
+
+    def reference_model(self, cfg: Any, in_place: bool) -> ReferenceSpec | None:
+        return separate_reference(cfg, in_place) if self.uses_reference() else None
 
     def units(self, batch: Batch) -> int:
         return sequence_count(batch) // 2

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..settings import Setting
-from .base import Batch, Objective, register
-from .reference import REFERENCE_SETTINGS, reference_logps
+from .base import Batch, Objective, ReferenceSpec, register
+from .reference import REFERENCE_SETTINGS, reference_logps, separate_reference
 from .sequences import sequence_count, sequence_logps
 
 
@@ -56,6 +56,9 @@ class Kto(Objective):
 
     def uses_reference(self, cfg: Any = None) -> bool:
         return True
+
+    def reference_model(self, cfg: Any, in_place: bool) -> ReferenceSpec | None:
+        return separate_reference(cfg, in_place) if self.uses_reference() else None
 
     def units(self, batch: Batch) -> int:
         return sequence_count(batch) // 2

@@ -12,12 +12,13 @@ over the data before training, no storage, and stays exact for any data order, r
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..settings import Setting
-from .base import Batch
+from .base import Batch, ReferenceSpec
 from .sequences import sequence_logps
 
 PREF_BETA = Setting("pref_beta", float, 0.1, "Preference stages: the temperature beta of the loss (DPO's beta).",
@@ -29,6 +30,15 @@ REF_MODEL = Setting("ref_model", str | None, None,
 REF_MODEL_ADAPTERS = Setting("ref_model_adapters", str | None, None,
                              "Preference stages: an adapter folder applied to ref_model.", "rlhf")
 REFERENCE_SETTINGS = (PREF_BETA, PREF_FTX, REF_MODEL, REF_MODEL_ADAPTERS)
+
+
+def separate_reference(cfg: Any, in_place: bool) -> ReferenceSpec | None:
+    """The separate reference model of a preference run: `ref_model` (with `ref_model_adapters`), or the base model
+    again when the method trains the base weights themselves; None: the adapter-disabled model serves."""
+    if cfg.ref_model or in_place:
+        return ReferenceSpec("ref_model", cfg.ref_model or cfg.model_name_or_path, cfg.ref_model_adapters,
+                             same_values=True)
+    return None
 
 
 def reference_logps(policy: nn.Module | None, reference: nn.Module | None, batch: Batch

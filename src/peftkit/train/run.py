@@ -18,6 +18,7 @@ from ..methods import get_method
 from ..models import base_model_id, load_model_and_tokenizer, load_tokenizer
 from ..objectives import Objective, get_objective
 from ..precision import base_dtype
+from ..quantization import QuantizationConfig
 from ..tuned import TunedModel
 from ..varlen import supports_padding_free
 from . import distributed
@@ -42,7 +43,7 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     for names in (cfg.dataset, cfg.eval_dataset):  # a dataset the stage cannot train on: refused before any work
         if split_names(names):
             resolve_datasets(names, cfg.dataset_dir, kind, cfg.stage)
-    check_reference(cfg)
+    check_reference(cfg, get_objective(cfg.stage, cfg))
     ranks = distributed.start(cfg)
     if cfg.fsdp and not ranks.enabled:
         warnings.warn("fsdp shards over several processes, and this is one: it trains as usual. Launch with "
@@ -54,34 +55,49 @@ def run_sft(cfg: Any) -> dict[str, Any]:
         distributed.stop()
 
 
-def check_reference(cfg: Any) -> None:
-    """A separate reference model must read the same token ids as the model trained: refused before any work."""
-    if not cfg.ref_model:
+PROBE = "Hello world! 123 \n\n  你好 <tool_call>"  # a vocabulary's fingerprint: ids of mixed text
+
+
+def check_reference(cfg: Any, objective: Objective) -> None:
+    """A separate reference or teacher must read the same token ids as the model trained (the ids of a probe string
+    and the vocabulary size), and a top-k must fit its vocabulary: refused before any work."""
+    spec = objective.reference_model(cfg, get_method(cfg.finetuning_type).in_place)
+    if spec is None:
         return
     mine = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    theirs = load_tokenizer(cfg.ref_model, trust_remote_code=cfg.trust_remote_code)
-    if mine.get_vocab() != theirs.get_vocab():
-        raise ConfigError(f"ref_model '{cfg.ref_model}' has another tokenizer ({len(theirs)} tokens) than "
-                          f"model_name_or_path '{cfg.model_name_or_path}' ({len(mine)} tokens); the reference must "
-                          "score the same token ids. Use a reference of the same model family, or remove ref_model.")
+    if spec.name_or_path != cfg.model_name_or_path:
+        theirs = load_tokenizer(spec.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        if len(mine) != len(theirs) or mine.encode(PROBE) != theirs.encode(PROBE):
+            raise ConfigError(f"{spec.key} '{spec.name_or_path}' has another tokenizer ({len(theirs)} tokens) than "
+                              f"model_name_or_path '{cfg.model_name_or_path}' ({len(mine)} tokens); stage "
+                              f"'{cfg.stage}' compares them token by token. Use a model of the same family.")
+    top_k = getattr(objective, "top_k", 0)
+    if top_k > len(mine):
+        raise ConfigError(f"kd_top_k={top_k} is more than the vocabulary's {len(mine)} tokens; use at most "
+                          f"{len(mine)} (or 0 for the whole vocabulary).")
 
 
 def load_reference(cfg: Any, objective: Objective, in_place: bool, dtype: torch.dtype, weights_dtype: torch.dtype,
                    device: str) -> torch.nn.Module | None:
-    """The frozen reference model the stage compares with, when it needs one the trained model cannot give: `ref_model`
-    (with `ref_model_adapters`), or the base model again when the method trains the base weights themselves. None
-    otherwise: adapter methods use the model with its adapter disabled. Loaded as the trained model was (`dtype`), then
-    cast as its weights are (full fine-tuning keeps them in float32), so both start from the same values."""
-    if not objective.uses_reference(cfg) or not (cfg.ref_model or in_place):
+    """The frozen model the stage compares with, when it needs one the trained model cannot give (a teacher; a DPO
+    reference for full/freeze or from `ref_model`); None otherwise (adapter methods' references are the model with its
+    adapter disabled). Loaded in the run's dtype; a reference that must start equal to the trained weights is then
+    cast as they are (full fine-tuning keeps them in float32)."""
+    spec = objective.reference_model(cfg, in_place)
+    if spec is None:
         return None
-    model, _ = load_model_and_tokenizer(cfg.ref_model or cfg.model_name_or_path, dtype=dtype,
+    quantization = (QuantizationConfig(spec.quantization_bit, cfg.quantization_type, cfg.double_quantization)
+                    if spec.quantization_bit else None)
+    model, _ = load_model_and_tokenizer(spec.name_or_path, dtype=dtype, quantization=quantization,
                                         trust_remote_code=cfg.trust_remote_code)
-    model.to(device)
-    for p in model.parameters():  # parameters only: buffers (rotary frequencies) keep the dtype they load in
-        p.data = p.data.to(weights_dtype)
+    if quantization is None:
+        model.to(device)
+        if spec.same_values:
+            for p in model.parameters():  # parameters only: buffers (rotary frequencies) keep their loaded dtype
+                p.data = p.data.to(weights_dtype)
     reference: torch.nn.Module = model
-    if cfg.ref_model_adapters:
-        reference = TunedModel.load(model, cfg.ref_model_adapters)
+    if spec.adapter:
+        reference = TunedModel.load(model, spec.adapter)
     reference.eval()
     for p in reference.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,129 @@
+"""`stage: kd`: knowledge distillation (Hinton et al. 2015): the student imitates a teacher's next-token
+distributions at every label position, mixed with the ordinary next-token loss:
+
+    loss per label token = kd_alpha * T^2 * D(p_teacher^T, p_student^T) + (1 - kd_alpha) * cross-entropy(label)
+
+with p^T = softmax(logits / T) (`kd_temperature`; T^2 keeps the gradient's scale as T changes) and D by `kd_loss`:
+- forward_kl: KL(p_t || p_s), the student covers every mode of the teacher (Hinton's);
+- reverse_kl: KL(p_s || p_t), mode-seeking (MiniLLM);
+- jsd: the generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024) with `kd_jsd_beta` = b:
+  b KL(p_t || m) + (1 - b) KL(p_s || m), m = b p_t + (1 - b) p_s.
+`kd_top_k` > 0 distils on the teacher's k most likely tokens only: both distributions renormalised over those k ids
+(k = the vocabulary size gives the full loss). The data is SFT conversations (labels on the answers) or plain text
+(every token), whichever the datasets are. The teacher runs without gradients, only at label positions, in its own
+dtype; it must share the student's vocabulary (checked before any work).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.templates import IGNORE_INDEX
+from ..settings import Setting
+from ..varlen import attention_for
+from .base import Batch, Objective, ReferenceSpec, register
+from .sequences import model_inputs
+from .sft import label_tokens
+
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "forward_kl",
+                      temperature: float = 1.0, jsd_beta: float = 0.5, top_k: int = 0) -> torch.Tensor:
+    """The divergence of each row [rows] (float32) between teacher and student logits [rows, vocab], at temperature T
+    and scaled by T^2; on the teacher's top-k ids only when `top_k` > 0."""
+    if kind not in KD_LOSSES:
+        raise ValueError(f"kd_loss '{kind}' is unknown; choose from {', '.join(KD_LOSSES)}.")
+    student, teacher = student.float() / temperature, teacher.float() / temperature
+    if 0 < top_k < teacher.shape[-1]:
+        teacher, ids = teacher.topk(top_k, dim=-1)
+        student = student.gather(-1, ids)
+    log_s, log_t = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
+    if kind == "forward_kl":
+        rows = (log_t.exp() * (log_t - log_s)).sum(-1)
+    elif kind == "reverse_kl":
+        rows = (log_s.exp() * (log_s - log_t)).sum(-1)
+    else:
+        b = jsd_beta
+        log_m = torch.logsumexp(torch.stack([log_t + torch.log(torch.tensor(b)),
+                                             log_s + torch.log(torch.tensor(1 - b))]), dim=0)
+        rows = (b * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - b) * (log_s.exp() * (log_s - log_m)).sum(-1))
+    return rows * temperature ** 2
+
+
+@register
+class Kd(Objective):
+    """`stage: kd`: distillation and next-token loss, summed over label tokens (the unit, as for SFT)."""
+
+    name = "kd"
+    data = "sft"
+    yaml_keys: ClassVar[tuple[Setting, ...]] = (
+        Setting("teacher_model_name_or_path", str | None, None, "kd: the teacher model (alias, folder or hub id); it "
+                "must share the student's vocabulary.", "rlhf"),
+        Setting("teacher_adapter_name_or_path", str | None, None, "kd: an adapter folder applied to the teacher.",
+                "rlhf"),
+        Setting("teacher_quantization_bit", int | None, None, "kd: load the teacher's linear layers in 4 or 8 bits.",
+                "rlhf"),
+        Setting("kd_temperature", float, 1.0, "kd: the softmax temperature T of both distributions.", "rlhf"),
+        Setting("kd_alpha", float, 0.5, "kd: the weight of the distillation term; 1 - kd_alpha weighs the "
+                "ordinary next-token loss.", "rlhf"),
+        Setting("kd_loss", str, "forward_kl", "kd: the divergence: forward_kl, reverse_kl or jsd.", "rlhf", KD_LOSSES),
+        Setting("kd_jsd_beta", float, 0.5, "kd: the mixing weight beta of kd_loss: jsd.", "rlhf"),
+        Setting("kd_top_k", int, 0, "kd: distil on the teacher's top-k tokens only (renormalised); 0: the whole "
+                "vocabulary.", "rlhf"),
+    )
+
+    def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.5, jsd_beta: float = 0.5,
+                 top_k: int = 0, data: str = "sft") -> None:
+        super().__init__()
+        if kind not in KD_LOSSES:
+            raise ValueError(f"kd_loss '{kind}' is unknown; choose from {', '.join(KD_LOSSES)}.")
+        self.kind, self.temperature, self.alpha, self.jsd_beta, self.top_k = kind, temperature, alpha, jsd_beta, top_k
+        self.data = data  # type: ignore[misc]  # per run: conversations or plain text, as the datasets are
+        self.teacher_seconds = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Kd:
+        from ..data.sources import dataset_kind
+
+        data = dataset_kind(cfg.dataset, cfg.dataset_dir) if cfg.dataset else "sft"
+        return cls(cfg.kd_loss, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_jsd_beta, cfg.kd_top_k,
+                   "text" if data == "text" else "sft")
+
+    def uses_reference(self, cfg: Any = None) -> bool:
+        return True
+
+    def reference_model(self, cfg: Any, in_place: bool) -> ReferenceSpec | None:
+        return ReferenceSpec("teacher_model_name_or_path", cfg.teacher_model_name_or_path,
+                             cfg.teacher_adapter_name_or_path, cfg.teacher_quantization_bit)
+
+    def units(self, batch: Batch) -> int:
+        return label_tokens(batch)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        if self.reference is None:
+            raise RuntimeError("stage kd needs its teacher: the Trainer attaches it (teacher_model_name_or_path).")
+        import time
+
+        targets = batch["labels"][:, 1:]
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        inputs = dict(model_inputs(batch), logits_to_keep=keep, use_cache=False)
+        with attention_for(model, batch):
+            student = model(**inputs).logits
+        start = time.perf_counter()
+        with torch.no_grad(), attention_for(self.reference, batch):
+            teacher = self.reference(**inputs).logits
+        self.teacher_seconds += time.perf_counter() - start
+        targets = targets[:, keep]
+        counted = targets != IGNORE_INDEX
+        student, teacher = student[counted], teacher[counted]
+        kd = distillation_loss(student, teacher, self.kind, self.temperature, self.jsd_beta, self.top_k).sum()
+        ce = F.cross_entropy(student.float(), targets[counted], reduction="sum")
+        n = int(counted.sum())
+        self.record("kd_loss", kd.detach(), n)
+        self.record("ce_loss", ce.detach(), n)
+        return self.alpha * kd + (1 - self.alpha) * ce
