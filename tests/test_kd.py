@@ -107,6 +107,7 @@ def test_kd_student_learns_the_teacher_better_than_sft(models, tmp_path) -> None
         run_sft(kd_config(student, teacher, out, data, kd_alpha=alpha, max_steps=12, max_samples=64))
         log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
         assert {"kd_loss", "ce_loss"} <= set(log[0])
+        assert json.loads((out / "train_results.json").read_text())["teacher_seconds"] > 0
         kls[name] = held_out_kl(student, out, teacher, data)
     print(kls)
     assert kls["kd"] < kls["sft"]

@@ -104,6 +104,10 @@ class Objective:
         """An evaluation's metrics besides eval_loss and the recorded stats, from its mean loss."""
         return {}
 
+    def results(self) -> dict[str, Any]:
+        """What the stage adds to train_results.json (a teacher's forward time, ...)."""
+        return {}
+
     # --- the objective's own trainable tensors ---
     def parameters(self) -> list[tuple[str, nn.Parameter]]:
         return []

@@ -104,6 +104,9 @@ class Kd(Objective):
     def units(self, batch: Batch) -> int:
         return label_tokens(batch)
 
+    def results(self) -> dict[str, Any]:
+        return {"teacher_seconds": round(self.teacher_seconds, 3)}  # the teacher's forwards, training and eval
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         if self.reference is None:
             raise RuntimeError("stage kd needs its teacher: the Trainer attaches it (teacher_model_name_or_path).")

@@ -456,6 +456,7 @@ class Trainer:
             "all_params": total,
             "best_eval_loss": self.state.best_metric,
             "best_step": self.state.best_step,
+            **self.objective.results(),
         }
         write_text(self.output_dir / "train_results.json", json.dumps(results, indent=2) + "\n")
         if self.cfg.plot_loss:
