@@ -50,7 +50,7 @@ def before_and_after(model_name: str, tmp_path, **kw) -> tuple[dict, dict]:
 
 def test_dpo_raises_held_out_reward_accuracy_and_margin(smollm2, tmp_path) -> None:
     before, after = before_and_after(smollm2, tmp_path, stage="dpo", dataset="dpo_en_demo", learning_rate=5e-4,
-                                     pref_beta=0.1)
+                                     pref_beta=0.1, cutoff_len=256)
     assert before["eval_rewards/accuracies"] == 0.0 and before["eval_rewards/margins"] == 0.0  # policy = reference
     assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"]
     assert after["eval_rewards/margins"] > 0.0
@@ -66,5 +66,5 @@ def test_reward_model_ranks_held_out_pairs(smollm2, tmp_path) -> None:
 
 def test_pretraining_lowers_held_out_perplexity(smollm2, tmp_path) -> None:
     before, after = before_and_after(smollm2, tmp_path, stage="pt", dataset="c4_demo", learning_rate=1e-3,
-                                     max_steps=20, max_samples=200)
+                                     max_steps=20, max_samples=200, cutoff_len=256)
     assert after["eval_perplexity"] < before["eval_perplexity"]
