@@ -66,5 +66,5 @@ def test_reward_model_ranks_held_out_pairs(smollm2, tmp_path) -> None:
 
 def test_pretraining_lowers_held_out_perplexity(smollm2, tmp_path) -> None:
     before, after = before_and_after(smollm2, tmp_path, stage="pt", dataset="c4_demo", learning_rate=1e-3,
-                                     max_steps=20, max_samples=200, cutoff_len=256)
+                                     max_steps=10, max_samples=200, cutoff_len=256)
     assert after["eval_perplexity"] < before["eval_perplexity"]
