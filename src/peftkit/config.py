@@ -21,6 +21,7 @@ import yaml
 from .errors import ConfigError
 from .methods import MethodConfig, available_methods, get_method
 from .objectives import available_objectives, objective_class
+from .objectives.dpo import REFERENCE_FREE
 from .quantization import QuantizationConfig
 from .settings import Setting, merge_declarations, setting, settings_of
 
@@ -455,7 +456,7 @@ def _check_stage(c: TrainConfig) -> None:
     if c.packing and data in ("pairs", "kto"):
         raise ConfigError(f"packing: true cannot be used with stage '{c.stage}': its examples are compared with each "
                           "other, not trained one by one. Set packing: false.")
-    uses_reference = c.stage == "kto" or (c.stage == "dpo" and c.pref_loss not in ("orpo", "simpo"))
+    uses_reference = c.stage == "kto" or (c.stage == "dpo" and c.pref_loss not in REFERENCE_FREE)
     if (c.ref_model or c.ref_model_adapters) and not uses_reference:
         why = (f"pref_loss: {c.pref_loss} is reference-free" if c.stage == "dpo"
                else f"stage '{c.stage}' has no reference model")

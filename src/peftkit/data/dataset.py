@@ -34,6 +34,8 @@ from .templates import ChatTemplate, StringTemplate, Template, encode_counted, g
 
 logger = logging.getLogger("peftkit.data")
 
+# A vocabulary's fingerprint: the ids of mixed text tell two tokenizers under one name (or two models) apart.
+VOCAB_PROBE = "Hello world! 123 \n\n  你好 <tool_call>"
 CACHE_VERSION = 4  # bump whenever a change here, in formats or in templates changes the tokenized output or report
 SHOWN_SKIPS = 3
 
@@ -347,10 +349,9 @@ def _cache_key(tokenizer: Any, train_attrs: list[DatasetAttr], eval_attrs: list[
             out.append([a.name, a.entry, files])
         return out
 
-    probe = "Hello world! 123 \n\n  你好 <tool_call>"  # catches a different vocabulary under the same name
     tok = [getattr(tokenizer, "name_or_path", ""), type(tokenizer).__name__, len(tokenizer),
            getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token,
-           tokenizer.encode(probe, add_special_tokens=False)]
+           tokenizer.encode(VOCAB_PROBE, add_special_tokens=False)]
     blob = json.dumps([CACHE_VERSION, describe(train_attrs), describe(eval_attrs), tok, settings],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -73,7 +73,7 @@ def resolve_datasets(dataset: list[str] | str, dataset_dir: str | Path, kind: st
         if path is not None:
             files = _files_in(path, name)
             if EXTENSIONS[files[0].suffix.lower()] == "text":
-                _check_kind(name, kind, stage, text=True)
+                _check_kind(name, kind, stage, "text")
                 attrs.append(DatasetAttr(name=name, files=files, columns={"prompt": "text"}))
             else:
                 attrs.append(DatasetAttr(name=name, files=files, formatting=None))
@@ -100,23 +100,34 @@ def dataset_kind(dataset: list[str] | str, dataset_dir: str | Path) -> str:
     for name in split_names(dataset):
         entry = registry.get(name)
         if isinstance(entry, dict):
-            columns = entry.get("columns") or {}
-            kinds.add("pairs" if entry.get("ranking") else "kto" if "kto_tag" in columns else "text" if (
-                entry.get("formatting", "alpaca") == "alpaca" and (
-                    str(entry.get("file_name", "")).lower().endswith(".txt") or columns == {"prompt": "text"}))
-                else "sft")
+            kinds.add(_entry_kind(entry))
         else:
             kinds.add("text" if name.lower().endswith(".txt") else "sft")
     return kinds.pop() if len(kinds) == 1 else "sft"
 
 
-def _check_kind(name: str, kind: str, stage: str, *, ranking: bool = False, kto: bool = False,
-                text: bool = False) -> None:
-    """Refuse a dataset whose rows cannot be what `stage` trains on, saying what is missing."""
+def _entry_kind(entry: dict[str, Any]) -> str:
+    """The kind of rows a registry entry holds: pairs (`ranking`), kto (a `kto_tag` column), text (LLaMA-Factory's
+    text datasets: a .txt file, or `columns: {prompt: text}` with no answer column) or sft."""
+    columns = entry.get("columns") or {}
+    if entry.get("ranking"):
+        return "pairs"
+    if "kto_tag" in columns:
+        return "kto"
+    if entry.get("formatting", "alpaca") == "alpaca" and (
+            str(entry.get("file_name", "")).lower().endswith(".txt") or columns == {"prompt": "text"}):
+        return "text"
+    return "sft"
+
+
+def _check_kind(name: str, kind: str, stage: str, rows: str) -> None:
+    """Refuse a dataset holding `rows` (a kind) that cannot be what `stage` trains on (`kind`), saying what is
+    missing."""
+    ranking = rows == "pairs"
     if kind == "pairs" and not ranking:
         raise ConfigError(f"Dataset '{name}' has no chosen/rejected answers, which stage '{stage}' trains on: register "
                           f"it in {DATA_CONFIG} with \"ranking\": true and its chosen and rejected columns.")
-    if kind == "kto" and not kto:
+    if kind == "kto" and rows != "kto":
         raise ConfigError(f"Dataset '{name}' has no kto_tag column, which stage '{stage}' needs (true for a desirable "
                           f"answer, false for an undesirable one): add \"kto_tag\" to its columns in {DATA_CONFIG}.")
     if kind == "text":
@@ -128,10 +139,10 @@ def _check_kind(name: str, kind: str, stage: str, *, ranking: bool = False, kto:
         raise ConfigError(f"Dataset '{name}' is a ranking (preference) dataset with chosen/rejected answers; stage "
                           f"'{stage}' needs one answer per prompt. Use it with stage: dpo or rm, or pick another "
                           "dataset.")
-    if kind == "sft" and kto:
+    if kind == "sft" and rows == "kto":
         raise ConfigError(f"Dataset '{name}' is a KTO dataset (answers labelled good or bad); stage '{stage}' would "
                           "also learn the bad ones. Use it with stage: kto, or pick an SFT dataset.")
-    if text:
+    if rows == "text":
         raise ConfigError(f"Dataset '{name}' is plain text (no prompts with answers); stage '{stage}' cannot train on "
                           "it. Use it with stage: pt.")
 
@@ -151,10 +162,7 @@ def _from_entry(name: str, entry: dict[str, Any], dataset_dir: Path, kind: str =
     if media:
         raise ConfigError(f"Dataset '{name}' has {'/'.join(media)} columns; peftkit trains on text only. "
                           "Pick a text dataset.")
-    # LLaMA-Factory's text datasets: a .txt file, or `columns: {prompt: text}` with no answer column
-    plain = entry.get("formatting", "alpaca") == "alpaca" and not entry.get("ranking") and (
-        str(entry.get("file_name", "")).lower().endswith(".txt") or columns == {"prompt": "text"})
-    _check_kind(name, kind, stage, ranking=bool(entry.get("ranking")), kto="kto_tag" in columns, text=plain)
+    _check_kind(name, kind, stage, _entry_kind(entry))
     if "file_name" not in entry:
         where = ", ".join(f"{k}={entry[k]}" for k in _HUB_KEYS if k in entry)
         if where:

@@ -21,7 +21,7 @@ from ..data.formats import RowError, check_turns
 from ..data.templates import encode
 from ..errors import ConfigError
 from ..io.run_config import read_train_config
-from ..objectives.rm import load_value_head, scores
+from ..objectives.rm import load_value_head, model_hidden_size, scores
 from ..tuned import TunedModel
 from ..varlen import supports_padding_free
 
@@ -52,9 +52,7 @@ class RewardModel:
             raise ConfigError(f"{directory} does not say which base model it was trained on (no train_config.json); "
                               "pass model_name_or_path.")
         model, tokenizer = load_model_and_tokenizer(base, dtype=dtype, trust_remote_code=trust_remote_code)
-        config = model.config
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-        head = load_value_head(directory, hidden, next(model.parameters()).device)
+        head = load_value_head(directory, model_hidden_size(model), next(model.parameters()).device)
         tuned = TunedModel.load(model, directory) if os.path.isfile(os.path.join(directory, "adapter_config.json")) \
             else model
         return cls(tuned, tokenizer, head, saved.get("template"), saved.get("cutoff_len") or 4096)

@@ -69,6 +69,9 @@ class Objective:
         `in_place`: the method trains the base weights themselves."""
         return None
 
+    def check_vocabulary(self, size: int) -> None:
+        """Refuse, before any work, settings that do not fit a vocabulary of `size` tokens (nothing by default)."""
+
     def attach(self, model: nn.Module, reference: nn.Module | None = None) -> None:
         """Called by the Trainer before training: the TunedModel being trained, and a frozen reference model when the
         run has a separate one (else a stage that needs one uses the model with its adapter disabled)."""

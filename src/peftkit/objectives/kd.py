@@ -16,6 +16,7 @@ dtype; it must share the student's vocabulary (checked before any work).
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.templates import IGNORE_INDEX
+from ..errors import ConfigError
 from ..settings import Setting
 from ..varlen import attention_for
 from .base import Batch, Objective, ReferenceSpec, register
@@ -101,6 +103,11 @@ class Kd(Objective):
         return ReferenceSpec("teacher_model_name_or_path", cfg.teacher_model_name_or_path,
                              cfg.teacher_adapter_name_or_path, cfg.teacher_quantization_bit)
 
+    def check_vocabulary(self, size: int) -> None:
+        if self.top_k > size:
+            raise ConfigError(f"kd_top_k={self.top_k} is more than the vocabulary's {size} tokens; use at most "
+                              f"{size} (or 0 for the whole vocabulary).")
+
     def units(self, batch: Batch) -> int:
         return label_tokens(batch)
 
@@ -110,8 +117,6 @@ class Kd(Objective):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         if self.reference is None:
             raise RuntimeError("stage kd needs its teacher: the Trainer attaches it (teacher_model_name_or_path).")
-        import time
-
         targets = batch["labels"][:, 1:]
         keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
         inputs = dict(model_inputs(batch), logits_to_keep=keep, use_cache=False)

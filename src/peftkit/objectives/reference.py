@@ -11,7 +11,6 @@ over the data before training, no storage, and stays exact for any data order, r
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -55,13 +54,6 @@ def reference_logps(policy: nn.Module | None, reference: nn.Module | None, batch
     if reference is not None:
         logps, counts = sequence_logps(reference, batch)
     else:
-        with disabled(policy):
+        with policy.disable_adapter():
             logps, counts = sequence_logps(policy, batch)
     return logps.detach(), counts
-
-
-@contextlib.contextmanager
-def disabled(model: nn.Module):
-    """The model with its adapter off (TunedModel.disable_adapter)."""
-    with model.disable_adapter():
-        yield

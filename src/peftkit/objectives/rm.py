@@ -36,6 +36,15 @@ def new_value_head(hidden_size: int, device: torch.device | str = "cpu", zero: b
     return head
 
 
+def model_hidden_size(model: nn.Module) -> int:
+    """The width of the model's final hidden states, which the value head reads."""
+    config = getattr(model, "config", None)
+    size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if size is None:
+        raise ConfigError(f"A reward model needs the model's hidden size; {type(config).__name__} names none.")
+    return size
+
+
 def load_value_head(directory: str | Path, hidden_size: int, device: torch.device | str = "cpu") -> nn.Linear:
     path = Path(directory) / VALUE_HEAD_NAME
     if not path.is_file():
@@ -70,11 +79,7 @@ class Rm(Objective):
     def attach(self, model: nn.Module, reference: nn.Module | None = None) -> None:
         super().attach(model, reference)
         if self.head is None:
-            config = getattr(model, "config", None)
-            hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-            if hidden is None:
-                raise ConfigError(f"stage: rm needs the model's hidden size; {type(config).__name__} names none.")
-            self.head = new_value_head(hidden, next(model.parameters()).device, zero=True)
+            self.head = new_value_head(model_hidden_size(model), next(model.parameters()).device, zero=True)
 
     def units(self, batch: Batch) -> int:
         return sequence_count(batch) // 2

@@ -7,28 +7,9 @@ from typing import Any
 
 
 def plot_loss(log_history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Plot training loss (and eval loss, if any) against the step; returns the file written."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display here; write the file only
-    import matplotlib.pyplot as plt
-
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    if not train:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    """Plot training loss (and eval loss, if any) against the step; returns the file written (none without a
+    training loss)."""
+    return plot_metric(log_history, "loss", path) if any("loss" in e for e in log_history) else None
 
 
 def plot_metric(log_history: list[dict[str, Any]], key: str, path: Path) -> Path | None:
@@ -36,7 +17,7 @@ def plot_metric(log_history: list[dict[str, Any]], key: str, path: Path) -> Path
     `rewards/accuracies` for preference stages; nothing when the run did not log it."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display here; write the file only
     import matplotlib.pyplot as plt
 
     train = [(e["step"], e[key]) for e in log_history if key in e]

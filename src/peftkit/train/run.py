@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..data import build_dataset, check_packing_support, collator_for
+from ..data.dataset import VOCAB_PROBE
 from ..data.sources import resolve_datasets, split_names
 from ..errors import ConfigError
 from ..io.outputs import lock_output
@@ -39,23 +40,20 @@ def run_sft(cfg: Any) -> dict[str, Any]:
     it is refused while this one lives."""
     check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)  # before minutes of loading
     check_engine(cfg, get_method(cfg.finetuning_type), cfg.quantization() is not None)
-    kind = get_objective(cfg.stage, cfg).data
+    objective = get_objective(cfg.stage, cfg)
     for names in (cfg.dataset, cfg.eval_dataset):  # a dataset the stage cannot train on: refused before any work
         if split_names(names):
-            resolve_datasets(names, cfg.dataset_dir, kind, cfg.stage)
-    check_reference(cfg, get_objective(cfg.stage, cfg))
+            resolve_datasets(names, cfg.dataset_dir, objective.data, cfg.stage)
+    check_reference(cfg, objective)
     ranks = distributed.start(cfg)
     if cfg.fsdp and not ranks.enabled:
         warnings.warn("fsdp shards over several processes, and this is one: it trains as usual. Launch with "
                       "--nproc-per-node N (or torchrun) to shard.", UserWarning, stacklevel=2)
     try:
         with lock_output(cfg.output_dir) if ranks.is_main else contextlib.nullcontext():
-            return _train(cfg, ranks)
+            return _train(cfg, ranks, objective)
     finally:
         distributed.stop()
-
-
-PROBE = "Hello world! 123 \n\n  你好 <tool_call>"  # a vocabulary's fingerprint: ids of mixed text
 
 
 def check_reference(cfg: Any, objective: Objective) -> None:
@@ -67,14 +65,11 @@ def check_reference(cfg: Any, objective: Objective) -> None:
     mine = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     if spec.name_or_path != cfg.model_name_or_path:
         theirs = load_tokenizer(spec.name_or_path, trust_remote_code=cfg.trust_remote_code)
-        if len(mine) != len(theirs) or mine.encode(PROBE) != theirs.encode(PROBE):
+        if len(mine) != len(theirs) or mine.encode(VOCAB_PROBE) != theirs.encode(VOCAB_PROBE):
             raise ConfigError(f"{spec.key} '{spec.name_or_path}' has another tokenizer ({len(theirs)} tokens) than "
                               f"model_name_or_path '{cfg.model_name_or_path}' ({len(mine)} tokens); stage "
                               f"'{cfg.stage}' compares them token by token. Use a model of the same family.")
-    top_k = getattr(objective, "top_k", 0)
-    if top_k > len(mine):
-        raise ConfigError(f"kd_top_k={top_k} is more than the vocabulary's {len(mine)} tokens; use at most "
-                          f"{len(mine)} (or 0 for the whole vocabulary).")
+    objective.check_vocabulary(len(mine))
 
 
 def load_reference(cfg: Any, objective: Objective, in_place: bool, dtype: torch.dtype, weights_dtype: torch.dtype,
@@ -104,7 +99,7 @@ def load_reference(cfg: Any, objective: Objective, in_place: bool, dtype: torch.
     return reference
 
 
-def _train(cfg: Any, ranks: Ranks) -> dict[str, Any]:
+def _train(cfg: Any, ranks: Ranks, objective: Objective) -> dict[str, Any]:
     if ranks.is_main:
         for note in cfg.ignored_settings():
             warnings.warn(note, UserWarning, stacklevel=2)
@@ -118,7 +113,6 @@ def _train(cfg: Any, ranks: Ranks) -> dict[str, Any]:
                                                 trust_remote_code=cfg.trust_remote_code)
     if quantization is None:  # a quantized model is loaded onto its device (bitsandbytes quantizes it there)
         model.to(device)
-    objective = get_objective(cfg.stage, cfg)
     train_data, eval_data = build_dataset(
         tokenizer,
         cfg.dataset,
