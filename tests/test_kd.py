@@ -113,13 +113,16 @@ def test_kd_student_learns_the_teacher_better_than_sft(models, tmp_path) -> None
     assert kls["kd"] < kls["sft"]
 
 
-@pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])
-def test_kd_runs_every_loss_with_top_k(models, tmp_path, kind) -> None:
+@pytest.mark.parametrize("kind,dtype", [("reverse_kl", "fp32"), ("jsd", "bf16")])
+def test_kd_runs_every_loss_with_top_k(models, tmp_path, monkeypatch, kind, dtype) -> None:
+    """Also in both dtypes, whichever this CPU picks: PEFTKIT_DTYPE forces it for student and teacher."""
+    monkeypatch.setenv("PEFTKIT_DTYPE", dtype)
     student, teacher = models
     data = tmp_path / "data"
     shutil.copytree(EXAMPLES, data)
     out = tmp_path / kind
-    run_sft(kd_config(student, teacher, out, data, kd_loss=kind, kd_top_k=8, kd_temperature=2.0, max_steps=2))
+    run_sft(kd_config(student, teacher, out, data, kd_loss=kind, kd_top_k=8, kd_temperature=2.0, max_steps=2,
+                      bf16=None))
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(e["loss"]) for e in log)
 

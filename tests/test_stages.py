@@ -342,3 +342,17 @@ def test_kto_with_a_batch_of_one_warns_about_its_reference_point() -> None:
         warnings.simplefilter("error")
         TrainConfig(model_name_or_path="m", dataset="d", stage="kto", per_device_train_batch_size=4,
                     per_device_eval_batch_size=4)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_preference_stages_in_both_dtypes(model_dir, data_dir, tmp_path, monkeypatch, dtype) -> None:
+    """PEFTKIT_DTYPE forces the dtype this CPU would not pick: in both, the first DPO loss is ln 2 and the first KTO
+    loss sits on its 0.5 grid (policy = reference to the bit), and the runs stay finite."""
+    monkeypatch.setenv("PEFTKIT_DTYPE", dtype)
+    out = tmp_path / "dpo"
+    run_sft(config(model_dir, data_dir, out, stage="dpo", dataset="identity_pairs", max_steps=2))
+    log = log_of(out)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and math.isfinite(log[-1]["loss"])
+    out = tmp_path / "kto"
+    run_sft(config(model_dir, data_dir, out, stage="kto", dataset="identity_kto", max_steps=2))
+    assert log_of(out)[0]["loss"] == pytest.approx(0.5, abs=1e-6)
