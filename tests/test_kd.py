@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -146,3 +147,66 @@ def test_kd_refusals_before_any_work(models, tmp_path, capsys) -> None:
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert message in err and err.startswith("error:"), err
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_cached_teacher_loss_equals_float16_teacher_log_probs() -> None:
+    """The cached path's kd loss is the divergence from the teacher's top-k log-probs rounded to float16 (<= 1e-6),
+    and within float16's precision of the uncached loss."""
+    from peftkit.data import SFTCollator
+    from peftkit.objectives.kd import Kd, divergence
+    from peftkit.objectives.teacher_cache import annotate, label_counts
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    student, teacher = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+    rows = [{"input_ids": torch.randint(3, 64, (n,)).tolist(), "labels": [-100] * 4 + torch.randint(3, 64, (n - 4,))
+             .tolist()} for n in (9, 12, 7)]
+    for padding_free in (False, True):
+        collate = SFTCollator(0, padding_free=padding_free)
+        kd = Kd("jsd", temperature=2.0, top_k=10)
+        kd.attach(student, teacher)
+        plain = kd.loss(student, collate(rows)).item()
+        with tempfile.TemporaryDirectory() as tmp:
+            cached_rows = annotate(rows, collate, kd._teacher_topk, Path(tmp) / "t.safetensors",
+                                   label_counts(rows, collate), batch_size=2)
+        assert kd.teacher_forwards == 3  # one for the plain loss, two batches for the cache
+        batch = collate(cached_rows)
+        cached = kd.loss(student, batch).item()
+        assert kd.teacher_forwards == 3  # the cached loss runs no teacher
+        counted = batch["labels"][:, 1:] != -100
+        with torch.no_grad():
+            s = student(**{k: batch[k] for k in batch if k in ("input_ids", "attention_mask", "position_ids")}
+                        ).logits[:, :-1][counted] if not padding_free else None
+            t = teacher(input_ids=batch["input_ids"], **({"attention_mask": batch["attention_mask"]}
+                        if "attention_mask" in batch else {})).logits[:, :-1][counted] if not padding_free else None
+        if s is not None:
+            logps, ids = F.log_softmax(t.float(), -1).topk(10, -1)
+            expected_kd = divergence(s.gather(-1, ids), logps.half().float(), "jsd", 2.0, 0.5).sum()
+            ce = F.cross_entropy(s.float(), batch["labels"][:, 1:][counted], reduction="sum")
+            assert abs(cached - (0.5 * expected_kd + 0.5 * ce).item()) <= 1e-6 * max(1.0, abs(cached))
+        assert abs(cached - plain) <= 2e-3 * abs(plain), (padding_free, cached, plain)
+
+
+def test_teacher_cache_runs_the_teacher_once(models, tmp_path, monkeypatch) -> None:
+    """Two epochs with kd_cache_teacher: the teacher runs only to fill the cache (counted), the losses match the
+    uncached run's to float16 precision, and a rerun finds the cache and runs no teacher at all."""
+    monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path / "home"))
+    student, teacher = models
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLES, data)
+    common = dict(kd_top_k=16, max_steps=0, num_train_epochs=2, max_samples=12, per_device_eval_batch_size=4)
+    losses, results = {}, {}
+    for name, cache in (("plain", False), ("cached", True), ("rerun", True)):
+        out = tmp_path / name
+        run_sft(kd_config(student, teacher, out, data, kd_cache_teacher=cache, **common))
+        losses[name] = [json.loads(line)["loss"] for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+        results[name] = json.loads((out / "train_results.json").read_text())
+    assert len(losses["plain"]) == 6  # 12 rows, batch 4, two epochs
+    assert results["plain"]["teacher_forwards"] == 6  # one per step
+    assert results["cached"]["teacher_forwards"] == 3  # 12 rows in batches of 4, once, before training
+    assert results["rerun"]["teacher_forwards"] == 0
+    assert losses["rerun"] == losses["cached"]
+    for a, b in zip(losses["cached"], losses["plain"]):
+        assert abs(a - b) <= 2e-3 * abs(b), (losses["cached"], losses["plain"])
+    assert len(list((tmp_path / "home" / "datasets").glob("teacher-*.safetensors"))) == 1

@@ -480,6 +480,9 @@ def _check_stage(c: TrainConfig) -> None:
                               ("kd_top_k", c.kd_top_k >= 0, "0 (the whole vocabulary) or a number of tokens")):
             if not ok:
                 raise ConfigError(f"{key} must be {must}, got {getattr(c, key)!r}.")
+        if c.kd_cache_teacher and not c.kd_top_k:
+            raise ConfigError("kd_cache_teacher stores the teacher's top-k log-probs: set kd_top_k too (for example "
+                              "64; the whole vocabulary would cost 2 bytes per token per position).")
         if c.teacher_quantization_bit not in (None, 4, 8):
             raise ConfigError(f"teacher_quantization_bit must be 4 or 8, got {c.teacher_quantization_bit!r}.")
     if not 0 <= c.dpo_label_smoothing < 0.5:

@@ -92,8 +92,15 @@ class SFTCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("SFTCollator got an empty batch.")
-        if self.padding_free:
-            return self._flattened(features)
+        out = self._flattened(features) if self.padding_free else self._padded(features)
+        # Tensor fields annotate an example's label positions in order (kd's cached teacher top-k): the batch's
+        # label positions are its examples' one after another in both layouts, so they concatenate.
+        for key, value in features[0].items():
+            if isinstance(value, torch.Tensor):
+                out[key] = torch.cat([f[key] for f in features])
+        return out
+
+    def _padded(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [len(f["input_ids"]) for f in features]
         width = max(lengths)
         if self.pad_to_multiple_of:

@@ -8,6 +8,7 @@ checkpoints and logs belong to the Trainer.
 What a stage adds beyond a loss goes through narrow seams the loop calls for every objective:
 - `attach(model, reference)`: the model being trained (a TunedModel) and a separate frozen reference model, if the
   run has one (preference stages compare with it);
+- `annotate`: per-example fields computed once before training (kd's cached teacher top-k);
 - `record` / `take_stats`: per-batch sums (rewards, accuracies) the loop logs beside the loss, averaged per unit;
 - `eval_metrics`: what an evaluation reports besides its loss (perplexity);
 - `parameters` / `state_dict` / `load_state_dict` / `save`: trainable tensors of the objective's own (a reward
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -76,6 +77,12 @@ class Objective:
         """Called by the Trainer before training: the TunedModel being trained, and a frozen reference model when the
         run has a separate one (else a stage that needs one uses the model with its adapter disabled)."""
         self.model, self.reference = model, reference
+
+    def annotate(self, rows: list[dict], collate: Callable[[list[dict]], Batch], batch_size: int) -> list[dict]:
+        """Called by the Trainer once per split after `attach`, before training: the examples with per-example fields
+        computed once for the whole run (kd's cached teacher top-k; tensor fields reach the batch through the
+        collator). Unchanged by default."""
+        return rows
 
     def units(self, batch: Batch) -> int:
         """How many units (label tokens, pairs, ...) this batch's loss sums over."""

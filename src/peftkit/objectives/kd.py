@@ -10,14 +10,17 @@ with p^T = softmax(logits / T) (`kd_temperature`; T^2 keeps the gradient's scale
   b KL(p_t || m) + (1 - b) KL(p_s || m), m = b p_t + (1 - b) p_s.
 `kd_top_k` > 0 distils on the teacher's k most likely tokens only: both distributions renormalised over those k ids
 (k = the vocabulary size gives the full loss). The data is SFT conversations (labels on the answers) or plain text
-(every token), whichever the datasets are. The teacher runs without gradients, only at label positions, in its own
-dtype; it must share the student's vocabulary (checked before any work).
+(every token), whichever the datasets are. The teacher runs without gradients, only at label positions, in the
+fastest dtype the device has (measured, as for the base weights); it must share the student's vocabulary (checked
+before any work). With `kd_cache_teacher` its top-k is computed once per example instead (teacher_cache.py).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,7 @@ from ..errors import ConfigError
 from ..settings import Setting
 from ..varlen import attention_for
 from .base import Batch, Objective, ReferenceSpec, register
+from . import teacher_cache
 from .sequences import model_inputs
 from .sft import label_tokens
 
@@ -38,21 +42,26 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = 
                       temperature: float = 1.0, jsd_beta: float = 0.5, top_k: int = 0) -> torch.Tensor:
     """The divergence of each row [rows] (float32) between teacher and student logits [rows, vocab], at temperature T
     and scaled by T^2; on the teacher's top-k ids only when `top_k` > 0."""
+    if 0 < top_k < teacher.shape[-1]:
+        teacher, ids = teacher.float().topk(top_k, dim=-1)
+        student = student.gather(-1, ids)
+    return divergence(student, teacher, kind, temperature, jsd_beta)
+
+
+def divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float, jsd_beta: float
+               ) -> torch.Tensor:
+    """`kd_loss` per row between two sets of logits (or log-probs) over the same ids, both renormalised at T."""
     if kind not in KD_LOSSES:
         raise ValueError(f"kd_loss '{kind}' is unknown; choose from {', '.join(KD_LOSSES)}.")
-    student, teacher = student.float() / temperature, teacher.float() / temperature
-    if 0 < top_k < teacher.shape[-1]:
-        teacher, ids = teacher.topk(top_k, dim=-1)
-        student = student.gather(-1, ids)
-    log_s, log_t = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
+    log_s = F.log_softmax(student.float() / temperature, -1)
+    log_t = F.log_softmax(teacher.float() / temperature, -1)
     if kind == "forward_kl":
         rows = (log_t.exp() * (log_t - log_s)).sum(-1)
     elif kind == "reverse_kl":
         rows = (log_s.exp() * (log_s - log_t)).sum(-1)
     else:
         b = jsd_beta
-        log_m = torch.logsumexp(torch.stack([log_t + torch.log(torch.tensor(b)),
-                                             log_s + torch.log(torch.tensor(1 - b))]), dim=0)
+        log_m = torch.logsumexp(torch.stack([log_t + math.log(b), log_s + math.log(1 - b)]), dim=0)
         rows = (b * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - b) * (log_s.exp() * (log_s - log_m)).sum(-1))
     return rows * temperature ** 2
 
@@ -77,24 +86,37 @@ class Kd(Objective):
         Setting("kd_jsd_beta", float, 0.5, "kd: the mixing weight beta of kd_loss: jsd.", "rlhf"),
         Setting("kd_top_k", int, 0, "kd: distil on the teacher's top-k tokens only (renormalised); 0: the whole "
                 "vocabulary.", "rlhf"),
+        Setting("kd_cache_teacher", bool, False, "kd: compute the teacher's top-k log-probs (kd_top_k > 0) once per "
+                "example, before training, and keep them in the dataset cache: no epoch or rerun runs the teacher "
+                "again (stored in float16).", "rlhf"),
     )
 
     def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.5, jsd_beta: float = 0.5,
-                 top_k: int = 0, data: str = "sft") -> None:
+                 top_k: int = 0, data: str = "sft", cache: dict[str, Any] | None = None) -> None:
         super().__init__()
         if kind not in KD_LOSSES:
             raise ValueError(f"kd_loss '{kind}' is unknown; choose from {', '.join(KD_LOSSES)}.")
         self.kind, self.temperature, self.alpha, self.jsd_beta, self.top_k = kind, temperature, alpha, jsd_beta, top_k
         self.data = data  # type: ignore[misc]  # per run: conversations or plain text, as the datasets are
+        # kd_cache_teacher: the teacher's identity for the cache key (teacher, adapter, quantization_bit) and the
+        # folder; None: the teacher runs at every step
+        self.cache = cache
         self.teacher_seconds = 0.0
+        self.teacher_forwards = 0
 
     @classmethod
     def from_config(cls, cfg: Any) -> Kd:
         from ..data.sources import dataset_kind
 
         data = dataset_kind(cfg.dataset, cfg.dataset_dir) if cfg.dataset else "sft"
+        cache = None
+        if cfg.kd_cache_teacher:
+            from ..data.dataset import default_cache_dir
+
+            cache = {"teacher": cfg.teacher_model_name_or_path, "adapter": cfg.teacher_adapter_name_or_path,
+                     "quantization_bit": cfg.teacher_quantization_bit, "folder": default_cache_dir()}
         return cls(cfg.kd_loss, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_jsd_beta, cfg.kd_top_k,
-                   "text" if data == "text" else "sft")
+                   "text" if data == "text" else "sft", cache)
 
     def uses_reference(self, cfg: Any = None) -> bool:
         return True
@@ -112,24 +134,57 @@ class Kd(Objective):
         return label_tokens(batch)
 
     def results(self) -> dict[str, Any]:
-        return {"teacher_seconds": round(self.teacher_seconds, 3)}  # the teacher's forwards, training and eval
+        # the teacher's forwards (training, evaluation and filling the cache) and their time
+        return {"teacher_seconds": round(self.teacher_seconds, 3), "teacher_forwards": self.teacher_forwards}
+
+    def annotate(self, rows: list[dict], collate: Callable[[list[dict]], Batch], batch_size: int) -> list[dict]:
+        """kd_cache_teacher: each example gets its teacher top-k, from the cache or computed now (teacher_cache.py)."""
+        if self.cache is None or not rows:
+            return rows
+        if self.reference is None:
+            raise RuntimeError("kd_cache_teacher needs the teacher attached first (Objective.attach).")
+        dtype = next(self.reference.parameters()).dtype
+        counts = teacher_cache.label_counts(rows, collate)
+        key = teacher_cache.cache_key(self.cache["teacher"], self.cache["adapter"], self.cache["quantization_bit"],
+                                      dtype, self.top_k, rows, counts)
+        path = Path(self.cache["folder"]) / f"teacher-{key}.safetensors"
+        return teacher_cache.annotate(rows, collate, self._teacher_topk, path, counts, batch_size)
+
+    def _teacher_logits(self, batch: Batch, keep: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits at the kept positions: no gradient, timed and counted."""
+        start = time.perf_counter()
+        with torch.no_grad(), attention_for(self.reference, batch):
+            logits = self.reference(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits
+        self.teacher_seconds += time.perf_counter() - start
+        self.teacher_forwards += 1
+        return logits
+
+    def _teacher_topk(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-k ids and log-probs (full softmax, T = 1) at a batch's label positions, in order."""
+        device = next(self.reference.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        targets = batch["labels"][:, 1:]
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        logits = self._teacher_logits(batch, keep)[targets[:, keep] != IGNORE_INDEX]
+        logps, ids = F.log_softmax(logits.float(), -1).topk(self.top_k, dim=-1)
+        return ids, logps
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         if self.reference is None:
             raise RuntimeError("stage kd needs its teacher: the Trainer attaches it (teacher_model_name_or_path).")
         targets = batch["labels"][:, 1:]
         keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-        inputs = dict(model_inputs(batch), logits_to_keep=keep, use_cache=False)
         with attention_for(model, batch):
-            student = model(**inputs).logits
-        start = time.perf_counter()
-        with torch.no_grad(), attention_for(self.reference, batch):
-            teacher = self.reference(**inputs).logits
-        self.teacher_seconds += time.perf_counter() - start
+            student = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits
         targets = targets[:, keep]
         counted = targets != IGNORE_INDEX
-        student, teacher = student[counted], teacher[counted]
-        kd = distillation_loss(student, teacher, self.kind, self.temperature, self.jsd_beta, self.top_k).sum()
+        student = student[counted]
+        if teacher_cache.IDS in batch:  # cached: the teacher's top-k log-probs, renormalised over its k ids
+            kd = divergence(student.gather(-1, batch[teacher_cache.IDS].long()), batch[teacher_cache.LOGPS],
+                            self.kind, self.temperature, self.jsd_beta).sum()
+        else:
+            teacher = self._teacher_logits(batch, keep)[counted]
+            kd = distillation_loss(student, teacher, self.kind, self.temperature, self.jsd_beta, self.top_k).sum()
         ce = F.cross_entropy(student.float(), targets[counted], reduction="sum")
         n = int(counted.sum())
         self.record("kd_loss", kd.detach(), n)

@@ -15,7 +15,7 @@ from ..varlen import attention_for
 from .base import Batch
 from .fused_head import fusable_head, hidden_instead_of_logits, linear_log_probs
 
-NOT_MODEL_INPUTS = ("labels", "kto_tag")
+NOT_MODEL_INPUTS = ("labels", "kto_tag", "teacher_ids", "teacher_logps")  # the last two: kd's teacher cache
 
 
 def model_inputs(batch: Batch) -> Batch:

@@ -76,13 +76,16 @@ def load_reference(cfg: Any, objective: Objective, in_place: bool, dtype: torch.
                    device: str) -> torch.nn.Module | None:
     """The frozen model the stage compares with, when it needs one the trained model cannot give (a teacher; a DPO
     reference for full/freeze or from `ref_model`); None otherwise (adapter methods' references are the model with its
-    adapter disabled). Loaded in the run's dtype; a reference that must start equal to the trained weights is then
-    cast as they are (full fine-tuning keeps them in float32)."""
+    adapter disabled). A reference that must start equal to the trained weights is loaded in the run's dtype, then
+    cast as they are (full fine-tuning keeps them in float32); a teacher runs in the fastest dtype the device has
+    (measured as for the base weights, or fp16 when asked), whatever the student trains in."""
     spec = objective.reference_model(cfg, in_place)
     if spec is None:
         return None
     quantization = (QuantizationConfig(spec.quantization_bit, cfg.quantization_type, cfg.double_quantization)
                     if spec.quantization_bit else None)
+    if not spec.same_values:
+        dtype = base_dtype(None, cfg.fp16, device)
     model, _ = load_model_and_tokenizer(spec.name_or_path, dtype=dtype, quantization=quantization,
                                         trust_remote_code=cfg.trust_remote_code)
     if quantization is None:

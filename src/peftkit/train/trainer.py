@@ -148,6 +148,7 @@ class Trainer:
         ranks.barrier()
         self._entries_before = {p.name for p in self.output_dir.iterdir()} if self.output_dir.is_dir() else set()
         self.objective.attach(tuned, reference)  # before the method's prepare hook, which may train with it
+        self._annotate_data()
         self.method.prepare(self._context())
         try:
             self.resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
@@ -180,6 +181,21 @@ class Trainer:
         else:
             self.state.run_id = uuid.uuid4().hex
         self._eval_seconds = 0.0  # time spent evaluating during train(), left out of tokens/s
+
+    def _annotate_data(self) -> None:
+        """The stage's once-per-run fields on every example (a teacher's cached top-k): the first rank computes and
+        caches them, then the others read that cache."""
+        def annotate() -> None:
+            size = self.cfg.per_device_eval_batch_size
+            self.train_data = self.objective.annotate(self.train_data, self.collator, size)
+            if self.eval_data:
+                self.eval_data = self.objective.annotate(self.eval_data, self.collator, size)
+
+        if self.ranks.is_main:
+            annotate()
+        self.ranks.barrier()
+        if not self.ranks.is_main:
+            annotate()
 
     def _make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         cfg = self.cfg
