@@ -20,6 +20,7 @@ import transformers
 
 from . import __version__
 from .config import load_config
+from .data.from_predictions import describe_skips, predictions_to_alpaca
 from .data.templates import check_template_name
 from .errors import PeftkitError, TrainingInterrupted
 from .evaluate import run_eval, run_predict
@@ -106,6 +107,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     results = run_eval(load_config(args.config, args.overrides, do_train=False))
     print(json.dumps(results, indent=2))
+
+
+def cmd_data_from_predictions(args: argparse.Namespace) -> None:
+    """Sequence-level distillation: the teacher's answers as an SFT dataset for the student."""
+    done = predictions_to_alpaca(args.predictions, args.output, args.name, args.use)
+    skipped = sum(done.skipped.values())
+    print(f"Wrote {done.written} rows to {done.path} (skipped {skipped}"
+          f"{': ' + describe_skips(done.skipped) if skipped else ''}); train on it with "
+          f"dataset: {done.name}, dataset_dir: {done.path.parent}")
 
 
 def _check_template_name(name: str | None) -> None:
@@ -327,6 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="dataset tools: peftkit data from-predictions ...")
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("from-predictions", help="turn peftkit predict's generated_predictions.jsonl into an alpaca "
+                                                 "dataset (plus its dataset_info.json entry) of the teacher's answers")
+    p.add_argument("predictions", metavar="PRED_FILE", help="generated_predictions.jsonl written by peftkit predict")
+    p.add_argument("--output", required=True, metavar="DATASET.json", help="the alpaca dataset to write; its "
+                                                                          "folder's dataset_info.json gets the entry")
+    p.add_argument("--name", help="the dataset's name in dataset_info.json (default: the output file's stem)")
+    p.add_argument("--use", choices=("predict", "label"), default="predict",
+                   help="the answer to train on: the model's prediction (default) or the dataset's label")
+    p.set_defaults(func=cmd_data_from_predictions)
 
     p = sub.add_parser("chat", help="chat with a model (and adapter)")
     p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or built-in alias")

@@ -6,6 +6,7 @@
 
 from .dataset import DataReport, DatasetStats, build_dataset, build_sft_dataset, default_cache_dir, load_conversations
 from .formats import Conversation
+from .from_predictions import predictions_to_alpaca
 from .packing import KtoCollator, PairCollator, SFTCollator, check_packing_support, collator_for, pack
 from .templates import IGNORE_INDEX, TEMPLATES, ChatTemplate, StringTemplate, Template, encode, get_template
 
@@ -30,4 +31,5 @@ __all__ = [
     "get_template",
     "load_conversations",
     "pack",
+    "predictions_to_alpaca",
 ]

@@ -1,6 +1,7 @@
 """`peftkit predict`: generate answers for `eval_dataset` and score them; `peftkit eval`: loss and perplexity.
 
-Outputs follow LLaMA-Factory: `generated_predictions.jsonl` (prompt, predict, label per row) and
+Outputs follow LLaMA-Factory: `generated_predictions.jsonl` (prompt, predict, label per row; then the prompt's
+`messages`, and `tools` where it has some, so `peftkit data from-predictions` can make the answers a dataset) and
 `predict_results.json` (`predict_bleu-4`, `predict_rouge-1/2/l`, `predict_model_preparation_time`, runtime and
 throughput; sorted keys, as transformers' `Trainer.save_metrics` writes them), so numbers and scripts compare.
 """
@@ -63,11 +64,12 @@ def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str,
     engine = ChatEngine(model, tokenizer, inference_template(cfg), enable_thinking=cfg.enable_thinking)
     preparation = time.perf_counter() - prepared
     conversations, _ = load_conversations(_eval_names(cfg), cfg.dataset_dir, max_samples=cfg.max_samples, seed=cfg.seed)
-    rows = []
+    rows, asked = [], []
     for conv in conversations:
         messages = conv.messages
         label = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
-        prompt = engine.prompt_ids(messages[:-1] if label else messages, conv.tools)[-cfg.cutoff_len:]
+        asked.append(_asked(messages[:-1] if label else messages, conv.tools))
+        prompt = engine.prompt_ids(asked[-1]["messages"], conv.tools)[-cfg.cutoff_len:]
         rows.append((prompt, label))
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, do_sample=cfg.do_sample,
@@ -92,12 +94,21 @@ def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str,
     results = dict(sorted(results.items()))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"prompt": tokenizer.decode(prompt), "predict": pred, "label": label}, ensure_ascii=False)
-             for (prompt, label), pred in zip(rows, preds)]
+    lines = [json.dumps({"prompt": tokenizer.decode(prompt), "predict": pred, "label": label, **extra},
+                        ensure_ascii=False) for (prompt, label), pred, extra in zip(rows, preds, asked)]
     atomic_write(out / PREDICTIONS_NAME, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8"))
     text = json.dumps(results, indent=4, sort_keys=True) + "\n"
     atomic_write(out / RESULTS_NAME, lambda tmp: Path(tmp).write_text(text))
     return results
+
+
+def _asked(messages: list[dict[str, str]], tools: str | None) -> dict[str, Any]:
+    """A row's extra keys: the messages its prompt was built from (and its tools), as the teacher saw them, so its
+    answer can become a training row again (sequence-level distillation)."""
+    extra: dict[str, Any] = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    if tools:
+        extra["tools"] = tools
+    return extra
 
 
 def run_eval(cfg: Any) -> dict[str, float]:

@@ -30,8 +30,8 @@ from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
 from ..settings import Setting
 from ..varlen import attention_for
-from .base import Batch, Objective, ReferenceSpec, register
 from . import teacher_cache
+from .base import Batch, Objective, ReferenceSpec, register
 from .sequences import model_inputs
 from .sft import label_tokens
 
