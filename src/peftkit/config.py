@@ -472,8 +472,20 @@ def _check_stage(c: TrainConfig) -> None:
                       "upward-biased estimate. Use per_device_train_batch_size and per_device_eval_batch_size >= 2.",
                       UserWarning, stacklevel=3)
     if c.stage == "kd":
-        if not c.teacher_model_name_or_path:
+        if not c.teacher_model_name_or_path and c.shrink_target_layers is None:
             raise ConfigError("stage kd needs teacher_model_name_or_path: the model the student learns to imitate.")
+        if c.shrink_target_layers is not None:
+            if c.shrink_target_layers < 1:
+                raise ConfigError(f"shrink_target_layers must be at least 1, got {c.shrink_target_layers}.")
+            if c.finetuning_type not in ("full", "lora"):
+                raise ConfigError(f"Progressive shrinking trains with finetuning_type full or lora, not "
+                                  f"'{c.finetuning_type}'.")
+            if c.quantization_bit:
+                raise ConfigError("Progressive shrinking saves the smaller model with its adapter merged, which a "
+                                  "quantized model cannot take: remove quantization_bit.")
+            if c.load_best_model_at_end:
+                raise ConfigError("load_best_model_at_end cannot be used with progressive shrinking: the earlier "
+                                  "evaluations scored a model with more layers.")
         for key, ok, must in (("kd_temperature", c.kd_temperature > 0, "greater than 0"),
                               ("kd_alpha", 0 <= c.kd_alpha <= 1, "in [0, 1]"),
                               ("kd_jsd_beta", 0 < c.kd_jsd_beta < 1, "in (0, 1)"),

@@ -9,6 +9,7 @@ What a stage adds beyond a loss goes through narrow seams the loop calls for eve
 - `attach(model, reference)`: the model being trained (a TunedModel) and a separate frozen reference model, if the
   run has one (preference stages compare with it);
 - `annotate`: per-example fields computed once before training (kd's cached teacher top-k);
+- `check_run`, `after_step`, `saves_model`: a stage that changes the model while it trains (progressive shrinking);
 - `record` / `take_stats`: per-batch sums (rewards, accuracies) the loop logs beside the loss, averaged per unit;
 - `eval_metrics`: what an evaluation reports besides its loss (perplexity);
 - `parameters` / `state_dict` / `load_state_dict` / `save`: trainable tensors of the objective's own (a reward
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -83,6 +84,21 @@ class Objective:
         computed once for the whole run (kd's cached teacher top-k; tensor fields reach the batch through the
         collator). Unchanged by default."""
         return rows
+
+    def check_run(self, total_steps: int, processes: int) -> None:
+        """Refuse, before training, settings this run's length or number of processes cannot serve (nothing by
+        default)."""
+
+    def after_step(self, step: int, batches: Sequence[Batch]) -> list[nn.Parameter]:
+        """Called after each optimizer step with its micro-batches: the parameters the stage removed from the model
+        (progressive shrinking drops a layer), which the loop drops from the optimizer. None by default."""
+        return []
+
+    @property
+    def saves_model(self) -> bool:
+        """True when the stage changed the model's shape (layers removed): the result is then saved whole by `save`,
+        adapters merged, instead of as an adapter of a base it no longer fits."""
+        return False
 
     def units(self, batch: Batch) -> int:
         """How many units (label tokens, pairs, ...) this batch's loss sums over."""

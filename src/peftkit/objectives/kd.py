@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +28,14 @@ from torch import nn
 
 from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
+from ..io.model_folder import save_model_folder
 from ..settings import Setting
 from ..varlen import attention_for
 from . import teacher_cache
 from .base import Batch, Objective, ReferenceSpec, register
 from .sequences import model_inputs
 from .sft import label_tokens
+from .shrink import SHRINK_SETTINGS, Shrinker
 
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -89,10 +91,12 @@ class Kd(Objective):
         Setting("kd_cache_teacher", bool, False, "kd: compute the teacher's top-k log-probs (kd_top_k > 0) once per "
                 "example, before training, and keep them in the dataset cache: no epoch or rerun runs the teacher "
                 "again (stored in float16).", "rlhf"),
+        *SHRINK_SETTINGS,
     )
 
     def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.5, jsd_beta: float = 0.5,
-                 top_k: int = 0, data: str = "sft", cache: dict[str, Any] | None = None) -> None:
+                 top_k: int = 0, data: str = "sft", cache: dict[str, Any] | None = None,
+                 shrinker: Shrinker | None = None) -> None:
         super().__init__()
         if kind not in KD_LOSSES:
             raise ValueError(f"kd_loss '{kind}' is unknown; choose from {', '.join(KD_LOSSES)}.")
@@ -101,6 +105,7 @@ class Kd(Objective):
         # kd_cache_teacher: the teacher's identity for the cache key (teacher, adapter, quantization_bit) and the
         # folder; None: the teacher runs at every step
         self.cache = cache
+        self.shrinker = shrinker  # progressive shrinking (shrink.py), or None
         self.teacher_seconds = 0.0
         self.teacher_forwards = 0
 
@@ -115,15 +120,57 @@ class Kd(Objective):
 
             cache = {"teacher": cfg.teacher_model_name_or_path, "adapter": cfg.teacher_adapter_name_or_path,
                      "quantization_bit": cfg.teacher_quantization_bit, "folder": default_cache_dir()}
+        shrinker = None
+        if cfg.shrink_target_layers is not None:
+            shrinker = Shrinker(cfg.shrink_target_layers, cfg.shrink_steps, cfg.shrink_every, cfg.shrink_criterion)
         return cls(cfg.kd_loss, cfg.kd_temperature, cfg.kd_alpha, cfg.kd_jsd_beta, cfg.kd_top_k,
-                   "text" if data == "text" else "sft", cache)
+                   "text" if data == "text" else "sft", cache, shrinker)
 
     def uses_reference(self, cfg: Any = None) -> bool:
         return True
 
     def reference_model(self, cfg: Any, in_place: bool) -> ReferenceSpec | None:
-        return ReferenceSpec("teacher_model_name_or_path", cfg.teacher_model_name_or_path,
+        # a shrinking student starts as a copy of its teacher: by default the model itself, whole, kept apart
+        return ReferenceSpec("teacher_model_name_or_path", cfg.teacher_model_name_or_path or cfg.model_name_or_path,
                              cfg.teacher_adapter_name_or_path, cfg.teacher_quantization_bit)
+
+    @property
+    def saves_model(self) -> bool:  # type: ignore[override]
+        return self.shrinker is not None
+
+    def attach(self, model: nn.Module, reference: nn.Module | None = None) -> None:
+        super().attach(model, reference)
+        if self.shrinker is not None:
+            self.shrinker.bind(model.model)
+
+    def check_run(self, total_steps: int, processes: int) -> None:
+        if self.shrinker is None:
+            return
+        if processes > 1:
+            raise ConfigError("Progressive shrinking removes layers during training, which DDP and FSDP cannot "
+                              "follow: run it in one process.")
+        self.shrinker.check_run(total_steps)
+
+    def after_step(self, step: int, batches: Sequence[Batch]) -> list[nn.Parameter]:
+        if self.shrinker is None:
+            return []
+        return self.shrinker.step(step, self.model.model, self.model, batches)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.shrinker is None:
+            return {}
+        return {"shrink_removed": torch.tensor(self.shrinker.removed, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.shrinker is None or "shrink_removed" not in state:
+            return super().load_state_dict(state)
+        self.shrinker.replay(self.model.model, state["shrink_removed"].tolist())
+
+    def save(self, output_dir: Path) -> None:
+        """A shrunk student is saved whole: a transformers model folder with its remaining layers, any adapter merged
+        (the base it would apply to no longer exists)."""
+        if self.shrinker is not None:
+            save_model_folder(self.model.merge_and_unload(verify=False), output_dir)
 
     def check_vocabulary(self, size: int) -> None:
         if self.top_k > size:
@@ -135,7 +182,11 @@ class Kd(Objective):
 
     def results(self) -> dict[str, Any]:
         # the teacher's forwards (training, evaluation and filling the cache) and their time
-        return {"teacher_seconds": round(self.teacher_seconds, 3), "teacher_forwards": self.teacher_forwards}
+        out: dict[str, Any] = {"teacher_seconds": round(self.teacher_seconds, 3),
+                               "teacher_forwards": self.teacher_forwards}
+        if self.shrinker is not None:  # the original indices of the removed layers, in the order they went
+            out["shrink_removed_layers"] = list(self.shrinker.removed)
+        return out
 
     def annotate(self, rows: list[dict], collate: Callable[[list[dict]], Batch], batch_size: int) -> list[dict]:
         """kd_cache_teacher: each example gets its teacher top-k, from the cache or computed now (teacher_cache.py)."""

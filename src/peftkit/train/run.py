@@ -155,8 +155,9 @@ def _train(cfg: Any, ranks: Ranks, objective: Objective) -> dict[str, Any]:
     collator = collator_for(objective.data, tokenizer.pad_token_id, mask_dtype=model.dtype, padding_free=padding_free)
     trainer = Trainer(cfg, tuned, train_data, collator, eval_data, base_model_name=base_model_id(model),
                       tokenizer=tokenizer, objective=objective, ranks=ranks, reference=reference)
+    kind = "model" if objective.saves_model else tuned.method.output_kind  # saving may merge the adapter away
     results = trainer.train()
     if ranks.is_main:
-        print(f"Saved the {tuned.method.output_kind} to {cfg.output_dir} ({results['train_runtime']:.0f} s, "
+        print(f"Saved the {kind} to {cfg.output_dir} ({results['train_runtime']:.0f} s, "
               f"{results['train_tokens_per_second']:.0f} tokens/s)")
     return results

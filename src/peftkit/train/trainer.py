@@ -148,6 +148,7 @@ class Trainer:
         ranks.barrier()
         self._entries_before = {p.name for p in self.output_dir.iterdir()} if self.output_dir.is_dir() else set()
         self.objective.attach(tuned, reference)  # before the method's prepare hook, which may train with it
+        self.objective.check_run(self.total_steps, ranks.world_size)
         self._annotate_data()
         self.method.prepare(self._context())
         try:
@@ -158,8 +159,9 @@ class Trainer:
             self.state = read_state(self.resume_from)
             check_resume(self.resume_from, self.state, self.total_steps, read_train_config(self.resume_from),
                          cfg.to_dict(), cfg.resume_allow_changes)
-            load_trained(self.resume_from, self.method)
+            # the stage's state first: it may change the model's shape (layers a shrinking run had removed)
             self.objective.load_state_dict(load_objective_state(self.resume_from))
+            load_trained(self.resume_from, self.method)
         self.model = wrap(tuned, ranks, cfg.ddp_find_unused_parameters)  # what forward runs: tuned, or DDP over it
         own = [p for _, p in self.objective.parameters()]  # a stage's own tensors (a value head) learn alongside
         groups = self.method.param_groups(cfg.learning_rate) + ([{"params": own}] if own else [])
@@ -306,6 +308,9 @@ class Trainer:
             step_loss, n_tokens = optimizer_step(self.model, self.objective, group, self.optimizer, params,
                                                  cfg.max_grad_norm, self.method.loss_term, after_step, self.ranks,
                                                  counted)
+            removed = self.objective.after_step(self.state.global_step, group)
+            if removed:
+                params = self._drop_parameters(removed, params)
             # tokens over all ranks; and a stop asked on any rank (a signal, Ctrl-C) stops them all after this step
             tokens, stopping = self.ranks.sum([sum(real_tokens(b) for b, c in zip(group, counted) if c),
                                                float(stop.signal is not None)])
@@ -347,6 +352,16 @@ class Trainer:
             if own:
                 self.objective.load_state_dict(own)
         return self._finish(time.perf_counter() - start_time, self.state.tokens_seen - start_tokens)
+
+    def _drop_parameters(self, removed: list[torch.nn.Parameter], params: list[torch.nn.Parameter]
+                         ) -> list[torch.nn.Parameter]:
+        """Forget parameters the stage removed from the model: in the optimizer's groups and state, and in `params`."""
+        gone = {id(p) for p in removed}
+        for group in self.optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in gone]
+        for p in removed:
+            self.optimizer.state.pop(p, None)
+        return [p for p in params if id(p) not in gone]
 
     def _epoch_float(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / max(self.batches_per_epoch, 1)
@@ -451,13 +466,14 @@ class Trainer:
     def _save_result(self, runtime: float, tokens: int, peaks: list[float]) -> dict[str, Any]:
         from .plot import plot_loss, plot_metric  # deferred: matplotlib loads only when plot_loss is set
 
-        peft_format.save_method(self.method, self.output_dir, self.base_model_name)
-        self.objective.save(self.output_dir)  # a stage's own tensors beside the adapter (a value head)
+        trainable, total = self.tuned.parameter_counts()  # before saving, which may merge the adapter away
+        if not self.objective.saves_model:
+            peft_format.save_method(self.method, self.output_dir, self.base_model_name)
+        self.objective.save(self.output_dir)  # a stage's own tensors beside the adapter (a value head), or the model
         # The run's settings beside the adapter: export reads quantization_bit from it (the note on quantized training).
         write_train_config(self.output_dir, self.cfg.to_dict())
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.output_dir)
-        trainable, total = self.tuned.parameter_counts()
         train_losses = [e["loss"] for e in self.state.log_history if "loss" in e]
         results = {
             "train_runtime": round(runtime, 3),  # wall time, evaluations included (as transformers reports it)

@@ -211,6 +211,14 @@ KEYS_ZH: dict[str, tuple[str, str]] = {
     "kd_loss": ("蒸馏损失", "知识蒸馏：散度，forward_kl、reverse_kl 或 jsd。"),
     "kd_jsd_beta": ("JSD beta", "知识蒸馏：kd_loss 为 jsd 时的混合权重 beta。"),
     "kd_top_k": ("蒸馏 top-k", "知识蒸馏：只在教师概率最高的 k 个词上蒸馏（重新归一化）；0 表示整个词表。"),
+    "kd_cache_teacher": ("缓存教师 top-k", "知识蒸馏：训练前为每个样本计算一次教师的 top-k 对数概率（kd_top_k > 0），"
+                         "存入数据集缓存（float16）；之后的轮次和重跑不再运行教师。"),
+    "shrink_target_layers": ("渐进剪枝目标层数", "渐进剪枝：学生（默认为教师的副本）在训练中逐步删除解码层，"
+                             "直到剩下这么多层；结果保存为该层数的模型目录。"),
+    "shrink_steps": ("剪枝步数", "渐进剪枝：在这些步之后删除层（平均分配，最后一次达到目标层数）。"),
+    "shrink_every": ("每 k 步剪枝", "渐进剪枝：每 k 步删除一层（代替 shrink_steps）。"),
+    "shrink_criterion": ("剪枝准则", "渐进剪枝：删除哪一层：block_influence（对输入改变最小的层，ShortGPT）"
+                         "或 last（最深的层）。"),
     "lora_rank": ("LoRA 秩", "更新矩阵的秩：秩越大，可训练参数越多。"),
     "use_rslora": ("使用 rsLoRA", "秩稳定 LoRA：按 lora_alpha / sqrt(lora_rank) 缩放。"),
     "use_dora": ("使用 DoRA", "DoRA：把每个输出行的幅度和方向分开学习。"),
