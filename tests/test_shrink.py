@@ -176,3 +176,39 @@ def test_shrinking_refusals_before_any_training(teacher, tmp_path, capsys) -> No
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert message in err and err.startswith("error:"), err
         assert not out.exists() or not any(p.name.startswith("checkpoint") for p in out.iterdir())
+
+
+@pytest.mark.slow
+def test_smollm2_shrinks_from_30_to_20_layers(smollm2, tmp_path) -> None:
+    """examples/shrink.yaml, shorter: SmolLM2-135M loses 10 layers (one per step) and trains 6 steps more; its
+    held-out answer loss beats the same 20 layers cut from the teacher without training."""
+    from peftkit.config import load_config
+    from peftkit.models import load_model_and_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "shrunk"
+    cfg = load_config(root / "examples" / "shrink.yaml", [
+        f"output_dir={out}", f"dataset_dir={EXAMPLES}", "shrink_every=1", "max_steps=16", "eval_steps=16",
+        "per_device_train_batch_size=4", "plot_loss=false"])
+    run_sft(cfg)
+    removed = json.loads((out / "train_results.json").read_text())["shrink_removed_layers"]
+    assert len(removed) == 10
+    shrunk = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert shrunk.config.num_hidden_layers == 20
+    teacher, tokenizer = load_model_and_tokenizer(smollm2, dtype=torch.float32)
+    kept = list(range(30))
+    for original in removed:
+        remove_layer(teacher, kept.index(original))
+        kept.remove(original)
+    rows, held = build_sft_dataset(tokenizer, "identity", str(EXAMPLES), cutoff_len=256, val_size=16, seed=42,
+                                   cache_dir=str(tmp_path / "c"))
+
+    def loss(model: torch.nn.Module) -> float:
+        batch = SFTCollator(tokenizer.pad_token_id)(held)
+        with torch.no_grad():
+            logits = model.float()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100).item()
+
+    trained, cut = loss(shrunk), loss(teacher)
+    print(f"removed {removed}: held-out loss {trained:.3f} trained, {cut:.3f} cut without training")
+    assert trained < cut
