@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -195,13 +196,15 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def save_chat_model(folder: Path) -> Path:
-    """A random 2-layer Llama with the byte-level ChatML tokenizer, saved as a model folder."""
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+def save_chat_model(folder: Path, tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0,
+                    **config: Any) -> Path:
+    """A random Llama (by default 2 layers, width 32) with the byte-level ChatML tokenizer (or `tokenizer`), saved as
+    a model folder; `config` overrides LlamaConfig's fields."""
+    tokenizer = tokenizer or byte_tokenizer()
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(LlamaConfig(**{**fields, **config})).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -60,14 +60,8 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny student and a bigger teacher sharing the byte-level tokenizer."""
     root = tmp_path_factory.mktemp("kd")
     student = save_chat_model(root / "student")
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    return student, root / "teacher"
+    teacher = save_chat_model(root / "teacher", seed=1, hidden_size=48, intermediate_size=96, num_hidden_layers=3)
+    return student, teacher
 
 
 def kd_config(student: Path, teacher: Path, out: Path, data: Path, **kw) -> TrainConfig:

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import save_chat_model
 from test_gguf import make_tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from peftkit.cli import main
 from peftkit.config import TrainConfig
@@ -29,15 +30,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shrink") / "teacher"
-    tokenizer = make_tokenizer("gpt-2", vocab=400)  # BPE with merges, as llama.cpp wants
-    torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    # BPE with merges, as llama.cpp wants
+    return save_chat_model(tmp_path_factory.mktemp("shrink") / "teacher", make_tokenizer("gpt-2", vocab=400), seed=3,
+                           hidden_size=48, intermediate_size=96, num_hidden_layers=6, initializer_range=0.1)
 
 
 def shrink_config(model: Path, out: Path, data: Path, **kw) -> TrainConfig:

@@ -14,8 +14,9 @@ from ..data.templates import IGNORE_INDEX
 from ..varlen import attention_for
 from .base import Batch
 from .fused_head import fusable_head, hidden_instead_of_logits, linear_log_probs
+from .teacher_cache import IDS, LOGPS
 
-NOT_MODEL_INPUTS = ("labels", "kto_tag", "teacher_ids", "teacher_logps")  # the last two: kd's teacher cache
+NOT_MODEL_INPUTS = ("labels", "kto_tag", IDS, LOGPS)  # the last two: kd's cached teacher top-k
 
 
 def model_inputs(batch: Batch) -> Batch:
