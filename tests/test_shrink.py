@@ -35,6 +35,20 @@ def teacher(tmp_path_factory) -> Path:
                            hidden_size=48, intermediate_size=96, num_hidden_layers=6, initializer_range=0.1)
 
 
+@pytest.fixture
+def saved(monkeypatch) -> dict:
+    """{"model": the trained student, as the run hands it to save_model_folder}, filled when the run saves."""
+    models = {}
+    original_save = kd_module.save_model_folder
+
+    def spy(model, directory):
+        models["model"] = model
+        original_save(model, directory)
+
+    monkeypatch.setattr(kd_module, "save_model_folder", spy)
+    return models
+
+
 def shrink_config(model: Path, out: Path, data: Path, **kw) -> TrainConfig:
     base = dict(model_name_or_path=str(model), stage="kd", finetuning_type="full", shrink_target_layers=3,
                 shrink_every=2, dataset="identity", dataset_dir=str(data), output_dir=str(out), cutoff_len=128,
@@ -92,17 +106,9 @@ def test_schedule_and_layer_removal(teacher) -> None:
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_shrunk_model_reloads_learns_and_exports(teacher, tmp_path, monkeypatch, method) -> None:
+def test_shrunk_model_reloads_learns_and_exports(teacher, tmp_path, saved, method) -> None:
     data = tmp_path / "data"
     shutil.copytree(EXAMPLES, data)
-    saved = {}
-    original_save = kd_module.save_model_folder
-
-    def spy(model, directory):
-        saved["model"] = model
-        original_save(model, directory)
-
-    monkeypatch.setattr(kd_module, "save_model_folder", spy)
     out = tmp_path / method
     extra = dict(lora_rank=8, lora_target="all", learning_rate=5e-3) if method == "lora" else {}
     run_sft(shrink_config(teacher, out, data, finetuning_type=method, **extra))
@@ -207,3 +213,22 @@ def test_smollm2_shrinks_from_30_to_20_layers(smollm2, tmp_path) -> None:
     trained, cut = loss(shrunk), loss(teacher)
     print(f"removed {removed}: held-out loss {trained:.3f} trained, {cut:.3f} cut without training")
     assert trained < cut
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_shrinking_in_both_dtypes(teacher, tmp_path, monkeypatch, saved, dtype) -> None:
+    """LoRA on a shrinking model with the base (and the teacher) in fp32 and in bf16, whichever this CPU would pick:
+    PEFTKIT_DTYPE forces it. The saved 3-layer model is in that dtype and reloads with the trained logits."""
+    monkeypatch.setenv("PEFTKIT_DTYPE", dtype)
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLES, data)
+    out = tmp_path / dtype
+    run_sft(shrink_config(teacher, out, data, finetuning_type="lora", lora_target="all", bf16=None, max_steps=6))
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(e["loss"]) for e in log if "loss" in e)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    expected = torch.float32 if dtype == "fp32" else torch.bfloat16
+    assert reloaded.config.num_hidden_layers == 3 and next(reloaded.parameters()).dtype == expected
+    ids = torch.randint(3, 390, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, saved["model"].eval()(input_ids=ids).logits)
