@@ -396,7 +396,7 @@ def _convert(value: Any, kind: type) -> Any:
         return str(value)
     if kind is list and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
-    if kind is list and isinstance(value, (list, tuple)) and all(type(v) in (str, int) for v in value):
+    if kind is list and isinstance(value, (list, tuple)) and all(type(v) in (str, int, float) for v in value):
         return [str(v).strip() for v in value]
     if kind is dict and isinstance(value, str):  # a JSON or YAML mapping, as TrainingArguments accepts
         with contextlib.suppress(yaml.YAMLError):
@@ -453,7 +453,8 @@ def _check_stage(c: TrainConfig) -> None:
     data = objective_class(c.stage).data
     if c.packing is None:
         c.packing = data == "text"  # LLaMA-Factory packs pretraining text by default
-    if c.packing and data in ("pairs", "kto"):
+    objective_class(c.stage).check_config(c)
+    if c.packing and data in ("pairs", "kto", "prompts"):
         raise ConfigError(f"packing: true cannot be used with stage '{c.stage}': its examples are compared with each "
                           "other, not trained one by one. Set packing: false.")
     uses_reference = c.stage == "kto" or (c.stage == "dpo" and c.pref_loss not in REFERENCE_FREE)

@@ -6,7 +6,9 @@ What a stage's examples hold depends on its kind of rows (formats.KINDS):
   (LLaMA-Factory's pretraining layout), or with packing off one truncated document per example;
 - pairs: chosen_ids, chosen_labels, rejected_ids, rejected_labels (labels on the last answer only);
 - kto: input_ids, labels, kto_tag (1 desirable, 0 not), kl_ids, kl_labels: the same prompt with the answer of
-  another example, for KTO's reference point (the KL estimate from mismatched pairs).
+  another example, for KTO's reference point (the KL estimate from mismatched pairs);
+- prompts: prompt_ids (the turns rendered up to the assistant's turn, as chat renders them), columns (the row as
+  JSON, for reward functions).
 """
 
 from __future__ import annotations
@@ -191,7 +193,7 @@ def build_dataset(
     stage = stage or kind
     if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len < 2:
         raise ConfigError(f"cutoff_len must be an integer >= 2, got {cutoff_len!r}.")
-    if packing and kind in ("pairs", "kto"):
+    if packing and kind in ("pairs", "kto", "prompts"):
         raise ConfigError(f"packing: true cannot be used with stage '{stage}': its examples are compared with each "
                           "other, not trained one by one. Set packing: false.")
     _check_val_size(val_size)
@@ -259,6 +261,8 @@ def _tokenize(conversations: list[Conversation], chat: Template, tokenizer: Any,
             try:
                 if kind == "pairs":
                     example, truncated, labels_cut = _pair_example(conv, chat, tokenizer, cutoff_len)
+                elif kind == "prompts":
+                    example, truncated, labels_cut = _prompt_example(conv, chat, tokenizer, cutoff_len)
                 elif kind == "kto":
                     other = conversations[(k + 1) % len(conversations)]  # the mismatched answer of KTO's KL term
                     example, truncated, labels_cut = _kto_example(conv, other, chat, tokenizer, cutoff_len)
@@ -334,6 +338,16 @@ def _kto_example(conv: Conversation, other: Conversation, chat: Template, tokeni
              "kl_ids": kl["input_ids"], "kl_labels": kl["labels"]}, truncated, labels_cut)
 
 
+def _prompt_example(conv: Conversation, chat: Template, tokenizer: Any, cutoff_len: int
+                    ) -> tuple[dict[str, Any], bool, int]:
+    """The prompt rendered up to the assistant's turn, exactly as `peftkit chat` renders it, and the row's columns."""
+    text = chat.render(conv.messages, tokenizer, tools=conv.tools, add_generation_prompt=True)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) > cutoff_len:
+        raise RowError(f"prompt of {len(ids)} tokens is longer than cutoff_len ({cutoff_len})")
+    return {"prompt_ids": ids, "columns": json.dumps(conv.columns or {}, ensure_ascii=False, default=str)}, False, 0
+
+
 def _template_id(chat: Template) -> Any:
     if isinstance(chat, StringTemplate):
         return dataclasses.asdict(chat)
@@ -368,7 +382,9 @@ def _write_cache(path: Path, train: list[dict], evals: list[dict] | None, report
         for key in rows[0] if rows else ():
             if key == "position_ids":  # rebuilt from seq_lens on reading
                 continue
-            if isinstance(rows[0][key], list):
+            if isinstance(rows[0][key], str):
+                arrays[f"{split}__{key}__text"] = np.array([r[key] for r in rows], dtype=np.str_)
+            elif isinstance(rows[0][key], list):
                 arrays[f"{split}__{key}__lens"] = np.array([len(r.get(key, ())) for r in rows], dtype=np.int64)
                 arrays[f"{split}__{key}"] = np.fromiter((t for r in rows for t in r.get(key, ())), dtype=np.int64)
             else:
@@ -407,6 +423,10 @@ def _rows_from(z: Any, split: str) -> list[dict]:
         if not name.startswith(prefix) or name == f"{split}__rows" or name.endswith("__lens"):
             continue
         key = name[len(prefix):]
+        if key.endswith("__text"):
+            for row, v in zip(rows, z[name].tolist()):
+                row[key.removesuffix("__text")] = v
+            continue
         if key.endswith("__value"):
             for row, v in zip(rows, z[name].tolist()):
                 row[key.removesuffix("__value")] = v

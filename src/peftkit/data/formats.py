@@ -6,7 +6,8 @@ answer. Rows that break this are skipped by the caller and counted, never silent
 
 A stage reads one kind of row (`KINDS`): `sft` conversations; `text` documents (pretraining); `pairs`, a conversation
 whose last answer is the chosen one, plus the rejected answer (LLaMA-Factory's `ranking: true`); `kto`, a
-conversation plus its desirable/undesirable tag (`kto_tag`).
+conversation plus its desirable/undesirable tag (`kto_tag`); `prompts`, the turns up to the last prompt turn (an answer
+after it, if any, is dropped), with the row's columns kept for reward functions (RL stages).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from ..errors import ConfigError
 from .sources import json_kind
 
-KINDS = ("sft", "text", "pairs", "kto")
+KINDS = ("sft", "text", "pairs", "kto", "prompts")
 ROLES = ("system", "user", "assistant", "function_call", "tool")
 PROMPT_ROLES = ("user", "tool")
 ANSWER_ROLES = ("assistant", "function_call")
@@ -40,6 +41,7 @@ class Conversation:
     rejected: dict[str, str] | None = None  # pairs: the rejected last answer ({"role", "content"}); messages end chosen
     kto_tag: bool | None = None  # kto: whether the last answer is desirable
     text: str | None = None  # text: the document (messages stay empty)
+    columns: dict[str, Any] | None = None  # prompts: the row's columns, for reward functions
 
 
 class RowError(ValueError):
@@ -54,6 +56,8 @@ def to_conversation(row: Any, formatting: str, columns: dict[str, str], tags: di
         return Conversation(messages=[], text=_document(row, formatting, columns))
     if kind == "pairs":
         return _pair(row, formatting, columns, tags)
+    if kind == "prompts":
+        return _prompt(row, formatting, columns, tags)
     if formatting == "alpaca":
         messages, tools = _alpaca(row, columns), None
     else:
@@ -98,6 +102,21 @@ def _pair(row: dict[str, Any], formatting: str, columns: dict[str, str], tags: d
         raise RowError("the prompt turns end with an answer; the chosen and rejected answers must follow a user turn")
     check_turns(messages + [chosen])
     return Conversation(messages=messages + [chosen], tools=tools, rejected=rejected)
+
+
+def _prompt(row: dict[str, Any], formatting: str, columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+    """An RL prompt: the turns up to the last prompt turn (alpaca: the answer column is optional and left out)."""
+    if formatting == "alpaca":
+        messages = _alpaca({**row, "__answer": ""}, {**columns, "response": "__answer"})[:-1]
+        tools = None
+    else:
+        messages, tools = _sharegpt(row, columns, tags, openai=formatting == "openai")
+        if messages and messages[-1]["role"] in ANSWER_ROLES:
+            messages = messages[:-1]
+    if not messages or messages[-1]["role"] not in PROMPT_ROLES:
+        raise RowError("no prompt turn to answer (the turns must end with a user or tool turn, or an answer after one)")
+    check_turns(messages + [{"role": "assistant", "content": "-"}])
+    return Conversation(messages=messages, tools=tools, columns=row)
 
 
 def _answer_message(row: dict[str, Any], column: str, tags: dict[str, str], formatting: str) -> dict[str, str]:
@@ -278,7 +297,7 @@ def detect_format(row: dict[str, Any], name: str, kind: str = "sft") -> tuple[st
                 return "openai", columns, {}
             if "from" in msgs[0]:
                 return "sharegpt", columns, {}
-    if "instruction" in row and ("output" in row or kind == "text"):
+    if "instruction" in row and ("output" in row or kind in ("text", "prompts")):
         return "alpaca", {**{c: c for c in ("system", "history") if c in row}, **extra}, {}
     plain = set(row) == {"text"} and kind != "text"
     hint = " It looks like plain text for pretraining, which only `stage: pt` trains on." if plain else ""

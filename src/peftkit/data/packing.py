@@ -9,6 +9,7 @@ the packed loss equals the unpacked loss.
 from __future__ import annotations
 
 import bisect
+import json
 from typing import Any
 
 import torch
@@ -187,8 +188,22 @@ class KtoCollator:
         return batch
 
 
+class PromptCollator:
+    """RL prompts -> {"prompt_ids": [ids per prompt], "columns": [row per prompt]}: the stage generates from them (no
+    tensors yet); `sequences` lays its samples (prompt + completion) out as training batches."""
+
+    def __init__(self, pad_token_id: int | None, *, mask_dtype: torch.dtype = torch.float32,
+                 padding_free: bool = False) -> None:
+        self.sequences = SFTCollator(pad_token_id, mask_dtype=mask_dtype, padding_free=padding_free)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"prompt_ids": [list(f["prompt_ids"]) for f in features],
+                "columns": [json.loads(f["columns"]) if isinstance(f["columns"], str) else dict(f["columns"])
+                            for f in features]}
+
+
 def collator_for(kind: str, pad_token_id: int | None, *, mask_dtype: torch.dtype = torch.float32,
                  padding_free: bool = False) -> Any:
     """The collator of a stage's kind of examples (formats.KINDS)."""
-    cls = {"pairs": PairCollator, "kto": KtoCollator}.get(kind, SFTCollator)
+    cls = {"pairs": PairCollator, "kto": KtoCollator, "prompts": PromptCollator}.get(kind, SFTCollator)
     return cls(pad_token_id, mask_dtype=mask_dtype, padding_free=padding_free)

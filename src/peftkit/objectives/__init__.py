@@ -1,6 +1,6 @@
 """Training objectives, one module per stage; importing this package registers them all."""
 
-from . import dpo, kd, kto, pt, rm  # noqa: F401 -- registers the stages
+from . import dpo, grpo, kd, kto, ppo, pt, rm  # noqa: F401 -- registers the stages
 from .base import Batch, Objective, ReferenceSpec, available_objectives, get_objective, objective_class, register
 from .sft import Sft, label_tokens, token_loss_sum
 

@@ -6,8 +6,12 @@ accumulation equals one large batch for every objective. It never sees the loop:
 checkpoints and logs belong to the Trainer.
 
 What a stage adds beyond a loss goes through narrow seams the loop calls for every objective:
-- `attach(model, reference)`: the model being trained (a TunedModel) and a separate frozen reference model, if the
-  run has one (preference stages compare with it);
+- `check_config(cfg)`: the stage's own refusals of a config, when it is read;
+- `bind(tokenizer, collate)`, `attach(model, reference)`: the run's tokenizer and collator (a stage that makes its
+  own examples while it trains lays them out with them), the model being trained (a TunedModel) and a separate
+  frozen reference model, if the run has one (preference stages compare with it);
+- `step_batches`, `rollout`: a stage that generates (ppo, grpo) turns each step's prompts into scored samples and
+  the optimizer updates to make on them;
 - `annotate`: per-example fields computed once before training (kd's cached teacher top-k);
 - `check_run`, `after_step`, `saves_model`: a stage that changes the model while it trains (progressive shrinking);
 - `record` / `take_stats`: per-batch sums (rewards, accuracies) the loop logs beside the loss, averaged per unit;
@@ -62,6 +66,10 @@ class Objective:
         """The objective with its settings read from a TrainConfig (by default, none)."""
         return cls()
 
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Refuse settings of this stage that cannot work, when the config is read (nothing by default)."""
+
     def uses_reference(self, cfg: Any) -> bool:
         """Whether this run compares with a reference model (then the trainer provides one)."""
         return False
@@ -73,6 +81,9 @@ class Objective:
 
     def check_vocabulary(self, size: int) -> None:
         """Refuse, before any work, settings that do not fit a vocabulary of `size` tokens (nothing by default)."""
+
+    def bind(self, tokenizer: Any, collate: Callable[[list[dict]], Batch]) -> None:
+        """Called by the Trainer before `attach`: the run's tokenizer (None when the caller gave none) and collator."""
 
     def attach(self, model: nn.Module, reference: nn.Module | None = None) -> None:
         """Called by the Trainer before training: the TunedModel being trained, and a frozen reference model when the
@@ -93,6 +104,16 @@ class Objective:
         """Called after each optimizer step with its micro-batches: the parameters the stage removed from the model
         (progressive shrinking drops a layer), which the loop drops from the optimizer. None by default."""
         return []
+
+    def step_batches(self, accumulation: int) -> int:
+        """How many data micro-batches one step takes: `accumulation` (PPO's experience buffer takes a multiple)."""
+        return accumulation
+
+    def rollout(self, step: int, group: list[Batch], counted: list[bool]) -> list[tuple[list[Batch], list[bool]]]:
+        """The optimizer updates step `step` makes from its data micro-batches, each a list of micro-batches (with
+        whether each counts; see `optimizer_step`): one update on the data itself by default. The RL stages sample
+        and score completions of the prompts here, and may update several times on them (ppo_epochs)."""
+        return [(list(group), list(counted))]
 
     @property
     def saves_model(self) -> bool:

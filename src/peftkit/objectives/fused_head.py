@@ -70,7 +70,7 @@ class _LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+                targets: torch.Tensor, ignore_index: int, entropy_out: torch.Tensor | None) -> torch.Tensor:
         keep = any(ctx.needs_input_grad[:3])
         out = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         direction = hidden.new_empty(hidden.shape[0], weight.shape[0]) if keep else None
@@ -81,6 +81,9 @@ class _LinearLogProbs(torch.autograd.Function):
             safe = torch.where(counted, t, 0)
             lse = torch.logsumexp(logits, dim=-1)
             out[start:start + CHUNK_ROWS] = (logits.gather(1, safe[:, None]).squeeze(1) - lse) * counted
+            if entropy_out is not None:  # -sum p log p, from the logits already made
+                logp = logits - lse[:, None]
+                entropy_out[start:start + CHUNK_ROWS] = -(logp.exp() * logp).sum(-1)
             if direction is not None:
                 grad = torch.exp(logits.sub_(lse[:, None])).neg_()  # -softmax, in place of the logits
                 grad[torch.arange(len(t)), safe] += 1.0
@@ -108,12 +111,14 @@ class _LinearLogProbs(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += g.float().sum(0)
         return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
-                grad_bias.to(weight.dtype) if grad_bias is not None else None, None, None)
+                grad_bias.to(weight.dtype) if grad_bias is not None else None, None, None, None)
 
 
-def linear_log_probs(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """log softmax(head(hidden))[target] of each row [rows], float32; 0 where the target is `ignore_index`."""
-    return _LinearLogProbs.apply(hidden, head.weight, head.bias, targets, ignore_index)
+def linear_log_probs(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, ignore_index: int,
+                     entropy_out: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(head(hidden))[target] of each row [rows], float32; 0 where the target is `ignore_index`.
+    `entropy_out` [rows], when given, receives each row's entropy (no graph): the RL stages log it for free."""
+    return _LinearLogProbs.apply(hidden, head.weight, head.bias, targets, ignore_index, entropy_out)
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,

@@ -7,6 +7,8 @@ where each starts) or right-padded, one per row: everything here reads both layo
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -16,7 +18,9 @@ from .base import Batch
 from .fused_head import fusable_head, hidden_instead_of_logits, linear_log_probs
 from .teacher_cache import IDS, LOGPS
 
-NOT_MODEL_INPUTS = ("labels", "kto_tag", IDS, LOGPS)  # the last two: kd's cached teacher top-k
+# A rollout's per-sequence and per-token fields (ppo, grpo: rollout.py), laid out like kd's cached fields.
+ROLLOUT_FIELDS = ("advantages", "old_logps", "ref_logps", "old_values", "returns")
+NOT_MODEL_INPUTS = ("labels", "kto_tag", IDS, LOGPS, *ROLLOUT_FIELDS)  # IDS, LOGPS: kd's cached teacher top-k
 
 
 def model_inputs(batch: Batch) -> Batch:
@@ -33,33 +37,62 @@ def _segments(batch: Batch, positions: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(positions, starts, right=True)
 
 
-def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the log-probabilities of each sequence's label tokens [sequences], float32; their count [sequences]).
+@dataclasses.dataclass
+class TokenOutputs:
+    """Per label token of a batch, sequence by sequence and in order within each (the order rollout fields use)."""
 
-    Logits are computed only where a label follows (`logits_to_keep`), in float32 for the log-softmax.
-    """
+    logps: torch.Tensor  # [tokens] float32, with the graph
+    sequence: torch.Tensor  # [tokens] long: the sequence each token belongs to
+    count: int  # the batch's sequences
+    values: torch.Tensor | None = None  # [tokens] a value head on the hidden state that predicts the token
+    entropy: torch.Tensor | None = None  # [tokens] the predicted distribution's entropy, no graph
+
+
+def token_outputs(model: nn.Module, batch: Batch, value_head: nn.Module | None = None,
+                 entropy: bool = False) -> TokenOutputs:
+    """The log-probability of each label token (and optionally a value head's output and the entropy at the position
+    that predicts it). Logits are computed only where a label follows (`logits_to_keep`), softmax in float32."""
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    targets = targets[:, keep]
     head = fusable_head(model)
+    hidden = ent = None
     if head is not None:  # the head and the log-softmax chunk by chunk, no full logits held (fused_head.py)
         with attention_for(model, batch), hidden_instead_of_logits(model, head):
             hidden = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits
-        targets = targets[:, keep]
+        ent = torch.empty(targets.numel(), device=hidden.device) if entropy else None
         token_logps = linear_log_probs(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
-                                       IGNORE_INDEX).view(targets.shape)
+                                       IGNORE_INDEX, entropy_out=ent).view(targets.shape)
+        ent = ent.view(targets.shape) if ent is not None else None
     else:
         with attention_for(model, batch):
-            logits = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits.float()
-        targets = targets[:, keep]
+            out = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False,
+                        output_hidden_states=value_head is not None)
+        logits = out.logits.float()
         token_logps = -nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                    ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-    counted = (targets != IGNORE_INDEX).float()
-    if "cu_seq_lens_q" not in batch:
-        return token_logps.sum(-1), counted.sum(-1)
-    segments = _segments(batch, keep + 1)  # position p predicts the token at p + 1, which a sequence owns
-    n = sequence_count(batch)
-    sums = token_logps.new_zeros(n).index_add(0, segments, token_logps[0])
-    counts = counted.new_zeros(n).index_add(0, segments, counted[0])
+        if entropy:
+            with torch.no_grad():
+                logp = torch.log_softmax(logits, dim=-1)
+                ent = -(logp.exp() * logp).sum(-1)
+        if value_head is not None:
+            hidden = out.hidden_states[-1][:, keep]
+    counted = targets != IGNORE_INDEX
+    values = value_head(hidden.float()).squeeze(-1) if value_head is not None else None
+    if "cu_seq_lens_q" in batch:
+        positions = keep + 1  # position p predicts the token at p + 1, which a sequence owns
+        sequence = _segments(batch, positions)[counted[0]]
+    else:
+        sequence = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[counted]
+    return TokenOutputs(token_logps[counted], sequence, sequence_count(batch),
+                       values[counted] if values is not None else None, ent[counted] if ent is not None else None)
+
+
+def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the log-probabilities of each sequence's label tokens [sequences], float32; their count [sequences])."""
+    tokens = token_outputs(model, batch)
+    sums = tokens.logps.new_zeros(tokens.count).index_add(0, tokens.sequence, tokens.logps)
+    counts = tokens.logps.new_zeros(tokens.count).index_add(0, tokens.sequence, torch.ones_like(tokens.logps))
     return sums, counts
 
 

@@ -136,7 +136,8 @@ class Trainer:
         bs, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
         self.global_batch = bs * ranks.world_size  # the rows of one micro-batch over all ranks
         self.batches_per_epoch = math.ceil(len(train_data) / self.global_batch)
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / ga)
+        self.step_batches = self.objective.step_batches(ga)  # data micro-batches per step (an experience buffer: more)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.step_batches)
         if cfg.max_steps and cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
         else:
@@ -147,6 +148,7 @@ class Trainer:
             remove_stale_temporaries(self.output_dir)  # what a killed run left half-written
         ranks.barrier()
         self._entries_before = {p.name for p in self.output_dir.iterdir()} if self.output_dir.is_dir() else set()
+        self.objective.bind(tokenizer, collator)
         self.objective.attach(tuned, reference)  # before the method's prepare hook, which may train with it
         self.objective.check_run(self.total_steps, ranks.world_size)
         self._annotate_data()
@@ -183,6 +185,7 @@ class Trainer:
         else:
             self.state.run_id = uuid.uuid4().hex
         self._eval_seconds = 0.0  # time spent evaluating during train(), left out of tokens/s
+        self._rollout_seconds = 0.0  # time an RL stage spent sampling and scoring, also left out: logged on its own
 
     def _annotate_data(self) -> None:
         """The stage's once-per-run fields on every example (a teacher's cached top-k): the first rank computes and
@@ -253,8 +256,9 @@ class Trainer:
         state.world_size = self.ranks.world_size
         state.batch_in_epoch = math.ceil(state.rows_in_epoch / self.global_batch)
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in batch.items()}
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's tensors on the model's device (an RL stage's prompt batch holds lists, left as they are)."""
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # --- the loop ---
     def train(self) -> dict[str, Any]:
@@ -279,7 +283,6 @@ class Trainer:
 
     def _train_loop(self, log_path: Path, stop: "_StopRequest") -> dict[str, Any]:
         cfg = self.cfg
-        ga = cfg.gradient_accumulation_steps
         batches = self._micro_batches()
         window_loss = window_tokens = 0.0
         start_time, start_tokens = time.perf_counter(), self.state.tokens_seen
@@ -289,7 +292,7 @@ class Trainer:
         params = [p for _, p in self.method.trainable_parameters()] + [p for _, p in self.objective.parameters()]
         while self.state.global_step < self.total_steps:
             group, counted = [], []
-            for _ in range(ga):
+            for _ in range(self.step_batches):
                 epoch, row, batch, mine = next(batches)
                 group.append(self._to_device(batch))
                 counted.append(mine)
@@ -305,9 +308,18 @@ class Trainer:
                 self.state.global_step += 1
                 self.method.on_step_end(self.state.global_step)  # gradients still in place for the method to read
 
-            step_loss, n_tokens = optimizer_step(self.model, self.objective, group, self.optimizer, params,
-                                                 cfg.max_grad_norm, self.method.loss_term, after_step, self.ranks,
-                                                 counted)
+            # a stage that generates turns the step's prompts into samples here, and may update several times
+            rollout_start = time.perf_counter()
+            updates = self.objective.rollout(self.state.global_step, group, counted)
+            self._rollout_seconds += time.perf_counter() - rollout_start
+            step_loss, n_tokens = 0.0, 0
+            for i, (batches_i, counted_i) in enumerate(updates):
+                last = i == len(updates) - 1
+                loss_i, units_i = optimizer_step(self.model, self.objective, batches_i, self.optimizer, params,
+                                                 cfg.max_grad_norm, self.method.loss_term,
+                                                 after_step if last else lambda: None, self.ranks, counted_i)
+                step_loss, n_tokens = step_loss + loss_i, n_tokens + units_i
+            group, counted = updates[0]
             removed = self.objective.after_step(self.state.global_step, group)
             if removed:
                 params = self._drop_parameters(removed, params)
@@ -319,7 +331,8 @@ class Trainer:
             window_tokens += n_tokens
 
             step = self.state.global_step
-            elapsed = time.perf_counter() - start_time - self._eval_seconds  # training speed: evaluations excluded
+            # training speed: evaluations and an RL stage's sampling excluded (it logs rollout_tokens_per_second)
+            elapsed = time.perf_counter() - start_time - self._eval_seconds - self._rollout_seconds
             tok_s = (self.state.tokens_seen - start_tokens) / max(elapsed, 1e-9)
             bar.update(1)
             if step % cfg.logging_steps == 0 or step == self.total_steps:
@@ -478,7 +491,8 @@ class Trainer:
         results = {
             "train_runtime": round(runtime, 3),  # wall time, evaluations included (as transformers reports it)
             "eval_runtime": round(self._eval_seconds, 3),
-            "train_tokens_per_second": round(tokens / max(runtime - self._eval_seconds, 1e-9), 2),
+            "train_tokens_per_second": round(tokens / max(runtime - self._eval_seconds - self._rollout_seconds, 1e-9),
+                                             2),
             "train_steps": self.state.global_step,
             "train_loss": train_losses[-1] if train_losses else None,
             "peak_memory_mb": peaks[0],
@@ -493,8 +507,8 @@ class Trainer:
         write_text(self.output_dir / "train_results.json", json.dumps(results, indent=2) + "\n")
         if self.cfg.plot_loss:
             plot_loss(self.state.log_history, self.output_dir / "training_loss.png")
-            plot_metric(self.state.log_history, "rewards/accuracies",
-                        self.output_dir / "training_rewards_accuracies.png")
+            for name in ("rewards/accuracies", "reward", "kl"):  # the preference and RL stages' curves
+                plot_metric(self.state.log_history, name, self.output_dir / f"training_{name.replace('/', '_')}.png")
         # What this run wrote (tokenizer files, model shards vary by model): overwrite_output_dir may replace them.
         record_outputs(self.output_dir, {p.name for p in self.output_dir.iterdir()} - self._entries_before)
         remove_stale_temporaries(self.output_dir)
