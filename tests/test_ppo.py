@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.server
 import json
+import random
+import string
 import threading
 import warnings
 from pathlib import Path
@@ -25,6 +27,9 @@ from peftkit.train.run import run_sft
 from peftkit.tuned import TunedModel
 
 
+OTHER = string.digits + string.punctuation + "".join(map(chr, range(0xC0, 0x180)))  # what random bytes decode to
+
+
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> Path:
     return save_chat_model(tmp_path_factory.mktemp("ppo") / "policy")
@@ -34,8 +39,11 @@ def policy(tmp_path_factory) -> Path:
 def data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ppo_data")
     rows = [{"instruction": f"Write something ({i}).", "output": "letters"} for i in range(32)]
-    pairs = [{"instruction": f"Write something ({i}).", "chosen": "abcdefgh", "rejected": "12345678"}
-             for i in range(16)]
+    g = random.Random(0)
+    pairs = [{"instruction": f"Write something ({i}).",
+              "chosen": "".join(g.choice(string.ascii_letters) for _ in range(g.randint(3, 8))),
+              "rejected": "".join(g.choice(OTHER) for _ in range(g.randint(3, 8)))}
+             for i in range(64)]
     (folder / "prompts.json").write_text(json.dumps(rows))
     (folder / "pairs.json").write_text(json.dumps(pairs))
     (folder / "dataset_info.json").write_text(json.dumps({
@@ -110,15 +118,36 @@ def test_ppo_raises_the_reward_with_the_kl_bounded(policy, data, reward_server, 
     TunedModel.load(AutoModelForCausalLM.from_pretrained(policy), out)  # an ordinary adapter
 
 
-def test_lora_reward_model_shares_the_policy_base(policy, data, tmp_path) -> None:
-    """A stage-rm LoRA adapter joins the policy's model as a frozen second adapter; its scores equal RewardModel's,
-    and after two PPO steps the saved policy adapter holds only the policy's tensors."""
-    rm = tmp_path / "rm"
+@pytest.fixture(scope="module")
+def reward_model(policy, data, tmp_path_factory) -> Path:
+    """A stage-rm LoRA reward model that prefers answers in ASCII letters to other characters."""
+    rm = tmp_path_factory.mktemp("rm") / "rm"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_sft(TrainConfig(model_name_or_path=str(policy), stage="rm", finetuning_type="lora", lora_target="all",
-                            dataset="pairs", dataset_dir=str(data), output_dir=str(rm), max_steps=4,
-                            per_device_train_batch_size=4, learning_rate=1e-2, bf16=False, overwrite_cache=True))
+                            dataset="pairs", dataset_dir=str(data), output_dir=str(rm), num_train_epochs=2,
+                            per_device_train_batch_size=8, learning_rate=1e-2, bf16=False, overwrite_cache=True,
+                            logging_steps=1))
+    accuracy = [e["rewards/accuracies"] for e in log(rm)]
+    assert sum(accuracy[-4:]) / 4 > 0.9, accuracy
+    return rm
+
+
+def test_ppo_against_a_trained_reward_model(policy, data, reward_model, tmp_path) -> None:
+    """The policy learns what the reward model was trained to prefer, the KL held near ppo_target."""
+    out, target = tmp_path / "out", 6.0
+    run_sft(ppo_config(policy, data, out, reward_model=str(reward_model), max_steps=40, learning_rate=3e-2,
+                       ppo_epochs=4, ppo_init_kl_coef=0.05, ppo_target=target, ppo_horizon=64, ppo_buffer_size=2))
+    entries = log(out)
+    rewards, kls = [e["reward"] for e in entries], [e["kl"] for e in entries]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards
+    assert sum(kls[-5:]) / 5 < 1.5 * target, kls
+
+
+def test_lora_reward_model_shares_the_policy_base(policy, data, reward_model, tmp_path) -> None:
+    """A stage-rm LoRA adapter joins the policy's model as a frozen second adapter; its scores equal RewardModel's,
+    and after two PPO steps the saved policy adapter holds only the policy's tensors."""
+    rm = reward_model
     cfg = ppo_config(policy, data, tmp_path / "out", reward_model=str(rm))
     tuned = TunedModel(AutoModelForCausalLM.from_pretrained(policy), cfg.method_config())
     scorer = load_scorer(cfg, tuned, byte_tokenizer())
