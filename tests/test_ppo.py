@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import random
+import shutil
 import string
 import threading
 import warnings
@@ -25,7 +26,6 @@ from peftkit.objectives.rollout import Sampler
 from peftkit.objectives.scorer import AdapterScorer, load_scorer
 from peftkit.train.run import run_sft
 from peftkit.tuned import TunedModel
-
 
 OTHER = string.digits + string.punctuation + "".join(map(chr, range(0xC0, 0x180)))  # what random bytes decode to
 
@@ -169,6 +169,24 @@ def test_lora_reward_model_shares_the_policy_base(policy, data, reward_model, tm
     saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert saved and not any("reward" in k for k in saved)
     assert "reward" in log(tmp_path / "out")[0]
+
+
+def test_resume_is_exact_with_the_value_head_and_kl_controller(policy, data, reward_server, tmp_path) -> None:
+    """Checkpoints hold the value head, the KL coefficient and the score moments: a run resumed from step 2 logs
+    the same steps 3 and 4 as the uninterrupted run."""
+    kw = dict(reward_model=reward_server, reward_model_type="api", max_steps=4, save_steps=2, ppo_score_norm=True,
+              ppo_target=1.0, ppo_horizon=16, plot_loss=True)
+    whole = tmp_path / "whole"
+    run_sft(ppo_config(policy, data, whole, **kw))
+    assert (whole / "training_reward.png").is_file() and (whole / "training_kl.png").is_file()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    run_sft(ppo_config(policy, data, resumed, resume_from_checkpoint=True, overwrite_output_dir=False, **kw))
+    a, b = log(whole), log(resumed)
+    assert [e["step"] for e in b] == [1, 2, 3, 4]
+    for x, y in zip(a[2:], b[2:]):
+        for name in ("loss", "reward", "kl", "kl_coef", "value_loss", "policy_loss"):
+            assert x[name] == pytest.approx(y[name], abs=1e-6), (name, x, y)
 
 
 def test_refusals_before_any_training(policy, data, tmp_path) -> None:

@@ -319,13 +319,13 @@ class Trainer:
                                                  cfg.max_grad_norm, self.method.loss_term,
                                                  after_step if last else lambda: None, self.ranks, counted_i)
                 step_loss, n_tokens = step_loss + loss_i, n_tokens + units_i
-            group, counted = updates[0]
-            removed = self.objective.after_step(self.state.global_step, group)
+            removed = self.objective.after_step(self.state.global_step, updates[-1][0])
             if removed:
                 params = self._drop_parameters(removed, params)
-            # tokens over all ranks; and a stop asked on any rank (a signal, Ctrl-C) stops them all after this step
-            tokens, stopping = self.ranks.sum([sum(real_tokens(b) for b, c in zip(group, counted) if c),
-                                               float(stop.signal is not None)])
+            # tokens trained on (every update's: a stage may pass over its samples several times) over all ranks; and a
+            # stop asked on any rank (a signal, Ctrl-C) stops them all after this step
+            trained = sum(real_tokens(b) for batches_i, counted_i in updates for b, c in zip(batches_i, counted_i) if c)
+            tokens, stopping = self.ranks.sum([trained, float(stop.signal is not None)])
             self.state.tokens_seen += int(tokens)
             window_loss += step_loss
             window_tokens += n_tokens
