@@ -189,6 +189,15 @@ def test_resume_is_exact_with_the_value_head_and_kl_controller(policy, data, rew
             assert x[name] == pytest.approx(y[name], abs=1e-6), (name, x, y)
 
 
+def test_an_epochs_short_last_step_still_updates(policy, data, reward_server, tmp_path) -> None:
+    """4 prompts: one micro-batch of 4 per epoch, where a step would take 2 per update x a buffer of 2; each step
+    takes what the epoch has left and still updates on it."""
+    out = tmp_path / "out"
+    run_sft(ppo_config(policy, data, out, reward_model=reward_server, reward_model_type="api", max_samples=4,
+                       ppo_buffer_size=2, max_steps=3))
+    assert [e["step"] for e in log(out)] == [1, 2, 3]
+
+
 def test_refusals_before_any_training(policy, data, tmp_path) -> None:
     other = save_chat_model(tmp_path / "other", tokenizer=byte_tokenizer())
     (other / "value_head.safetensors").write_bytes(b"")

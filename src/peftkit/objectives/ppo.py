@@ -255,7 +255,7 @@ class Ppo(Objective):
         """`ppo_epochs` passes, each over the samples in a seeded shuffled order (kept in order when a rank runs a
         batch it does not count, so the uncounted stays one micro-batch), cut into micro-batches of the data's
         sizes, `accumulation` per update."""
-        ga = len(sizes) // self.cfg.ppo_buffer_size
+        ga = -(-len(sizes) // self.cfg.ppo_buffer_size)  # an epoch's last, shorter step still makes its updates
         updates = []
         for epoch in range(self.cfg.ppo_epochs):
             g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + step * 101 + epoch)
