@@ -450,10 +450,11 @@ def _check_stage(c: TrainConfig) -> None:
     for s, _ in STAGE_SETTINGS.values():
         if s.choices:
             _check_choice(s.name, getattr(c, s.name), s.choices)
-    data = objective_class(c.stage).data
+    objective = objective_class(c.stage)
+    data = objective.data
     if c.packing is None:
         c.packing = data == "text"  # LLaMA-Factory packs pretraining text by default
-    objective_class(c.stage).check_config(c)
+    objective.check_config(c)
     if c.packing and data in ("pairs", "kto", "prompts"):
         raise ConfigError(f"packing: true cannot be used with stage '{c.stage}': its examples are compared with each "
                           "other, not trained one by one. Set packing: false.")

@@ -42,6 +42,11 @@ CACHE_VERSION = 4  # bump whenever a change here, in formats or in templates cha
 SHOWN_SKIPS = 3
 
 
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two tokenizers give the same ids: the same size and the same ids for a probe of mixed text."""
+    return len(a) == len(b) and a.encode(VOCAB_PROBE) == b.encode(VOCAB_PROBE)
+
+
 @dataclasses.dataclass
 class DatasetStats:
     """What happened to one dataset's rows."""

@@ -28,7 +28,16 @@ from ..settings import Setting
 from .base import Batch, Objective, ReferenceSpec, register
 from .reference import REF_MODEL, REF_MODEL_ADAPTERS, separate_reference
 from .rewards import DEFAULT_FORMAT, call_reward, load_rewards
-from .rollout import COLUMNS, PROMPT_IDS, Rollout, Sampler, frozen_token_logps, reference_token_logps
+from .rollout import (
+    COLUMNS,
+    PROMPT_IDS,
+    Rollout,
+    Sampler,
+    column_lists,
+    frozen_token_logps,
+    on_device_of,
+    reference_token_logps,
+)
 from .sequences import TokenOutputs, sequence_count, token_outputs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -119,7 +128,6 @@ class Grpo(Objective):
         self.rewards = load_rewards(cfg.reward_funcs, cfg.reward_weights, cfg.reward_format_pattern,
                                     cfg.reward_length_budget)
         self.sampler = Sampler(cfg)
-        self.rollout_tokens, self.rollout_seconds = 0, 0.0
 
     @classmethod
     def from_config(cls, cfg: Any) -> Grpo:
@@ -155,7 +163,7 @@ class Grpo(Objective):
         error now, not after the first rollout."""
         probe = collate(list(rows[:2]))
         n = len(probe[PROMPT_IDS])
-        columns = Rollout([], [], [], [], probe[COLUMNS], 0.0).column_lists()
+        columns = column_lists(probe[COLUMNS])
         prompts = self.sampler.prompt_texts(probe[PROMPT_IDS])
         for reward in self.rewards:
             call_reward(reward, prompts, [""] * n, [[] for _ in range(n)], columns)
@@ -177,7 +185,7 @@ class Grpo(Objective):
             n = len(batch[PROMPT_IDS]) * self.group
             seq = self.sampler.sequences(prompts[start:start + n], rollout.completions[start:start + n])
             seq["advantages"] = advantages[start:start + n].clone()
-            seq = {k: v.to(_device(self.model)) for k, v in seq.items()}
+            seq = on_device_of(seq, self.model)
             if self.cfg.num_iterations > 1:  # samples reused: keep the sampling policy's log-probs for the ratio
                 seq["old_logps"] = frozen_token_logps(self.model, seq)
             if self.uses_reference():
@@ -189,7 +197,7 @@ class Grpo(Objective):
     def _rewards(self, rollout: Rollout) -> torch.Tensor:
         """The weighted sum of the reward functions (NaN: no opinion, left out of the sum); each one's mean logged."""
         prompts = self.sampler.prompt_texts(rollout.prompts)
-        columns = rollout.column_lists()
+        columns = column_lists(rollout.columns)
         total = torch.zeros(len(rollout.texts), dtype=torch.float64)
         for reward in self.rewards:
             try:
@@ -216,8 +224,6 @@ class Grpo(Objective):
         self.record("completions/mean_length", rollout.tokens, n)
         self.record("completions/clipped_ratio", sum(not f for f in rollout.finished), n)
         self.record("rollout_tokens_per_second", rollout.tokens, rollout.seconds)
-        self.rollout_tokens += rollout.tokens
-        self.rollout_seconds += rollout.seconds
 
     # --- the loss of one training micro-batch ---
     def units(self, batch: Batch) -> float:
@@ -256,10 +262,5 @@ class Grpo(Objective):
         return -rewards.sum()
 
     def results(self) -> dict[str, Any]:
-        return {"rollout_tokens": self.rollout_tokens, "rollout_seconds": round(self.rollout_seconds, 3),
-                "rollout_tokens_per_second": round(self.rollout_tokens / max(self.rollout_seconds, 1e-9), 2)}
-
-
-def _device(model: nn.Module | None) -> torch.device:
-    return next(model.parameters()).device if model is not None else torch.device("cpu")
+        return self.sampler.results()
 

@@ -21,21 +21,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
-from ..io.atomic import atomic_write
 from ..settings import Setting
 from .base import Batch, Objective, ReferenceSpec, register
 from .reference import REF_MODEL, REF_MODEL_ADAPTERS, separate_reference
-from .rm import VALUE_HEAD_NAME, model_hidden_size, new_value_head
-from .rollout import COLUMNS, PROMPT_IDS, Sampler, per_sequence, reference_token_logps
+from .rm import head_parameters, load_head_state, model_hidden_size, new_value_head, save_value_head
+from .rollout import COLUMNS, PROMPT_IDS, Sampler, on_device_of, per_sequence, reference_token_logps
 from .scorer import Scorer, load_scorer
 from .sequences import token_outputs
 
-_HEAD_KEYS = {"weight": "v_head.summary.weight", "bias": "v_head.summary.bias"}
 _PPO = "rlhf"
 
 
@@ -105,7 +102,11 @@ class RunningMoments:
     """The running mean and (unbiased) std of all scores so far (Chan et al.'s parallel update, as TRL)."""
 
     def __init__(self) -> None:
-        self.mean, self.var, self.std, self.count = 0.0, 1.0, 1.0, 1e-24
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var * self.count / (self.count - 1)) if self.count > 1 else math.sqrt(self.var)
 
     def update(self, xs: torch.Tensor) -> None:
         batch_mean, batch_var, n = xs.mean().item(), xs.var(unbiased=False).item(), xs.numel()
@@ -114,7 +115,6 @@ class RunningMoments:
         old_sum = self.var * self.count + delta**2 * self.count * n / total
         self.mean += delta * n / total
         self.var = (old_sum + batch_var * n) / total
-        self.std = math.sqrt(self.var * total / (total - 1)) if total > 1 else math.sqrt(self.var)
         self.count = total
 
 
@@ -157,7 +157,6 @@ class Ppo(Objective):
         self.head: nn.Linear | None = None
         self.scorer: Scorer | None = None
         self.tokenizer: Any = None
-        self.rollout_tokens, self.rollout_seconds = 0, 0.0
 
     @classmethod
     def from_config(cls, cfg: Any) -> Ppo:
@@ -205,15 +204,13 @@ class Ppo(Objective):
         columns = [c for batch in group for c in batch[COLUMNS]]
         sizes = [len(batch[PROMPT_IDS]) for batch in group]
         rollout = self.sampler.generate(self.model, prompts, columns, step)
-        self.rollout_tokens += rollout.tokens
-        self.rollout_seconds += rollout.seconds
         texts = [p + c for p, c in zip(self.sampler.prompt_texts(prompts), rollout.texts)]
         fields: dict[str, list[torch.Tensor]] = {"old_logps": [], "old_values": [], "ref_logps": [], "entropy": []}
         raw_scores, start = [], 0
         with torch.no_grad():
             for n in sizes:  # the old policy, the values, the reference and the scores, a micro-batch at a time
-                batch = self._to_model(self.sampler.sequences(prompts[start:start + n],
-                                                              rollout.completions[start:start + n]))
+                batch = on_device_of(self.sampler.sequences(prompts[start:start + n],
+                                                            rollout.completions[start:start + n]), self.model)
                 out = token_outputs(self.model, batch, self.head, entropy=True)
                 ref = reference_token_logps(self.model, self.reference, batch)
                 for name, values in (("old_logps", out.logps), ("old_values", out.values), ("ref_logps", ref),
@@ -268,7 +265,7 @@ class Ppo(Objective):
                     batch[name] = torch.cat([fields[name][i] for i in chosen])
                 batch["advantages"] = torch.cat([advantages[i] for i in chosen])
                 batch["returns"] = torch.cat([returns[i] for i in chosen])
-                batches.append(self._to_model(batch))
+                batches.append(on_device_of(batch, self.model))
                 start += n
             for k in range(0, len(batches), ga):
                 updates.append((batches[k:k + ga], counted[k:k + ga]))
@@ -284,10 +281,6 @@ class Ppo(Objective):
         self.record("entropy", entropy.sum().item(), entropy.numel())
         self.record("response_length", rollout.tokens, n)
         self.record("rollout_tokens_per_second", rollout.tokens, rollout.seconds)
-
-    def _to_model(self, batch: Batch) -> Batch:
-        device = next(self.model.parameters()).device
-        return {k: v.to(device) for k, v in batch.items()}
 
     # --- the loss of one update micro-batch ---
     def units(self, batch: Batch) -> float:
@@ -315,7 +308,7 @@ class Ppo(Objective):
         scores' sum (eval_loss: the negative mean score), and eval_reward is logged."""
         rollout = self.sampler.generate(self.model, batch[PROMPT_IDS], batch[COLUMNS], 0, sample=False)
         texts = [p + c for p, c in zip(self.sampler.prompt_texts(rollout.prompts), rollout.texts)]
-        seq = self._to_model(self.sampler.sequences(rollout.prompts, rollout.completions))
+        seq = on_device_of(self.sampler.sequences(rollout.prompts, rollout.completions), self.model)
         raw = self.scorer(seq, texts).float()
         self.record("reward", raw.sum().item(), len(raw))
         self.record("response_length", rollout.tokens, len(raw))
@@ -323,34 +316,25 @@ class Ppo(Objective):
 
     # --- the value head and the controllers: checkpointed, saved ---
     def parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [] if self.head is None else [(_HEAD_KEYS[n], p) for n, p in self.head.named_parameters()]
+        return head_parameters(self.head)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {} if self.head is None else {_HEAD_KEYS[n]: p.detach() for n, p in self.head.named_parameters()}
+        state = {k: p.detach() for k, p in head_parameters(self.head)}
         state["ppo.kl_coef"] = torch.tensor(self.kl.value, dtype=torch.float64)
-        state["ppo.score_moments"] = torch.tensor([self.moments.mean, self.moments.var, self.moments.std,
-                                                   self.moments.count], dtype=torch.float64)
+        state["ppo.score_moments"] = torch.tensor([self.moments.mean, self.moments.var, self.moments.count],
+                                                  dtype=torch.float64)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if self.head is None:
-            raise RuntimeError("attach() the ppo objective to its model before loading its state.")
-        with torch.no_grad():
-            for n, p in self.head.named_parameters():
-                p.copy_(state[_HEAD_KEYS[n]])
+        load_head_state(self.head, state, self.name)
         self.kl.value = float(state["ppo.kl_coef"])
-        self.moments.mean, self.moments.var, self.moments.std, self.moments.count = state["ppo.score_moments"].tolist()
+        self.moments.mean, self.moments.var, self.moments.count = state["ppo.score_moments"].tolist()
 
     def save(self, output_dir: Path) -> None:
-        if self.head is None:
-            return
-        head = {_HEAD_KEYS[n]: p.detach().contiguous().cpu() for n, p in self.head.named_parameters()}
-        atomic_write(Path(output_dir) / VALUE_HEAD_NAME, lambda tmp: save_file(head, tmp))
+        save_value_head(self.head, output_dir)
 
     def results(self) -> dict[str, Any]:
-        return {"rollout_tokens": self.rollout_tokens, "rollout_seconds": round(self.rollout_seconds, 3),
-                "rollout_tokens_per_second": round(self.rollout_tokens / max(self.rollout_seconds, 1e-9), 2),
-                "kl_coef": self.kl.value}
+        return {**self.sampler.results(), "kl_coef": self.kl.value}
 
 
 def _right_padded(rows: list[torch.Tensor]) -> torch.Tensor:

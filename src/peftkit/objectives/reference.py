@@ -11,7 +11,8 @@ over the data before training, no storage, and stays exact for any data order, r
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -40,20 +41,27 @@ def separate_reference(cfg: Any, in_place: bool) -> ReferenceSpec | None:
     return None
 
 
+@contextlib.contextmanager
+def reference_of(policy: nn.Module | None, reference: nn.Module | None) -> Iterator[nn.Module]:
+    """The reference model to run inside the block: `reference` when the run has one, else `policy` (a TunedModel)
+    with its adapter disabled (no second copy of the weights)."""
+    if reference is not None:
+        yield reference
+    elif policy is None:
+        raise RuntimeError("The objective was not attached to a model; the Trainer calls attach() before training.")
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
 def reference_logps(policy: nn.Module | None, reference: nn.Module | None, batch: Batch
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sequence_logps` of the reference model, detached: `reference` when the run has one, else `policy` (a
-    TunedModel) with its adapter disabled.
+    """`sequence_logps` of the reference model (see `reference_of`), detached.
 
     Grad mode is left as the caller has it: nothing in the reference requires gradients, so no graph is recorded,
     and the forward takes the same kernels as the policy's in the same step (varlen picks its attention by grad
     mode), so before the first update the policy's and the reference's log-probs agree to the last bit.
     """
-    if reference is None and policy is None:
-        raise RuntimeError("The objective was not attached to a model; the Trainer calls attach() before training.")
-    if reference is not None:
-        logps, counts = sequence_logps(reference, batch)
-    else:
-        with policy.disable_adapter():
-            logps, counts = sequence_logps(policy, batch)
+    with reference_of(policy, reference) as model:
+        logps, counts = sequence_logps(model, batch)
     return logps.detach(), counts

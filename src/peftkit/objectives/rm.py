@@ -60,6 +60,28 @@ def load_value_head(directory: str | Path, hidden_size: int, device: torch.devic
     return head
 
 
+def head_parameters(head: nn.Linear | None) -> list[tuple[str, nn.Parameter]]:
+    """A value head's parameters under their saved names (none before the head exists)."""
+    return [] if head is None else [(_KEYS[n], p) for n, p in head.named_parameters()]
+
+
+def load_head_state(head: nn.Linear | None, state: dict[str, Any], stage: str) -> None:
+    """Copy a checkpointed value head (`head_parameters`' names) into `head`."""
+    if head is None:
+        raise RuntimeError(f"attach() the {stage} objective to its model before loading its value head.")
+    with torch.no_grad():
+        for n, p in head.named_parameters():
+            p.copy_(state[_KEYS[n]])
+
+
+def save_value_head(head: nn.Linear | None, output_dir: Path) -> None:
+    """Write `head` beside the adapter as value_head.safetensors, TRL's / LLaMA-Factory's names."""
+    if head is None:
+        return
+    state = {k: p.detach().contiguous().cpu() for k, p in head_parameters(head)}
+    atomic_write(Path(output_dir) / VALUE_HEAD_NAME, lambda tmp: save_file(state, tmp))
+
+
 def scores(model: nn.Module, head: nn.Linear, batch: Batch) -> torch.Tensor:
     """The value head's score of each sequence in `batch` [sequences], float32."""
     return head(last_hidden(model, batch).float()).squeeze(-1)
@@ -103,18 +125,13 @@ class Rm(Objective):
         return means
 
     def parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [] if self.head is None else [(_KEYS[n], p) for n, p in self.head.named_parameters()]
+        return head_parameters(self.head)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {} if self.head is None else {_KEYS[n]: p.detach() for n, p in self.head.named_parameters()}
+        return {k: p.detach() for k, p in head_parameters(self.head)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.head is None:
-            raise RuntimeError("attach() the rm objective to its model before loading its value head.")
-        with torch.no_grad():
-            for n, p in self.head.named_parameters():
-                p.copy_(state[_KEYS[n]])
+        load_head_state(self.head, state, self.name)
 
     def save(self, output_dir: Path) -> None:
-        state = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(Path(output_dir) / VALUE_HEAD_NAME, lambda tmp: save_file(state, tmp))
+        save_value_head(self.head, output_dir)

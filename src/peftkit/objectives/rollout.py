@@ -24,8 +24,10 @@ from ..data import get_template
 from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
 from ..serve import decode
+from ..serve.chat import stop_token_ids
 from ..serve.packed import PackedWeights
 from .base import Batch
+from .reference import reference_of
 from .sequences import token_outputs
 
 PROMPT_IDS, COLUMNS = "prompt_ids", "columns"  # a prompt batch's fields (data.packing.PromptCollator)
@@ -46,10 +48,17 @@ class Rollout:
     def tokens(self) -> int:
         return sum(len(c) for c in self.completions)
 
-    def column_lists(self) -> dict[str, list[Any]]:
-        """The rows' columns as keyword lists for reward functions (a column some rows lack is None there)."""
-        names = dict.fromkeys(k for row in self.columns for k in row)
-        return {k: [row.get(k) for row in self.columns] for k in names}
+
+def column_lists(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows' columns as keyword lists for reward functions (a column some rows lack is None there)."""
+    names = dict.fromkeys(k for row in rows for k in row)
+    return {k: [row.get(k) for row in rows] for k in names}
+
+
+def on_device_of(batch: Batch, model: nn.Module) -> Batch:
+    """`batch` on the device of `model`'s parameters."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def seed_for(seed: int, step: int, row: int) -> int:
@@ -71,8 +80,9 @@ class Sampler:
             raise ConfigError(f"stage {cfg.stage} samples its completions: temperature must be greater than 0, got "
                               f"{cfg.temperature}.")
         self.tokenizer: Any = None
+        self.template: Any = None
         self.layout: Callable[[list[dict]], Batch] | None = None
-        self.stop_ids: frozenset[int] = frozenset()
+        self.tokens, self.seconds = 0, 0.0  # the run's sampled (training) rollouts so far
         # bf16 base weights packed for oneDNN once for the run (an adapter's frozen base never changes; a weight the
         # optimizer changed is packed again): the chat engine's decode speed for the rollouts
         self.packed = PackedWeights()
@@ -81,25 +91,20 @@ class Sampler:
         if tokenizer is None:
             raise ConfigError("The RL stages need the run's tokenizer (to read completions); pass it to the Trainer.")
         self.tokenizer, self.layout = tokenizer, layout
-        template = get_template(self.template_name, tokenizer, enable_thinking=self.enable_thinking)
-        self.stop_ids = frozenset(template.stop_token_ids(tokenizer))
-
-    def _stops(self, model: nn.Module) -> frozenset[int]:
-        ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ends = [ends] if isinstance(ends, int) else list(ends or [])
-        return self.stop_ids | frozenset(ends)
+        self.template = get_template(self.template_name, tokenizer, enable_thinking=self.enable_thinking)
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: Sequence[list[int]], columns: Sequence[dict[str, Any]], step: int,
                  sample: bool = True) -> Rollout:
-        """One completion per prompt, all in one decode batch; greedy when not `sample`. The model is put in eval
-        mode for the generation (no dropout), and back in the mode it was in."""
+        """One completion per prompt, all in one decode batch; greedy when not `sample` (an evaluation, left out of
+        the rollout totals `results` reports). The model is put in eval mode for the generation (no dropout), and back
+        in the mode it was in."""
         if self.tokenizer is None:
             raise RuntimeError("Sampler.bind() was not called; the Trainer binds the objective before training.")
         if not decode.supports(model):
             raise ConfigError(f"{type(model).__name__} cannot generate through peftkit's decode loop (a decoder-only "
                               "transformers model is needed) for the RL stages.")
-        stops = self._stops(model)
+        stops = frozenset(stop_token_ids(self.template, self.tokenizer, model))
         processors, _ = decode.processors(self.sampling if sample else {"do_sample": False}, GenerationConfig())
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stops)
         rows = [decode.Row(list(p), self.max_new_tokens, stops, processors if sample else [], sample,
@@ -113,12 +118,20 @@ class Sampler:
             model.train(was_training)
         seconds = time.perf_counter() - start
         texts, finished = [], []
+        if sample:
+            self.tokens += sum(len(r.tokens) for r in rows)
+            self.seconds += seconds
         for r in rows:
             ended = bool(r.tokens) and r.tokens[-1] in stops
             finished.append(ended)
             texts.append(self.tokenizer.decode(r.tokens[:-1] if ended else r.tokens, skip_special_tokens=True))
         return Rollout([list(p) for p in prompts], [list(r.tokens) for r in rows], texts, finished, list(columns),
                        seconds)
+
+    def results(self) -> dict[str, Any]:
+        """What train_results.json reports of the run's rollouts."""
+        return {"rollout_tokens": self.tokens, "rollout_seconds": round(self.seconds, 3),
+                "rollout_tokens_per_second": round(self.tokens / max(self.seconds, 1e-9), 2)}
 
     def prompt_texts(self, prompts: Sequence[list[int]]) -> list[str]:
         return [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
@@ -138,24 +151,12 @@ def frozen_token_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def reference_token_logps(policy: nn.Module | None, reference: nn.Module | None, batch: Batch) -> torch.Tensor:
-    """Per label token log-probs of the reference: `reference` when the run loaded one, else the policy (a TunedModel)
-    with its adapter disabled (no second copy of the weights)."""
-    if reference is not None:
-        return frozen_token_logps(reference, batch)
-    if policy is None:
-        raise RuntimeError("The objective was not attached to a model; the Trainer calls attach() before training.")
-    with policy.disable_adapter():
-        return frozen_token_logps(policy, batch)
+    """Per label token log-probs of the reference (`reference.reference_of`)."""
+    with reference_of(policy, reference) as model:
+        return frozen_token_logps(model, batch)
 
 
 def per_sequence(values: torch.Tensor, sequence: torch.Tensor, count: int) -> list[torch.Tensor]:
     """Per-token values split by sequence (tokens are in sequence order)."""
     lengths = torch.bincount(sequence, minlength=count).tolist()
     return list(torch.split(values, lengths))
-
-
-def mean_by_sequence(values: torch.Tensor, sequence: torch.Tensor, count: int) -> torch.Tensor:
-    """Each sequence's mean of per-token `values` [sequences]; 0 for a sequence without tokens."""
-    sums = values.new_zeros(count).index_add(0, sequence, values)
-    lengths = values.new_zeros(count).index_add(0, sequence, torch.ones_like(values))
-    return sums / lengths.clamp(min=1)

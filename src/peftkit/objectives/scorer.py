@@ -23,7 +23,7 @@ from typing import Any, Protocol, Sequence
 import torch
 from torch import nn
 
-from ..data.dataset import VOCAB_PROBE
+from ..data.dataset import same_vocabulary
 from ..errors import AdapterLoadError, ConfigError
 from ..io.run_config import read_train_config
 from ..models import load_model_and_tokenizer, load_tokenizer
@@ -94,7 +94,7 @@ def check_reward_tokenizer(folder: str, tokenizer: Any) -> None:
     if not any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         return
     theirs = load_tokenizer(folder)
-    if len(theirs) != len(tokenizer) or theirs.encode(VOCAB_PROBE) != tokenizer.encode(VOCAB_PROBE):
+    if not same_vocabulary(theirs, tokenizer):
         raise ConfigError(f"reward_model '{folder}' has another tokenizer ({len(theirs)} tokens) than the policy "
                           f"({len(tokenizer)} tokens); PPO scores the policy's token ids with it. Train the reward "
                           "model on the same base model (or use reward_model_type: api, which reads text).")

@@ -87,6 +87,15 @@ def conversation(messages: list[dict]) -> list[dict[str, str]]:
     return out
 
 
+def stop_token_ids(template: Any, tokenizer: Any, model: Any) -> list[int]:
+    """The tokens that end a reply: the template's, and the model's own (its generation_config's: Llama 3.1's
+    <|eom_id|>, GLM-4's <|observation|>, which ends a tool call), for the tokenizer's own template, which names only
+    eos."""
+    model_ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    model_ends = [model_ends] if isinstance(model_ends, int) else list(model_ends or [])
+    return sorted(set(template.stop_token_ids(tokenizer) + model_ends))
+
+
 class ChatEngine:
     """Generate assistant replies for lists of {role, content} messages with a base model or a TunedModel; offered
     tools, replies come with the calls in them read out (`complete`).
@@ -107,11 +116,7 @@ class ChatEngine:
         self._pristine: Any = None  # an adapter-free tree over those weights, to grow new trees from
         self.tokenizer = tokenizer
         self.template = get_template(template, tokenizer, enable_thinking=enable_thinking)
-        # The model's own end tokens too (its generation_config's: Llama 3.1's <|eom_id|>, GLM-4's <|observation|>,
-        # which ends a tool call), for the tokenizer's own template, which names only eos.
-        model_ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        model_ends = [model_ends] if isinstance(model_ends, int) else list(model_ends or [])
-        self.stop_ids = sorted(set(self.template.stop_token_ids(tokenizer) + model_ends))
+        self.stop_ids = stop_token_ids(self.template, tokenizer, model)
         # id -> marker, for the single-token markers of the template's tool calls, which decoding keeps
         self.call_markers = {ids[0]: marker for marker in self.template.tool_format.markers
                              if len(ids := tokenizer.encode(marker, add_special_tokens=False)) == 1}

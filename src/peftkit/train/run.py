@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..data import build_dataset, check_packing_support, collator_for
-from ..data.dataset import VOCAB_PROBE
+from ..data.dataset import same_vocabulary
 from ..data.sources import resolve_datasets, split_names
 from ..errors import ConfigError
 from ..io.outputs import lock_output
@@ -65,7 +65,7 @@ def check_reference(cfg: Any, objective: Objective) -> None:
     mine = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     if spec.name_or_path != cfg.model_name_or_path:
         theirs = load_tokenizer(spec.name_or_path, trust_remote_code=cfg.trust_remote_code)
-        if len(mine) != len(theirs) or mine.encode(VOCAB_PROBE) != theirs.encode(VOCAB_PROBE):
+        if not same_vocabulary(mine, theirs):
             raise ConfigError(f"{spec.key} '{spec.name_or_path}' has another tokenizer ({len(theirs)} tokens) than "
                               f"model_name_or_path '{cfg.model_name_or_path}' ({len(mine)} tokens); stage "
                               f"'{cfg.stage}' compares them token by token. Use a model of the same family.")
