@@ -4,6 +4,7 @@ ordinary adapter."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -87,6 +88,21 @@ def test_every_loss_type_trains(policy, data, tmp_path, loss_type, beta, iterati
     assert torch.isfinite(torch.tensor(entry["loss"]))
     if iterations > 1:  # the second update reuses the samples with the ratio against the sampling policy
         assert entry["clip_ratio"] >= 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_both_dtypes(policy, data, tmp_path, monkeypatch, dtype) -> None:
+    """The base in fp32 and in bf16, whichever this CPU would pick (PEFTKIT_DTYPE forces it; bf16 rollouts decode
+    with packed weights): a KL term against the adapter-disabled base, samples reused for a second update."""
+    monkeypatch.setenv("PEFTKIT_DTYPE", dtype)
+    first = tmp_path / f"{dtype}-first"
+    run_sft(grpo_config(policy, data, first, bf16=None, grpo_beta=0.04, max_steps=1))
+    assert log(first)[0]["kl"] == 0.0  # the first update's policy is the reference, to the last bit
+    out = tmp_path / dtype
+    run_sft(grpo_config(policy, data, out, bf16=None, grpo_beta=0.04, num_iterations=2, max_steps=2))
+    entries = log(out)
+    assert all(math.isfinite(e[k]) for e in entries for k in ("loss", "reward", "kl", "entropy", "clip_ratio"))
+    TunedModel.load(AutoModelForCausalLM.from_pretrained(policy), out)
 
 
 def test_prefix_methods_and_full_training_generate(policy, data, tmp_path) -> None:

@@ -151,9 +151,12 @@ def frozen_token_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def reference_token_logps(policy: nn.Module | None, reference: nn.Module | None, batch: Batch) -> torch.Tensor:
-    """Per label token log-probs of the reference (`reference.reference_of`)."""
+    """Per label token log-probs of the reference (`reference.reference_of`), detached. Grad mode is left as the
+    caller has it, as for the preference stages' reference: nothing in the reference requires gradients, so no graph
+    is recorded, and a reference run beside the training forwards takes their kernels (bf16 attention differs by grad
+    mode), so the policy's log-ratio to it is exactly 0 until the policy moves."""
     with reference_of(policy, reference) as model:
-        return frozen_token_logps(model, batch)
+        return token_outputs(model, batch).logps.detach()
 
 
 def per_sequence(values: torch.Tensor, sequence: torch.Tensor, count: int) -> list[torch.Tensor]:
