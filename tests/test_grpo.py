@@ -158,7 +158,9 @@ def test_bad_input_is_one_line_before_training(policy, data, tmp_path, kw, messa
     info["prompts_without_answer"] = {"file_name": "plain.json"}
     (data / "dataset_info.json").write_text(json.dumps(info))
     out = tmp_path / "out"
+    run_sft(grpo_config(policy, data, out, max_steps=1))  # an earlier run, which overwrite_output_dir may clear...
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     with pytest.raises(ConfigError, match=message) as raised:
-        run_sft(grpo_config(policy, data, out, **kw))
+        run_sft(grpo_config(policy, data, out, overwrite_output_dir=True, **kw))
     assert "\n" not in str(raised.value)
-    assert not (out / "trainer_log.jsonl").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier  # ...but not for a failed one

@@ -142,16 +142,18 @@ class Trainer:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = math.ceil(self.steps_per_epoch * cfg.num_train_epochs)
-        # The output folder is settled before any work (a method's selection phase writes there too).
+        self.objective.bind(tokenizer, collator)
+        self.objective.attach(tuned, reference)  # before the method's prepare hook, which may train with it
+        # the stage's refusals (a schedule the run cannot serve, a reward function that returns no numbers) before
+        # an earlier run in output_dir is cleared
+        self.objective.check_run(self.total_steps, ranks.world_size)
+        self._annotate_data()
+        # The output folder is settled before any training (a method's selection phase writes there too).
         if ranks.is_main:
             prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)
             remove_stale_temporaries(self.output_dir)  # what a killed run left half-written
         ranks.barrier()
         self._entries_before = {p.name for p in self.output_dir.iterdir()} if self.output_dir.is_dir() else set()
-        self.objective.bind(tokenizer, collator)
-        self.objective.attach(tuned, reference)  # before the method's prepare hook, which may train with it
-        self.objective.check_run(self.total_steps, ranks.world_size)
-        self._annotate_data()
         self.method.prepare(self._context())
         try:
             self.resume_from = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
