@@ -163,8 +163,10 @@ def test_build_splits_packs_and_caches(tok, tmp_path, caplog) -> None:
     start = time.perf_counter()
     train, evals = build_sft_dataset(tok, "alpaca_en_demo,identity", DATA, val_size=0.1, **kw)
     first_time = time.perf_counter() - start
-    assert len(train) + len(evals) == 120 + 91 and len(evals) == 21
-    assert all(len(e["input_ids"]) <= 256 and e["labels"][0] == IGNORE_INDEX for e in train + evals)
+    assert {name: len(rows) for name, rows in evals.items()} == {"alpaca_en_demo": 12, "identity": 9}  # 10% of each
+    assert len(train) == 120 + 91 - 21
+    held = [e for rows in evals.values() for e in rows]
+    assert all(len(e["input_ids"]) <= 256 and e["labels"][0] == IGNORE_INDEX for e in train + held)
     assert all(any(label != IGNORE_INDEX for label in e["labels"]) for e in train)
     with caplog.at_level(logging.INFO, logger="peftkit.data"):
         start = time.perf_counter()

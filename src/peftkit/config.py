@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
+from .data.mixing import MIX_STRATEGIES
 from .errors import ConfigError
 from .methods import MethodConfig, available_methods, get_method
 from .objectives import available_objectives, objective_class
@@ -28,6 +29,7 @@ from .settings import Setting, merge_declarations, setting, settings_of
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("steps", "epoch", "no")
+BENCHMARK_LANGS = ("en", "zh")
 STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")  # LLaMA-Factory's
 INFER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 EXPORT_FORMATS = ("hf", "gguf", "ollama", "gguf_lora")
@@ -63,6 +65,8 @@ IGNORED_KEYS: dict[str, str] = {
     "use_ref_model": "whether a reference is used follows pref_loss (orpo and simpo use none)",
 }
 _ALIASES = {"evaluation_strategy": "eval_strategy"}  # old TrainingArguments name -> current
+# LLaMA-Factory's evaluation YAML (llamafactory-cli eval) names two keys its own way: read as ours, without a warning.
+_SYNONYMS = {"save_dir": "output_dir", "batch_size": "per_device_eval_batch_size"}
 
 
 def _collect(owners: list[tuple[str, type]]) -> dict[str, tuple[Setting, list[str]]]:
@@ -114,7 +118,14 @@ class TrainConfig(_OwnKeys):  # type: ignore[valid-type,misc]
     cutoff_len: int = setting(2048, "Longest example in tokens; longer ones are cut.", "data")
     max_samples: int | None = setting(None, "Use at most this many rows of each dataset.", "data")
     val_size: int | float = setting(
-        0.0, "Hold out this share (in [0, 1)) or count (>= 1) of dataset for evaluation.", "data")
+        0.0, "Hold out this share (in [0, 1)) or count (>= 1) of each dataset for evaluation.", "data")
+    mix_strategy: str = setting(
+        "concat", "How several datasets combine: concat (all rows of each), interleave_under (drawn by "
+        "interleave_probs until one runs out) or interleave_over (until each has run out once; the others repeat).",
+        "data", MIX_STRATEGIES)
+    interleave_probs: list[float] | None = setting(
+        None, "interleave_*: the chance of drawing from each dataset, one per dataset, summing to 1. Empty: take "
+        "them in turn.", "data")
     packing: bool | None = setting(
         None, "Pack several examples into one row; they never attend to each other. Empty: on for stage pt (its "
         "documents are joined and cut into cutoff_len blocks), off otherwise.", "data")
@@ -168,6 +179,13 @@ class TrainConfig(_OwnKeys):  # type: ignore[valid-type,misc]
         "eval_loss", "The evaluation metric load_best_model_at_end compares (loss = eval_loss).", "evaluation")
     greater_is_better: bool | None = setting(
         None, "Empty: lower is better for a metric ending in loss, higher otherwise.", "evaluation")
+    task: str | None = setting(
+        None, "peftkit eval's multiple-choice benchmark: mmlu, cmmlu or ceval (LLaMA-Factory's mmlu_test, "
+        "cmmlu_test, ceval_validation name the split too).", "evaluation")
+    task_dir: str = setting("evaluation", "The folder holding the benchmark's per-subject files.", "evaluation")
+    n_shot: int = setting(5, "Solved examples from the subject's dev split shown before each question.",
+                          "evaluation")
+    lang: str = setting("en", "The language of the benchmark's prompt: en or zh.", "evaluation", BENCHMARK_LANGS)
     output_dir: str = setting("saves/run", "Where the adapter, checkpoints and logs go.", "output")
     overwrite_output_dir: bool = setting(False, "Replace an earlier run in output_dir.", "output")
     save_strategy: str = setting("steps", "When to save checkpoints.", "output", SAVE_STRATEGIES)
@@ -326,6 +344,67 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), **kw: An
     return TrainConfig.from_dict(values)
 
 
+# What a phase of a recipe may not set: where it writes and what it starts from follow from the recipe, and the
+# method (and its base weights' precision) continues from one phase to the next.
+_RECIPE_OWNED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "model_name_or_path",
+                 "adapter_name_or_path", "finetuning_type", "quantization_bit", "quantization_type",
+                 "double_quantization")
+
+
+@dataclasses.dataclass
+class Recipe:
+    """Phases trained one after another, each from the previous one's weights, into output_dir/phase-N; the last
+    phase's result is also copied to output_dir. `resume` continues a stopped recipe at its phase and step."""
+
+    output_dir: str
+    phases: list[TrainConfig]
+    resume: bool = False
+    overwrite: bool = False
+
+
+def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), **kw: Any) -> TrainConfig | Recipe:
+    """`load_config`, or a `Recipe` when the YAML has `phases:`, a list of overrides of its shared keys.
+
+    A phase's keys win over the shared ones and the command line's `key=value` win over both, in every phase (so
+    `max_steps=2` shortens each phase). A phase's config is validated here, before the first phase trains."""
+    values = _rename_aliases(_read_yaml(path)) if path else {}
+    given = {**_rename_aliases(parse_overrides(overrides)), **_rename_aliases(kw)}
+    if "phases" in given:
+        raise ConfigError("phases can only be set in the YAML file (a list of mappings), not as key=value.")
+    phases = values.pop("phases", None)
+    if phases is None:
+        return TrainConfig.from_dict({**values, **given})
+    if not isinstance(phases, list) or not phases or not all(isinstance(p, dict) for p in phases):
+        raise ConfigError("phases must be a non-empty list of mappings, each the keys that phase changes, e.g.\n"
+                          "phases:\n  - {dataset: math}\n  - {dataset: alpaca_en_demo, learning_rate: 5e-5}")
+    shared = {**values, **given}
+    resume = shared.pop("resume_from_checkpoint", None)
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true"
+    if resume not in (None, False, True):
+        raise ConfigError(f"resume_from_checkpoint: {resume!r} names one checkpoint, but a recipe resumes where it "
+                          "stopped, whichever phase that is: set resume_from_checkpoint: true.")
+    overwrite = _coerce("overwrite_output_dir", shared.pop("overwrite_output_dir", False), bool)
+    output_dir = str(shared.pop("output_dir", TrainConfig.__dataclass_fields__["output_dir"].default))
+    fixed = set(_RECIPE_OWNED) | set(METHOD_SETTINGS)
+    recipe = Recipe(output_dir, [], bool(resume), bool(overwrite))
+    for i, phase in enumerate(phases, 1):
+        phase = _rename_aliases(phase)
+        owned = sorted(k for k in phase if k in fixed or k == "phases")
+        if owned:
+            raise ConfigError(f"phases[{i}] sets {', '.join(owned)}, which the whole recipe shares (the weights and "
+                              "method carry on from phase to phase, and each phase writes to output_dir/phase-N); "
+                              "set it at the top of the file.")
+        values_i = {**values, **phase, **given, "output_dir": str(Path(output_dir) / f"phase-{i}")}
+        values_i.pop("resume_from_checkpoint", None)
+        values_i.pop("overwrite_output_dir", None)
+        try:
+            recipe.phases.append(TrainConfig.from_dict(values_i))
+        except ConfigError as e:
+            raise ConfigError(f"phases[{i}]: {e}") from None
+    return recipe
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """`["learning_rate=5e-5", "packing=true"]` -> a dict; each value is read as YAML, so `true` and `[a, b]` work."""
     out: dict[str, Any] = {}
@@ -363,6 +442,12 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 def _rename_aliases(values: Mapping[str, Any]) -> dict[str, Any]:
     values = dict(values)
+    for theirs, ours in _SYNONYMS.items():
+        if theirs in values:
+            if ours in values:
+                raise ConfigError(f"Both {theirs} and {ours} are set; keep one ({theirs} is LLaMA-Factory's "
+                                  f"evaluation name of {ours}).")
+            values[ours] = values.pop(theirs)
     for old, new in _ALIASES.items():
         if old in values:
             if new in values:
@@ -396,6 +481,8 @@ def _convert(value: Any, kind: type) -> Any:
         return str(value)
     if kind is list and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
+    if kind is list and isinstance(value, (int, float)):  # `interleave_probs: 1` or `dataset: 2024`: a list of one
+        return [str(value)]
     if kind is list and isinstance(value, (list, tuple)) and all(type(v) in (str, int, float) for v in value):
         return [str(v).strip() for v in value]
     if kind is dict and isinstance(value, str):  # a JSON or YAML mapping, as TrainingArguments accepts
@@ -434,6 +521,7 @@ _RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("adam_epsilon", lambda v: v > 0, "greater than 0"),
     ("top_p", lambda v: 0 <= v <= 1, "in [0, 1] (0: only the most likely token)"),
     ("repetition_penalty", lambda v: v > 0, "greater than 0"),
+    ("n_shot", lambda v: v >= 0, "at least 0"),
     ("val_size", lambda v: 0 <= v < 1 or (v >= 1 and float(v).is_integer()), "a fraction in [0, 1) or a count >= 1"),
 ]
 
@@ -503,6 +591,27 @@ def _check_stage(c: TrainConfig) -> None:
         raise ConfigError(f"dpo_label_smoothing must be in [0, 0.5), got {c.dpo_label_smoothing}.")
 
 
+def _check_mixing(c: TrainConfig) -> None:
+    """interleave_probs: numbers, one per dataset, none negative, summing to 1 (LLaMA-Factory's rule)."""
+    if c.interleave_probs is None:
+        return
+    try:
+        probs = [float(p) for p in c.interleave_probs]
+    except ValueError:
+        raise ConfigError(f"interleave_probs must be numbers, got {c.interleave_probs!r}.") from None
+    c.interleave_probs = probs
+    if c.mix_strategy == "concat":
+        raise ConfigError("interleave_probs is set but mix_strategy is concat, which takes every row of every "
+                          "dataset; set mix_strategy: interleave_under or interleave_over, or remove interleave_probs.")
+    if c.dataset and len(probs) != len(c.dataset):
+        raise ConfigError(f"interleave_probs has {len(probs)} numbers for {len(c.dataset)} datasets "
+                          f"({', '.join(c.dataset)}); give one per dataset.")
+    if any(p < 0 for p in probs):
+        raise ConfigError(f"interleave_probs must not be negative, got {probs}.")
+    if abs(sum(probs) - 1) > 1e-6:
+        raise ConfigError(f"interleave_probs must sum to 1, got {probs} (sum {sum(probs):g}).")
+
+
 def _validate(c: TrainConfig) -> None:
     """Types first, then each value, then combinations; fills the defaults that depend on other keys."""
     for f in dataclasses.fields(c):
@@ -515,6 +624,7 @@ def _validate(c: TrainConfig) -> None:
             raise ConfigError(f"{key} must be {must}, got {value!r}.")
     if c.val_size >= 1:
         c.val_size = int(c.val_size)
+    _check_mixing(c)
     if isinstance(c.resume_from_checkpoint, str) and c.resume_from_checkpoint.lower() in ("true", "false"):
         c.resume_from_checkpoint = c.resume_from_checkpoint.lower() == "true"
 

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..io.atomic import atomic_write
 from .formats import Conversation, RowError, detect_format, to_conversation
+from .mixing import describe_mix, mix
 from .packing import pack
 from .sources import DatasetAttr, read_rows, resolve_datasets, split_names
 from .templates import ChatTemplate, StringTemplate, Template, encode_counted, get_template
@@ -38,7 +40,7 @@ logger = logging.getLogger("peftkit.data")
 
 # A vocabulary's fingerprint: the ids of mixed text tell two tokenizers under one name (or two models) apart.
 VOCAB_PROBE = "Hello world! 123 \n\n  你好 <tool_call>"
-CACHE_VERSION = 4  # bump whenever a change here, in formats or in templates changes the tokenized output or report
+CACHE_VERSION = 5  # bump whenever a change here, in formats or in templates changes the tokenized output or report
 SHOWN_SKIPS = 3
 
 
@@ -55,6 +57,7 @@ class DatasetStats:
     rows: int = 0  # rows read (after num_samples and max_samples)
     loaded: int = 0  # rows that became valid conversations
     tokenized: int = 0  # conversations that became training examples
+    contributed: int = 0  # examples the mix took into training (repeats counted; packing may join them)
     truncated: int = 0  # examples cut to cutoff_len
     labels_cut: int = 0  # label (answer) tokens those cuts dropped
     skipped: int = 0  # rows dropped at any stage
@@ -87,6 +90,8 @@ class DataReport:
                 line += f", {s.tokenized} examples ({s.truncated} truncated{cut})"
             if s.skipped:
                 line += f", {s.skipped} skipped"
+            if s.contributed:
+                line += f"; {s.contributed} in training"
             lines.append(line)
         return "\n".join(lines)
 
@@ -164,8 +169,12 @@ def default_cache_dir() -> Path:
     return (Path(home).expanduser() if home else Path.home() / ".cache" / "peftkit") / "datasets"
 
 
+# None, one eval set's examples, or several by name (reported apart: eval_<name>_loss)
+EvalSets = list[dict] | dict[str, list[dict]] | None
+
+
 def build_sft_dataset(tokenizer: Any, dataset: list[str] | str, dataset_dir: str, **kwargs: Any
-                      ) -> tuple[list[dict], list[dict] | None]:
+                      ) -> tuple[list[dict], EvalSets]:
     """`build_dataset` for SFT conversations (the default stage)."""
     return build_dataset(tokenizer, dataset, dataset_dir, kind="sft", **kwargs)
 
@@ -187,13 +196,16 @@ def build_dataset(
     enable_thinking: bool = True,
     packing: bool = False,
     seed: int = 42,
+    mix_strategy: str = "concat",
+    interleave_probs: list[float] | None = None,
     cache_dir: str | None = None,
     overwrite_cache: bool = False,
-) -> tuple[list[dict], list[dict] | None]:
-    """Tokenized examples of `kind` (see the module's docstring): (train, eval or None).
+) -> tuple[list[dict], EvalSets]:
+    """Tokenized examples of `kind` (see the module's docstring): (train, eval sets).
 
-    `eval_dataset` wins over `val_size`; with `packing` both splits are packed. The result is cached on disk, keyed
-    by everything that changes it, so a second run starts at once.
+    Several training datasets are combined by `mix_strategy` (data/mixing.py). The eval sets are `eval_dataset`, or
+    `val_size` of each training dataset: None, one set's examples, or several sets by name. With `packing` every
+    split is packed. The result is cached on disk, keyed by everything that changes it, so a second run starts at once.
     """
     stage = stage or kind
     if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len < 2:
@@ -210,7 +222,7 @@ def build_dataset(
     eval_attrs = resolve_datasets(eval_dataset, dataset_dir, kind, stage) if split_names(eval_dataset) else []
     settings = dict(template=_template_id(chat), cutoff_len=cutoff_len, max_samples=max_samples, val_size=val_size,
                     train_on_prompt=train_on_prompt, mask_history=mask_history, enable_thinking=enable_thinking,
-                    packing=packing, seed=seed, kind=kind)
+                    packing=packing, seed=seed, kind=kind, mix_strategy=mix_strategy, interleave_probs=interleave_probs)
     path = Path(cache_dir) if cache_dir else default_cache_dir()
     path = path / f"{kind}-{_cache_key(tokenizer, train_attrs, eval_attrs, settings)}.npz"
     if not overwrite_cache and path.exists():
@@ -221,20 +233,56 @@ def build_dataset(
     report = DataReport()
     opts = dict(cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history,
                 kind=kind, packing=packing)
-    train = _tokenize(_load(train_attrs, max_samples, seed, report, kind), chat, tokenizer, report, "train", **opts)
+
+    def examples_of(attr: DatasetAttr, split: str) -> list[dict]:
+        return _tokenize(_load([attr], max_samples, seed, report, kind), chat, tokenizer, report, split, **opts)
+
+    parts = [(attr.name, examples_of(attr, "train")) for attr in train_attrs]
     if eval_attrs:
-        evals: list[dict] | None = _tokenize(_load(eval_attrs, max_samples, seed, report, kind), chat, tokenizer,
-                                             report, "eval", **opts)
-    elif val_size:
-        train, evals = _split(train, val_size, seed)
+        held = [(attr.name, examples_of(attr, "eval")) for attr in eval_attrs]
+    elif val_size:  # each dataset's own share held out before mixing: a repeated row never lands on both sides
+        splits = [(name, *_split(examples, val_size, seed, name)) for name, examples in parts]
+        parts = [(name, kept) for name, kept, _ in splits]
+        held = [(name, out) for name, _, out in splits]
     else:
-        evals = None
+        held = []
+    train, counts = mix(parts, mix_strategy, interleave_probs, seed)
+    for name, n in counts.items():
+        report.datasets[name].contributed += n
+    if len(parts) > 1:
+        logger.info("Mixed by %s", describe_mix(mix_strategy, counts, {name: len(e) for name, e in parts}))
     if packing and kind == "sft":
         train = pack(train, cutoff_len)
-        evals = pack(evals, cutoff_len) if evals is not None else None
+        held = [(name, pack(examples, cutoff_len)) for name, examples in held]
+    evals = _eval_sets(held)
     report.log(f"{stage} data:")
     _write_cache(path, train, evals, report)
     return train, evals
+
+
+_DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt"}
+
+
+def eval_set_name(dataset: str) -> str:
+    """A dataset's name as its metrics spell it (eval_<name>_loss): a file path's stem, unusual characters as _."""
+    path = Path(dataset)
+    stem = path.stem if "/" in dataset or path.suffix.lower() in _DATA_SUFFIXES else dataset
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "eval"
+
+
+def _eval_sets(held: list[tuple[str, list[dict]]]) -> list[dict] | dict[str, list[dict]] | None:
+    """No set (None), one (its examples), or several by name (each reported apart, as transformers' dict eval sets)."""
+    if not held:
+        return None
+    if len(held) == 1:
+        return held[0][1]
+    sets: dict[str, list[dict]] = {}
+    for dataset, examples in held:
+        name = eval_set_name(dataset)
+        while name in sets:  # the same dataset twice, or two files with one stem
+            name += "_"
+        sets[name] = examples
+    return sets
 
 
 def _check_val_size(val_size: float | int) -> None:
@@ -244,12 +292,13 @@ def _check_val_size(val_size: float | int) -> None:
         raise ConfigError(f"val_size={val_size} is neither a fraction in (0, 1) nor a whole count of examples.")
 
 
-def _split(examples: list[dict], val_size: float | int, seed: int) -> tuple[list[dict], list[dict]]:
+def _split(examples: list[dict], val_size: float | int, seed: int, name: str) -> tuple[list[dict], list[dict]]:
     """A seeded random held-out set; the training examples keep their order."""
     n = len(examples)
     n_val = max(1, round(n * val_size)) if val_size < 1 else int(val_size)
     if n_val >= n:
-        raise ConfigError(f"val_size={val_size} takes {n_val} of {n} examples and leaves none to train on; lower it.")
+        raise ConfigError(f"val_size={val_size} takes {n_val} of the {n} examples of dataset '{name}' and leaves none "
+                          "to train on; lower it.")
     held = set(random.Random(seed).sample(range(n), n_val))
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
@@ -376,13 +425,17 @@ def _cache_key(tokenizer: Any, train_attrs: list[DatasetAttr], eval_attrs: list[
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _write_cache(path: Path, train: list[dict], evals: list[dict] | None, report: DataReport) -> None:
+def _write_cache(path: Path, train: list[dict], evals: EvalSets, report: DataReport) -> None:
     """Every field of every example as flat arrays (lists concatenated with their lengths, numbers as one array).
     Written to a temporary file, then renamed: a crash never leaves a half-written cache."""
     arrays: dict[str, np.ndarray] = {"report": np.array(json.dumps(report.to_dict()))}
-    for split, rows in (("train", train), ("eval", evals)):
-        if rows is None:
-            continue
+    splits: list[tuple[str, list[dict]]] = [("train", train)]
+    if isinstance(evals, dict):  # several sets: eval0, eval1, ... and their names in order
+        arrays["eval_names"] = np.array(json.dumps(list(evals)))
+        splits += [(f"eval{i}", rows) for i, rows in enumerate(evals.values())]
+    elif evals is not None:
+        splits.append(("eval", evals))
+    for split, rows in splits:
         arrays[f"{split}__rows"] = np.array(len(rows))
         for key in rows[0] if rows else ():
             if key == "position_ids":  # rebuilt from seq_lens on reading
@@ -405,18 +458,21 @@ def _write_cache(path: Path, train: list[dict], evals: list[dict] | None, report
         logger.warning("Could not write the dataset cache %s (%s); the next run will tokenize again.", path, e)
 
 
-def _read_cache(path: Path) -> tuple[list[dict], list[dict] | None] | None:
+def _read_cache(path: Path) -> tuple[list[dict], EvalSets] | None:
     start = time.perf_counter()
     try:
         with np.load(path, allow_pickle=False) as z:
-            splits = [_rows_from(z, s) if f"{s}__rows" in z else None for s in ("train", "eval")]
+            train = _rows_from(z, "train")
+            evals: EvalSets = _rows_from(z, "eval") if "eval__rows" in z else None
+            if "eval_names" in z:
+                evals = {name: _rows_from(z, f"eval{i}") for i, name in enumerate(json.loads(str(z["eval_names"])))}
             report = DataReport.from_dict(json.loads(str(z["report"])))
     except Exception as e:  # noqa: BLE001 -- any unreadable cache is simply rebuilt
         logger.warning("Ignoring unreadable dataset cache %s (%s); tokenizing again.", path, e)
         return None
-    train, evals = splits
-    report.log("Loaded %d train / %s eval examples from cache %s in %.2f s (overwrite_cache=True rebuilds it).",
-               len(train), len(evals) if evals is not None else 0, path, time.perf_counter() - start)
+    n_eval = sum(map(len, evals.values())) if isinstance(evals, dict) else len(evals or ())
+    report.log("Loaded %d train / %d eval examples from cache %s in %.2f s (overwrite_cache=True rebuilds it).",
+               len(train), n_eval, path, time.perf_counter() - start)
     return train, evals
 
 

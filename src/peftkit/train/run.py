@@ -132,6 +132,8 @@ def _train(cfg: Any, ranks: Ranks, objective: Objective) -> dict[str, Any]:
         enable_thinking=cfg.enable_thinking,
         packing=cfg.packing,
         seed=cfg.seed,
+        mix_strategy=cfg.mix_strategy,
+        interleave_probs=cfg.interleave_probs,
         overwrite_cache=cfg.overwrite_cache,
     )
     ranks.same_everywhere("configs", cfg.to_dict())

@@ -112,7 +112,7 @@ class Trainer:
         tuned: TunedModel,
         train_data: list[dict],
         collator: Callable[[list[dict]], dict[str, torch.Tensor]],
-        eval_data: list[dict] | None = None,
+        eval_data: list[dict] | dict[str, list[dict]] | None = None,
         base_model_name: str | None = None,
         tokenizer: Any = None,
         objective: Objective | None = None,
@@ -125,7 +125,9 @@ class Trainer:
         self.tuned = tuned
         self.method = tuned.method
         self.train_data = train_data
-        self.eval_data = eval_data
+        # one set (its metrics are eval_loss, ...), or several by name (eval_<name>_loss, ..., and their mean eval_loss)
+        self.eval_sets: dict[str, list[dict]] = (
+            dict(eval_data) if isinstance(eval_data, dict) else {"": eval_data} if eval_data else {})
         self.collator = collator
         self.base_model_name = base_model_name
         self.tokenizer = tokenizer
@@ -195,8 +197,8 @@ class Trainer:
         def annotate() -> None:
             size = self.cfg.per_device_eval_batch_size
             self.train_data = self.objective.annotate(self.train_data, self.collator, size)
-            if self.eval_data:
-                self.eval_data = self.objective.annotate(self.eval_data, self.collator, size)
+            self.eval_sets = {name: self.objective.annotate(rows, self.collator, size)
+                              for name, rows in self.eval_sets.items()}
 
         if self.ranks.is_main:
             annotate()
@@ -355,7 +357,7 @@ class Trainer:
             if self._should_save(step):
                 self._save_checkpoint()
         bar.close()
-        if self.eval_data and cfg.eval_strategy != "no" and not any(
+        if self.eval_sets and cfg.eval_strategy != "no" and not any(
             e.get("step") == self.state.global_step and "eval_loss" in e for e in self.state.log_history
         ):
             self._evaluate_and_track(log_path)
@@ -382,7 +384,7 @@ class Trainer:
         return self.state.epoch + self.state.batch_in_epoch / max(self.batches_per_epoch, 1)
 
     def _should_eval(self, step: int) -> bool:
-        if not self.eval_data or self.cfg.eval_strategy == "no":
+        if not self.eval_sets or self.cfg.eval_strategy == "no":
             return False
         if self.cfg.eval_strategy == "epoch":
             return self.state.batch_in_epoch == 0
@@ -410,19 +412,31 @@ class Trainer:
         means = {name: sums[2 * i] / sums[2 * i + 1] for i, name in enumerate(names) if sums[2 * i + 1]}
         return {prefix + k: round(v, 6) for k, v in self.objective.finish_metrics(means).items()}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """eval_loss, the objective's mean loss over the eval set (each rank evaluates its share; the sums are added
-        up), and the stage's metrics on it (eval_rewards/accuracies, eval_perplexity, ...)."""
+        """eval_loss, the objective's mean loss over the eval set, and the stage's metrics on it
+        (eval_rewards/accuracies, eval_perplexity, ...). Several sets are evaluated apart, as transformers names dict
+        eval sets (eval_<name>_loss, ...); eval_loss and the other eval_ metrics are then the sets' unweighted means."""
+        if set(self.eval_sets) == {""}:
+            return self._evaluate_set(self.eval_sets[""])
+        per_set = {name: self._evaluate_set(rows) for name, rows in self.eval_sets.items()}
+        metrics = {f"eval_{name}_{key.removeprefix('eval_')}": v for name, m in per_set.items() for key, v in m.items()}
+        shared = set.intersection(*(set(m) for m in per_set.values()))
+        for key in sorted(shared):
+            metrics[key] = sum(m[key] for m in per_set.values()) / len(per_set)
+        return metrics
+
+    @torch.no_grad()
+    def _evaluate_set(self, rows: list[dict]) -> dict[str, float]:
+        """One set's metrics: each rank evaluates its share of the rows; the sums are added up."""
         self.tuned.eval()
         training_stats, self.objective.stats = self.objective.stats, {}  # the training window's, kept for its log
         total, count = 0.0, 0
-        rows = self.cfg.per_device_eval_batch_size * self.ranks.world_size
-        for i in tqdm(range(0, len(self.eval_data), rows), desc="eval", leave=False, dynamic_ncols=True,
+        step = self.cfg.per_device_eval_batch_size * self.ranks.world_size
+        for i in tqdm(range(0, len(rows), step), desc="eval", leave=False, dynamic_ncols=True,
                       disable=not self.ranks.is_main):
-            chunk = list(range(i, min(i + rows, len(self.eval_data))))
+            chunk = list(range(i, min(i + step, len(rows))))
             mine = shard_of(chunk, self.ranks)
-            batch = self._to_device(self.collator([self.eval_data[j] for j in mine or chunk[:1]]))
+            batch = self._to_device(self.collator([rows[j] for j in mine or chunk[:1]]))
             loss = self.objective.loss(self.model, batch).item()  # every rank runs a batch: FSDP gathers layers
             if mine:
                 total += loss
@@ -490,6 +504,8 @@ class Trainer:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(self.output_dir)
         train_losses = [e["loss"] for e in self.state.log_history if "loss" in e]
+        evaluations = [e for e in self.state.log_history if "eval_loss" in e]
+        last_eval = {k: v for k, v in evaluations[-1].items() if k.startswith("eval_")} if evaluations else {}
         results = {
             "train_runtime": round(runtime, 3),  # wall time, evaluations included (as transformers reports it)
             "eval_runtime": round(self._eval_seconds, 3),
@@ -504,13 +520,16 @@ class Trainer:
             "all_params": total,
             "best_eval_loss": self.state.best_metric,
             "best_step": self.state.best_step,
+            **last_eval,  # the final evaluation: eval_loss, and each set's eval_<name>_loss when there are several
             **self.objective.results(),
         }
         write_text(self.output_dir / "train_results.json", json.dumps(results, indent=2) + "\n")
         if self.cfg.plot_loss:
-            plot_loss(self.state.log_history, self.output_dir / "training_loss.png")
+            sets = [name for name in self.eval_sets if name]
+            plot_loss(self.state.log_history, self.output_dir / "training_loss.png", sets)
             for name in ("rewards/accuracies", "reward", "kl"):  # the preference and RL stages' curves
-                plot_metric(self.state.log_history, name, self.output_dir / f"training_{name.replace('/', '_')}.png")
+                plot_metric(self.state.log_history, name, self.output_dir / f"training_{name.replace('/', '_')}.png",
+                            sets)
         # What this run wrote (tokenizer files, model shards vary by model): overwrite_output_dir may replace them.
         record_outputs(self.output_dir, {p.name for p in self.output_dir.iterdir()} - self._entries_before)
         remove_stale_temporaries(self.output_dir)
