@@ -40,6 +40,9 @@ def main() -> None:
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     for name in files:
         info[name] = {"file_name": f"{name}.json", "columns": {"prompt": "instruction", "system": "system"}}
+        # the same problems as SFT data (examples/dmt.yaml): the answer column is the reply, with no system prompt
+        info[name.replace("arithmetic", "arithmetic_sft")] = {
+            "file_name": f"{name}.json", "columns": {"prompt": "instruction", "response": "answer"}}
     info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {', '.join(f'{n} ({len(d)} rows)' for n, d in files.items())} to {out}")
 

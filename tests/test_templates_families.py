@@ -74,7 +74,8 @@ GEMMA = Family("<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>"))
 DEEPSEEK = Family("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
                   ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"))
 FAMILIES: dict[str, Family] = {
-    "default": Family(S, E), "alpaca": Family(S, E), "empty": Family(S, E), "chatml": Family(None, "<|im_end|>"),
+    "default": Family(S, E), "alpaca": Family(S, E), "empty": Family(S, E), "fewshot": Family(S, E),
+    "chatml": Family(None, "<|im_end|>"),
     "qwen": QWEN, "qwen3": QWEN, "qwen3_nothink": QWEN, "yi": Family(None, "<|im_end|>"),
     "intern2": Family(S, E, CHATML), "llama2": Family(S, E), "llama3": LLAMA3, "llama4": LLAMA4,
     "mistral": MISTRAL, "ministral": MISTRAL, "mistral_small": MISTRAL,
@@ -119,6 +120,7 @@ def answers(*texts: str, end: str) -> list[str]:
 
 
 EXPECTED: dict[str, tuple[str, list[str]]] = {
+    "fewshot": ("You are terse.Name a colour.Blue.\n\nAnother one?Green.</s>\n\n", ["Blue.", "Green." + E]),
     "default": ("System: You are terse.</s>\nHuman: Name a colour.</s>\nAssistant:Blue.</s>\n"
                 "Human: Another one?</s>\nAssistant:Green.</s>\n", answers("Blue.", "Green.", end=E)),
     "alpaca": ("You are terse.### Instruction:\nName a colour.\n\n### Response:\nBlue.</s>\n\n"
@@ -622,7 +624,8 @@ def test_render_equals_the_familys_own_jinja(case: Jinja) -> None:
 def test_every_family_with_a_chat_template_is_checked_against_it() -> None:
     """Only LLaMA-Factory's own formats, Falcon's and Vicuna's (no chat template), Baichuan 2's (its chat format is
     code) and Mistral Small's tool calls go without a Jinja check."""
-    assert set(TEMPLATES) - {c.name for c in JINJA} == {"default", "alpaca", "empty", "falcon", "vicuna", "baichuan2"}
+    assert set(TEMPLATES) - {c.name for c in JINJA} == {"default", "alpaca", "empty", "fewshot", "falcon",
+                                                                 "vicuna", "baichuan2"}
 
 
 # --- names, stop tokens, the tool data set, enable_thinking in the data pipeline ---

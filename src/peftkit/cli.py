@@ -19,20 +19,23 @@ import torch
 import transformers
 
 from . import __version__
-from .config import load_config
+from .config import Recipe, load_config, load_recipe
+from .data.dedup import NEAR, dedup_dataset
 from .data.from_predictions import describe_skips, predictions_to_alpaca
+from .data.report import dataset_stats, preview
 from .data.templates import check_template_name
 from .errors import PeftkitError, TrainingInterrupted
-from .evaluate import run_eval, run_predict
+from .evaluate import accuracy_table, run_benchmark, run_eval, run_predict
 from .export import run_export
 from .io.run_config import read_train_config
 from .methods import get_method
-from .models import load_model_and_tokenizer, peftkit_home
+from .models import load_model_and_tokenizer, load_tokenizer, peftkit_home
 from .precision import bf16_is_faster
 from .quantization import QuantizationConfig, trained_quantization
 from .serve import ChatEngine, GenerationParams
 from .train import run_sft
 from .train.distributed import launched
+from .train.recipe import run_recipe
 from .tuned import load_for_inference
 
 
@@ -45,17 +48,29 @@ def cmd_train(args: argparse.Namespace) -> None:
         if code:
             raise SystemExit(code)
         return
-    cfg = load_config(args.config, args.overrides)
+    loaded = load_recipe(args.config, args.overrides)
+    if isinstance(loaded, Recipe):  # phases, each from the one before; the last one's result lands in output_dir
+        run_recipe(loaded)
+        cfg = dataclasses.replace(loaded.phases[-1], output_dir=loaded.output_dir)
+        if cfg.do_predict and _rank() == 0:
+            _print_predict(_trained(cfg))
+        return
+    cfg = loaded
     if not (cfg.do_train or cfg.do_predict):
         raise PeftkitError("Nothing to do: set dataset (to train) or do_predict: true with eval_dataset.")
     if cfg.do_train:
         run_sft(cfg)
-        if cfg.do_predict:  # the trained result: an adapter folder, or a full model folder for in-place methods
-            trained = {"model_name_or_path": cfg.output_dir, "adapter_name_or_path": None} if get_method(
-                cfg.finetuning_type).output_kind == "model" else {"adapter_name_or_path": cfg.output_dir}
-            cfg = dataclasses.replace(cfg, **trained)
+        if cfg.do_predict:
+            cfg = _trained(cfg)
     if cfg.do_predict and _rank() == 0:
         _print_predict(cfg)
+
+
+def _trained(cfg: Any) -> Any:
+    """`cfg` pointing at what it trained: an adapter folder, or a full model folder for in-place methods."""
+    if get_method(cfg.finetuning_type).output_kind == "model":
+        return dataclasses.replace(cfg, model_name_or_path=cfg.output_dir, adapter_name_or_path=None)
+    return dataclasses.replace(cfg, adapter_name_or_path=cfg.output_dir)
 
 
 def _rank() -> int:
@@ -105,8 +120,30 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    results = run_eval(load_config(args.config, args.overrides, do_train=False))
-    print(json.dumps(results, indent=2))
+    """Loss and perplexity on eval_dataset; with `task` set, a multiple-choice benchmark (LLaMA-Factory's eval)."""
+    flags = {key: value for key, value in (("task", args.task), ("task_dir", args.task_dir), ("n_shot", args.n_shot),
+                                           ("lang", args.lang)) if value is not None}
+    cfg = load_config(args.config, args.overrides, do_train=False, **flags)
+    if cfg.task:
+        results = run_benchmark(cfg)
+        print(accuracy_table(results["accuracy"]))
+        print(f"Wrote {cfg.output_dir}/results.json and results.log")
+        return
+    print(json.dumps(run_eval(cfg), indent=2))
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    """lm-evaluation-harness's own command line, with the `peftkit` model type registered first."""
+    try:
+        from .evaluate.harness import run_harness_cli  # lm-eval is optional and heavy: imported only here
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise PeftkitError("peftkit lm-eval needs lm-evaluation-harness: pip install lm-eval (or "
+                           "pip install 'peftkit[harness]').") from None
+    code = run_harness_cli(args.args)
+    if code:
+        raise SystemExit(code)
 
 
 def cmd_data_from_predictions(args: argparse.Namespace) -> None:
@@ -116,6 +153,44 @@ def cmd_data_from_predictions(args: argparse.Namespace) -> None:
     print(f"Wrote {done.written} rows to {done.path} (skipped {skipped}"
           f"{': ' + describe_skips(done.skipped) if skipped else ''}); train on it with "
           f"dataset: {done.name}, dataset_dir: {done.path.parent}")
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    report = dataset_stats(_data_tokenizer(args), args.dataset, args.dataset_dir, template=args.template,
+                           cutoff_len=args.cutoff_len, near=args.near)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.render())
+
+
+def cmd_data_preview(args: argparse.Namespace) -> None:
+    shown = preview(_data_tokenizer(args), args.dataset, args.dataset_dir, template=args.template,
+                    cutoff_len=args.cutoff_len, n=args.n, color=sys.stdout.isatty())
+    print("\n".join(shown))
+
+
+def cmd_data_dedup(args: argparse.Namespace) -> None:
+    done = dedup_dataset(args.dataset, args.dataset_dir, args.output, args.name, args.near)
+    kept = f"; {done.malformed} malformed rows kept as they were" if done.malformed else ""
+    print(f"Wrote {done.written} of {done.rows} rows to {done.path} (dropped {len(done.duplicates.exact)} exact and "
+          f"{len(done.duplicates.near)} near duplicates{kept}); train on it with dataset: {done.name}, "
+          f"dataset_dir: {done.path.parent}")
+
+
+def _data_tokenizer(args: argparse.Namespace) -> Any:
+    """--model's tokenizer, once --template is known to exist (an alias may take seconds to load)."""
+    if args.template is not None:
+        check_template_name(args.template, "--template", "or leave it out to use the tokenizer's own chat template")
+    return load_tokenizer(args.model)
+
+
+def _dataset_options(p: argparse.ArgumentParser, *, tokenizer: bool = True) -> None:
+    """The options the `data` commands that read datasets share, named as the training YAML's keys."""
+    p.add_argument("dataset", metavar="DATASET", help="names in dataset_info.json (comma-separated) or data files")
+    p.add_argument("--dataset-dir", default="data", help="the folder with dataset_info.json (default: data)")
+    if tokenizer:
+        p.add_argument("--model", default="smollm2-135m", help="whose tokenizer counts the tokens: hub id, local "
+                                                               "folder, .gguf file or alias (default: smollm2-135m)")
+        p.add_argument("--template", help="LLaMA-Factory template name (default: the tokenizer's chat template)")
+        p.add_argument("--cutoff-len", type=int, default=2048, help="training's cutoff_len (default: 2048)")
 
 
 def _check_template_name(name: str | None) -> None:
@@ -333,12 +408,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("eval", help="eval loss and perplexity on eval_dataset (with or without an adapter)")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    p = sub.add_parser("eval", help="eval loss and perplexity on eval_dataset, or with --task a multiple-choice "
+                                    "benchmark (mmlu, cmmlu, ceval), with or without an adapter")
+    p.add_argument("config", nargs="?", help="YAML config (LLaMA-Factory's eval YAML works); or only key=value")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config (keep them next to the config, "
+                                                "before or after the flags)")
+    p.add_argument("--task", help="benchmark: mmlu, cmmlu, ceval, or LLaMA-Factory's mmlu_test, ceval_validation, ...")
+    p.add_argument("--task-dir", help="folder holding <task>/mapping.json and its per-subject CSV files "
+                                      "(default: evaluation)")
+    p.add_argument("--n-shot", type=int, help="solved examples shown before each question (default: 5)")
+    p.add_argument("--lang", choices=("en", "zh"), help="the prompt's language (default: en)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("data", help="dataset tools: peftkit data from-predictions ...")
+    p = sub.add_parser("lm-eval", add_help=False, prefix_chars="+",  # every argument goes to lm-eval as it is
+                       help="run lm-evaluation-harness with --model peftkit --model_args pretrained=M,adapter=DIR "
+                            "(lm-eval's own arguments; needs pip install lm-eval)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lm_eval)
+
+    p = sub.add_parser("data", help="dataset tools: peftkit data stats | preview | dedup | from-predictions ...")
     data = p.add_subparsers(dest="data_command", required=True)
     p = data.add_parser("from-predictions", help="turn peftkit predict's generated_predictions.jsonl into an alpaca "
                                                  "dataset (plus its dataset_info.json entry) of the teacher's answers")
@@ -349,6 +437,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use", choices=("predict", "label"), default="predict",
                    help="the answer to train on: the model's prediction (default) or the dataset's label")
     p.set_defaults(func=cmd_data_from_predictions)
+    p = data.add_parser("stats", help="rows, skips, turns, token lengths, truncation, duplicates and scripts")
+    _dataset_options(p)
+    p.add_argument("--near", type=float, default=NEAR, help=f"near-duplicate Jaccard threshold (default: {NEAR})")
+    p.add_argument("--json", action="store_true", help="print the stats as JSON")
+    p.set_defaults(func=cmd_data_stats)
+    p = data.add_parser("preview", help="examples rendered by the template, trained tokens marked ([[...]], or "
+                                        "green on a terminal)")
+    _dataset_options(p)
+    p.add_argument("-n", type=int, default=3, help="examples per dataset (default: 3)")
+    p.set_defaults(func=cmd_data_preview)
+    p = data.add_parser("dedup", help="write the dataset without exact and near duplicates, plus its "
+                                      "dataset_info.json entry")
+    _dataset_options(p, tokenizer=False)
+    p.add_argument("--output", required=True, metavar="OUT.json", help="the dataset to write (.json or .jsonl); its "
+                                                                      "folder's dataset_info.json gets the entry")
+    p.add_argument("--name", help="the dataset's name in dataset_info.json (default: the output file's stem)")
+    p.add_argument("--near", type=float, default=NEAR, help=f"near-duplicate Jaccard threshold (default: {NEAR})")
+    p.set_defaults(func=cmd_data_dedup)
 
     p = sub.add_parser("chat", help="chat with a model (and adapter)")
     p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or built-in alias")

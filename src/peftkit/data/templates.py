@@ -572,6 +572,9 @@ TEMPLATES: dict[str, StringTemplate] = {t.name: t for t in [
                    default_system="Below is an instruction that describes a task. "
                                   "Write a response that appropriately completes the request.\n\n"),
     StringTemplate("empty"),
+    # LLaMA-Factory's few-shot format for base models (`peftkit eval --task`): turns written back to back, a blank line
+    # after each answer, and eos only after the last one (its efficient_eos), so the solved examples read as plain text.
+    StringTemplate("fewshot", eot="", last_eot="{eos}", sep="\n\n"),
     StringTemplate("chatml", **_CHATML, tool="<|im_start|>tool\n{content}<|im_end|>\n"),
     # Qwen2.5 (and Qwen2, QwQ): its default system prompt, tools in the system turn, results as a user turn.
     StringTemplate("qwen", **_QWEN,
