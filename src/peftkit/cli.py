@@ -6,6 +6,7 @@ import argparse
 import atexit
 import dataclasses
 import json
+import logging
 import os
 import platform
 import shlex
@@ -529,8 +530,32 @@ def _peer_gone(error: RuntimeError) -> bool:
     return launched() and (isinstance(error, torch.distributed.DistError) or any(p in str(error) for p in peer))
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test or a wrapper may replace it), as logging's own last-resort
+    handler does."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
+def _show_info() -> None:
+    """peftkit's own INFO lines (what each dataset gave the run, the data report) on stderr, as its warnings are."""
+    logger = logging.getLogger("peftkit")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_info()
     if getattr(args, "config", None) and "=" in args.config:  # `peftkit export key=value ...` without a file
         args.overrides = [args.config, *args.overrides]
         args.config = None

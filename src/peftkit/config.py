@@ -181,11 +181,11 @@ class TrainConfig(_OwnKeys):  # type: ignore[valid-type,misc]
         None, "Empty: lower is better for a metric ending in loss, higher otherwise.", "evaluation")
     task: str | None = setting(
         None, "peftkit eval's multiple-choice benchmark: mmlu, cmmlu or ceval (LLaMA-Factory's mmlu_test, "
-        "cmmlu_test, ceval_validation name the split too).", "evaluation")
-    task_dir: str = setting("evaluation", "The folder holding the benchmark's per-subject files.", "evaluation")
+        "cmmlu_test, ceval_validation name the split too).", "benchmark")
+    task_dir: str = setting("evaluation", "The folder holding the benchmark's per-subject files.", "benchmark")
     n_shot: int = setting(5, "Solved examples from the subject's dev split shown before each question.",
-                          "evaluation")
-    lang: str = setting("en", "The language of the benchmark's prompt: en or zh.", "evaluation", BENCHMARK_LANGS)
+                          "benchmark")
+    lang: str = setting("en", "The language of the benchmark's prompt: en or zh.", "benchmark", BENCHMARK_LANGS)
     output_dir: str = setting("saves/run", "Where the adapter, checkpoints and logs go.", "output")
     overwrite_output_dir: bool = setting(False, "Replace an earlier run in output_dir.", "output")
     save_strategy: str = setting("steps", "When to save checkpoints.", "output", SAVE_STRATEGIES)

@@ -13,7 +13,7 @@ from typing import Any
 
 # LLaMA-Factory's grouping of its web UI's training settings, plus the sections its YAML files use.
 GROUPS = ("model", "method", "data", "basic", "extra", "evaluation", "output", "rlhf", "distributed", "generation",
-          "export")
+          "export", "benchmark")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -116,11 +116,13 @@ def load_conversations(dataset: list[str] | str, dataset_dir: str, *, max_sample
                        seed: int = 42, kind: str = "sft", stage: str = "sft") -> tuple[list[Conversation], DataReport]:
     """Read datasets (names in dataset_info.json, or file paths) as canonical conversations, skipping bad rows."""
     report = DataReport()
-    return _load(resolve_datasets(dataset, dataset_dir, kind, stage), max_samples, seed, report, kind), report
+    attrs = resolve_datasets(dataset, dataset_dir, kind, stage)
+    return read_conversations(attrs, max_samples, seed, report, kind), report
 
 
-def _load(attrs: list[DatasetAttr], max_samples: int | None, seed: int, report: DataReport,
-          kind: str = "sft") -> list[Conversation]:
+def read_conversations(attrs: list[DatasetAttr], max_samples: int | None, seed: int, report: DataReport,
+                       kind: str = "sft") -> list[Conversation]:
+    """Resolved datasets' rows as conversations (after num_samples and max_samples); bad rows skipped into `report`."""
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
                                     or max_samples < 1):
         raise ConfigError(f"max_samples must be a positive integer (or unset for all rows), got {max_samples!r}.")
@@ -235,7 +237,8 @@ def build_dataset(
                 kind=kind, packing=packing)
 
     def examples_of(attr: DatasetAttr, split: str) -> list[dict]:
-        return _tokenize(_load([attr], max_samples, seed, report, kind), chat, tokenizer, report, split, **opts)
+        conversations = read_conversations([attr], max_samples, seed, report, kind)
+        return _tokenize(conversations, chat, tokenizer, report, split, **opts)
 
     parts = [(attr.name, examples_of(attr, "train")) for attr in train_attrs]
     if eval_attrs:

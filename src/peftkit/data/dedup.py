@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..io.atomic import write_text
-from .dataset import DataReport, _load
+from .dataset import DataReport, read_conversations
 from .formats import Conversation, detect_format
 from .sources import DATA_CONFIG, DatasetAttr, load_registry, read_rows, resolve_datasets
 
@@ -45,7 +45,7 @@ class Duplicates:
 
 def dataset_conversations(attr: DatasetAttr, report: DataReport) -> list[Conversation]:
     """Every row of one dataset's files as a conversation (`num_samples` ignored: reports describe the files)."""
-    return _load([dataclasses.replace(attr, num_samples=None)], None, 0, report)
+    return read_conversations([dataclasses.replace(attr, num_samples=None)], None, 0, report)
 
 
 def exact_key(conv: Conversation) -> str:

@@ -2,7 +2,7 @@
 
 Stats count what training would see: rows skipped (and why), turns, token lengths after the chat template, what
 cutoff_len truncates, duplicates (dedup.py) and the writing systems used. Every number comes from the loader and
-encoder training uses (`_load`, `encode_counted`), so the report cannot drift from training.
+encoder training uses (`read_conversations`, `encode_counted`), so the report cannot drift from training.
 """
 
 from __future__ import annotations

@@ -101,6 +101,15 @@ KEYS_ZH: dict[str, tuple[str, str]] = {
     "template": ("对话模板", "LLaMA-Factory 的模板名（qwen、llama3……）。留空：分词器自带的模板。"),
     "cutoff_len": ("截断长度", "样本的最大词元数；更长的会被截断。"),
     "max_samples": ("最大样本数", "每个数据集最多使用的行数。"),
+    "mix_strategy": ("混合策略", "多个数据集如何合并：concat（全部拼接）、"
+                     "interleave_under（按概率抽取，任一数据集用完即停）"
+                     "或 interleave_over（直到每个数据集都用完一次，较小的重复）。"),
+    "interleave_probs": ("交替采样概率", "interleave_* 时从每个数据集抽取的概率，每个数据集一个，"
+                         "总和为 1；留空则轮流抽取。"),
+    "task": ("评测任务", "peftkit eval 的多选基准：mmlu、cmmlu 或 ceval（mmlu_test 等写法同时指定数据划分）。"),
+    "task_dir": ("评测数据目录", "存放基准各科目文件的文件夹。"),
+    "n_shot": ("示例数量", "每道题前展示的该科目 dev 集已解答示例数（few-shot）。"),
+    "lang": ("评测语言", "基准提示语的语言：en 或 zh。"),
     "val_size": ("验证集比例", "从训练数据中留出用于评估的比例（0~1）或条数（≥1）。"),
     "packing": ("序列打包", "把多个样本打包成一行；它们互不注意。留空：预训练（pt）开启，其余关闭。"),
     "padding_free": ("无填充", "微批次作为一行无填充序列，每个样本独立注意力。"),
