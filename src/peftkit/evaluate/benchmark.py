@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..data import get_template
 from ..errors import ConfigError
 from ..io.atomic import atomic_write
-from .predict import _load, inference_template
+from .predict import inference_template, load_evaluated
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def run_benchmark(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[st
                     read_questions(subject_file(folder, s.key, "dev"))[:cfg.n_shot] if cfg.n_shot else [])
             for s in subjects}
     if model is None:
-        model, tokenizer = _load(cfg)
+        model, tokenizer = load_evaluated(cfg)
     template = _benchmark_template(cfg, tokenizer)
     letter_ids = choice_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

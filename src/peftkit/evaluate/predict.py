@@ -31,7 +31,7 @@ PREDICTIONS_NAME = "generated_predictions.jsonl"
 RESULTS_NAME = "predict_results.json"
 
 
-def _load(cfg: Any) -> tuple[Any, Any]:
+def load_evaluated(cfg: Any) -> tuple[Any, Any]:
     """The config's base model (quantized as the config says, else as the adapter was trained) with its adapter."""
 
     return load_for_inference(cfg.model_name_or_path, cfg.adapter_name_or_path,
@@ -57,7 +57,7 @@ def run_predict(cfg: Any, model: Any = None, tokenizer: Any = None) -> dict[str,
     `output_dir`, and return the metrics."""
 
     if model is None:
-        model, tokenizer = _load(cfg)
+        model, tokenizer = load_evaluated(cfg)
     # transformers' Trainer reports readying the loaded model (its device placement) apart from predict_runtime;
     # here that is the engine: eval mode, template, stop tokens
     prepared = time.perf_counter()
@@ -114,7 +114,7 @@ def _asked(messages: list[dict[str, str]], tools: str | None) -> dict[str, Any]:
 def run_eval(cfg: Any) -> dict[str, float]:
     """Mean token loss on the answers of `eval_dataset` (as training computes it) and its perplexity, exp(loss)."""
 
-    model, tokenizer = _load(cfg)
+    model, tokenizer = load_evaluated(cfg)
     rows, _ = build_sft_dataset(tokenizer, _eval_names(cfg), cfg.dataset_dir, template=inference_template(cfg),
                                 cutoff_len=cfg.cutoff_len, max_samples=cfg.max_samples,
                                 train_on_prompt=cfg.train_on_prompt, mask_history=cfg.mask_history,
