@@ -175,6 +175,22 @@ def randomize(method, scale: float, seed: int = 0, keys: Callable[[str], bool] |
                 t.add_(torch.randn(t.shape, generator=g) * scale)
 
 
+def save_random_lora(model_dir: Path, folder: Path, scale: float) -> Path:
+    """A LoRA adapter (r 4, every linear layer) on the saved model `model_dir`, each tensor plus N(0, scale²) from
+    the global generator seeded 0 (B != 0: it changes the logits), saved to `folder`."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit import LoraConfig, TunedModel
+
+    torch.manual_seed(0)
+    tuned = TunedModel(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for t in tuned.method.state_dict().values():
+            t.add_(torch.randn_like(t) * scale)
+    tuned.save(folder)
+    return folder
+
+
 # --- a chat model: byte-level tokenizer with a ChatML template, for training from the CLI, generation and export ---
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

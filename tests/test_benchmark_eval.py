@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import byte_tokenizer, save_chat_model
+from helpers import byte_tokenizer, save_chat_model, save_random_lora
 from transformers import AutoModelForCausalLM
 
-from peftkit import LoraConfig, TunedModel
+from peftkit import TunedModel
 from peftkit.cli import main
 from peftkit.models import load_tokenizer
 
@@ -130,12 +130,7 @@ def test_flags_without_a_config_and_an_adapter(model_dir, tmp_path) -> None:
     """`peftkit eval --task mmlu --task-dir DIR --n-shot 1 key=value ...`; a LoRA adapter (B != 0) changes the letter
     logits, and the accuracy follows the adapted model's."""
     data = plant(tmp_path / "tasks")
-    torch.manual_seed(0)
-    tuned = TunedModel(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear"))
-    with torch.no_grad():
-        for t in tuned.method.state_dict().values():
-            t.add_(torch.randn_like(t) * 0.5)
-    tuned.save(tmp_path / "adapter")
+    save_random_lora(model_dir, tmp_path / "adapter", 0.5)
     out = tmp_path / "out"
     assert main(["eval", "--task", "mmlu", "--task-dir", str(tmp_path / "tasks"), "--n-shot", "1",
                  f"model_name_or_path={model_dir}", f"adapter_name_or_path={tmp_path / 'adapter'}", f"output_dir={out}",

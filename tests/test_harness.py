@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import save_chat_model
+from helpers import save_chat_model, save_random_lora
 from transformers import AutoModelForCausalLM
 
-from peftkit import LoraConfig, TunedModel
+from peftkit import TunedModel
 from peftkit.cli import main
 from peftkit.data.templates import IGNORE_INDEX
 from peftkit.models import load_tokenizer
@@ -40,12 +40,7 @@ def saved(tmp_path_factory) -> SimpleNamespace:
     """A random byte-level Llama, a LoRA adapter on it (B != 0), and the local tasks over one JSON file."""
     root = tmp_path_factory.mktemp("harness")
     model_dir = save_chat_model(root / "model", initializer_range=0.5)
-    torch.manual_seed(0)
-    tuned = TunedModel(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear"))
-    with torch.no_grad():
-        for t in tuned.method.state_dict().values():
-            t.add_(torch.randn_like(t) * 0.3)
-    tuned.save(root / "adapter")
+    save_random_lora(model_dir, root / "adapter", 0.3)
     tasks = root / "tasks"
     tasks.mkdir()
     (tasks / "docs.json").write_text(json.dumps(DOCS))

@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from . import __version__
-from .config import Recipe, load_config, load_recipe
+from .config import BENCHMARK_LANGS, Recipe, load_config, load_recipe
 from .data.dedup import NEAR, dedup_dataset
 from .data.from_predictions import describe_skips, predictions_to_alpaca
 from .data.report import dataset_stats, preview
@@ -29,14 +29,13 @@ from .errors import PeftkitError, TrainingInterrupted
 from .evaluate import accuracy_table, run_benchmark, run_eval, run_predict
 from .export import run_export
 from .io.run_config import read_train_config
-from .methods import get_method
 from .models import load_model_and_tokenizer, load_tokenizer, peftkit_home
 from .precision import bf16_is_faster
 from .quantization import QuantizationConfig, trained_quantization
 from .serve import ChatEngine, GenerationParams
 from .train import run_sft
 from .train.distributed import launched
-from .train.recipe import run_recipe
+from .train.recipe import from_result, run_recipe
 from .tuned import load_for_inference
 
 
@@ -54,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         run_recipe(loaded)
         cfg = dataclasses.replace(loaded.phases[-1], output_dir=loaded.output_dir)
         if cfg.do_predict and _rank() == 0:
-            _print_predict(_trained(cfg))
+            _print_predict(from_result(cfg, cfg.output_dir))
         return
     cfg = loaded
     if not (cfg.do_train or cfg.do_predict):
@@ -62,16 +61,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if cfg.do_train:
         run_sft(cfg)
         if cfg.do_predict:
-            cfg = _trained(cfg)
+            cfg = from_result(cfg, cfg.output_dir)  # the adapter or model just saved
     if cfg.do_predict and _rank() == 0:
         _print_predict(cfg)
-
-
-def _trained(cfg: Any) -> Any:
-    """`cfg` pointing at what it trained: an adapter folder, or a full model folder for in-place methods."""
-    if get_method(cfg.finetuning_type).output_kind == "model":
-        return dataclasses.replace(cfg, model_name_or_path=cfg.output_dir, adapter_name_or_path=None)
-    return dataclasses.replace(cfg, adapter_name_or_path=cfg.output_dir)
 
 
 def _rank() -> int:
@@ -418,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-dir", help="folder holding <task>/mapping.json and its per-subject CSV files "
                                       "(default: evaluation)")
     p.add_argument("--n-shot", type=int, help="solved examples shown before each question (default: 5)")
-    p.add_argument("--lang", choices=("en", "zh"), help="the prompt's language (default: en)")
+    p.add_argument("--lang", choices=BENCHMARK_LANGS, help="the prompt's language (default: en)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("lm-eval", add_help=False, prefix_chars="+",  # every argument goes to lm-eval as it is

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from .data.mixing import MIX_STRATEGIES
+from .data.mixing import MIX_STRATEGIES, check_mixing
 from .errors import ConfigError
 from .methods import MethodConfig, available_methods, get_method
 from .objectives import available_objectives, objective_class
@@ -591,27 +591,6 @@ def _check_stage(c: TrainConfig) -> None:
         raise ConfigError(f"dpo_label_smoothing must be in [0, 0.5), got {c.dpo_label_smoothing}.")
 
 
-def _check_mixing(c: TrainConfig) -> None:
-    """interleave_probs: numbers, one per dataset, none negative, summing to 1 (LLaMA-Factory's rule)."""
-    if c.interleave_probs is None:
-        return
-    try:
-        probs = [float(p) for p in c.interleave_probs]
-    except ValueError:
-        raise ConfigError(f"interleave_probs must be numbers, got {c.interleave_probs!r}.") from None
-    c.interleave_probs = probs
-    if c.mix_strategy == "concat":
-        raise ConfigError("interleave_probs is set but mix_strategy is concat, which takes every row of every "
-                          "dataset; set mix_strategy: interleave_under or interleave_over, or remove interleave_probs.")
-    if c.dataset and len(probs) != len(c.dataset):
-        raise ConfigError(f"interleave_probs has {len(probs)} numbers for {len(c.dataset)} datasets "
-                          f"({', '.join(c.dataset)}); give one per dataset.")
-    if any(p < 0 for p in probs):
-        raise ConfigError(f"interleave_probs must not be negative, got {probs}.")
-    if abs(sum(probs) - 1) > 1e-6:
-        raise ConfigError(f"interleave_probs must sum to 1, got {probs} (sum {sum(probs):g}).")
-
-
 def _validate(c: TrainConfig) -> None:
     """Types first, then each value, then combinations; fills the defaults that depend on other keys."""
     for f in dataclasses.fields(c):
@@ -624,7 +603,6 @@ def _validate(c: TrainConfig) -> None:
             raise ConfigError(f"{key} must be {must}, got {value!r}.")
     if c.val_size >= 1:
         c.val_size = int(c.val_size)
-    _check_mixing(c)
     if isinstance(c.resume_from_checkpoint, str) and c.resume_from_checkpoint.lower() in ("true", "false"):
         c.resume_from_checkpoint = c.resume_from_checkpoint.lower() == "true"
 
@@ -637,6 +615,7 @@ def _validate(c: TrainConfig) -> None:
     for s in RUN_SETTINGS:  # the methods' own choices are checked by their config classes, with their messages
         if s.choices:
             _check_choice(s.name, getattr(c, s.name), s.choices)
+    c.interleave_probs = check_mixing(c.mix_strategy, c.interleave_probs, c.dataset)
     if c.optim != "adamw_torch":
         warnings.warn(f"optim '{c.optim}' is not supported; using adamw_torch (torch.optim.AdamW).", stacklevel=2)
         c.optim = "adamw_torch"

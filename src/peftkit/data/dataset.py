@@ -33,7 +33,7 @@ from ..io.atomic import atomic_write
 from .formats import Conversation, RowError, detect_format, to_conversation
 from .mixing import describe_mix, mix
 from .packing import pack
-from .sources import DatasetAttr, read_rows, resolve_datasets, split_names
+from .sources import EXTENSIONS, DatasetAttr, read_rows, resolve_datasets, split_names
 from .templates import ChatTemplate, StringTemplate, Template, encode_counted, get_template
 
 logger = logging.getLogger("peftkit.data")
@@ -263,17 +263,14 @@ def build_dataset(
     return train, evals
 
 
-_DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt"}
-
-
 def eval_set_name(dataset: str) -> str:
     """A dataset's name as its metrics spell it (eval_<name>_loss): a file path's stem, unusual characters as _."""
     path = Path(dataset)
-    stem = path.stem if "/" in dataset or path.suffix.lower() in _DATA_SUFFIXES else dataset
+    stem = path.stem if "/" in dataset or path.suffix.lower() in EXTENSIONS else dataset
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "eval"
 
 
-def _eval_sets(held: list[tuple[str, list[dict]]]) -> list[dict] | dict[str, list[dict]] | None:
+def _eval_sets(held: list[tuple[str, list[dict]]]) -> EvalSets:
     """No set (None), one (its examples), or several by name (each reported apart, as transformers' dict eval sets)."""
     if not held:
         return None

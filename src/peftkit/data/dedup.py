@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..io.atomic import write_text
 from .dataset import DataReport, read_conversations
 from .formats import Conversation, detect_format
-from .sources import DATA_CONFIG, DatasetAttr, load_registry, read_rows, resolve_datasets
+from .sources import DatasetAttr, load_registry, read_rows, resolve_datasets, write_dataset
 
 NEAR = 0.85  # the default Jaccard threshold of a near duplicate
 SHINGLE = 3  # tokens per shingle
@@ -159,18 +158,3 @@ def _format_entry(attr: DatasetAttr, rows: list[Any]) -> dict[str, Any]:
     entry: dict[str, Any] = {"formatting": formatting} if formatting != "alpaca" else {}
     entry.update({k: v for k, v in (("columns", columns), ("tags", tags)) if v})
     return {**entry, "ranking": True} if attr.ranking else entry
-
-
-def write_dataset(output: Path, rows: list[Any], name: str, entry: dict[str, Any],
-                  registry: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `rows` to `output` (a JSON array, or JSON lines for .jsonl), then register it as `name` with `entry`'s
-    format keys in the dataset_info.json beside it (other entries kept); both written atomically. Returns the entry."""
-    if output.suffix.lower() == ".jsonl":
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    else:
-        text = json.dumps(rows, ensure_ascii=False, indent=2) + "\n"
-    write_text(output, text)
-    registry = (load_registry(output.parent) or {}) if registry is None else registry
-    registry[name] = {"file_name": output.name, **entry}
-    write_text(output.parent / DATA_CONFIG, json.dumps(registry, ensure_ascii=False, indent=2) + "\n")
-    return registry[name]

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..io.atomic import write_text
-from .sources import DATA_CONFIG, DatasetAttr, json_kind, load_registry, read_rows
+from .sources import DatasetAttr, json_kind, load_registry, read_rows, write_dataset
 
 # LLaMA-Factory's alpaca columns, under their default names
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
@@ -59,7 +57,6 @@ def predictions_to_alpaca(pred_file: str | Path, output: str | Path, name: str |
     if pred_file.suffix.lower() not in (".json", ".jsonl"):
         raise ConfigError(f"Predictions file {pred_file} is not .jsonl; pass the generated_predictions.jsonl that "
                           "`peftkit predict` wrote.")
-    registry_path = output.parent / DATA_CONFIG
     registry = load_registry(output.parent) or {}  # read first: a broken dataset_info.json stops us before writing
     rows = read_rows(DatasetAttr(name=str(pred_file), files=[pred_file]))
     if not rows:
@@ -73,14 +70,7 @@ def predictions_to_alpaca(pred_file: str | Path, output: str | Path, name: str |
     if not dataset:
         raise ConfigError(f"{pred_file} has no row to convert (skipped: {describe_skips(skipped)}).")
     output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix.lower() == ".jsonl":
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dataset)
-    else:
-        text = json.dumps(dataset, ensure_ascii=False, indent=2) + "\n"
-    write_text(output, text)
-    entry = {"file_name": output.name, "columns": dict(ALPACA_COLUMNS)}
-    registry[name] = entry
-    write_text(registry_path, json.dumps(registry, ensure_ascii=False, indent=2) + "\n")
+    entry = write_dataset(output, dataset, name, {"columns": dict(ALPACA_COLUMNS)}, registry)
     return Converted(output, entry, name, len(dataset), dict(skipped))
 
 

@@ -55,15 +55,35 @@ def interleave_order(lengths: Sequence[int], probs: Sequence[float] | None, seed
                     return order
 
 
+def check_mixing(strategy: str, probs: Sequence[float] | None, names: Sequence[str] | None) -> list[float] | None:
+    """LLaMA-Factory's rules, before any work: a known strategy; interleave_probs numbers, only with an interleave, one
+    per dataset (when the datasets are known), none negative, summing to 1. Returns the probabilities as floats."""
+    if strategy not in MIX_STRATEGIES:
+        raise ConfigError(f"mix_strategy '{strategy}' is not one of: {', '.join(MIX_STRATEGIES)}.")
+    if probs is None:
+        return None
+    try:
+        probs = [float(p) for p in probs]
+    except ValueError:
+        raise ConfigError(f"interleave_probs must be numbers, got {list(probs)!r}.") from None
+    if strategy == "concat":
+        raise ConfigError("interleave_probs is set but mix_strategy is concat, which takes every row of every "
+                          "dataset; set mix_strategy: interleave_under or interleave_over, or remove interleave_probs.")
+    if names and len(probs) != len(names):
+        raise ConfigError(f"interleave_probs has {len(probs)} numbers for {len(names)} datasets "
+                          f"({', '.join(names)}); give one per dataset.")
+    if any(p < 0 for p in probs):
+        raise ConfigError(f"interleave_probs must not be negative, got {probs}.")
+    if abs(sum(probs) - 1) > 1e-6:
+        raise ConfigError(f"interleave_probs must sum to 1, got {probs} (sum {sum(probs):g}).")
+    return probs
+
+
 def mix(parts: Sequence[tuple[str, list[T]]], strategy: str, probs: Sequence[float] | None, seed: int
         ) -> tuple[list[T], dict[str, int]]:
     """The mixed examples and how many each dataset contributed (repeats counted)."""
-    if strategy not in MIX_STRATEGIES:
-        raise ConfigError(f"mix_strategy '{strategy}' is not one of: {', '.join(MIX_STRATEGIES)}.")
     names = [name for name, _ in parts]
-    if probs is not None and len(probs) != len(parts):
-        raise ConfigError(f"interleave_probs has {len(probs)} numbers for {len(parts)} datasets ({', '.join(names)}); "
-                          "give one per dataset.")
+    check_mixing(strategy, probs, names)
     if strategy == "concat":
         mixed = [e for _, examples in parts for e in examples]
         counts = {name: len(examples) for name, examples in parts}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..io.atomic import write_text
 
 DATA_CONFIG = "dataset_info.json"
 EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -282,3 +283,18 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
         raise ConfigError(f"Reading {path} needs the `datasets` package: pip install datasets") from e
     # A local file goes through the packaged parquet builder: no network access is attempted.
     return load_dataset("parquet", data_files=[str(path)], split="train").to_list()
+
+
+def write_dataset(output: Path, rows: list[Any], name: str, entry: dict[str, Any],
+                  registry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `rows` to `output` (a JSON array, or JSON lines for .jsonl), then register it as `name` with `entry`'s
+    format keys in the dataset_info.json beside it (other entries kept); both written atomically. Returns the entry."""
+    if output.suffix.lower() == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    else:
+        text = json.dumps(rows, ensure_ascii=False, indent=2) + "\n"
+    write_text(output, text)
+    registry = (load_registry(output.parent) or {}) if registry is None else registry
+    registry[name] = {"file_name": output.name, **entry}
+    write_text(output.parent / DATA_CONFIG, json.dumps(registry, ensure_ascii=False, indent=2) + "\n")
+    return registry[name]

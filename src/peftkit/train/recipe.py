@@ -31,12 +31,13 @@ def phase_dir(recipe: Recipe, phase: int) -> Path:
     return Path(recipe.output_dir) / f"phase-{phase}"
 
 
-def continued(cfg: TrainConfig, previous: Path) -> TrainConfig:
-    """`cfg` starting from the previous phase's result: its model for methods that save a model (full), else its
-    adapter, trained further (freeze's layers and prompt methods' tokens are saved as an adapter too)."""
+def from_result(cfg: TrainConfig, folder: str | Path) -> TrainConfig:
+    """`cfg` starting from the training result in `folder`: its model for methods that save a model (full), else its
+    adapter (freeze's layers and prompt methods' tokens are saved as an adapter too). A recipe's next phase trains it
+    further; `do_predict` after training predicts with it."""
     if get_method(cfg.finetuning_type).output_kind == "model":
-        return dataclasses.replace(cfg, model_name_or_path=str(previous), adapter_name_or_path=None)
-    return dataclasses.replace(cfg, adapter_name_or_path=str(previous))
+        return dataclasses.replace(cfg, model_name_or_path=str(folder), adapter_name_or_path=None)
+    return dataclasses.replace(cfg, adapter_name_or_path=str(folder))
 
 
 def run_recipe(recipe: Recipe) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
                 print(f"Phase {i} of {len(recipe.phases)}: done earlier ({folder}).")
                 continue
             if i > 1:
-                cfg = continued(cfg, phase_dir(recipe, i - 1))
+                cfg = from_result(cfg, phase_dir(recipe, i - 1))
             resume = bool(list_checkpoints(folder))  # only a resumed recipe reaches a phase that has checkpoints
             cfg = dataclasses.replace(cfg, resume_from_checkpoint=True if resume else None,
                                       overwrite_output_dir=not resume)  # the phase folder is the recipe's own
