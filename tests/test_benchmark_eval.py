@@ -199,3 +199,17 @@ def test_solved_examples_are_dropped_until_the_prompt_fits_cutoff_len(model_dir,
     assert main(["eval", "--task", "mmlu", "--task-dir", str(tmp_path / "evaluation"), "--n-shot", "2",
                  f"model_name_or_path={model_dir}", f"output_dir={out}", f"cutoff_len={longest}"]) == 0
     check(json.loads((out / "results.json").read_text()), *by_hand(model, tokenizer, data, "test", 0, "en"))
+
+
+def test_bf16_accuracy_equals_the_bf16_letter_logits_by_hand(model_dir, tmp_path, monkeypatch) -> None:
+    """The base in bf16 (PEFTKIT_DTYPE forces it, whichever dtype this CPU would pick; the other tests keep the
+    checkpoint's fp32): the letters follow the bf16 logits. One question per batch: no padding to round apart."""
+    monkeypatch.setenv("PEFTKIT_DTYPE", "bf16")
+    data = plant(tmp_path / "evaluation")
+    out = tmp_path / "out"
+    assert main(["eval", "--task", "mmlu", "--task-dir", str(tmp_path / "evaluation"), "--n-shot", "2",
+                 f"model_name_or_path={model_dir}", f"output_dir={out}", "template=fewshot",
+                 "per_device_eval_batch_size=1"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    expected, predictions = by_hand(model, load_tokenizer(str(model_dir)), data, "test", 2, "en")
+    check(json.loads((out / "results.json").read_text()), expected, predictions)

@@ -103,7 +103,10 @@ class Killed(Exception):
     pass
 
 
-def test_a_kill_in_phase_two_resumes_there_exactly(model_dir, data_dir, tmp_path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_kill_in_phase_two_resumes_there_exactly(model_dir, data_dir, tmp_path, monkeypatch, capsys, dtype) -> None:
+    """In both dtypes of the base weights, whichever this CPU would pick (PEFTKIT_DTYPE forces it)."""
+    monkeypatch.setenv("PEFTKIT_DTYPE", dtype)
     whole = tmp_path / "whole"
     main(["train", str(write_recipe(tmp_path, model_dir, data_dir, whole, TWO_PHASES))])
 
