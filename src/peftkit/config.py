@@ -305,8 +305,8 @@ class TrainConfig(_OwnKeys):  # type: ignore[valid-type,misc]
         return cls(**values)
 
 
-def deepspeed_stage(path: str) -> int:
-    """The ZeRO stage of a DeepSpeed JSON config (LLaMA-Factory's ds_z0/z2/z3 files), which must be 0 to 3."""
+def read_deepspeed(path: str) -> dict[str, Any]:
+    """A DeepSpeed JSON config (LLaMA-Factory's ds_z0/z2/z3 files), its ZeRO stage checked to be 0 to 3."""
     p = Path(path).expanduser()
     try:
         config = json.loads(p.read_text(encoding="utf-8"))
@@ -320,7 +320,12 @@ def deepspeed_stage(path: str) -> int:
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed: '{p}' has zero_optimization.stage {stage!r}; DeepSpeed's ZeRO stages are 0, 1, "
                           "2 and 3.")
-    return stage
+    return config
+
+
+def deepspeed_stage(path: str) -> int:
+    """The ZeRO stage of a DeepSpeed JSON config."""
+    return read_deepspeed(path).get("zero_optimization", {}).get("stage", 0)
 
 
 def _targets(target: str | list[str] | None) -> str | list[str] | None:

@@ -143,6 +143,8 @@ def fusable_head(model: nn.Module) -> nn.Linear | None:
     config = getattr(inner, "config", None)
     if type(head) is not nn.Linear or not head.weight.is_floating_point() or type(head.weight) is not nn.Parameter:
         return None
+    if hasattr(head.weight, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: whole only while the layer itself runs
+        return None
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None
     return head

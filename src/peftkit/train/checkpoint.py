@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,11 +90,13 @@ def save_checkpoint(
     save_total_limit: int | None = None,
     best_state: dict[str, torch.Tensor] | None = None,
     objective_state: dict[str, torch.Tensor] | None = None,
+    engine_state: Path | None = None,
 ) -> Path:
     """Write `output_dir/checkpoint-<step>` through a temporary folder, then prune the oldest beyond the limit.
 
     Without `optimizer_state` (save_only_model) the optimizer, scheduler and RNG states are left out: a third of the
-    size for LoRA (AdamW keeps two moments per weight), but training cannot resume from it.
+    size for LoRA (AdamW keeps two moments per weight), but training cannot resume from it. `engine_state` is a folder
+    the engine wrote (DeepSpeed's ZeRO shards), moved in as `deepspeed/`.
     """
     out = Path(output_dir)
     final = out / f"{PREFIX}{state.global_step}"
@@ -108,6 +111,8 @@ def save_checkpoint(
             torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng_state.pt")
+        if engine_state is not None:
+            shutil.move(engine_state, tmp / "deepspeed")
         if best_state is not None:  # load_best_model_at_end: the best adapter so far, so a resumed run still has it
             save_file({k: t.contiguous().cpu() for k, t in best_state.items()}, tmp / BEST_NAME)
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))

@@ -49,10 +49,13 @@ from .checkpoint import (
 )
 from .distributed import (
     Ranks,
+    backward,
     full_parameters,
     load_whole_optimizer_state,
     no_sync,
+    save_engine_state,
     shard_of,
+    step,
     whole_optimizer_state,
     wrap,
 )
@@ -92,11 +95,9 @@ def optimizer_step(model: torch.nn.Module, objective: Objective, group: Sequence
             extra = extra_loss()
             if extra is not None:
                 loss = loss + extra / len(group)
-            loss.backward()
+            backward(model, loss, i == len(group) - 1, ranks)
         total = total.to(loss_sum.device) + loss_sum.detach().float()
-    if max_grad_norm and max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
+    step(model, optimizer, params, max_grad_norm, ranks)
     after_step()
     optimizer.zero_grad(set_to_none=True)
     return ranks.sum([total.item()])[0], int(units)
@@ -168,10 +169,14 @@ class Trainer:
             # the stage's state first: it may change the model's shape (layers a shrinking run had removed)
             self.objective.load_state_dict(load_objective_state(self.resume_from))
             load_trained(self.resume_from, self.method)
-        self.model = wrap(tuned, ranks, cfg.ddp_find_unused_parameters)  # what forward runs: tuned, or DDP over it
-        own = [p for _, p in self.objective.parameters()]  # a stage's own tensors (a value head) learn alongside
-        groups = self.method.param_groups(cfg.learning_rate) + ([{"params": own}] if own else [])
-        self.optimizer = self._make_optimizer(groups)
+
+        def make_optimizer() -> torch.optim.Optimizer:  # over the parameters as the engine holds them (FSDP's shards)
+            own = [p for _, p in self.objective.parameters()]  # a stage's own tensors (a value head) learn alongside
+            groups = self.method.param_groups(cfg.learning_rate) + ([{"params": own}] if own else [])
+            return self._make_optimizer(groups)
+
+        # what forward runs (tuned, or DDP's or DeepSpeed's engine over it) and the optimizer stepping it
+        self.model, self.optimizer = wrap(tuned, ranks, make_optimizer, cfg)
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler(
             cfg.lr_scheduler_type,
@@ -183,7 +188,8 @@ class Trainer:
         self._best_state: dict[str, torch.Tensor] | None = None
         if self.resume_from is not None:
             load_training_state(self.resume_from, self.optimizer, self.scheduler,
-                                lambda state: load_whole_optimizer_state(self.model, self.optimizer, state, self.ranks))
+                                lambda state: load_whole_optimizer_state(self.model, self.optimizer, state, self.ranks,
+                                                                         self.resume_from))
             self._best_state = load_best_state(self.resume_from)
             self._position_from(self.state)
         else:
@@ -474,12 +480,13 @@ class Trainer:
             only_model = self.cfg.save_only_model
         optimizer_state = None if only_model else whole_optimizer_state(self.model, self.optimizer, self.ranks)
         path = self.output_dir / f"{PREFIX}{self.state.global_step}"
+        engine_state = None if only_model else save_engine_state(self.model, self.output_dir, path.name, self.ranks)
         with full_parameters(self.model, self.ranks):
             if self.ranks.is_main:
                 path = save_checkpoint(self.output_dir, self.state, self.method, optimizer_state, self.scheduler,
                                        self.cfg.to_dict(), self.base_model_name, self.cfg.save_total_limit,
                                        best_state=self._best_state if self.cfg.load_best_model_at_end else None,
-                                       objective_state=self.objective.state_dict())
+                                       objective_state=self.objective.state_dict(), engine_state=engine_state)
         self.ranks.barrier()
         return path
 
