@@ -227,7 +227,7 @@ def test_bad_engine_settings_are_refused_in_one_line(tmp_path: Path) -> None:
              (["fsdp=full_shard", "finetuning_type=ia3"], "fsdp runs finetuning_type full, freeze, lora"),
              (["fsdp=full_shard", "quantization_bit=4"], "cannot shard a quantized base"),
              (["fsdp=full_shard", "stage=rm"], "fsdp runs stage sft, pt, dpo, kto, not 'rm' (its value head"),
-             (["fsdp=full_shard", "stage=kd"], "not 'kd' (a sharded student with its teacher is not checked yet)"),
+             (["fsdp=full_shard", "stage=kd", "teacher_model_name_or_path=t"], "not 'kd' (a sharded student with its teacher is not checked yet)"),
              (["fsdp=fully_sharded"], "fsdp 'fully_sharded' is not one of")]
     for extra, message in cases:
         result = peftkit("train", "/dev/null", "model_name_or_path=m", "dataset=identity",
