@@ -81,8 +81,8 @@ def test_deepspeed_lora_equals_one_process_with_twice_the_batch(chat_dir: Path, 
     assert close(losses(out), losses(one_process), 1e-5), (losses(out), losses(one_process))
     a, b = load_file(one_process / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert a.keys() == b.keys()
-    for key in a:  # relative to the tensor (Adam's update of a near-zero gradient amplifies its last bits)
-        assert (a[key] - b[key]).norm() <= 1e-5 * a[key].norm(), key
+    for key in a:  # element by element (the weights are ~1e-2; rounding differs by CPU: ~1e-6 with and without AVX-512)
+        assert (a[key] - b[key]).abs().max() <= 1e-5, key
     assert (one_process / "adapter_config.json").read_text() == (out / "adapter_config.json").read_text()
 
 

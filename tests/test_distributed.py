@@ -92,8 +92,8 @@ def test_ddp_lora_equals_one_process_with_twice_the_batch(chat_dir: Path, tmp_pa
     assert close(losses(two), losses(one), 1e-5), (losses(two), losses(one))
     a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
     assert a.keys() == b.keys()
-    for key in a:  # relative to the tensor (Adam's update of a near-zero gradient amplifies its last bits)
-        assert (a[key] - b[key]).norm() <= 1e-5 * a[key].norm(), key
+    for key in a:  # element by element (the weights are ~1e-2; rounding differs by CPU: ~1e-6 with and without AVX-512)
+        assert (a[key] - b[key]).abs().max() <= 1e-5, key
     assert (one / "adapter_config.json").read_text() == (two / "adapter_config.json").read_text()
 
 
@@ -227,7 +227,8 @@ def test_bad_engine_settings_are_refused_in_one_line(tmp_path: Path) -> None:
              (["fsdp=full_shard", "finetuning_type=ia3"], "fsdp runs finetuning_type full, freeze, lora"),
              (["fsdp=full_shard", "quantization_bit=4"], "cannot shard a quantized base"),
              (["fsdp=full_shard", "stage=rm"], "fsdp runs stage sft, pt, dpo, kto, not 'rm' (its value head"),
-             (["fsdp=full_shard", "stage=kd", "teacher_model_name_or_path=t"], "not 'kd' (a sharded student with its teacher is not checked yet)"),
+             (["fsdp=full_shard", "stage=kd", "teacher_model_name_or_path=t"],
+              "not 'kd' (a sharded student with its teacher is not checked yet)"),
              (["fsdp=fully_sharded"], "fsdp 'fully_sharded' is not one of")]
     for extra, message in cases:
         result = peftkit("train", "/dev/null", "model_name_or_path=m", "dataset=identity",

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 CHUNK_ROWS = 256  # 256 x 49k fp32 logits = 50 MB at a time
 
@@ -136,12 +137,17 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 
 def fusable_head(model: nn.Module) -> nn.Linear | None:
     """The model's output layer when the fused loss can stand in for it: a plain linear layer with float weights
-    (not an adapter's, not quantized, not sharded) and no soft-capping of the logits after it; None otherwise."""
+    (not an adapter's, not quantized, not partitioned by ZeRO-3) and no soft-capping of the logits after it; None
+    otherwise."""
     inner = _causal_lm(model)
     get = getattr(inner, "get_output_embeddings", None)
     head = get() if get is not None else None
     config = getattr(inner, "config", None)
-    if type(head) is not nn.Linear or not head.weight.is_floating_point() or type(head.weight) is not nn.Parameter:
+    # FSDP holds the weight sharded (a DTensor) here, and whole, as a plain parameter, after the model's forward, when
+    # the fused loss reads it; its gradient is then reduce-scattered with the rest of the root's
+    if type(head) is not nn.Linear or not head.weight.is_floating_point():
+        return None
+    if type(head.weight) is not nn.Parameter and not isinstance(head.weight, DTensor):
         return None
     if hasattr(head.weight, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: whole only while the layer itself runs
         return None
