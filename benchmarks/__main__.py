@@ -7,7 +7,9 @@
     python -m benchmarks render docs/performance.json   # the doc section again, from the JSON (no runs)
 
 Each part runs in its own process tree (this process imports neither torch nor transformers). `all` replaces only
-the text between the markers below in the doc (appending the section when absent) and prints the same tables.
+the text between its CPU kind's markers in the doc (appending the section when absent) and prints the same tables:
+CPUs with native bf16 and CPUs without it keep a section each (and a JSON each: performance.json and
+performance-no-bf16.json), since their paths and targets differ.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from pathlib import Path
 from benchmarks import train_job
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- benchmarks:all:start -->", "<!-- benchmarks:all:end -->"
+
+
+def markers(machine: dict) -> tuple[str, str]:
+    """The doc section's markers for this kind of CPU."""
+    kind = "" if machine.get("native_bf16") else ":no-bf16"
+    return f"<!-- benchmarks:all{kind}:start -->", f"<!-- benchmarks:all{kind}:end -->"
+
+
+def default_json(doc: Path, machine: dict) -> Path:
+    return doc.with_suffix(".json") if machine.get("native_bf16") else doc.with_name(f"{doc.stem}-no-bf16.json")
 
 
 # --------------------------------------------------------------------------------------------- the parts
@@ -158,13 +169,14 @@ def report(record: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(doc: Path, body: str) -> None:
-    """Replace the text between the markers (or append the section); the rest of the file stays as it was."""
+def write_section(doc: Path, body: str, machine: dict) -> None:
+    """Replace the text between this CPU kind's markers (or append the section); the rest of the file stays."""
+    start, end = markers(machine)
     text = doc.read_text() if doc.exists() else "# Performance\n"
-    section = f"{START}\n{body}\n{END}"
-    if START in text and END in text.split(START, 1)[1]:
-        before, rest = text.split(START, 1)
-        text = before + section + rest.split(END, 1)[1]
+    section = f"{start}\n{body}\n{end}"
+    if start in text and end in text.split(start, 1)[1]:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     atomic_write(doc, text)
@@ -207,8 +219,9 @@ def main() -> None:
     if a.command == "_generation":
         return run_generation(a.quick, Path(a.result))
     if a.command == "render":
-        body = report(json.loads(Path(a.json).read_text()))
-        write_section(Path(a.out_doc), body)
+        record = json.loads(Path(a.json).read_text())
+        body = report(record)
+        write_section(Path(a.out_doc), body, record["machine"])
         print(f"{body}\n\nWrote the section of {a.out_doc}.")
         return
     if a.command == "train":
@@ -239,8 +252,8 @@ def run_all(a: argparse.Namespace, quick: list[str]) -> None:
     record["total_wall_s"] = round(time.time() - started, 1)
     body = report(record)
     doc = Path(a.out_doc)
-    out_json = Path(a.out_json) if a.out_json else doc.with_suffix(".json")
-    write_section(doc, body)
+    out_json = Path(a.out_json) if a.out_json else default_json(doc, record["machine"])
+    write_section(doc, body, record["machine"])
     atomic_write(out_json, json.dumps(record, indent=2, default=str) + "\n")
     print(f"\n{body}\n\nWrote the section of {doc} and {out_json} ({record['total_wall_s']:.0f} s in all).")
 

@@ -222,6 +222,21 @@ def test_packed_bf16_weights_give_the_same_logits(small_model_dir) -> None:  # n
         assert out.requires_grad and torch.equal(out.detach(), changed)
 
 
+def test_no_packing_where_the_packed_product_is_not_exact(small_model_dir, monkeypatch) -> None:  # noqa: F811
+    """A CPU without AVX-512 (oneDNN refuses bf16 packing there, or rounds differently): the layers run as they are."""
+    monkeypatch.setattr(packed, "_exact", lambda: False)
+    model = load_model_and_tokenizer(str(small_model_dir))[0].to(torch.bfloat16)
+    weights = packed.PackedWeights()
+    ids = torch.randint(0, 1000, (2, 5))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        for _ in range(2):  # the first entry decides; the second keeps to it
+            with weights.active(model):
+                assert "forward" not in vars(model.model.layers[0].mlp.down_proj)
+                assert torch.equal(model(input_ids=ids).logits, plain)
+    assert not weights.packs
+
+
 # --- the real model ---
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -100,7 +100,7 @@ class PackedWeights:
                 if not _exact() or 2 * size > _available_bytes():
                     self.enabled = False
             entry = self.trees[id(tree)] = (tree, layers)
-        return entry[1]
+        return entry[1] if self.enabled else []  # none packed where packing is not exact (a CPU without AVX-512)
 
     @contextlib.contextmanager
     def active(self, tree: nn.Module) -> Iterator[None]:
