@@ -166,6 +166,8 @@ def report(record: dict) -> str:
     else:
         lines += [gen["markdown"]] if "markdown" in gen else render(gen["result"])
         lines += ["", f"Part wall {gen['wall_s']:.0f} s; {load_note(gen)}."]
+        if gen.get("note"):  # a part run again on its own, say why
+            lines += ["", f"Note: {gen['note']}."]
     return "\n".join(lines)
 
 
