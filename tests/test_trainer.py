@@ -123,11 +123,23 @@ def test_hooks_are_called(tmp_path) -> None:
     assert calls == {"prepare": 1, "steps": [1, 2, 3], "groups": 1, "terms": 6}  # one term per micro-batch
 
 
+def contradicting(rows: list[dict]) -> list[dict]:
+    """The rows with another answer (9 10 11 12 instead of 5 6 7 8): the better the training answer is learnt, the
+    higher their loss, so the best adapter on them is an early one, on any CPU (a diverging learning rate was not:
+    it diverges late with AVX-512 and not at all without)."""
+    out = []
+    for row in rows:
+        n = row["labels"].count(-100)
+        answer = [9, 10, 11, 12, *row["input_ids"][n + 4:]]
+        out.append({"input_ids": row["input_ids"][:n] + answer, "labels": [-100] * n + answer})
+    return out
+
+
 def test_load_best_model_at_end(tmp_path) -> None:
-    """With a learning rate that diverges late, the best (lowest eval loss) adapter is the one kept."""
+    """When the eval loss rises during training, the best (lowest eval loss) adapter is the one kept."""
     cfg = make_cfg(tmp_path, max_steps=12, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
-                   lr_scheduler_type="constant", learning_rate=3.0)
-    eval_data = synthetic_examples(8, seed=1)
+                   lr_scheduler_type="constant", learning_rate=0.03)
+    eval_data = contradicting(synthetic_examples(8, seed=1))
     trainer, results = run(cfg, synthetic_examples(16), eval_data=eval_data)
     evals = {e["step"]: e["eval_loss"] for e in read_log(cfg) if "eval_loss" in e}
     best_step = min(evals, key=evals.get)
@@ -174,8 +186,8 @@ def test_load_best_model_at_end_survives_a_resume(tmp_path) -> None:
     """The best adapter so far travels in each checkpoint: a run killed after its best step and resumed still ends
     with the best adapter, as an uninterrupted run does."""
     common = dict(max_steps=12, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, save_steps=4,
-                  lr_scheduler_type="constant", learning_rate=3.0)  # best at step 6, before the kill at step 9
-    eval_data, data = synthetic_examples(8, seed=1), synthetic_examples(16)
+                  lr_scheduler_type="constant", learning_rate=0.03)  # best early, before the kill at step 9
+    eval_data, data = contradicting(synthetic_examples(8, seed=1)), synthetic_examples(16)
     ref, ref_results = run(make_cfg(tmp_path / "ref", **common), data, eval_data=eval_data)
 
     cfg = make_cfg(tmp_path / "killed", **common)
