@@ -325,8 +325,8 @@ def backward(model: nn.Module, loss: torch.Tensor, last: bool, ranks: Ranks) -> 
         loss.backward()
 
 
-def step(model: nn.Module, optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], max_grad_norm: float,
-         ranks: Ranks) -> None:
+def update(model: nn.Module, optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], max_grad_norm: float,
+           ranks: Ranks) -> None:
     """Gradient clipping on the global norm, then the update. DeepSpeed's engine does both itself (ZeRO's shards hold
     the gradients; `gradient_clipping` is the YAML's max_grad_norm)."""
     if ranks.engine == "deepspeed":

@@ -55,7 +55,7 @@ from .distributed import (
     no_sync,
     save_engine_state,
     shard_of,
-    step,
+    update,
     whole_optimizer_state,
     wrap,
 )
@@ -97,7 +97,7 @@ def optimizer_step(model: torch.nn.Module, objective: Objective, group: Sequence
                 loss = loss + extra / len(group)
             backward(model, loss, i == len(group) - 1, ranks)
         total = total.to(loss_sum.device) + loss_sum.detach().float()
-    step(model, optimizer, params, max_grad_norm, ranks)
+    update(model, optimizer, params, max_grad_norm, ranks)
     after_step()
     optimizer.zero_grad(set_to_none=True)
     return ranks.sum([total.item()])[0], int(units)
