@@ -20,14 +20,28 @@ def evaluations(folder: Path) -> list[dict]:
     return [e for e in map(json.loads, lines) if "eval_loss" in e]
 
 
+def native_bf16() -> bool:
+    """avx512_bf16 or AMX: bf16 matmuls there are ~2.5x faster than fp32; without them peftkit trains in fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# Ten minutes on 2 cores with native bf16 (262 s measured there); a CPU without it trains in fp32 and took over 600 s
+# (AMD EPYC, AVX2 only, 2026-12-01), so it gets twice the time, as the quickstart's target doubles there.
+LIMIT = 600 if native_bf16() else 1200
+
+
 @pytest.mark.slow
 def test_dmt_example_runs_both_phases_in_under_ten_minutes(tmp_path) -> None:
     out = tmp_path / "dmt"
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "peftkit", "train", "examples/dmt.yaml", f"output_dir={out}"], cwd=ROOT,
-                   check=True, capture_output=True, timeout=600)
+                   check=True, capture_output=True, timeout=LIMIT)
     seconds = time.perf_counter() - start
-    assert seconds < 600
+    assert seconds < LIMIT
     one, two = evaluations(out / "phase-1")[-1], evaluations(out / "phase-2")[-1]
     for e in (one, two):
         assert e["eval_loss"] == pytest.approx(
