@@ -71,6 +71,16 @@ def losses(out: Path) -> list[float]:
     return [e["loss"] for e in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in e]
 
 
+def assert_same_adapter(one: Path, two: Path) -> None:
+    """The same PEFT adapter: the same tensors element by element (the weights are ~1e-2; rounding differs by CPU:
+    ~1e-6 with and without AVX-512) and the same adapter_config.json."""
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-5, key
+    assert (one / "adapter_config.json").read_text() == (two / "adapter_config.json").read_text()
+
+
 def close(a: list[float], b: list[float], rel: float) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b))
 
@@ -90,11 +100,7 @@ def test_ddp_lora_equals_one_process_with_twice_the_batch(chat_dir: Path, tmp_pa
                                                                 "MASTER_PORT": str(free_port())}))
     assert "DDP on 2 processes (gloo; 1 threads per rank)" in result.stderr
     assert close(losses(two), losses(one), 1e-5), (losses(two), losses(one))
-    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:  # element by element (the weights are ~1e-2; rounding differs by CPU: ~1e-6 with and without AVX-512)
-        assert (a[key] - b[key]).abs().max() <= 1e-5, key
-    assert (one / "adapter_config.json").read_text() == (two / "adapter_config.json").read_text()
+    assert_same_adapter(one, two)
 
 
 def test_fsdp_full_fine_tuning_equals_one_process(chat_dir: Path, tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import logging
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -34,7 +33,7 @@ from .precision import bf16_is_faster
 from .quantization import QuantizationConfig, trained_quantization
 from .serve import ChatEngine, GenerationParams
 from .train import run_sft
-from .train.distributed import launched
+from .train.distributed import free_port, launched
 from .train.recipe import from_result, run_recipe
 from .tuned import load_for_inference
 
@@ -92,14 +91,8 @@ def _torchrun_command(processes: int, args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
             f"--nnodes={env.get('NNODES', '1')}", f"--node_rank={env.get('NODE_RANK', '0')}",
             f"--master_addr={env.get('MASTER_ADDR', '127.0.0.1')}",
-            f"--master_port={env.get('MASTER_PORT') or _free_port()}",
+            f"--master_port={env.get('MASTER_PORT') or free_port()}",
             "-m", "peftkit", "train", args.config, *args.overrides]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _print_predict(cfg: Any) -> None:

@@ -146,7 +146,7 @@ def start(cfg: Any) -> Ranks:
         if engine_of(cfg) != "deepspeed":
             return Ranks()
         # DeepSpeed's engine runs in a process group even alone (ZeRO's offload on one GPU): one of one, on loopback
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                            ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)  # what torchrun sets, and DeepSpeed reads
         dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1,
@@ -171,7 +171,8 @@ def start(cfg: Any) -> Ranks:
     return ranks
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback, for a process group's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
