@@ -20,3 +20,29 @@ def test_base_dtype(monkeypatch, faster: bool) -> None:
     assert chosen == (torch.bfloat16 if faster else torch.float32)
     assert bool(caught) == (not faster)
 
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_generation_dtype_of_a_bf16_checkpoint(monkeypatch, tmp_path, faster: bool) -> None:
+    """A bf16 checkpoint generates in bf16 where bf16 is fast, else in fp32 on the same weight values; an explicit
+    infer_dtype and $PEFTKIT_DTYPE are obeyed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftkit import tuned
+
+    monkeypatch.setattr(precision, "bf16_is_faster", lambda device: faster)
+    monkeypatch.delenv(precision.DTYPE_ENV, raising=False)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    stored = LlamaForCausalLM.from_pretrained(tmp_path, dtype="auto").state_dict()
+    loaded = tuned._in_inference_dtype(LlamaForCausalLM.from_pretrained(tmp_path, dtype="auto"))
+    assert loaded.dtype == (torch.bfloat16 if faster else torch.float32)
+    assert all(torch.equal(t.float(), stored[name].float()) for name, t in loaded.state_dict().items())
+    monkeypatch.setenv(precision.DTYPE_ENV, "bf16")
+    assert precision.inference_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert precision.inference_dtype(torch.float32, "cpu") == torch.bfloat16
+    monkeypatch.delenv(precision.DTYPE_ENV)
+    assert precision.inference_dtype(torch.float32, "cpu") == torch.float32
+    assert precision.inference_dtype(torch.bfloat16, "cuda") == torch.bfloat16

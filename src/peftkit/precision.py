@@ -75,3 +75,25 @@ def base_dtype(bf16: bool | None, fp16: bool, device: str) -> torch.dtype:
         warnings.warn("bf16 was requested, but this CPU multiplies bf16 slower than fp32 (no native bf16 "
                       "instructions): training in fp32 instead, which is faster here.", stacklevel=2)
     return torch.float32
+
+
+def inference_dtype(checkpoint: torch.dtype, device: str) -> torch.dtype:
+    """The dtype to generate in from a checkpoint stored in `checkpoint`, when the user named none: its own, except
+    half precision on a CPU that multiplies bf16 slower than fp32, where fp32 holds the same weight values and runs
+    faster (SmolLM2-135M on a 2-core EPYC without native bf16: prefill 3.5x, decode ~2x, with the decode kernel
+    reading bf16 copies of the weights; docs/performance.md, "Decode"). $PEFTKIT_DTYPE wins."""
+    forced = forced_dtype()
+    if forced is not None:
+        return forced
+    if checkpoint in (torch.bfloat16, torch.float16) and device == "cpu" and not bf16_is_faster(device):
+        return torch.float32
+    return checkpoint
+
+
+def free_memory_bytes() -> int:
+    """Free physical memory now (0 where the OS does not say): the room for a higher-precision or extra copy of the
+    weights."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0

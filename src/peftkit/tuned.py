@@ -24,7 +24,8 @@ from .methods.base import (
     replace_module,
     trainable_report,
 )
-from .models import base_model_id, load_model_and_tokenizer
+from .models import base_model_id, load_model_and_tokenizer, parse_dtype
+from .precision import free_memory_bytes, inference_dtype
 from .quantization import MERGE_REFUSAL, quantized_bits
 
 DEFAULT_ADAPTER = "default"
@@ -246,17 +247,34 @@ class TunedModel(nn.Module):
 
 
 def load_for_inference(name_or_path: str, adapter_dir: str | os.PathLike | None = None, *,
-                       quantization: Any = None, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+                       quantization: Any = None, trust_remote_code: bool = False,
+                       dtype: str | torch.dtype | None = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for generation: the base model (quantized if asked), with the adapter in `adapter_dir`
-    attached and active when given; in eval mode."""
+    attached and active when given; in eval mode. `dtype` None or "auto" (LLaMA-Factory's `infer_dtype`): the
+    checkpoint's own precision, or fp32 for a half-precision checkpoint on a CPU without fast bf16
+    (`precision.inference_dtype`) when memory allows."""
 
     if adapter_dir:
         peft_format.read_config(adapter_dir)  # a wrong adapter path fails now, not after loading the model
-    model, tokenizer = load_model_and_tokenizer(name_or_path, quantization=quantization,
+    model, tokenizer = load_model_and_tokenizer(name_or_path, quantization=quantization, dtype=dtype,
                                                 trust_remote_code=trust_remote_code)
+    if quantization is None and parse_dtype(dtype) == "auto":
+        model = _in_inference_dtype(model)
     if adapter_dir:
         model = TunedModel.load(model, adapter_dir)
     return model.eval(), tokenizer
+
+
+def _in_inference_dtype(model: nn.Module) -> nn.Module:
+    params = list(model.parameters())
+    device = params[0].device.type if params else "cpu"
+    want = inference_dtype(model.dtype, device)
+    if want == model.dtype or any(p.device.type != device for p in params):
+        return model
+    size = sum(p.numel() for p in params) * torch.finfo(want).bits // 8
+    if want == torch.float32 and size > 0.6 * free_memory_bytes():  # leave room for the decode kernel's bf16 copies
+        return model
+    return model.to(want)
 
 
 def share_base(model: nn.Module) -> nn.Module:

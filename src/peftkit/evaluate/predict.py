@@ -36,7 +36,7 @@ def load_evaluated(cfg: Any) -> tuple[Any, Any]:
 
     return load_for_inference(cfg.model_name_or_path, cfg.adapter_name_or_path,
                               quantization=cfg.quantization() or trained_quantization(cfg.adapter_name_or_path),
-                              trust_remote_code=cfg.trust_remote_code)
+                              trust_remote_code=cfg.trust_remote_code, dtype=cfg.infer_dtype)
 
 
 def _eval_names(cfg: Any) -> list[str]:

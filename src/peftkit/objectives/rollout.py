@@ -25,7 +25,7 @@ from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
 from ..serve import decode
 from ..serve.chat import stop_token_ids
-from ..serve.packed import PackedWeights
+from ..serve.linears import DecodeLinears
 from .base import Batch
 from .reference import reference_of
 from .sequences import token_outputs
@@ -83,9 +83,9 @@ class Sampler:
         self.template: Any = None
         self.layout: Callable[[list[dict]], Batch] | None = None
         self.tokens, self.seconds = 0, 0.0  # the run's sampled (training) rollouts so far
-        # bf16 base weights packed for oneDNN once for the run (an adapter's frozen base never changes; a weight the
-        # optimizer changed is packed again): the chat engine's decode speed for the rollouts
-        self.packed = PackedWeights()
+        # the chat engine's decode-time linear products for the rollouts, prepared once for the run (a weight the
+        # optimizer changed is prepared again)
+        self.linears = DecodeLinears()
 
     def bind(self, tokenizer: Any, layout: Callable[[list[dict]], Batch]) -> None:
         if tokenizer is None:
@@ -113,7 +113,7 @@ class Sampler:
         model.eval()
         start = time.perf_counter()
         try:
-            decode.Decoder(model, self.tokenizer, pad, self.packed).run(rows)
+            decode.Decoder(model, self.tokenizer, pad, self.linears).run(rows)
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start

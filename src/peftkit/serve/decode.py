@@ -8,7 +8,8 @@ processors it would apply, argmax or multinomial sampling), so greedy decoding g
 - rows that finish leave the batch at once, and new rows join a running batch at the next step (`Decoder.add`);
 - per-row settings: each row has its own processors, stop ids and strings, token budget, cancel event and sampling
   generator (a seeded row samples what it samples alone, whatever runs beside it);
-- bf16 weights packed once for oneDNN (`packed.py`), bit-identical and faster at small batches.
+- faster products for the linear layers at small batches (`linears.py`: peftkit's kernel, or bf16 weights packed
+  once for oneDNN).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from transformers import (
 )
 
 from . import kv
-from .packed import PackedWeights
+from .linears import DecodeLinears
 
 # generation_config fields that add logits processing this loop does not do; a model whose generation_config sets any
 # of them away from its default generates through `model.generate` instead (see `processors`)
@@ -112,8 +113,8 @@ class Decoder:
     leading positions that no remaining row uses.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, pad_id: int, packed: PackedWeights | None = None) -> None:
-        self.model, self.tokenizer, self.pad_id, self.packed = model, tokenizer, pad_id, packed
+    def __init__(self, model: Any, tokenizer: Any, pad_id: int, linears: DecodeLinears | None = None) -> None:
+        self.model, self.tokenizer, self.pad_id, self.linears = model, tokenizer, pad_id, linears
         params = _forward_parameters(model)
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.keep_logits = "logits_to_keep" in params
@@ -136,7 +137,7 @@ class Decoder:
                                   self.cache_kwarg: cache, "use_cache": True}
         if self.keep_logits:
             kwargs["logits_to_keep"] = 1
-        with self.packed.active(self.model) if self.packed is not None else contextlib.nullcontext():
+        with self.linears.active(self.model) if self.linears is not None else contextlib.nullcontext():
             out = self.model(**kwargs)
         return out.logits[:, -1].to(copy=True, dtype=torch.float32).cpu()
 

@@ -1,0 +1,147 @@
+"""Linear layers of a decode step through peftkit's own small-batch kernel (`gemv.c`), on x86-64 CPUs with AVX2.
+
+Why: a decode step at batch 1-8 reads every weight once for a few rows of activations, so its speed is the memory
+bandwidth. torch's CPU products do not reach it there: on a 2-core AMD EPYC (AVX2 only, ~21 GB/s to memory)
+SmolLM2-135M's linear layers took 53 ms per token in fp32 through MKL (10 GB/s) and 32 ms in bf16 through oneDNN
+(8 GB/s, converting the weights on every call), against 17 ms for this kernel on the bf16 weights (16 GB/s); at 8
+rows MKL took ~100 ms, this kernel ~35 ms (docs/performance.md, "Decode").
+
+The kernel multiplies in fp32 with fp32 accumulation, as MKL and oneDNN do, in another summation order: results
+equal torch's to fp32 rounding (bf16 outputs: to the last bf16 bit, which rounding flips on rare elements). A row's
+result does not depend on the rows beside it or on the thread count.
+
+It is C, built on first use with the system's C compiler into peftkit's cache (a fraction of a second); without a
+compiler, or on another CPU, or with PEFTKIT_GEMV=0, nothing changes: torch multiplies as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+GEMV_ENV = "PEFTKIT_GEMV"  # "0": torch multiplies every decode step (to compare)
+MAX_ROWS = 16  # more rows than this (a prefill) go to torch's GEMM, which is compute-efficient there
+_SOURCE = Path(__file__).with_name("gemv.c")
+_PROBE_BYTES = 128 * 2**20
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
+_lock = threading.Lock()
+_kernel: Any = None
+_tried = False
+_faster: dict[torch.dtype, bool] = {}
+why_not = ""  # why the kernel is not in use, when it is not (for the docs and the benchmarks)
+
+
+def _build() -> Path | None:
+    """The kernel's shared library, compiled once per source and flags into peftkit's cache; None when it cannot be."""
+    global why_not
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        why_not = f"this CPU has no AVX2 (torch's capability: {torch.backends.cpu.get_cpu_capability()})"
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        why_not = "no C compiler (cc) on PATH"
+        return None
+    from ..models import peftkit_home
+
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = peftkit_home() / "kernels" / f"gemv-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            why_not = f"the C compiler failed: {done.stderr.strip()[-300:]}"
+            return None
+        os.replace(built, target)  # atomic: a concurrent build by another process leaves one whole file
+    return target
+
+
+def kernel() -> Any:
+    """The loaded kernel function, or None (see `why_not`)."""
+    global _kernel, _tried, why_not
+    with _lock:
+        if not _tried:
+            _tried = True
+            if os.environ.get(GEMV_ENV, "1") == "0":
+                why_not = f"{GEMV_ENV}=0"
+                return None
+            try:
+                path = _build()
+                if path is not None:
+                    # libgomp.so.1 resolves to the copy torch has loaded: one OpenMP runtime, one thread pool
+                    fn = ctypes.CDLL(str(path)).peftkit_gemv
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                    fn.restype = ctypes.c_int
+                    _kernel = fn
+            except (OSError, subprocess.SubprocessError) as e:
+                why_not = f"the kernel could not be built or loaded: {e}"
+        return _kernel
+
+
+def eligible(weight: torch.Tensor) -> bool:
+    """A weight the kernel multiplies: 2-D, contiguous, fp32 or bf16, on the CPU."""
+    return (weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and weight.is_contiguous())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) in x's dtype for x of at most MAX_ROWS rows, once `kernel()` has loaded the kernel.
+    x and weight: fp32 or bf16 each (fp32 x with a bf16 weight multiplies in fp32); `bias` in fp32. Lean: a decode
+    step makes ~200 of these calls."""
+    n, k = weight.shape
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    status = _kernel(x.data_ptr(), x.dtype == torch.bfloat16, weight.data_ptr(), weight.dtype == torch.bfloat16,
+                     None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // k, n, k,
+                     torch.get_num_threads())
+    if status != 0:
+        return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return y
+
+
+def faster(dtype: torch.dtype, theirs: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]) -> bool:
+    """Whether the kernel beats the product torch would otherwise use at one row, for weights of `dtype` on this
+    machine. `theirs(weight)` prepares that product (packing the weight, say) and returns it as a function of x.
+    Measured once per dtype: 128 MB of 1536 x 576 weights (a decode step's weights do not fit a CPU cache either),
+    each multiplied by one row, the best of 3 passes; the kernel must be 10% faster."""
+    with _lock:
+        if dtype in _faster:
+            return _faster[dtype]
+    if kernel() is None:
+        return False
+    count = _PROBE_BYTES // (1536 * 576 * torch.finfo(dtype).bits // 8)
+    weights = [torch.full((1536, 576), 0.01, dtype=dtype) for _ in range(count)]  # written: real pages, not zero ones
+    x = torch.randn(1, 576, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.inference_mode():
+        products = {"ours": [functools.partial(linear, weight=w, bias=None) for w in weights],
+                    "theirs": [theirs(w) for w in weights]}
+        for fns in products.values():  # warm-up: first-call allocations, primitive creation
+            fns[0](x)
+        best = {name: min(_timed(fns, x) for _ in range(3)) for name, fns in products.items()}
+    with _lock:
+        _faster[dtype] = best["ours"] < 0.9 * best["theirs"]
+        return _faster[dtype]
+
+
+def _timed(products: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    for product in products:
+        product(x)
+    return time.perf_counter() - start

@@ -1,0 +1,141 @@
+"""How a decode step's linear layers multiply: faster products swapped into a model's plain nn.Linear layers while
+`DecodeLinears.active(tree)` is entered, for the decode loop (chat, predict, the API, the RL stages' rollouts).
+
+For each fp32 or bf16 weight on the CPU, the first of:
+- peftkit's small-batch kernel (`gemv.py`) for products of up to `gemv.MAX_ROWS` rows, where it measures faster than
+  the product below on this machine (results equal to fp32 rounding, batch-invariant). An fp32 weight whose elements
+  are all bf16 values (a bf16 checkpoint loaded in fp32) is read from a bf16 copy: half the bytes, the same numbers;
+- for bf16 weights, oneDNN with the weight packed once (`packed.py`; bit-identical), where that is exact here;
+- torch's own F.linear.
+Anything with gradients, and rows beyond the kernel's bound (a prefill), runs as before the swap (packed or not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..precision import free_memory_bytes
+from . import gemv, packed
+
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _eligible(layer: nn.Module) -> bool:
+    """Plain nn.Linear (not a quantized subclass) with a 2-D fp32 or bf16 weight on the CPU."""
+    w = getattr(layer, "weight", None)
+    return (type(layer) is nn.Linear and isinstance(w, torch.Tensor) and w.dim() == 2 and w.device.type == "cpu"
+            and w.dtype in (torch.float32, torch.bfloat16))
+
+
+class DecodeLinears:
+    """The products of decode-time linear layers, shared by every module tree over the same tensors (one packed copy
+    per weight), swapped into a tree's layers while `active(tree)` is entered. A weight or bias changed since its
+    product was prepared (an adapter merged into it) is prepared again on the next entry. The eligible layers of a
+    tree are found once: call `forget` after changing which modules a tree holds (loading an adapter)."""
+
+    def __init__(self) -> None:
+        self.packs: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id(w) -> (w, version, packed w)
+        self.trees: dict[int, tuple[nn.Module, list[nn.Linear]]] = {}  # id(tree) -> (tree, its eligible layers)
+        self.halves: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}  # id(w) -> (w, version, bf16 w)
+        self.bound: dict[int, tuple] = {}  # id(layer) -> (weight, bias, versions..., forward or None)
+        self.pack = os.environ.get(packed.PACK_ENV, "1") != "0"
+
+    def forget(self) -> None:
+        self.trees.clear()
+        self.bound.clear()
+
+    def _layers(self, tree: nn.Module) -> list[nn.Linear]:
+        entry = self.trees.get(id(tree))
+        if entry is None or entry[0] is not tree:
+            layers = [m for m in tree.modules() if _eligible(m)]
+            bf16 = {id(m.weight): m.weight for m in layers if m.weight.dtype == torch.bfloat16}
+            if self.pack and bf16 and not self.packs:  # the first use: is packing exact here, is there room?
+                size = sum(w.numel() * w.element_size() for w in bf16.values())
+                self.pack = packed.exact() and 2 * size <= free_memory_bytes()
+            entry = self.trees[id(tree)] = (tree, layers)
+        return entry[1]
+
+    @contextlib.contextmanager
+    def active(self, tree: nn.Module) -> Iterator[None]:
+        """Within: the eligible layers of `tree` multiply through the products above (under no_grad)."""
+        swapped = []
+        for layer in self._layers(tree):
+            w, bias = layer._parameters.get("weight"), layer._parameters.get("bias")
+            cached = self.bound.get(id(layer))
+            # (weight, bias, their versions, forward): prepared again when any of them changed
+            if (cached is None or cached[0] is not w or cached[1] is not bias or cached[2] != w._version
+                    or (bias is not None and cached[3] != bias._version)):
+                forward = self._forward(w, bias) if w is not None and _eligible(layer) else None
+                cached = self.bound[id(layer)] = (w, bias, getattr(w, "_version", None),
+                                                  None if bias is None else bias._version, forward)
+            if cached[4] is not None:
+                layer.__dict__["forward"] = cached[4]
+                swapped.append(layer)
+        try:
+            yield
+        finally:
+            for layer in swapped:
+                layer.__dict__.pop("forward", None)
+
+    def _forward(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Product | None:
+        """The layer's decode-time forward, or None to leave the layer as it is."""
+        small = self._small_rows(weight, bias)
+        large = self._packed(weight, bias) if small is None or weight.dtype == torch.bfloat16 else None
+        if small is None and large is None:
+            return None
+        bound = gemv.MAX_ROWS * weight.shape[1]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() or x.dtype != weight.dtype:
+                return torch.nn.functional.linear(x, weight, bias)
+            if small is not None and x.numel() <= bound:
+                return small(x)
+            if large is not None:
+                return large(x)
+            return torch.nn.functional.linear(x, weight, bias)
+
+        return forward
+
+    def _small_rows(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Product | None:
+        if not gemv.eligible(weight):
+            return None
+        if not gemv.faster(weight.dtype, lambda w: self._packed(w, None, cache=False) or _plain(w)):
+            return None
+        bias32 = None if bias is None else bias.detach().float().contiguous()
+        halves = self._halves(weight) if weight.dtype == torch.float32 else None
+        read = weight if halves is None else halves
+        return lambda x: gemv.linear(x, read, bias32)
+
+    def _halves(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """A bf16 copy of an fp32 weight whose every element is a bf16 value (a bf16 checkpoint loaded in fp32): the
+        kernel reads half the bytes and multiplies the same numbers in fp32. None for other weights, or when the
+        copies would not fit in half the free memory."""
+        entry = self.halves.get(id(weight))
+        if entry is None or entry[0] is not weight or entry[1] != weight._version:
+            copy = weight.detach().to(torch.bfloat16)
+            room = free_memory_bytes() // 2 - sum(e[2].numel() * 2 for e in self.halves.values() if e[2] is not None)
+            if copy.numel() * 2 > room or not torch.equal(copy.float(), weight):
+                copy = None
+            entry = self.halves[id(weight)] = (weight, weight._version, copy)
+        return entry[2]
+
+    def _packed(self, weight: torch.Tensor, bias: torch.Tensor | None, cache: bool = True) -> Product | None:
+        """oneDNN's product on the weight packed once, for bf16 weights where that is exact; else None."""
+        if weight.dtype != torch.bfloat16 or not self.pack or not packed.exact():
+            return None
+        entry = self.packs.get(id(weight))
+        if entry is None or entry[0] is not weight or entry[1] != weight._version:
+            entry = (weight, weight._version, packed.pack(weight))
+            if cache:
+                self.packs[id(weight)] = entry
+        packed_weight = entry[2]
+        return lambda x: packed.packed_linear(x, packed_weight, bias)
+
+
+def _plain(weight: torch.Tensor) -> Product:
+    return lambda x: torch.nn.functional.linear(x, weight)
