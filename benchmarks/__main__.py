@@ -1,4 +1,5 @@
-"""One entry point: the whole-process training comparison, the generation comparison and the memory figures.
+"""One entry point: the whole-process training comparison, the generation comparison, the API's throughput (one
+client against 8) and the memory figures.
 
     python -m benchmarks all            # on an idle machine: writes a dated section of docs/performance.md + .json
     python -m benchmarks all --quick    # smoke test (tiny settings); write it elsewhere: --out-doc /tmp/perf.md
@@ -168,6 +169,14 @@ def report(record: dict) -> str:
         lines += ["", f"Part wall {gen['wall_s']:.0f} s; {load_note(gen)}."]
         if gen.get("note"):  # a part run again on its own, say why
             lines += ["", f"Note: {gen['note']}."]
+    serve = record.get("serve", {"skipped": True})  # absent from records written before it was a part
+    lines += ["", "### Serving: the API's throughput (`benchmarks/serve.py`)", ""]
+    if serve.get("skipped"):
+        lines.append("Skipped (--skip serve).")
+    elif "error" in serve:
+        lines.append(f"Failed: {serve['error']}")
+    else:
+        lines += [serve["markdown"], "", f"Part wall {serve['wall_s']:.0f} s; {load_note(serve)}."]
     return "\n".join(lines)
 
 
@@ -205,7 +214,7 @@ def main() -> None:
         if name == "all":
             s.add_argument("--out-doc", default=str(REPO / "docs" / "performance.md"))
             s.add_argument("--out-json", help="default: --out-doc with .json")
-            s.add_argument("--skip", choices=["train", "generate"], action="append", default=[],
+            s.add_argument("--skip", choices=["train", "generate", "serve"], action="append", default=[],
                            help="leave a part out (it is recorded as skipped)")
         else:
             s.add_argument("--out", default=str(REPO / "benchmarks" / "results" /
@@ -250,6 +259,10 @@ def run_all(a: argparse.Namespace, quick: list[str]) -> None:
             train_json)
         record["generation"] = skipped if "generate" in a.skip else part(
             "generation", [sys.executable, "-m", "benchmarks", "_generation", str(gen_json), *quick], gen_json)
+        serve_json = Path(tmp) / "serve.json"
+        record["serve"] = skipped if "serve" in a.skip else part(
+            "serving (the API, one client against 8)",
+            [sys.executable, "-m", "benchmarks.serve", *quick, "--out", str(serve_json)], serve_json)
     record["memory"] = train_job.memory_rows(record["train"]) if "runs" in record["train"] else []
     record["total_wall_s"] = round(time.time() - started, 1)
     body = report(record)

@@ -168,7 +168,8 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve.json"))
     args = p.parse_args()
     record = run(quick=args.quick, dtype=args.dtype, threads=args.threads)
-    print(table(record))
+    record["markdown"] = table(record)  # for `python -m benchmarks all`, which renders without importing torch
+    print(record["markdown"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -14,7 +14,7 @@ from test_predict import small_model_dir  # noqa: F401  (a fixture: a small rand
 
 from peftkit import LoraConfig, PrefixTuningConfig, TunedModel
 from peftkit.models import load_model_and_tokenizer
-from peftkit.serve import ChatEngine, GenerationParams, decode, gemv, kv, linears, packed
+from peftkit.serve import ChatEngine, GenerationParams, decode, fast_layers, gemv, kv, packed
 
 QUESTIONS = ["Hi", "Who are you? Tell me all about yourself.", "What is one plus one?"]
 
@@ -206,7 +206,7 @@ def test_packed_bf16_weights_give_the_same_logits(small_model_dir, monkeypatch) 
         pytest.skip("oneDNN's packed bf16 product is not bit-identical on this CPU, so peftkit does not pack here")
     monkeypatch.setattr(gemv, "faster", lambda *_: False)  # packing alone (with the kernel, only prefills pack)
     model = load_model_and_tokenizer(str(small_model_dir))[0].to(torch.bfloat16)
-    weights = linears.DecodeLinears()
+    weights = fast_layers.FastLayers()
     ids = torch.randint(0, 1000, (3, 7))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
@@ -229,7 +229,7 @@ def test_no_packing_where_the_packed_product_is_not_exact(small_model_dir, monke
     monkeypatch.setattr(packed, "exact", lambda: False)
     monkeypatch.setattr(gemv, "faster", lambda *_: False)
     model = load_model_and_tokenizer(str(small_model_dir))[0].to(torch.bfloat16)
-    weights = linears.DecodeLinears()
+    weights = fast_layers.FastLayers()
     ids = torch.randint(0, 1000, (2, 5))
     with torch.no_grad():
         plain = model(input_ids=ids).logits

@@ -1,4 +1,4 @@
-"""peftkit's small-batch decode kernel (serve/gemv.c) and the decode-time products built on it (serve/linears.py):
+"""peftkit's small-batch decode kernel (serve/gemv.c) and the decode-time products built on it (serve/fast_layers.py):
 equal to torch's products to fp32 rounding (1e-5 relative, fp32), to the last bf16 bit (bf16), a row's result the
 same alone, in a batch and on any thread count, bf16 copies only of weights that are bf16 values, torch's product
 wherever the kernel does not apply. No timings are asserted."""
@@ -10,7 +10,7 @@ import torch
 from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 
 from peftkit.models import load_model_and_tokenizer
-from peftkit.serve import ChatEngine, GenerationParams, gemv, linears
+from peftkit.serve import ChatEngine, GenerationParams, fast_layers, gemv
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +83,7 @@ def test_decode_linears_read_bf16_copies_only_of_bf16_values(small_model_dir, mo
                                                             bf16_values: bool) -> None:
     monkeypatch.setattr(gemv, "faster", lambda *_: True)  # whatever this machine measures
     model = model_with(small_model_dir, bf16_values)
-    products = linears.DecodeLinears()
+    products = fast_layers.FastLayers()
     ids = torch.randint(0, 1000, (1, gemv.MAX_ROWS + 4))
     with torch.inference_mode():
         plain = model(input_ids=ids).logits
@@ -107,7 +107,7 @@ def test_greedy_decoding_through_the_kernel_equals_generate(small_model_dir, mon
     engine.model = model_with(small_model_dir, True)
     ps, params = prompts(engine, QUESTIONS), GenerationParams(max_new_tokens=24)
     assert fast_tokens(engine, engine.model, ps, params) == hf_tokens(engine, engine.model, ps, params)
-    assert engine.linears.halves  # through the kernel, on bf16 copies
+    assert engine.layers.halves  # through the kernel, on bf16 copies
 
 
 def test_built_on_first_use_and_left_out_without_a_compiler(monkeypatch, tmp_path) -> None:
@@ -122,7 +122,7 @@ def test_built_on_first_use_and_left_out_without_a_compiler(monkeypatch, tmp_pat
     monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path / "empty"))
     monkeypatch.setattr(gemv.shutil, "which", lambda name: None)
     assert gemv.kernel() is None and "compiler" in gemv.why_not
-    assert not gemv.faster(torch.float32, linears._plain)
+    assert not gemv.faster(torch.float32, fast_layers._plain)
     w = torch.randn(8, 16)
-    products = linears.DecodeLinears()
+    products = fast_layers.FastLayers()
     assert products._forward(w, None) is None  # nothing to swap in: the layer runs as it is

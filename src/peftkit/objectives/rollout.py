@@ -25,7 +25,7 @@ from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
 from ..serve import decode
 from ..serve.chat import stop_token_ids
-from ..serve.linears import DecodeLinears
+from ..serve.fast_layers import FastLayers
 from .base import Batch
 from .reference import reference_of
 from .sequences import token_outputs
@@ -85,7 +85,7 @@ class Sampler:
         self.tokens, self.seconds = 0, 0.0  # the run's sampled (training) rollouts so far
         # the chat engine's decode-time linear products for the rollouts, prepared once for the run (a weight the
         # optimizer changed is prepared again)
-        self.linears = DecodeLinears()
+        self.layers = FastLayers()
 
     def bind(self, tokenizer: Any, layout: Callable[[list[dict]], Batch]) -> None:
         if tokenizer is None:
@@ -113,7 +113,7 @@ class Sampler:
         model.eval()
         start = time.perf_counter()
         try:
-            decode.Decoder(model, self.tokenizer, pad, self.linears).run(rows)
+            decode.Decoder(model, self.tokenizer, pad, self.layers).run(rows)
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - start

@@ -24,7 +24,7 @@ from ..errors import AdapterLoadError, ConfigError
 from ..methods.base import ModuleTaken
 from ..tuned import TunedModel, share_base
 from . import decode
-from .linears import DecodeLinears
+from .fast_layers import FastLayers
 
 DECODE_ENV = "PEFTKIT_DECODE"  # "generate": always generate through transformers' model.generate
 
@@ -121,7 +121,7 @@ class ChatEngine:
         self.call_markers = {ids[0]: marker for marker in self.template.tool_format.markers
                              if len(ids := tokenizer.encode(marker, add_special_tokens=False)) == 1}
         self.lock = threading.RLock()
-        self.linears = DecodeLinears()  # decode-time products of the linear layers, for every tree (linears.py)
+        self.layers = FastLayers()  # decode-time products of the linear layers, for every tree (fast_layers.py)
         # What `peftkit chat --adapter` and predict use: the adapter active when the engine was made (None: base).
         self.default_adapter: str | None = getattr(model, "active_adapter", None) if self.adapters else None
 
@@ -152,7 +152,7 @@ class ChatEngine:
 
         if name in self.adapters:
             raise ConfigError(f"An adapter named '{name}' is already served; pick another name.")
-        self.linears.forget()  # the trees' modules change
+        self.layers.forget()  # the trees' modules change
         if not isinstance(self.model, TunedModel):  # a plain base model: wrap it, keeping an adapter-free tree
             self._pristine = share_base(self.model)
             self.model = TunedModel(self.model).eval()
@@ -233,7 +233,7 @@ class ChatEngine:
 
     def decoder(self, model: Any) -> decode.Decoder:
         """A decode batch on `model` (one of `trees`), to fill with `rows`."""
-        return decode.Decoder(model, self.tokenizer, self._pad_id(), self.linears)
+        return decode.Decoder(model, self.tokenizer, self._pad_id(), self.layers)
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]

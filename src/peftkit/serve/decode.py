@@ -8,7 +8,7 @@ processors it would apply, argmax or multinomial sampling), so greedy decoding g
 - rows that finish leave the batch at once, and new rows join a running batch at the next step (`Decoder.add`);
 - per-row settings: each row has its own processors, stop ids and strings, token budget, cancel event and sampling
   generator (a seeded row samples what it samples alone, whatever runs beside it);
-- faster products for the linear layers at small batches (`linears.py`: peftkit's kernel, or bf16 weights packed
+- faster products for the linear layers at small batches (`fast_layers.py`: peftkit's kernel, or bf16 weights packed
   once for oneDNN).
 """
 
@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from . import kv
-from .linears import DecodeLinears
+from .fast_layers import FastLayers
 
 # generation_config fields that add logits processing this loop does not do; a model whose generation_config sets any
 # of them away from its default generates through `model.generate` instead (see `processors`)
@@ -113,8 +113,8 @@ class Decoder:
     leading positions that no remaining row uses.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, pad_id: int, linears: DecodeLinears | None = None) -> None:
-        self.model, self.tokenizer, self.pad_id, self.linears = model, tokenizer, pad_id, linears
+    def __init__(self, model: Any, tokenizer: Any, pad_id: int, layers: FastLayers | None = None) -> None:
+        self.model, self.tokenizer, self.pad_id, self.layers = model, tokenizer, pad_id, layers
         params = _forward_parameters(model)
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.keep_logits = "logits_to_keep" in params
@@ -137,7 +137,7 @@ class Decoder:
                                   self.cache_kwarg: cache, "use_cache": True}
         if self.keep_logits:
             kwargs["logits_to_keep"] = 1
-        with self.linears.active(self.model) if self.linears is not None else contextlib.nullcontext():
+        with self.layers.active(self.model) if self.layers is not None else contextlib.nullcontext():
             out = self.model(**kwargs)
         return out.logits[:, -1].to(copy=True, dtype=torch.float32).cpu()
 

@@ -1,4 +1,4 @@
-"""bf16 linear weights packed once for oneDNN, for decoding on CPUs (used by `linears.DecodeLinears`).
+"""bf16 linear weights packed once for oneDNN, for decoding on CPUs (used by `fast_layers.FastLayers`).
 
 `F.linear` on a bf16 CPU weight lets oneDNN reorder the whole weight into its blocked layout on every call: at batch
 1, where a decode step reads each weight once, that copy costs about as much as the product itself (SmolLM2-135M on

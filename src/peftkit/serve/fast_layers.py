@@ -1,5 +1,5 @@
 """How a decode step's linear layers multiply: faster products swapped into a model's plain nn.Linear layers while
-`DecodeLinears.active(tree)` is entered, for the decode loop (chat, predict, the API, the RL stages' rollouts).
+`FastLayers.active(tree)` is entered, for the decode loop (chat, predict, the API, the RL stages' rollouts).
 
 For each fp32 or bf16 weight on the CPU, the first of:
 - peftkit's small-batch kernel (`gemv.py`) for products of up to `gemv.MAX_ROWS` rows, where it measures faster than
@@ -32,13 +32,14 @@ def _eligible(layer: nn.Module) -> bool:
             and w.dtype in (torch.float32, torch.bfloat16))
 
 
-class DecodeLinears:
+class FastLayers:
     """The products of decode-time linear layers, shared by every module tree over the same tensors (one packed copy
     per weight), swapped into a tree's layers while `active(tree)` is entered. A weight or bias changed since its
     product was prepared (an adapter merged into it) is prepared again on the next entry. The eligible layers of a
     tree are found once: call `forget` after changing which modules a tree holds (loading an adapter)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: bool = True) -> None:
+        self.kernel = kernel  # False: never peftkit's kernel (to compare)
         self.packs: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id(w) -> (w, version, packed w)
         self.trees: dict[int, tuple[nn.Module, list[nn.Linear]]] = {}  # id(tree) -> (tree, its eligible layers)
         self.halves: dict[int, tuple[torch.Tensor, int, torch.Tensor | None]] = {}  # id(w) -> (w, version, bf16 w)
@@ -102,7 +103,7 @@ class DecodeLinears:
         return forward
 
     def _small_rows(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Product | None:
-        if not gemv.eligible(weight):
+        if not self.kernel or not gemv.eligible(weight):
             return None
         if not gemv.faster(weight.dtype, lambda w: self._packed(w, None, cache=False) or _plain(w)):
             return None
