@@ -43,7 +43,7 @@ static inline __attribute__((always_inline)) void dot_f32(const float *x, const 
     for (int m = 0; m < MB; m++) a0[m] = a1[m] = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= k; j += 16) {
-        _mm_prefetch((const char *)(w + j) + 1024, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + j) + 2048, _MM_HINT_T0);
         __m256 w0 = _mm256_loadu_ps(w + j), w1 = _mm256_loadu_ps(w + j + 8);
         for (int m = 0; m < MB; m++) {
             a0[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * k + j), w0, a0[m]);
@@ -66,7 +66,7 @@ static inline __attribute__((always_inline)) void dot_bf16(const float *x, const
     for (int m = 0; m < MB; m++) a0[m] = a1[m] = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= k; j += 16) {
-        _mm_prefetch((const char *)(w + j) + 1024, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + j) + 2048, _MM_HINT_T0);
         __m256i v = _mm256_loadu_si256((const __m256i *)(w + j));
         __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
         __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
