@@ -14,7 +14,7 @@ from test_predict import small_model_dir  # noqa: F401  (a fixture: a small rand
 
 from peftkit import LoraConfig, PrefixTuningConfig, TunedModel
 from peftkit.models import load_model_and_tokenizer
-from peftkit.serve import ChatEngine, GenerationParams, decode, fast_layers, gemv, kv, packed
+from peftkit.serve import ChatEngine, GenerationParams, decode, fast_layers, kv, packed
 
 QUESTIONS = ["Hi", "Who are you? Tell me all about yourself.", "What is one plus one?"]
 
@@ -204,7 +204,6 @@ def test_a_cache_grows_in_place_and_takes_row_surgery(engine) -> None:
 def test_packed_bf16_weights_give_the_same_logits(small_model_dir, monkeypatch) -> None:  # noqa: F811
     if not packed.exact():
         pytest.skip("oneDNN's packed bf16 product is not bit-identical on this CPU, so peftkit does not pack here")
-    monkeypatch.setattr(gemv, "faster", lambda *_: False)  # packing alone (with the kernel, only prefills pack)
     model = load_model_and_tokenizer(str(small_model_dir))[0].to(torch.bfloat16)
     weights = fast_layers.FastLayers()
     ids = torch.randint(0, 1000, (3, 7))
@@ -224,10 +223,9 @@ def test_packed_bf16_weights_give_the_same_logits(small_model_dir, monkeypatch) 
 
 
 def test_no_packing_where_the_packed_product_is_not_exact(small_model_dir, monkeypatch) -> None:  # noqa: F811
-    """A CPU without AVX-512 (oneDNN refuses bf16 packing there, or rounds differently), and no kernel: the layers
-    run as they are."""
+    """A CPU without AVX-512 (oneDNN refuses bf16 packing there, or rounds differently): bf16 layers run as they are
+    (peftkit's kernel takes fp32 activations only)."""
     monkeypatch.setattr(packed, "exact", lambda: False)
-    monkeypatch.setattr(gemv, "faster", lambda *_: False)
     model = load_model_and_tokenizer(str(small_model_dir))[0].to(torch.bfloat16)
     weights = fast_layers.FastLayers()
     ids = torch.randint(0, 1000, (2, 5))

@@ -1,7 +1,7 @@
 """peftkit's small-batch decode kernel (serve/gemv.c) and the decode-time products built on it (serve/fast_layers.py):
-equal to torch's products to fp32 rounding (1e-5 relative, fp32), to the last bf16 bit (bf16), a row's result the
-same alone, in a batch and on any thread count, bf16 copies only of weights that are bf16 values, torch's product
-wherever the kernel does not apply. No timings are asserted."""
+equal to torch's products to fp32 rounding (1e-5 relative), a row's result the same alone, in a batch and on any
+thread count, bf16 copies only of weights that are bf16 values, torch's product wherever the kernel does not apply
+(bf16 models, prefills, gradients). No timings are asserted."""
 
 from __future__ import annotations
 
@@ -36,26 +36,11 @@ def test_fp32_product_equals_f_linear(k: int, rows: int) -> None:
     assert relative(gemv.linear(x, half, b), torch.nn.functional.linear(x, half.float(), b)) <= 1e-5
 
 
-@pytest.mark.parametrize("k", [576, 37])
-def test_bf16_product_is_rounded_once_from_fp32(k: int) -> None:
-    """bf16 in, bf16 out: the fp32 sum rounded to bf16, as oneDNN does; against the float64 product rounded to bf16,
-    at most one bf16 step apart (the fp32 sums differ in order only)."""
-    g = torch.Generator().manual_seed(k)
-    w, b = torch.randn(200, k, generator=g).to(torch.bfloat16), torch.randn(200, generator=g)
-    x = torch.randn(3, 1, k, generator=g).to(torch.bfloat16)
-    out = gemv.linear(x, w, b)
-    assert out.dtype == torch.bfloat16 and out.shape == (3, 1, 200)
-    exact = (x.double() @ w.double().T + b.double()).to(torch.bfloat16)
-    step = exact.double().abs() * 2.0 ** -7
-    assert ((out.double() - exact.double()).abs() <= step).all()
-    assert relative(out, torch.nn.functional.linear(x, w, b.to(torch.bfloat16))) <= 2e-2
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(97, 576, generator=g).to(dtype)
-    x = torch.randn(11, 576, generator=g).to(dtype)
+    w = torch.randn(97, 576, generator=g).to(dtype)  # fp32, or a bf16 copy of bf16 values
+    x = torch.randn(11, 576, generator=g)
     batch = gemv.linear(x, w, None)
     assert torch.equal(torch.cat([gemv.linear(x[i:i + 1], w, None) for i in range(11)]), batch)
     threads = torch.get_num_threads()
@@ -81,7 +66,7 @@ def model_with(small_model_dir, bf16_values: bool):  # noqa: F811
 @pytest.mark.parametrize("bf16_values", [True, False])
 def test_decode_linears_read_bf16_copies_only_of_bf16_values(small_model_dir, monkeypatch,  # noqa: F811
                                                             bf16_values: bool) -> None:
-    monkeypatch.setattr(gemv, "faster", lambda *_: True)  # whatever this machine measures
+    monkeypatch.setattr(gemv, "faster", lambda: True)  # whatever this machine measures
     model = model_with(small_model_dir, bf16_values)
     products = fast_layers.FastLayers()
     ids = torch.randint(0, 1000, (1, gemv.MAX_ROWS + 4))
@@ -102,7 +87,7 @@ def test_decode_linears_read_bf16_copies_only_of_bf16_values(small_model_dir, mo
 def test_greedy_decoding_through_the_kernel_equals_generate(small_model_dir, monkeypatch) -> None:  # noqa: F811
     from test_decode import QUESTIONS, fast_tokens, hf_tokens, prompts
 
-    monkeypatch.setattr(gemv, "faster", lambda *_: True)
+    monkeypatch.setattr(gemv, "faster", lambda: True)
     engine = ChatEngine(*load_model_and_tokenizer(str(small_model_dir)))
     engine.model = model_with(small_model_dir, True)
     ps, params = prompts(engine, QUESTIONS), GenerationParams(max_new_tokens=24)
@@ -111,18 +96,18 @@ def test_greedy_decoding_through_the_kernel_equals_generate(small_model_dir, mon
 
 
 def test_built_on_first_use_and_left_out_without_a_compiler(monkeypatch, tmp_path) -> None:
-    for name, value in (("_kernel", None), ("_tried", False), ("_faster", {})):
+    for name, value in (("_kernel", None), ("_tried", False), ("_faster", None)):
         monkeypatch.setattr(gemv, name, value)
     monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path))
     assert gemv.kernel() is not None
     assert len(list((tmp_path / "kernels").glob("gemv-*.so"))) == 1
 
-    for name, value in (("_kernel", None), ("_tried", False), ("_faster", {})):
+    for name, value in (("_kernel", None), ("_tried", False), ("_faster", None)):
         monkeypatch.setattr(gemv, name, value)
     monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path / "empty"))
     monkeypatch.setattr(gemv.shutil, "which", lambda name: None)
     assert gemv.kernel() is None and "compiler" in gemv.why_not
-    assert not gemv.faster(torch.float32, fast_layers._plain)
+    assert not gemv.faster()
     w = torch.randn(8, 16)
     products = fast_layers.FastLayers()
     assert products._forward(w, None) is None  # nothing to swap in: the layer runs as it is

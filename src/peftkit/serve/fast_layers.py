@@ -1,13 +1,12 @@
 """How a decode step's linear layers multiply: faster products swapped into a model's plain nn.Linear layers while
 `FastLayers.active(tree)` is entered, for the decode loop (chat, predict, the API, the RL stages' rollouts).
 
-For each fp32 or bf16 weight on the CPU, the first of:
-- peftkit's small-batch kernel (`gemv.py`) for products of up to `gemv.MAX_ROWS` rows, where it measures faster than
-  the product below on this machine (results equal to fp32 rounding, batch-invariant). An fp32 weight whose elements
-  are all bf16 values (a bf16 checkpoint loaded in fp32) is read from a bf16 copy: half the bytes, the same numbers;
-- for bf16 weights, oneDNN with the weight packed once (`packed.py`; bit-identical), where that is exact here;
-- torch's own F.linear.
-Anything with gradients, and rows beyond the kernel's bound (a prefill), runs as before the swap (packed or not).
+- fp32 weights: peftkit's small-batch kernel (`gemv.py`) for products of up to `gemv.MAX_ROWS` rows, where it
+  measures faster than torch's on this machine (results equal to fp32 rounding, batch-invariant). A weight whose
+  elements are all bf16 values (a bf16 checkpoint loaded in fp32) is read from a bf16 copy: half the bytes, the same
+  numbers. More rows (a prefill) go to torch.
+- bf16 weights: oneDNN with the weight packed once (`packed.py`; bit-identical to F.linear), where that is exact.
+Anything with gradients runs as before the swap; so does a layer with neither.
 """
 
 from __future__ import annotations
@@ -85,38 +84,38 @@ class FastLayers:
 
     def _forward(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Product | None:
         """The layer's decode-time forward, or None to leave the layer as it is."""
-        small = self._small_rows(weight, bias)
-        large = self._packed(weight, bias) if small is None or weight.dtype == torch.bfloat16 else None
-        if small is None and large is None:
+        if weight.dtype == torch.bfloat16:
+            packed_product = self._packed(weight, bias)
+            if packed_product is None:
+                return None
+
+            def packed_forward(x: torch.Tensor) -> torch.Tensor:
+                if torch.is_grad_enabled() or x.dtype != weight.dtype:
+                    return torch.nn.functional.linear(x, weight, bias)
+                return packed_product(x)
+
+            return packed_forward
+        if not (self.kernel and gemv.eligible(weight) and gemv.faster()):
             return None
+        bias32 = None if bias is None else bias.detach().float().contiguous()
+        halves = self._halves(weight)
+        read = weight if halves is None else halves
         bound = gemv.MAX_ROWS * weight.shape[1]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled() or x.dtype != weight.dtype:
+            if torch.is_grad_enabled() or x.dtype != weight.dtype or x.numel() > bound:
                 return torch.nn.functional.linear(x, weight, bias)
-            if small is not None and x.numel() <= bound:
-                return small(x)
-            if large is not None:
-                return large(x)
-            return torch.nn.functional.linear(x, weight, bias)
+            return gemv.linear(x, read, bias32)
 
         return forward
-
-    def _small_rows(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Product | None:
-        if not self.kernel or not gemv.eligible(weight):
-            return None
-        if not gemv.faster(weight.dtype, lambda w: self._packed(w, None, cache=False) or _plain(w)):
-            return None
-        bias32 = None if bias is None else bias.detach().float().contiguous()
-        halves = self._halves(weight) if weight.dtype == torch.float32 else None
-        read = weight if halves is None else halves
-        return lambda x: gemv.linear(x, read, bias32)
 
     def _halves(self, weight: torch.Tensor) -> torch.Tensor | None:
         """A bf16 copy of an fp32 weight whose every element is a bf16 value (a bf16 checkpoint loaded in fp32): the
         kernel reads half the bytes and multiplies the same numbers in fp32. None for other weights, or when the
         copies would not fit in half the free memory."""
         entry = self.halves.get(id(weight))
+        if entry is not None and entry[0] is weight and entry[2] is None:  # refused once, not checked again: an
+            return None  # optimizer's updates keep it off bf16 values (an RL stage's full fine-tuning, every step)
         if entry is None or entry[0] is not weight or entry[1] != weight._version:
             copy = weight.detach().to(torch.bfloat16)
             room = free_memory_bytes() // 2 - sum(e[2].numel() * 2 for e in self.halves.values() if e[2] is not None)
@@ -125,18 +124,12 @@ class FastLayers:
             entry = self.halves[id(weight)] = (weight, weight._version, copy)
         return entry[2]
 
-    def _packed(self, weight: torch.Tensor, bias: torch.Tensor | None, cache: bool = True) -> Product | None:
-        """oneDNN's product on the weight packed once, for bf16 weights where that is exact; else None."""
-        if weight.dtype != torch.bfloat16 or not self.pack or not packed.exact():
+    def _packed(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Product | None:
+        """oneDNN's product on the bf16 weight packed once, where that is exact here; else None."""
+        if not self.pack or not packed.exact():
             return None
         entry = self.packs.get(id(weight))
         if entry is None or entry[0] is not weight or entry[1] != weight._version:
-            entry = (weight, weight._version, packed.pack(weight))
-            if cache:
-                self.packs[id(weight)] = entry
+            entry = self.packs[id(weight)] = (weight, weight._version, packed.pack(weight))
         packed_weight = entry[2]
         return lambda x: packed.packed_linear(x, packed_weight, bias)
-
-
-def _plain(weight: torch.Tensor) -> Product:
-    return lambda x: torch.nn.functional.linear(x, weight)

@@ -6,8 +6,7 @@
    over alternating blocks of 8, then the tail), whatever the number of rows or threads: a row's result does not
    depend on the batch it is in.
 
-   x and y: fp32, or bf16 when x_bf16 (y rounded to nearest even, as torch rounds). w: [n, k] row-major, fp32 or
-   bf16. bias: fp32 or NULL. */
+   x and y: fp32. w: [n, k] row-major, fp32 or bf16 (multiplied as its fp32 values). bias: fp32 or NULL. */
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -19,14 +18,6 @@ static inline float bf16_to_float(uint16_t h) {
     float f;
     memcpy(&f, &u, 4);
     return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
 }
 
 static inline float hsum(__m256 v) {
@@ -82,15 +73,13 @@ static inline __attribute__((always_inline)) void dot_bf16(const float *x, const
     }
 }
 
-/* x (fp32 or bf16) as fp32, each whole block of 16 reordered to its 8 even then its 8 odd elements (for dot_bf16);
-   the tail as it is. */
-static void split_pairs(const void *x, int x_bf16, float *to, int64_t m, int64_t k) {
+/* x with each whole block of 16 reordered to its 8 even then its 8 odd elements (for dot_bf16); the tail as it is. */
+static void split_pairs(const float *x, float *to, int64_t m, int64_t k) {
     for (int64_t i = 0; i < m; i++) {
         for (int64_t j = 0; j < k; j++) {
-            float v = x_bf16 ? bf16_to_float(((const uint16_t *)x)[i * k + j]) : ((const float *)x)[i * k + j];
             int64_t at = j;
             if (j < k - k % 16) at = j - j % 16 + (j % 2) * 8 + (j % 16) / 2;
-            to[i * k + at] = v;
+            to[i * k + at] = x[i * k + j];
         }
     }
 }
@@ -113,35 +102,27 @@ ROW_TIMES_X(row_bf16, dot_bf16, uint16_t)
 
 #define MAX_ROWS 64
 
-/* Returns 0, or -1 when m is over MAX_ROWS or memory for x's fp32 copy is short. */
-int peftkit_gemv(const void *x, int x_bf16, const void *w, int w_bf16, const float *bias, void *y, int64_t m,
-                 int64_t n, int64_t k, int threads) {
+/* Returns 0, or -1 when m is over MAX_ROWS or memory for x's reordered copy is short. */
+int peftkit_gemv(const float *x, const void *w, int w_bf16, const float *bias, float *y, int64_t m, int64_t n,
+                 int64_t k, int threads) {
     if (m > MAX_ROWS) return -1;
-    const float *xf = (const float *)x;
+    const float *xs = x;
     float *copy = NULL;
-    if (x_bf16 || w_bf16) {
+    if (w_bf16) {
         copy = (float *)malloc((size_t)(m * k) * sizeof(float));
         if (!copy) return -1;
-        if (w_bf16)
-            split_pairs(x, x_bf16, copy, m, k);
-        else
-            for (int64_t i = 0; i < m * k; i++) copy[i] = bf16_to_float(((const uint16_t *)x)[i]);
-        xf = copy;
+        split_pairs(x, copy, m, k);
+        xs = copy;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t o = 0; o < n; o++) {
         float out[MAX_ROWS];
         if (w_bf16)
-            row_bf16(xf, (const uint16_t *)w + o * k, m, k, out);
+            row_bf16(xs, (const uint16_t *)w + o * k, m, k, out);
         else
-            row_f32(xf, (const float *)w + o * k, m, k, out);
+            row_f32(xs, (const float *)w + o * k, m, k, out);
         float b = bias ? bias[o] : 0.0f;
-        for (int64_t i = 0; i < m; i++) {
-            if (x_bf16)
-                ((uint16_t *)y)[i * n + o] = float_to_bf16(out[i] + b);
-            else
-                ((float *)y)[i * n + o] = out[i] + b;
-        }
+        for (int64_t i = 0; i < m; i++) y[i * n + o] = out[i] + b;
     }
     free(copy);
     return 0;

@@ -6,9 +6,10 @@ SmolLM2-135M's linear layers took 53 ms per token in fp32 through MKL (10 GB/s) 
 (8 GB/s, converting the weights on every call), against 17 ms for this kernel on the bf16 weights (16 GB/s); at 8
 rows MKL took ~100 ms, this kernel ~35 ms (docs/performance.md, "Decode").
 
-The kernel multiplies in fp32 with fp32 accumulation, as MKL and oneDNN do, in another summation order: results
-equal torch's to fp32 rounding (bf16 outputs: to the last bf16 bit, which rounding flips on rare elements). A row's
-result does not depend on the rows beside it or on the thread count.
+The kernel takes fp32 activations and fp32 weights, or bf16 copies of fp32 weights that hold bf16 values (a bf16
+checkpoint loaded in fp32: half the bytes), and accumulates in fp32 as MKL does, in another summation order: results
+equal torch's to fp32 rounding. A row's result does not depend on the rows beside it or on the thread count. bf16
+models keep torch's (or oneDNN's packed) bf16 products, whose exact rounding transformers' own generate shares.
 
 It is C, built on first use with the system's C compiler into peftkit's cache (a fraction of a second); without a
 compiler, or on another CPU, or with PEFTKIT_GEMV=0, nothing changes: torch multiplies as before.
@@ -39,7 +40,7 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _kernel: Any = None
 _tried = False
-_faster: dict[torch.dtype, bool] = {}
+_faster: bool | None = None
 why_not = ""  # why the kernel is not in use, when it is not (for the docs and the benchmarks)
 
 
@@ -86,8 +87,8 @@ def kernel() -> Any:
                 if path is not None:
                     # libgomp.so.1 resolves to the copy torch has loaded: one OpenMP runtime, one thread pool
                     fn = ctypes.CDLL(str(path)).peftkit_gemv
-                    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                     fn.restype = ctypes.c_int
                     _kernel = fn
             except (OSError, subprocess.SubprocessError) as e:
@@ -96,48 +97,47 @@ def kernel() -> Any:
 
 
 def eligible(weight: torch.Tensor) -> bool:
-    """A weight the kernel multiplies: 2-D, contiguous, fp32 or bf16, on the CPU."""
-    return (weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+    """A weight the kernel multiplies: 2-D, contiguous, fp32, on the CPU (bf16 copies of it are made by the caller)."""
+    return (weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype == torch.float32
             and weight.is_contiguous())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) in x's dtype for x of at most MAX_ROWS rows, once `kernel()` has loaded the kernel.
-    x and weight: fp32 or bf16 each (fp32 x with a bf16 weight multiplies in fp32); `bias` in fp32. Lean: a decode
-    step makes ~200 of these calls."""
+    """F.linear(x, weight, bias) for an fp32 x of at most MAX_ROWS rows, once `kernel()` has loaded the kernel; the
+    weight fp32 or bf16 (multiplied as its fp32 values), `bias` fp32. Lean: a decode step makes ~200 of these calls."""
     n, k = weight.shape
     x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    status = _kernel(x.data_ptr(), x.dtype == torch.bfloat16, weight.data_ptr(), weight.dtype == torch.bfloat16,
+    y = torch.empty(*x.shape[:-1], n)
+    status = _kernel(x.data_ptr(), weight.data_ptr(), weight.dtype == torch.bfloat16,
                      None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // k, n, k,
                      torch.get_num_threads())
     if status != 0:
-        return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return torch.nn.functional.linear(x, weight.float(), bias)
     return y
 
 
-def faster(dtype: torch.dtype, theirs: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]) -> bool:
-    """Whether the kernel beats the product torch would otherwise use at one row, for weights of `dtype` on this
-    machine. `theirs(weight)` prepares that product (packing the weight, say) and returns it as a function of x.
-    Measured once per dtype: 128 MB of 1536 x 576 weights (a decode step's weights do not fit a CPU cache either),
-    each multiplied by one row, the best of 3 passes; the kernel must be 10% faster."""
+def faster() -> bool:
+    """Whether the kernel beats torch's fp32 product at one row on this machine. Measured once: 128 MB of fp32
+    1536 x 576 weights (a decode step's weights do not fit a CPU cache either), each multiplied by one row, the best
+    of 3 passes; the kernel must be 10% faster. (Its bf16 copies of weights read half the bytes: faster still.)"""
+    global _faster
     with _lock:
-        if dtype in _faster:
-            return _faster[dtype]
+        if _faster is not None:
+            return _faster
     if kernel() is None:
         return False
-    count = _PROBE_BYTES // (1536 * 576 * torch.finfo(dtype).bits // 8)
-    weights = [torch.full((1536, 576), 0.01, dtype=dtype) for _ in range(count)]  # written: real pages, not zero ones
-    x = torch.randn(1, 576, generator=torch.Generator().manual_seed(0)).to(dtype)
+    count = _PROBE_BYTES // (1536 * 576 * 4)
+    weights = [torch.full((1536, 576), 0.01) for _ in range(count)]  # written: real pages, not the zero page
+    x = torch.randn(1, 576, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         products = {"ours": [functools.partial(linear, weight=w, bias=None) for w in weights],
-                    "theirs": [theirs(w) for w in weights]}
-        for fns in products.values():  # warm-up: first-call allocations, primitive creation
+                    "theirs": [functools.partial(torch.nn.functional.linear, weight=w) for w in weights]}
+        for fns in products.values():  # warm-up: first-call allocations
             fns[0](x)
         best = {name: min(_timed(fns, x) for _ in range(3)) for name, fns in products.items()}
     with _lock:
-        _faster[dtype] = best["ours"] < 0.9 * best["theirs"]
-        return _faster[dtype]
+        _faster = best["ours"] < 0.9 * best["theirs"]
+        return _faster
 
 
 def _timed(products: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> float:
