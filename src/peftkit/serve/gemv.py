@@ -107,7 +107,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     weight fp32 or bf16 (multiplied as its fp32 values), `bias` fp32. Lean: a decode step makes ~200 of these calls."""
     n, k = weight.shape
     x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], n)
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
     status = _kernel(x.data_ptr(), weight.data_ptr(), weight.dtype == torch.bfloat16,
                      None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // k, n, k,
                      torch.get_num_threads())
