@@ -112,19 +112,6 @@ def peftkit_runner(engine: Any) -> Callable[[list[list[int]], int], list[list[in
     return generate
 
 
-def _before(generate: Callable) -> Callable:
-    """`generate` with PEFTKIT_DECODE=generate: the engine as it was, through `model.generate`."""
-
-    def before(prompts: list[list[int]], n: int) -> list[list[int]]:
-        os.environ["PEFTKIT_DECODE"] = "generate"
-        try:
-            return generate(prompts, n)
-        finally:
-            os.environ.pop("PEFTKIT_DECODE")
-
-    return before
-
-
 def transformers_runner(model: Any, engine: Any) -> Callable[[list[list[int]], int], list[list[int]]]:
     """Plain `model.generate`: left-padded batch, greedy, the engine's end-of-turn ids."""
 

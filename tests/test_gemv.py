@@ -64,8 +64,8 @@ def model_with(small_model_dir, bf16_values: bool):  # noqa: F811
 
 
 @pytest.mark.parametrize("bf16_values", [True, False])
-def test_decode_linears_read_bf16_copies_only_of_bf16_values(small_model_dir, monkeypatch,  # noqa: F811
-                                                            bf16_values: bool) -> None:
+def test_fast_layers_read_bf16_copies_only_of_bf16_values(small_model_dir, monkeypatch,  # noqa: F811
+                                                          bf16_values: bool) -> None:
     monkeypatch.setattr(gemv, "faster", lambda: True)  # whatever this machine measures
     model = model_with(small_model_dir, bf16_values)
     products = fast_layers.FastLayers()
