@@ -105,3 +105,33 @@ def test_linear_log_probs_equal_log_softmax_with_any_row_weights(bias) -> None:
     assert (ours - plain).abs().max() <= 1e-5 and ours[::7].abs().max() == 0
     for a, b in zip(mine, theirs):
         assert (a - b).abs().max() <= 1e-5
+
+
+def test_chunks_are_equal_and_cover_every_row(monkeypatch) -> None:
+    monkeypatch.setattr(fused_head, "CHUNK_ROWS", 100)
+    for rows in (0, 1, 99, 100, 101, 250, 301):
+        chunks = fused_head._chunks(rows)
+        sizes = [c.stop - c.start for c in chunks]
+        assert sum(sizes) == rows and max(sizes) <= 100 and max(sizes) - min(sizes) < len(chunks)
+        assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+    assert [c.stop - c.start for c in fused_head._chunks(101)] == [51, 50]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_half_precision_head_rounds_its_logits_like_the_plain_path(bias, monkeypatch) -> None:
+    """bf16 weights: the logits are rounded to bf16 before the fp32 softmax, as `head(hidden).float()` does."""
+    monkeypatch.setattr(fused_head, "CHUNK_ROWS", 24)
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(32, 300, bias=bias).to(torch.bfloat16)
+    hidden = torch.randn(70, 32, generator=g).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 300, (70,), generator=g)
+    targets[::5] = -100
+    ours = linear_cross_entropy_sum(hidden, head, targets, -100)
+    ours.backward()
+    mine = hidden.grad.clone()
+    hidden.grad = None
+    plain = torch.nn.functional.cross_entropy(head(hidden).float(), targets, ignore_index=-100, reduction="sum")
+    plain.backward()
+    assert ours.item() == pytest.approx(plain.item(), rel=1e-4)
+    assert (mine.float() - hidden.grad.float()).norm() <= 1e-2 * hidden.grad.float().norm()
+    assert mine[::5].abs().max() == 0

@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 
+from peftkit import native
 from peftkit.models import load_model_and_tokenizer
 from peftkit.serve import ChatEngine, GenerationParams, fast_layers, gemv
 
@@ -105,7 +106,7 @@ def test_built_on_first_use_and_left_out_without_a_compiler(monkeypatch, tmp_pat
     for name, value in (("_kernel", None), ("_tried", False), ("_faster", None)):
         monkeypatch.setattr(gemv, name, value)
     monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path / "empty"))
-    monkeypatch.setattr(gemv.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     assert gemv.kernel() is None and "compiler" in gemv.why_not
     assert not gemv.faster()
     w = torch.randn(8, 16)

@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,11 +28,12 @@ from typing import Any, Callable
 
 import torch
 
+from .. import native
+
 GEMV_ENV = "PEFTKIT_GEMV"  # "0": torch multiplies every decode step (to compare)
 MAX_ROWS = 16  # more rows than this (a prefill) go to torch's GEMM, which is compute-efficient there
 _SOURCE = Path(__file__).with_name("gemv.c")
 _PROBE_BYTES = 128 * 2**20
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
 _kernel: Any = None
@@ -45,32 +43,9 @@ why_not = ""  # why the kernel is not in use, when it is not (for the docs and t
 
 
 def _build() -> Path | None:
-    """The kernel's shared library, compiled once per source and flags into peftkit's cache; None when it cannot be."""
     global why_not
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        why_not = f"this CPU has no AVX2 (torch's capability: {torch.backends.cpu.get_cpu_capability()})"
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        why_not = "no C compiler (cc) on PATH"
-        return None
-    from ..models import peftkit_home
-
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = peftkit_home() / "kernels" / f"gemv-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0:
-            why_not = f"the C compiler failed: {done.stderr.strip()[-300:]}"
-            return None
-        os.replace(built, target)  # atomic: a concurrent build by another process leaves one whole file
-    return target
+    path, why_not = native.build(_SOURCE)
+    return path
 
 
 def kernel() -> Any:

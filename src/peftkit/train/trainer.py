@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..errors import ConfigError, TrainingInterrupted
+from ..fused_ops import fused_layers
 from ..io import peft_format
 from ..io.atomic import remove_stale_temporaries, write_text
 from ..io.outputs import record_outputs
@@ -89,7 +90,7 @@ def optimizer_step(model: torch.nn.Module, objective: Objective, group: Sequence
     scale = ranks.world_size / max(units, 1)
     total = torch.zeros(())  # summed on the loss's device, read once per step: no host sync per micro-batch
     for i, (batch, weight) in enumerate(zip(group, counted)):
-        with attention_for(model, batch), no_sync(model, last=i == len(group) - 1):
+        with attention_for(model, batch), fused_layers(model), no_sync(model, last=i == len(group) - 1):
             loss_sum = objective.loss(model, batch) * float(weight)
             loss = loss_sum * scale
             extra = extra_loss()

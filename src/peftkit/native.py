@@ -1,0 +1,49 @@
+"""peftkit's own C kernels: compiled on first use by the system's C compiler into peftkit's cache, loaded by ctypes.
+
+Why C and not a Python extension: the kernels are a few hundred lines for x86-64 CPUs with AVX2, and building them at
+first use (well under a second) keeps peftkit a pure-Python package. Without a compiler or on another CPU the callers
+keep torch's own operators, so nothing here is required.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
+
+def build(source: Path) -> tuple[Path | None, str]:
+    """The shared library of `source`, compiled once per source text and flags into `peftkit_home()/kernels`; or None
+    and why not (no AVX2, no compiler, a compiler error). libgomp.so.1 in the library resolves, when loaded, to the
+    copy torch already has: one OpenMP runtime and one thread pool in the process."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None, f"this CPU has no AVX2 (torch's capability: {torch.backends.cpu.get_cpu_capability()})"
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc) on PATH"
+    from .models import peftkit_home
+
+    text = source.read_bytes()
+    key = hashlib.sha256(text + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = peftkit_home() / "kernels" / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target, ""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        try:
+            done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True,
+                                  timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"the C compiler could not run: {e}"
+        if done.returncode != 0:
+            return None, f"the C compiler failed: {done.stderr.strip()[-300:]}"
+        os.replace(built, target)  # atomic: a concurrent build by another process leaves one whole file
+    return target, ""

@@ -1,0 +1,129 @@
+"""peftkit's fused RMSNorm and SwiGLU kernels (fused_ops.c): equal to torch's operators to fp32 rounding, forward and
+backward, whatever the thread count; swapped in only for Llama-style modules, only inside `fused_layers`, and the
+model left as it was after. No timings are asserted."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import tiny_llama
+from transformers import GemmaConfig, GemmaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from peftkit import LoraConfig, TunedModel, fused_ops
+
+
+@pytest.fixture(autouse=True)
+def kernels():
+    if fused_ops.kernels() is None:
+        pytest.skip(f"the kernels are not available here: {fused_ops.why_not}")
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 7, 1536), (1, 4099), (9000,)])
+def test_swiglu_equals_silu_times_up(shape) -> None:
+    g = torch.Generator().manual_seed(len(shape))
+    gate = (torch.randn(shape, generator=g) * 4).requires_grad_()
+    up = torch.randn(shape, generator=g).requires_grad_()
+    grad = torch.randn(shape, generator=g)
+    ours = fused_ops.swiglu(gate, up)
+    ours.backward(grad)
+    mine = gate.grad.clone(), up.grad.clone()
+    gate.grad = up.grad = None
+    theirs = torch.nn.functional.silu(gate) * up
+    theirs.backward(grad)
+    assert relative(ours, theirs) <= 1e-6
+    assert relative(mine[0], gate.grad) <= 1e-6 and relative(mine[1], up.grad) <= 1e-6
+
+
+def test_swiglu_extremes_and_nan() -> None:
+    gate = torch.tensor([-200.0, -90.0, -20.0, 0.0, 20.0, 90.0, 200.0, float("nan")] * 2)
+    up = torch.ones_like(gate)
+    ours = fused_ops.swiglu(gate, up)
+    theirs = torch.nn.functional.silu(gate)
+    assert torch.isnan(ours[7]) and torch.isnan(ours[15])
+    finite = ~torch.isnan(theirs)
+    assert torch.allclose(ours[finite], theirs[finite], rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("trained_weight", [False, True])
+def test_rms_norm_equals_llamas(trained_weight) -> None:
+    g = torch.Generator().manual_seed(1)
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    norm.weight.data = torch.randn(576, generator=g)
+    norm.weight.requires_grad_(trained_weight)
+    x = (torch.randn(2, 37, 576, generator=g) * 3).requires_grad_()
+    grad = torch.randn(2, 37, 576, generator=g)
+    ours = fused_ops.rms_norm(x, norm.weight, norm.variance_epsilon)
+    ours.backward(grad)
+    mine = x.grad.clone(), None if norm.weight.grad is None else norm.weight.grad.clone()
+    x.grad = norm.weight.grad = None
+    theirs = norm(x)
+    theirs.backward(grad)
+    assert relative(ours, theirs) <= 1e-6 and relative(mine[0], x.grad) <= 1e-5
+    if trained_weight:
+        assert relative(mine[1], norm.weight.grad) <= 1e-5
+    assert fused_ops.rms_norm(x.detach().to(torch.bfloat16), norm.weight, 1e-5) is None  # fp32 only
+
+
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    g = torch.Generator().manual_seed(2)
+    gate, up, x = torch.randn(64, 1536, generator=g), torch.randn(64, 1536, generator=g), torch.randn(64, 576)
+    weight = torch.randn(576, generator=g)
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outputs.append((fused_ops.swiglu(gate, up), fused_ops.rms_norm(x, weight, 1e-6)))
+    finally:
+        torch.set_num_threads(before)
+    for swiglu, norm in outputs[1:]:
+        assert torch.equal(swiglu, outputs[0][0]) and torch.equal(norm, outputs[0][1])
+
+
+def loss_and_grads(tuned: TunedModel, fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, tuned.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    context = fused_ops.fused_layers(tuned) if fused else torch.enable_grad()
+    with context:
+        loss = tuned(input_ids=ids, labels=ids).loss
+        loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in tuned.named_parameters() if p.grad is not None}
+
+
+def test_fused_layers_train_like_torch_and_leave_the_model_as_it_was() -> None:
+    tuned = TunedModel(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+    swapped = fused_ops._swappable(tuned)
+    layers = tuned.model.config.num_hidden_layers
+    assert len(swapped) == 2 * layers + 1 + layers  # two norms a layer, the final norm, one MLP a layer
+    fused = loss_and_grads(copy.deepcopy(tuned), True)
+    plain = loss_and_grads(copy.deepcopy(tuned), False)
+    assert fused[0].item() == pytest.approx(plain[0].item(), rel=1e-6) and fused[1].keys() == plain[1].keys()
+    for key, grad in plain[1].items():
+        assert (fused[1][key] - grad).norm() <= 1e-5 * grad.norm(), key
+    with fused_ops.fused_layers(tuned):
+        assert all("forward" in module.__dict__ for module, _ in swapped)
+    assert not any("forward" in module.__dict__ for module in tuned.modules())
+
+
+def test_only_llamas_code_is_swapped() -> None:
+    gemma = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    assert fused_ops._swappable(gemma) == []  # its norm scales by 1 + weight; its MLP's activation is GELU
+
+
+def test_left_out_when_switched_off(monkeypatch) -> None:
+    for name, value in (("_lib", None), ("_tried", False)):
+        monkeypatch.setattr(fused_ops, name, value)
+    monkeypatch.setenv(fused_ops.FUSED_ENV, "0")
+    assert fused_ops.kernels() is None and fused_ops.FUSED_ENV in fused_ops.why_not
+    tuned = TunedModel(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    with fused_ops.fused_layers(tuned):
+        assert not any("forward" in module.__dict__ for module in tuned.modules())
+    gate, up = torch.randn(4, 8), torch.randn(4, 8)
+    assert torch.equal(fused_ops.swiglu(gate, up), torch.nn.functional.silu(gate) * up)
