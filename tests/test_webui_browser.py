@@ -30,6 +30,9 @@ if not CHROMIUM.is_file():
                 allow_module_level=True)
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
 expect = playwright.expect
+# An assertion retries until it holds; Playwright gives up after 5 s by default, which a relabel of the whole page
+# can exceed on 2 cores busy with other tests. A passing check returns as soon as it holds, so the wait costs nothing.
+expect.set_options(timeout=30_000)
 
 # The Train tab's run: 16 rows a step, so that a step takes a noticeable moment and Abort lands mid-run.
 STEPS, SAVE_STEPS, ABORT_AFTER, EVAL_STEPS = 30, 4, 5, 10
