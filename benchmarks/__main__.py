@@ -142,7 +142,7 @@ def report(record: dict) -> str:
     quick = " (--quick: smoke-test settings, not the benchmark)" if record["quick"] else ""
     lines = [f"## All benchmarks (`python -m benchmarks all`), {record['date'][:10]}{quick}", "",
              f"Machine: {machine_line(record['machine'])}. Load average before the first run: "
-             f"{record['load_avg_at_start']:.1f}. Every run is its own process; one run each.", "",
+             f"{record['load_avg_at_start']:.1f}. Every run is its own process.", "",
              "### Training, whole process (`benchmarks/train_job.py`)", ""]
     if train.get("skipped"):
         lines.append("Skipped (--skip train).")

@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--max-samples", type=int, default=200, help="training rows: the first N of alpaca_en_demo")
     p.add_argument("--runs", default="phases,peftkit,hf-default,hf-best,quickstart",
                    help="comma-separated subset (for development)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs of each compared job, in the order ABC, CBA, ...; each row is their mean")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_job.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -325,7 +327,8 @@ def compare(a: argparse.Namespace) -> dict:
     eval_rows = [200, 208] if a.quick else [200, 264]
     info = machine()
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": info, "quick": a.quick,
-              "settings": dict(JOB, max_samples=a.max_samples, dataset_dir=a.data_dir, eval_rows=eval_rows),
+              "settings": dict(JOB, max_samples=a.max_samples, dataset_dir=a.data_dir, eval_rows=eval_rows,
+                              rounds=a.rounds),
               "targets": targets(info["native_bf16"]), "runs": {}}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -346,35 +349,42 @@ def compare(a: argparse.Namespace) -> dict:
         def save() -> None:  # partial results survive an interrupted run
             out.write_text(json.dumps(record, indent=2) + "\n")
 
-        adapters = {}
+        adapters: dict[str, str] = {}
+        rounds: dict[str, list[dict]] = {}
         if "phases" in runs:
             record["runs"]["peftkit-phases"] = run_phases(
                 config, [f"output_dir={tmp / 'phases'}", "max_steps=2" if a.quick else "max_steps=3",
                          "logging_steps=1", "overwrite_cache=true"], tmp)
             save()
-        if "peftkit" in runs:
-            r = spawn("peftkit", peftkit_command("train", str(config)), tmp / "peftkit.log")
-            res = json.loads((tmp / "pk" / "train_results.json").read_text())
-            r.update(saved_line(tmp / "peftkit.log"), loop_s=res["train_runtime"], steps=res["train_steps"],
-                     train_loss=res["train_loss"], loop_tokens_per_s=res["train_tokens_per_second"],
-                     peak_memory_mb_reported=res["peak_memory_mb"], trainable_params=res["trainable_params"])
-            record["runs"]["peftkit"] = r
-            adapters["peftkit"] = str(tmp / "pk")
-            save()
-        for variant in ("default", "best"):
-            name = f"hf-{variant}"
-            if name not in runs:
-                continue
-            result, output = tmp / f"{name}.json", tmp / name
-            r = spawn(name, child_command("hf", "--variant", variant, "--model", folder, "--data-dir", a.data_dir,
-                                          "--max-samples", str(a.max_samples), "--output-dir", str(output),
-                                          "--result", str(result)), tmp / f"{name}.log")
-            res = json.loads(result.read_text())
-            r.update(res, loop_s=round(res.pop("train_runtime"), 2))
-            r["loop_tokens_per_s"] = round(r["tokens"] / r["loop_s"], 1)
-            record["runs"][name] = r
-            adapters[name] = str(output)
-            save()
+        compared = [name for name in ("peftkit", "hf-default", "hf-best") if name in runs]
+        for round_ in range(a.rounds):
+            # ABC, then CBA, ...: a drift of the machine's speed during the comparison (this VM's moves 10-20%)
+            # weighs on every run alike in the mean of a forward and a backward round
+            for name in compared if round_ % 2 == 0 else compared[::-1]:
+                here = tmp / f"round{round_}"
+                here.mkdir(exist_ok=True)
+                label = name if a.rounds == 1 else f"{name} ({round_ + 1}/{a.rounds})"
+                if name == "peftkit":
+                    r = spawn(label, peftkit_command("train", str(config), f"output_dir={here / 'pk'}"),
+                              here / "peftkit.log")
+                    res = json.loads((here / "pk" / "train_results.json").read_text())
+                    r.update(saved_line(here / "peftkit.log"), loop_s=res["train_runtime"], steps=res["train_steps"],
+                             train_loss=res["train_loss"], peak_memory_mb_reported=res["peak_memory_mb"],
+                             trainable_params=res["trainable_params"],
+                             tokens=round(res["train_tokens_per_second"] * res["train_runtime"]))  # no evals here
+                    output = here / "pk"
+                else:
+                    result, output = here / f"{name}.json", here / name
+                    r = spawn(label, child_command("hf", "--variant", name.removeprefix("hf-"), "--model", folder,
+                                                   "--data-dir", a.data_dir, "--max-samples", str(a.max_samples),
+                                                   "--output-dir", str(output), "--result", str(result)),
+                              here / f"{name}.log")
+                    res = json.loads(result.read_text())
+                    r.update(res, loop_s=round(res.pop("train_runtime"), 2))
+                rounds.setdefault(name, []).append(r)
+                adapters.setdefault(name, str(output))  # the first round's: training is seeded, rounds agree
+                record["runs"][name] = mean_of_rounds(rounds[name])
+                save()
         if "quickstart" in runs:
             r = spawn("quickstart", peftkit_command("train", *quickstart[0:1], *quickstart[1]), tmp / "quickstart.log")
             r.update(saved_line(tmp / "quickstart.log"))
@@ -401,6 +411,21 @@ def compare(a: argparse.Namespace) -> dict:
     print("\n" + markdown(record))
     print(f"\nWrote {out}")
     return record
+
+
+def mean_of_rounds(results: list[dict]) -> dict:
+    """One run's row: the mean of its rounds' times and CPU seconds, the highest peak RSS, the load average from the
+    first start to the last end, and every round as it was (`rounds`)."""
+    row = dict(results[0])
+    for key in ("wall_s", "loop_s", "cpu_s"):
+        row[key] = round(sum(r[key] for r in results) / len(results), 2)
+    row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in results)
+    row["load_avg_after"] = results[-1]["load_avg_after"]
+    row["busy"] = any(r["busy"] for r in results)
+    row["loop_tokens_per_s"] = round(row["tokens"] / row["loop_s"], 1)
+    row["rounds"] = [{k: r[k] for k in ("wall_s", "loop_s", "cpu_s", "peak_rss_mib", "load_avg_before",
+                                        "load_avg_after")} for r in results]
+    return row
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -442,6 +467,13 @@ def summarize(record: dict) -> None:
     record["checks"] = checks
 
 
+def _rounds_text(rounds: int) -> str:
+    if rounds == 1:
+        return "one run each"
+    return (f"{rounds} runs each, in the order peftkit, HF-default, HF-best, then back, so that a drift of the "
+            "machine's speed weighs on each alike; each row is the mean of its runs (the highest peak RSS)")
+
+
 def _num(v, fmt: str = "{:.2f}") -> str:
     return "–" if v is None else fmt.format(v)
 
@@ -453,13 +485,14 @@ def markdown(record: dict) -> str:
     compared = [name for name in ("peftkit", "hf-default", "hf-best") if name in runs]
     lines = [f"Job: smollm2-135m, first {s['max_samples']} rows of {DATASET}, cutoff {s['cutoff_len']}, LoRA r8 "
              f"alpha 16 dropout 0 on q_proj,v_proj, batch 4, one epoch, lr 1e-4 cosine, seed 42. Whole process, spawn "
-             f"to exit, one run each; model folder and peftkit's dataset cache made beforehand (untimed). HF-default: "
+             f"to exit; {_rounds_text(s.get('rounds', 1))}; model folder and peftkit's dataset cache made beforehand "
+             "(untimed). HF-default: "
              f"fp32, DataCollatorForSeq2Seq padding; HF-best: bf16 autocast (where the CPU has native bf16) + "
              "group_by_length. Eval loss: held-out "
              f"rows {s['eval_rows'][0]}..{s['eval_rows'][1] - 1}, fp32, one function for all.", "",
              "| run | wall s | x HF-default | x HF-best | outside the loop s | loop s | loop tokens/s | peak RSS MiB "
-             "| RSS / HF-best | CPU s | last train loss | eval loss | vs HF-default | load avg |",
-             "|" + "---|" * 14]
+             "| RSS / HF-best | CPU s | last train loss | eval loss | vs HF-default | load avg | wall s by round |",
+             "|" + "---|" * 15]
     if not compared:
         lines = lines[:1]
     for name in compared:
@@ -471,7 +504,8 @@ def markdown(record: dict) -> str:
             f"{r['peak_rss_mib']:.0f} | {_num(r.get('rss_vs_hf_best'))} | {r['cpu_s']:.0f} | "
             f"{_num(r.get('train_loss'), '{:.4f}')} | {_num(r.get('eval_loss'), '{:.4f}')} | "
             f"{_num(r.get('eval_rel_vs_hf_default'), '{:+.2%}')} | "
-            f"{r['load_avg_before']:.1f} -> {r['load_avg_after']:.1f}{busy} |")
+            f"{r['load_avg_before']:.1f} -> {r['load_avg_after']:.1f}{busy} | "
+            f"{' / '.join(format(x['wall_s'], '.1f') for x in r.get('rounds', [r]))} |")
     ev = record.get("eval")
     if ev:
         lines.append(f"\nBase model eval loss {ev['eval_loss']['base']:.4f} ({ev['eval_examples']} rows, "
