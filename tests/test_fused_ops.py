@@ -12,13 +12,13 @@ from helpers import tiny_llama
 from transformers import GemmaConfig, GemmaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from peftkit import LoraConfig, TunedModel, fused_ops
+from peftkit import LoraConfig, TunedModel, fused_ops, native
 
 
 @pytest.fixture(autouse=True)
 def kernels():
     if fused_ops.kernels() is None:
-        pytest.skip(f"the kernels are not available here: {fused_ops.why_not}")
+        pytest.skip(f"the kernels are not available here: {fused_ops.LIBRARY.why_not}")
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,10 +118,10 @@ def test_only_llamas_code_is_swapped() -> None:
 
 
 def test_left_out_when_switched_off(monkeypatch) -> None:
-    for name, value in (("_lib", None), ("_tried", False)):
-        monkeypatch.setattr(fused_ops, name, value)
+    monkeypatch.setattr(fused_ops, "LIBRARY", native.Library(fused_ops._SOURCE, fused_ops.FUSED_ENV,
+                                                             fused_ops._declare))
     monkeypatch.setenv(fused_ops.FUSED_ENV, "0")
-    assert fused_ops.kernels() is None and fused_ops.FUSED_ENV in fused_ops.why_not
+    assert fused_ops.kernels() is None and fused_ops.FUSED_ENV in fused_ops.LIBRARY.why_not
     tuned = TunedModel(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
     with fused_ops.fused_layers(tuned):
         assert not any("forward" in module.__dict__ for module in tuned.modules())

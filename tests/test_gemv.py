@@ -17,7 +17,7 @@ from peftkit.serve import ChatEngine, GenerationParams, fast_layers, gemv
 @pytest.fixture(autouse=True)
 def kernel():
     if gemv.kernel() is None:
-        pytest.skip(f"the kernel is not available here: {gemv.why_not}")
+        pytest.skip(f"the kernel is not available here: {gemv.LIBRARY.why_not}")
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,17 +97,17 @@ def test_greedy_decoding_through_the_kernel_equals_generate(small_model_dir, mon
 
 
 def test_built_on_first_use_and_left_out_without_a_compiler(monkeypatch, tmp_path) -> None:
-    for name, value in (("_kernel", None), ("_tried", False), ("_faster", None)):
-        monkeypatch.setattr(gemv, name, value)
+    monkeypatch.setattr(gemv, "LIBRARY", native.Library(gemv._SOURCE, gemv.GEMV_ENV, gemv._declare))
+    monkeypatch.setattr(gemv, "_faster", None)
     monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path))
     assert gemv.kernel() is not None
     assert len(list((tmp_path / "kernels").glob("gemv-*.so"))) == 1
 
-    for name, value in (("_kernel", None), ("_tried", False), ("_faster", None)):
-        monkeypatch.setattr(gemv, name, value)
+    monkeypatch.setattr(gemv, "LIBRARY", native.Library(gemv._SOURCE, gemv.GEMV_ENV, gemv._declare))
+    monkeypatch.setattr(gemv, "_faster", None)
     monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path / "empty"))
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
-    assert gemv.kernel() is None and "compiler" in gemv.why_not
+    assert gemv.kernel() is None and "compiler" in gemv.LIBRARY.why_not
     assert not gemv.faster()
     w = torch.randn(8, 16)
     products = fast_layers.FastLayers()

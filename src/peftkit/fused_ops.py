@@ -13,8 +13,6 @@ the kernels cannot be built or PEFTKIT_FUSED_OPS=0, runs torch's operators as be
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 import types
 import weakref
 from contextlib import contextmanager
@@ -29,35 +27,23 @@ from . import native
 FUSED_ENV = "PEFTKIT_FUSED_OPS"  # "0": torch's operators (to compare)
 _SOURCE = Path(__file__).with_name("fused_ops.c")
 
-_lock = threading.Lock()
-_lib: Any = None
-_tried = False
-why_not = ""  # why the kernels are not in use, when they are not
+
+
+def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    p, n, t = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    library.peftkit_swiglu_forward.argtypes = [p, p, p, n, t]
+    library.peftkit_swiglu_backward.argtypes = [p, p, p, p, p, n, t]
+    library.peftkit_rms_norm_forward.argtypes = [p, p, p, p, n, n, ctypes.c_float, t]
+    library.peftkit_rms_norm_backward.argtypes = [p, p, p, p, p, n, n, t]
+    return library
+
+
+LIBRARY = native.Library(_SOURCE, FUSED_ENV, _declare)
 
 
 def kernels() -> Any:
-    """The loaded library, or None (see `why_not`)."""
-    global _lib, _tried, why_not
-    with _lock:
-        if not _tried:
-            _tried = True
-            if os.environ.get(FUSED_ENV, "1") == "0":
-                why_not = f"{FUSED_ENV}=0"
-                return None
-            path, why_not = native.build(_SOURCE)
-            if path is not None:
-                try:
-                    lib = ctypes.CDLL(str(path))
-                except OSError as e:
-                    why_not = f"the kernels could not be loaded: {e}"
-                    return None
-                p, n, t = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-                lib.peftkit_swiglu_forward.argtypes = [p, p, p, n, t]
-                lib.peftkit_swiglu_backward.argtypes = [p, p, p, p, p, n, t]
-                lib.peftkit_rms_norm_forward.argtypes = [p, p, p, p, n, n, ctypes.c_float, t]
-                lib.peftkit_rms_norm_backward.argtypes = [p, p, p, p, p, n, n, t]
-                _lib = lib
-        return _lib
+    """The loaded library, or None (see `LIBRARY.why_not`)."""
+    return LIBRARY.load()
 
 
 def _fits(*tensors: torch.Tensor) -> bool:
@@ -71,8 +57,8 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate, up = gate.contiguous(), up.contiguous()
         out = torch.empty_like(gate)
-        _lib.peftkit_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
-                                    torch.get_num_threads())
+        LIBRARY.loaded.peftkit_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
+                                              torch.get_num_threads())
         ctx.save_for_backward(gate, up)
         return out
 
@@ -81,8 +67,8 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         grad = grad.contiguous()
         d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
-        _lib.peftkit_swiglu_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), d_gate.data_ptr(),
-                                     d_up.data_ptr(), gate.numel(), torch.get_num_threads())
+        LIBRARY.loaded.peftkit_swiglu_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), d_gate.data_ptr(),
+                                               d_up.data_ptr(), gate.numel(), torch.get_num_threads())
         return d_gate, d_up
 
 
@@ -94,8 +80,8 @@ class _RMSNorm(torch.autograd.Function):
         rows = x.numel() // width
         y = torch.empty_like(x)
         rstd = x.new_empty(rows)
-        _lib.peftkit_rms_norm_forward(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), rstd.data_ptr(),
-                                      rows, width, eps, torch.get_num_threads())
+        LIBRARY.loaded.peftkit_rms_norm_forward(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(),
+                                                rstd.data_ptr(), rows, width, eps, torch.get_num_threads())
         ctx.save_for_backward(x, weight, rstd)
         return y
 
@@ -107,9 +93,9 @@ class _RMSNorm(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
-            _lib.peftkit_rms_norm_backward(grad.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(),
-                                           rstd.data_ptr(), dx.data_ptr(), rstd.numel(), width,
-                                           torch.get_num_threads())
+            LIBRARY.loaded.peftkit_rms_norm_backward(grad.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(),
+                                                     rstd.data_ptr(), dx.data_ptr(), rstd.numel(), width,
+                                                     torch.get_num_threads())
         d_weight = None
         if ctx.needs_input_grad[1]:  # a trained norm (full fine-tuning): sum over rows of grad * xhat
             d_weight = (grad.reshape(-1, width) * (x.reshape(-1, width) * rstd[:, None])).sum(0)
@@ -118,14 +104,14 @@ class _RMSNorm(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up; one pass where the kernels apply."""
-    if _lib is not None and _fits(gate, up) and gate.shape == up.shape:
+    if LIBRARY.loaded is not None and _fits(gate, up) and gate.shape == up.shape:
         return _SwiGLU.apply(gate, up)
     return nn.functional.silu(gate) * up
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """Llama's RMSNorm of `x` (fp32 throughout); None where the kernels do not apply."""
-    if _lib is not None and _fits(x, weight) and weight.dim() == 1 and x.shape[-1] == weight.shape[0]:
+    if LIBRARY.loaded is not None and _fits(x, weight) and weight.dim() == 1 and x.shape[-1] == weight.shape[0]:
         return _RMSNorm.apply(x, weight, eps)
     return None
 

@@ -7,12 +7,15 @@ keep torch's own operators, so nothing here is required.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -47,3 +50,35 @@ def build(source: Path) -> tuple[Path | None, str]:
             return None, f"the C compiler failed: {done.stderr.strip()[-300:]}"
         os.replace(built, target)  # atomic: a concurrent build by another process leaves one whole file
     return target, ""
+
+
+class Library:
+    """A kernel library, built and loaded on first use, once per process (thread-safe). `declare(library)` sets its
+    functions' signatures and returns what callers use (`loaded`); the environment variable `switch` set to "0"
+    leaves it out."""
+
+    def __init__(self, source: Path, switch: str, declare: Callable[[ctypes.CDLL], Any]) -> None:
+        self.source, self.switch, self.declare = source, switch, declare
+        self.loaded: Any = None  # what `declare` returned, once loaded; None before, or when it cannot be
+        self.why_not = ""  # why it is not loaded, when it is not (for the docs, the tests and the benchmarks)
+        self._tried = False
+        self._lock = threading.Lock()
+
+    def load(self) -> Any:
+        """`loaded`, building and loading it on the first call."""
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                self.loaded, self.why_not = self._load()
+            return self.loaded
+
+    def _load(self) -> tuple[Any, str]:
+        if os.environ.get(self.switch, "1") == "0":
+            return None, f"{self.switch}=0"
+        path, why = build(self.source)
+        if path is None:
+            return None, why
+        try:
+            return self.declare(ctypes.CDLL(str(path))), ""
+        except (OSError, AttributeError) as e:
+            return None, f"the kernels in {path} could not be loaded: {e}"

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -36,39 +34,23 @@ _SOURCE = Path(__file__).with_name("gemv.c")
 _PROBE_BYTES = 128 * 2**20
 
 _lock = threading.Lock()
-_kernel: Any = None
-_tried = False
 _faster: bool | None = None
-why_not = ""  # why the kernel is not in use, when it is not (for the docs and the benchmarks)
 
 
-def _build() -> Path | None:
-    global why_not
-    path, why_not = native.build(_SOURCE)
-    return path
+def _declare(library: ctypes.CDLL) -> Any:
+    fn = library.peftkit_gemv
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+LIBRARY = native.Library(_SOURCE, GEMV_ENV, _declare)
 
 
 def kernel() -> Any:
-    """The loaded kernel function, or None (see `why_not`)."""
-    global _kernel, _tried, why_not
-    with _lock:
-        if not _tried:
-            _tried = True
-            if os.environ.get(GEMV_ENV, "1") == "0":
-                why_not = f"{GEMV_ENV}=0"
-                return None
-            try:
-                path = _build()
-                if path is not None:
-                    # libgomp.so.1 resolves to the copy torch has loaded: one OpenMP runtime, one thread pool
-                    fn = ctypes.CDLL(str(path)).peftkit_gemv
-                    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-                    fn.restype = ctypes.c_int
-                    _kernel = fn
-            except (OSError, subprocess.SubprocessError) as e:
-                why_not = f"the kernel could not be built or loaded: {e}"
-        return _kernel
+    """The loaded kernel function, or None (see `LIBRARY.why_not`)."""
+    return LIBRARY.load()
 
 
 def eligible(weight: torch.Tensor) -> bool:
@@ -83,7 +65,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     n, k = weight.shape
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    status = _kernel(x.data_ptr(), weight.data_ptr(), weight.dtype == torch.bfloat16,
+    status = LIBRARY.loaded(x.data_ptr(), weight.data_ptr(), weight.dtype == torch.bfloat16,
                      None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // k, n, k,
                      torch.get_num_threads())
     if status != 0:
