@@ -127,3 +127,18 @@ def test_left_out_when_switched_off(monkeypatch) -> None:
         assert not any("forward" in module.__dict__ for module in tuned.modules())
     gate, up = torch.randn(4, 8), torch.randn(4, 8)
     assert torch.equal(fused_ops.swiglu(gate, up), torch.nn.functional.silu(gate) * up)
+
+
+def test_nested_blocks_and_a_reference_model_follow_the_step() -> None:
+    """A separate reference model takes the fused kernels only while a step runs them (the DPO reference's log-probs
+    then equal the policy's to the bit before the first update); a nested block leaves the outer one's modules."""
+    policy = TunedModel(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    reference = tiny_llama()
+    with fused_ops.like_the_step(reference):
+        assert not any("forward" in module.__dict__ for module in reference.modules())
+    with fused_ops.fused_layers(policy):
+        with fused_ops.fused_layers(policy), fused_ops.like_the_step(reference):
+            assert any("forward" in module.__dict__ for module in reference.modules())
+        assert not any("forward" in module.__dict__ for module in reference.modules())
+        assert all("forward" in module.__dict__ for module, _ in fused_ops._swappable_cached(policy))
+    assert not any("forward" in module.__dict__ for module in policy.modules())

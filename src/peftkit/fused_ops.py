@@ -15,9 +15,9 @@ from __future__ import annotations
 import ctypes
 import types
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -143,8 +143,9 @@ def _swappable(model: nn.Module) -> list[tuple[nn.Module, Any]]:
     norm_code, mlp_code = _references()
     found = []
     for module in model.modules():
-        if "forward" in module.__dict__:  # someone else's per-instance forward: leave it alone
-            continue
+        own = module.__dict__.get("forward")
+        if own is not None and getattr(own, "__func__", None) not in (_norm_forward, _mlp_forward):
+            continue  # someone else's per-instance forward: leave it alone
         forward = getattr(type(module), "forward", None)
         if not hasattr(forward, "__code__"):
             continue
@@ -159,21 +160,39 @@ def _swappable(model: nn.Module) -> list[tuple[nn.Module, Any]]:
 _found: "weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Module, Any]]]" = weakref.WeakKeyDictionary()
 
 
+def _swappable_cached(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    if model not in _found:
+        _found[model] = _swappable(model)
+    return _found[model]
+
+
+_active = 0  # fused_layers blocks open now (a training step's forward and backward)
+
+
 @contextmanager
 def fused_layers(model: nn.Module) -> Iterator[None]:
     """Inside the block (a training step's forward and backward), the model's Llama-style RMSNorms and SwiGLU MLPs
-    run the fused kernels wherever their tensors are fp32 on the CPU; torch's operators elsewhere."""
+    run the fused kernels wherever their tensors are fp32 on the CPU; torch's operators elsewhere. Nested blocks over
+    the same modules leave them to the outer one."""
+    global _active
     parameter = next(model.parameters(), None)
     if parameter is None or parameter.device.type != "cpu" or kernels() is None:
         yield
         return
-    if model not in _found:
-        _found[model] = _swappable(model)
-    swapped = _found[model]
+    swapped = [(module, forward) for module, forward in _swappable_cached(model) if "forward" not in module.__dict__]
     for module, forward in swapped:
         module.forward = types.MethodType(forward, module)
+    _active += 1
     try:
         yield
     finally:
+        _active -= 1
         for module, _ in swapped:
             module.__dict__.pop("forward", None)
+
+
+def like_the_step(model: nn.Module) -> ContextManager[None]:
+    """`fused_layers(model)` while a training step runs fused, nothing otherwise: a separate reference model then
+    takes the same kernels as the policy in the same step, so before the first update their log-probabilities agree
+    to the last bit (objectives/reference.py)."""
+    return fused_layers(model) if _active else nullcontext()

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..fused_ops import like_the_step
 from ..settings import Setting
 from .base import Batch, ReferenceSpec
 from .sequences import sequence_logps
@@ -60,8 +61,9 @@ def reference_logps(policy: nn.Module | None, reference: nn.Module | None, batch
 
     Grad mode is left as the caller has it: nothing in the reference requires gradients, so no graph is recorded,
     and the forward takes the same kernels as the policy's in the same step (varlen picks its attention by grad
-    mode), so before the first update the policy's and the reference's log-probs agree to the last bit.
+    mode, and the fused norms and MLPs while the step runs them: fused_ops.like_the_step), so before the first update
+    the policy's and the reference's log-probs agree to the last bit.
     """
-    with reference_of(policy, reference) as model:
+    with reference_of(policy, reference) as model, like_the_step(model):
         logps, counts = sequence_logps(model, batch)
     return logps.detach(), counts
