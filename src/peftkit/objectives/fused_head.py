@@ -100,7 +100,12 @@ class _LinearLogProbs(torch.autograd.Function):
     """Each row's log-probability of its target, chunk by chunk. A sequence-level loss (DPO, KTO) weighs each row's
     gradient by its own factor, known only after forward; so forward keeps d logp / d logits = onehot - softmax per
     row, in the hidden states' dtype (what the plain path hands back through `.float()`), instead of the logits, their
-    fp32 copy and the log-softmax output, and backward scales it by each row's incoming gradient."""
+    fp32 copy and the log-softmax output, and backward scales it by each row's incoming gradient.
+
+    Its logits keep the untransposed product (not `_logits_t`): the RL stages compare log-probs of the same rows
+    computed in batches of different sizes (rollout, update). A row of hidden @ weight^T does not depend on the rows
+    beside it; a column of weight @ hidden^T does (by ~1e-5 through MKL's blocking), which moved PPO's learning curve
+    in `tests/test_ppo.py`."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -108,23 +113,21 @@ class _LinearLogProbs(torch.autograd.Function):
         keep = any(ctx.needs_input_grad[:3])
         out = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         direction = hidden.new_empty(hidden.shape[0], weight.shape[0]) if keep else None
-        chunks = _chunks(hidden.shape[0])
-        buffer = hidden.new_empty(weight.shape[0] * (chunks[0].stop - chunks[0].start), dtype=torch.float32)
-        for rows in chunks:
-            t = targets[rows]
-            logits_t = _logits_t(hidden[rows], weight, bias, buffer)  # [vocabulary, rows]
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            t = targets[start:start + CHUNK_ROWS]
+            logits = nn.functional.linear(hidden[start:start + CHUNK_ROWS], weight, bias).float()
             counted = t != ignore_index
             safe = torch.where(counted, t, 0)
-            columns = torch.arange(len(t), device=t.device)
-            logits_t.sub_(torch.logsumexp(logits_t, dim=0))  # log-softmax, in place
-            out[rows] = logits_t[safe, columns] * counted
-            if entropy_out is not None:  # -sum p log p, from the log-softmax already made
-                entropy_out[rows] = -(logits_t.exp() * logits_t).sum(0)
+            lse = torch.logsumexp(logits, dim=-1)
+            out[start:start + CHUNK_ROWS] = (logits.gather(1, safe[:, None]).squeeze(1) - lse) * counted
+            if entropy_out is not None:  # -sum p log p, from the logits already made
+                logp = logits - lse[:, None]
+                entropy_out[start:start + CHUNK_ROWS] = -(logp.exp() * logp).sum(-1)
             if direction is not None:
-                grad_t = logits_t.exp_().neg_()  # -softmax, in place
-                grad_t[safe, columns] += 1.0
-                grad_t.mul_(counted)
-                direction[rows] = grad_t.t()
+                grad = torch.exp(logits.sub_(lse[:, None])).neg_()  # -softmax, in place of the logits
+                grad[torch.arange(len(t)), safe] += 1.0
+                grad *= counted[:, None]
+                direction[start:start + CHUNK_ROWS] = grad
         ctx.save_for_backward(hidden, weight, direction if direction is not None else torch.empty(0))
         ctx.has_bias = bias is not None
         return out
