@@ -28,7 +28,6 @@ FUSED_ENV = "PEFTKIT_FUSED_OPS"  # "0": torch's operators (to compare)
 _SOURCE = Path(__file__).with_name("fused_ops.c")
 
 
-
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     p, n, t = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.peftkit_swiglu_forward.argtypes = [p, p, p, n, t]

@@ -34,8 +34,9 @@ def _logits_t(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """The chunk's logits, transposed ([vocabulary, rows]) and in fp32, written into `buffer` (flat, reused).
 
     Why transposed: MKL computes weight @ hidden^T at ~110 GFLOP/s in fp32 on an AVX2 EPYC and hidden @ weight^T at
-    ~75 (a [256, 576] x [576, 49152] product; docs/performance.md, "LM head"). Why one reused buffer: a fresh 50-75 MB
-    tensor per chunk costs page faults on every first touch, as much as the softmax's arithmetic."""
+    ~75 (a [256, 576] x [576, 49152] product; docs/performance.md, "Fused LM head + cross-entropy"). Why one reused
+    buffer: a fresh 50-75 MB tensor per chunk costs page faults on every first touch, as much as the softmax's
+    arithmetic."""
     rows = hidden.shape[0]
     out = buffer[:weight.shape[0] * rows].view(weight.shape[0], rows)
     if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
