@@ -142,3 +142,14 @@ def test_nested_blocks_and_a_reference_model_follow_the_step() -> None:
         assert not any("forward" in module.__dict__ for module in reference.modules())
         assert all("forward" in module.__dict__ for module, _ in fused_ops._swappable_cached(policy))
     assert not any("forward" in module.__dict__ for module in policy.modules())
+
+
+def test_a_bf16_model_keeps_torchs_operators() -> None:
+    """The kernels are fp32-only: in a bf16 model the swapped modules fall back to torch, to the bit."""
+    tuned = TunedModel(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj"]))
+    ids = torch.randint(0, tuned.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = tuned(input_ids=ids).logits
+        with fused_ops.fused_layers(tuned):
+            fused = tuned(input_ids=ids).logits
+    assert fused.dtype == torch.bfloat16 and torch.equal(fused, plain)
