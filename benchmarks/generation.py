@@ -8,7 +8,8 @@ One run, the same prompts for everyone, greedy decoding:
 - peftkit: `ChatEngine`'s decode loop on the alias's float32 weights (dequantized Q4_1, as `peftkit chat` loads it),
   and on the same model as a bf16 checkpoint (how models are published), in the dtype `peftkit chat` generates in
   from one on this CPU (bf16 where bf16 is fast, else fp32 on the bf16 values, `precision.inference_dtype`); "before
-  (no decode kernel)" is that engine without peftkit's decode kernel (serve/gemv.py);
+  (no decode kernel, no direct step)" is that engine without peftkit's decode kernel (serve/gemv.py) and with every
+  step through the model's own forward (serve/llama_step.py);
 - transformers: `model.generate` on the same weights: fp32, the bf16 checkpoint in bf16 (transformers' own default
   for it), and in peftkit's dtype where that differs (for the same-tokens check);
 - llama.cpp (llama-cpp-python) on an f16 GGUF of the same weights, written by peftkit's exporter; its "batch 8" is 8
@@ -201,6 +202,7 @@ def run(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
     engines = {"float32": ChatEngine(model, tokenizer), f"bf16 checkpoint, {own}": ChatEngine(served, tokenizer)}
     before = ChatEngine(served, tokenizer)
     before.layers = FastLayers(kernel=False)  # the engine without peftkit's decode kernel
+    before.direct_step = False  # and every step through the model's own forward
     prompts = [engines["float32"].prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
     runners: dict[str, Callable] = {
         "transformers generate float32": transformers_runner(model, engines["float32"]),
@@ -210,7 +212,7 @@ def run(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
             f"peftkit bf16 checkpoint, {own}": f"transformers generate {own} (bf16 checkpoint)"}
     if generated != torch.bfloat16:
         runners[f"transformers generate {own} (bf16 checkpoint)"] = transformers_runner(served, engines["float32"])
-    runners[f"peftkit bf16 checkpoint, {own}, before (no decode kernel)"] = peftkit_runner(before)
+    runners[f"peftkit bf16 checkpoint, {own}, before (no decode kernel, no direct step)"] = peftkit_runner(before)
     runners[f"peftkit bf16 checkpoint, {own}"] = peftkit_runner(engines[f"bf16 checkpoint, {own}"])
     notes = {}
     try:

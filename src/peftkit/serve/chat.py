@@ -122,6 +122,7 @@ class ChatEngine:
                              if len(ids := tokenizer.encode(marker, add_special_tokens=False)) == 1}
         self.lock = threading.RLock()
         self.layers = FastLayers()  # decode-time products of the linear layers, for every tree (fast_layers.py)
+        self.direct_step = True  # False: decode steps through the model's own forward (llama_step.py; to compare)
         # What `peftkit chat --adapter` and predict use: the adapter active when the engine was made (None: base).
         self.default_adapter: str | None = getattr(model, "active_adapter", None) if self.adapters else None
 
@@ -233,7 +234,7 @@ class ChatEngine:
 
     def decoder(self, model: Any) -> decode.Decoder:
         """A decode batch on `model` (one of `trees`), to fill with `rows`."""
-        return decode.Decoder(model, self.tokenizer, self._pad_id(), self.layers)
+        return decode.Decoder(model, self.tokenizer, self._pad_id(), self.layers, self.direct_step)
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]

@@ -98,7 +98,7 @@ class FastLayers:
         if not (self.kernel and gemv.eligible(weight) and gemv.faster()):
             return None
         bias32 = None if bias is None else bias.detach().float().contiguous()
-        halves = self._halves(weight)
+        halves = self.bf16_copy(weight)
         read = weight if halves is None else halves
         bound = gemv.MAX_ROWS * weight.shape[1]
 
@@ -109,7 +109,7 @@ class FastLayers:
 
         return forward
 
-    def _halves(self, weight: torch.Tensor) -> torch.Tensor | None:
+    def bf16_copy(self, weight: torch.Tensor) -> torch.Tensor | None:
         """A bf16 copy of an fp32 weight whose every element is a bf16 value (a bf16 checkpoint loaded in fp32): the
         kernel reads half the bytes and multiplies the same numbers in fp32. None for other weights, or when the
         copies would not fit in half the free memory."""

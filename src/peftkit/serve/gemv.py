@@ -11,6 +11,9 @@ checkpoint loaded in fp32: half the bytes), and accumulates in fp32 as MKL does,
 equal torch's to fp32 rounding. A row's result does not depend on the rows beside it or on the thread count. bf16
 models keep torch's (or oneDNN's packed) bf16 products, whose exact rounding transformers' own generate shares.
 
+The same library holds `peftkit_decode_layers`: a Llama model's whole stack of decoder layers for one decode step,
+around these products (llama_step.NativeLayers).
+
 It is C, built on first use with the system's C compiler into peftkit's cache (a fraction of a second); without a
 compiler, or on another CPU, or with PEFTKIT_GEMV=0, nothing changes: torch multiplies as before.
 """
@@ -18,6 +21,7 @@ compiler, or on another CPU, or with PEFTKIT_GEMV=0, nothing changes: torch mult
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import threading
 import time
@@ -37,19 +41,39 @@ _lock = threading.Lock()
 _faster: bool | None = None
 
 
-def _declare(library: ctypes.CDLL) -> Any:
+class Layer(ctypes.Structure):
+    """One decoder layer for `peftkit_decode_layers` (gemv.c's `peftkit_layer`)."""
+
+    _fields_ = [("w", ctypes.c_void_p * 7), ("bf16", ctypes.c_int * 7), ("bias", ctypes.c_void_p * 7),
+                ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("keys", ctypes.c_void_p),
+                ("values", ctypes.c_void_p), ("stride_b", ctypes.c_int64), ("stride_h", ctypes.c_int64),
+                ("stride_t", ctypes.c_int64)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    gemv: Any  # peftkit_gemv: the products
+    layers: Any  # peftkit_decode_layers: a Llama model's decoder layers for one decode step (llama_step.py)
+
+
+def _declare(library: ctypes.CDLL) -> Kernels:
     fn = library.peftkit_gemv
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     fn.restype = ctypes.c_int
-    return fn
+    layers = library.peftkit_decode_layers
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    layers.argtypes = [ctypes.POINTER(Layer), i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
+                       ctypes.c_float, ctypes.c_float, ptr, ctypes.c_int]
+    layers.restype = ctypes.c_int
+    return Kernels(fn, layers)
 
 
 LIBRARY = native.Library(_SOURCE, GEMV_ENV, _declare)
 
 
-def kernel() -> Any:
-    """The loaded kernel function, or None (see `LIBRARY.why_not`)."""
+def kernel() -> Kernels | None:
+    """The loaded kernels, or None (see `LIBRARY.why_not`)."""
     return LIBRARY.load()
 
 
@@ -65,7 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     n, k = weight.shape
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    status = LIBRARY.loaded(x.data_ptr(), weight.data_ptr(), weight.dtype == torch.bfloat16,
+    status = LIBRARY.loaded.gemv(x.data_ptr(), weight.data_ptr(), weight.dtype == torch.bfloat16,
                      None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // k, n, k,
                      torch.get_num_threads())
     if status != 0:

@@ -1,0 +1,267 @@
+"""A decode step of a Llama-architecture model without transformers' per-call plumbing, and, for plain fp32 models,
+its decoder layers in one call of peftkit's decode kernel.
+
+`LlamaStep` runs LlamaModel's, LlamaDecoderLayer's and LlamaAttention's forward, statement by statement, calling the
+same functions with the same arguments (the mask builder, the rotary embedding, the attention function from
+transformers' registry, `cache.update`), and every submodule as a module, so adapters, hooks and peftkit's decode
+products on the linear layers work as before and the logits are the same to the bit (tested). It is used only where
+that holds by construction: the classes' forward code is Llama's own (compared as bytecode, names and constants, as
+`fused_ops` does), the attention is transformers' "sdpa" or "eager", and no hook sits on a module whose forward this
+replaces. Anything else decodes through the model's own forward. Alone it saves little (~1.5 ms of a ~47 ms step).
+
+`NativeLayers` is where the time goes: at batch 1 on a 2-core EPYC the ~60 small torch operators per layer around
+the products (norms, rotary, cache writes, attention, SiLU, residual adds) and their Python took as long as the
+products themselves (24 of 47 ms a token on smollm2-135m). The kernel (`gemv.c`, `peftkit_decode_layers`) does a
+step's decoder layers in one call and one OpenMP region, with the same products as peftkit's small-batch kernel; its
+norms, rotary and softmax accumulate in fp32 in their own order, so the logits equal torch's to fp32 rounding (tested
+to 1e-4 relative; greedy tokens equal transformers' `generate` on SmolLM2, tested). See docs/performance.md, "Decode:
+the decoder layers in one kernel call".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import gemv
+
+
+def _code(fn: Any) -> tuple:
+    code = inspect.unwrap(fn).__code__
+    return code.co_code, code.co_consts, code.co_names
+
+
+def _references() -> dict[str, tuple]:
+    from transformers.models.llama import modeling_llama as llama
+
+    return {"causal_lm": _code(llama.LlamaForCausalLM.forward), "model": _code(llama.LlamaModel.forward),
+            "layer": _code(llama.LlamaDecoderLayer.forward), "attention": _code(llama.LlamaAttention.forward),
+            "norm": _code(llama.LlamaRMSNorm.forward), "mlp": _code(llama.LlamaMLP.forward)}
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None)
+                or "forward" in module.__dict__)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+class LlamaStep:
+    """The direct forward of one Llama-architecture causal LM; `build(model)` says whether it applies."""
+
+    def __init__(self, causal_lm: nn.Module) -> None:
+        self.causal_lm, self.base = causal_lm, causal_lm.model
+        self.layers = list(self.base.layers[: self.base.config.num_hidden_layers])
+        model_globals = inspect.unwrap(type(self.base).forward).__globals__
+        attention_globals = inspect.unwrap(type(self.layers[0].self_attn).forward).__globals__
+        self.create_causal_mask: Callable = model_globals["create_causal_mask"]
+        self.rotary: Callable = attention_globals["apply_rotary_pos_emb"]
+        self.attention_functions = attention_globals["ALL_ATTENTION_FUNCTIONS"]
+        self.eager: Callable = attention_globals["eager_attention_forward"]
+
+    @classmethod
+    def build(cls, model: nn.Module) -> LlamaStep | None:
+        """The step for `model` (a transformers causal LM), or None where the direct forward would not be the
+        model's own: another architecture or attention, a hook on a replaced module, or an instance forward."""
+        base = getattr(model, "model", None)
+        layers = getattr(base, "layers", None)
+        if not isinstance(base, nn.Module) or not isinstance(layers, nn.ModuleList) or not len(layers):
+            return None
+        if getattr(base.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+            return None
+        ref = _references()
+        if _code(type(model).forward) != ref["causal_lm"] or _code(type(base).forward) != ref["model"]:
+            return None
+        for layer in layers:
+            attention = getattr(layer, "self_attn", None)
+            if (not isinstance(attention, nn.Module) or _code(type(layer).forward) != ref["layer"]
+                    or _code(type(attention).forward) != ref["attention"]):
+                return None
+        replaced = [model, base, *layers, *(layer.self_attn for layer in layers)]
+        if _global_hooks() or any(_hooked(m) for m in replaced):
+            return None
+        return cls(model)
+
+    def still_valid(self) -> bool:
+        """Whether nothing since `build` put a hook or an instance forward on a module this step replaces."""
+        replaced = [self.causal_lm, self.base, *self.layers, *(layer.self_attn for layer in self.layers)]
+        return not (_global_hooks() or any(_hooked(m) for m in replaced)
+                    or self.base.config._attn_implementation not in ("sdpa", "eager"))
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                 cache: Any) -> torch.Tensor:
+        """The logits of each row's last position, [rows, 1, vocabulary]: LlamaForCausalLM's forward with
+        `logits_to_keep=1` and `use_cache=True`."""
+        base = self.base
+        hidden = base.embed_tokens(input_ids)
+        mask = self.create_causal_mask(config=base.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                       cache=cache, position_ids=position_ids)
+        cos, sin = base.rotary_emb(hidden, position_ids=position_ids)
+        attend = self.attention_functions.get_interface(base.config._attn_implementation, self.eager)
+        kwargs = {"position_ids": position_ids, "use_cache": True}
+        for layer in self.layers:
+            residual = hidden
+            hidden = layer.input_layernorm(hidden)
+            hidden = self._attention(layer.self_attn, hidden, cos, sin, mask, cache, attend, kwargs)
+            hidden = residual + hidden
+            residual = hidden
+            hidden = layer.post_attention_layernorm(hidden)
+            hidden = layer.mlp(hidden)
+            hidden = residual + hidden
+        hidden = base.norm(hidden)
+        return self.causal_lm.lm_head(hidden[:, -1:, :])
+
+    def _attention(self, attention: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: Any, cache: Any, attend: Callable, kwargs: dict[str, Any]) -> torch.Tensor:
+        input_shape = hidden.shape[:-1]
+        hidden_shape = (*input_shape, -1, attention.head_dim)
+        query = attention.q_proj(hidden).view(hidden_shape).transpose(1, 2)
+        key = attention.k_proj(hidden).view(hidden_shape).transpose(1, 2)
+        value = attention.v_proj(hidden).view(hidden_shape).transpose(1, 2)
+        query, key = self.rotary(query, key, cos, sin)
+        key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
+        dropout = attention.attention_dropout if attention.training else 0.0
+        out, _ = attend(attention, query, key, value, mask, dropout=dropout, scaling=attention.scaling, **kwargs)
+        out = out.reshape(*input_shape, -1).contiguous()
+        return attention.o_proj(out)
+
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _plain(module: Any, code: tuple | None = None) -> bool:
+    """A module the kernel may stand in for: no hooks, no instance forward, and (given `code`) the class's forward
+    being Llama's own."""
+    return (isinstance(module, nn.Module) and not _hooked(module)
+            and (code is None or _code(type(module).forward) == code))
+
+
+def _plain_linear(module: Any) -> bool:
+    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (type(module) is nn.Linear and _plain(module) and isinstance(w, torch.Tensor) and gemv.eligible(w)
+            and (b is None or (b.dtype == torch.float32 and b.is_contiguous())))
+
+
+class NativeLayers:
+    """The decoder layers of an fp32 Llama model as one kernel call per decode step (gemv.c's peftkit_decode_layers),
+    for up to 16 rows of one token each. The embedding, the rotary table, the final norm and the LM head stay in
+    torch and peftkit's product; the cache is transformers' own, its new slot reserved by `cache.update` and filled by
+    the kernel. Used where every module it stands in for is the plain one (nn.Linear without an adapter or a hook,
+    Llama's RMSNorm and SiLU MLP), the weights fp32, and the kernel faster than torch here (`gemv.faster`); a weight
+    changed in place (an adapter merged) is picked up at the next step."""
+
+    def __init__(self, step: LlamaStep, products: Any, kernels: gemv.Kernels) -> None:
+        self.step, self.products, self.kernels = step, products, kernels
+        first = step.layers[0]
+        attention = first.self_attn
+        self.head_dim = attention.head_dim
+        self.heads = attention.q_proj.out_features // self.head_dim
+        self.kv_heads = attention.k_proj.out_features // self.head_dim
+        self.intermediate = first.mlp.gate_proj.out_features
+        self.hidden = attention.q_proj.in_features
+        self.eps = float(first.input_layernorm.variance_epsilon)
+        self.scaling = float(attention.scaling)
+        self.tensors: list[tuple[torch.Tensor, int]] = []  # every tensor the kernel reads, with its version
+        self.keep: list[torch.Tensor] = []  # the bf16 copies and fp32 biases it reads
+        self.table = (gemv.Layer * len(step.layers))()
+        for entry, layer in zip(self.table, step.layers):
+            modules = [getattr(layer.self_attn, n) if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+                       else getattr(layer.mlp, n) for n in _PROJECTIONS]
+            for i, linear in enumerate(modules):
+                copy = products.bf16_copy(linear.weight) if products is not None else None
+                read = linear.weight if copy is None else copy
+                self.keep.append(read)
+                entry.w[i], entry.bf16[i] = read.data_ptr(), int(copy is not None)
+                entry.bias[i] = None if linear.bias is None else linear.bias.data_ptr()
+                self.tensors += [(t, t._version) for t in (linear.weight, linear.bias) if t is not None]
+            for name in ("norm1", "norm2"):
+                norm = layer.input_layernorm if name == "norm1" else layer.post_attention_layernorm
+                setattr(entry, name, norm.weight.data_ptr())
+                self.tensors.append((norm.weight, norm.weight._version))
+
+    @classmethod
+    def build(cls, step: LlamaStep, products: Any) -> NativeLayers | None:
+        """The kernel's plan for `step`'s model, or None where it would not stand in for the model's own modules."""
+        kernels = gemv.kernel()
+        if kernels is None or not gemv.faster():
+            return None
+        ref = _references()
+        eps: set[float] = set()
+        for layer in step.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if not all(_plain(n, ref["norm"]) and getattr(n, "weight", None) is not None
+                       and n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms):
+                return None
+            if not _plain(mlp, ref["mlp"]) or type(mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU"):
+                return None
+            if not all(_plain_linear(getattr(attention if n in _PROJECTIONS[:4] else mlp, n, None))
+                       for n in _PROJECTIONS):
+                return None
+            if attention.training and attention.attention_dropout:
+                return None
+            eps.update(float(n.variance_epsilon) for n in norms)
+        head_dim = step.layers[0].self_attn.head_dim
+        if len(eps) != 1 or head_dim % 2 or head_dim > 512:
+            return None
+        return cls(step, products, kernels)
+
+    def current(self) -> bool:
+        """Whether the plan still stands: the same tensors, unchanged, and no hook or adapter added since."""
+        if any(t._version != version for t, version in self.tensors):
+            return False
+        ref = _references()
+        for layer in self.step.layers:
+            if not (_plain(layer.mlp, ref["mlp"]) and _plain(layer.input_layernorm)
+                    and _plain(layer.post_attention_layernorm)
+                    and all(_plain_linear(getattr(layer.self_attn if n in _PROJECTIONS[:4] else layer.mlp, n, None))
+                            for n in _PROJECTIONS)):
+                return False
+        return True
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                 cache: Any) -> torch.Tensor:
+        """LlamaStep's result ([rows, 1, vocabulary] logits) for one token per row."""
+        base, rows = self.step.base, input_ids.shape[0]
+        hidden = base.embed_tokens(input_ids).float().contiguous()
+        cos, sin = base.rotary_emb(hidden, position_ids=position_ids)
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        blank = hidden.new_zeros(rows, self.kv_heads, 1, self.head_dim)
+        length = 0
+        for index, entry in enumerate(self.table):
+            keys, values = cache.update(blank, blank, index)  # reserves the new position's slot (the kernel fills it)
+            if keys.stride() != values.stride() or keys.stride(-1) != 1 or keys.dtype != torch.float32:
+                raise RuntimeError("the decode cache's keys and values are not laid out alike")
+            entry.keys, entry.values = keys.data_ptr(), values.data_ptr()
+            entry.stride_b, entry.stride_h, entry.stride_t = keys.stride(0), keys.stride(1), keys.stride(2)
+            length = keys.shape[2]
+        if attention_mask is None:
+            mask = torch.ones(rows, length, dtype=torch.long)
+        else:
+            mask = attention_mask.to(torch.long).contiguous()
+        threads = torch.get_num_threads()
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        width = max(self.hidden, self.intermediate, q_width)
+        scratch = torch.empty(rows * (2 * width + q_width + 2 * kv_width + q_width + self.intermediate)
+                              + threads * length)
+        status = self.kernels.layers(self.table, len(self.table), hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                     mask.data_ptr(), rows, length, self.hidden, self.heads, self.kv_heads,
+                                     self.head_dim, self.intermediate, ctypes.c_float(self.eps),
+                                     ctypes.c_float(self.scaling), scratch.data_ptr(), threads)
+        if status != 0:
+            raise RuntimeError(f"peftkit's decode kernel refused the step (status {status})")
+        hidden = base.norm(hidden)
+        head = self.step.causal_lm.lm_head
+        return head(hidden[:, -1:, :]) if not _plain_linear(head) else self._head(head, hidden[:, -1:, :])
+
+    def _head(self, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        copy = self.products.bf16_copy(head.weight) if self.products is not None else None
+        return gemv.linear(hidden, head.weight if copy is None else copy, head.bias)

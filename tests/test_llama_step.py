@@ -1,0 +1,169 @@
+"""The direct decode step (serve/llama_step.py) against the model's own forward: the same logits and cache to the bit,
+alone and in a left-padded batch, with GQA, attention biases, eager attention and a LoRA adapter; where it would not be
+the model's own forward (another architecture, a hook, virtual tokens), the decode loop does not take it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from peftkit import LoraConfig, PrefixTuningConfig, TunedModel
+from peftkit.serve import decode, gemv, kv
+from peftkit.serve.fast_layers import FastLayers
+from peftkit.serve.llama_step import LlamaStep, NativeLayers
+
+
+def llama(**overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
+    cfg = LlamaConfig(**{**settings, **overrides})
+    return LlamaForCausalLM(cfg).eval()
+
+
+def steps(model, direct: LlamaStep | None, prompts: list[list[int]], count: int = 6,
+          layers: FastLayers | None = None) -> list[torch.Tensor]:
+    """Prefill `prompts` left-padded, then `count` greedy decode steps through `direct` (None: the model's forward);
+    each step's logits and, last, every layer's cached keys and values."""
+    ids, mask = decode.left_padded(prompts, 0)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = kv.new_cache(model)
+    padded = None if bool(mask.all()) else mask
+    out = []
+    with torch.inference_mode():
+        token = model(input_ids=ids, attention_mask=padded, position_ids=positions, past_key_values=cache,
+                      use_cache=True).logits[:, -1].argmax(-1)
+        next_pos = mask.sum(-1)
+        for _ in range(count):
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.long)], dim=1)
+            padded = None if bool(mask.all()) else mask
+            args = (token[:, None], padded, next_pos[:, None], cache)
+            with layers.active(model) if layers is not None else torch.inference_mode():
+                if direct is None:
+                    logits = model(input_ids=args[0], attention_mask=args[1], position_ids=args[2],
+                                   cache=cache, use_cache=True, logits_to_keep=1).logits
+                else:
+                    logits = direct(*args)
+            out.append(logits.clone())
+            token, next_pos = logits[:, -1].argmax(-1), next_pos + 1
+    for layer in cache.layers:
+        out += [layer.keys.clone(), layer.values.clone()]
+    return out
+
+
+def assert_bit_equal(model, prompts: list[list[int]], layers: FastLayers | None = None) -> None:
+    direct = LlamaStep.build(model)
+    assert direct is not None
+    theirs = steps(model, None, prompts, layers=layers)
+    ours = steps(model, direct, prompts, layers=layers)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+PROMPTS = [[5, 9, 17, 3, 44, 12], [7, 2], [100, 101, 102, 103]]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "mlp_bias": True}, {"num_key_value_heads": 4},
+                                       {"attn_implementation": "eager"}],
+                         ids=["gqa", "biases", "mha", "eager"])
+def test_same_logits_and_cache_as_the_models_forward(overrides) -> None:
+    model = llama(**overrides)
+    assert_bit_equal(model, PROMPTS[:1])  # one row, no mask
+    assert_bit_equal(model, PROMPTS)  # left-padded rows
+
+
+def test_same_with_a_lora_adapter_and_the_decode_products() -> None:
+    tuned = TunedModel(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, p in tuned.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a trained adapter: its product shows in the logits
+    assert decode._direct_step(tuned) is not None
+    assert_bit_equal(tuned.model, PROMPTS, layers=FastLayers())
+
+
+def test_the_decode_loop_takes_it_only_where_it_is_the_models_own_forward(monkeypatch) -> None:
+    assert decode._direct_step(tiny_llama()) is not None
+    assert decode._direct_step(tiny_qwen2()) is None  # Qwen2's attention passes a sliding window: other code
+    assert decode._direct_step(tiny_gpt2()) is None
+    prefix = TunedModel(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3))  # routes attention, adds a hook
+    assert decode._direct_step(prefix) is None
+    monkeypatch.setenv(decode.DIRECT_ENV, "0")
+    assert decode._direct_step(tiny_llama()) is None
+
+
+def test_a_hook_added_later_sends_steps_back_to_the_models_forward() -> None:
+    model = llama()
+    direct = LlamaStep.build(model)
+    assert direct is not None and direct.still_valid()
+    handle = model.model.layers[1].register_forward_hook(lambda *_: None)
+    assert not direct.still_valid() and LlamaStep.build(model) is None
+    handle.remove()
+    assert direct.still_valid()
+    model.model.layers[0].self_attn.forward = lambda *a, **k: None  # an instance forward replaces the class's
+    assert not direct.still_valid()
+
+
+# --- the decode kernel standing in for the decoder layers (NativeLayers) ---
+def native_for(model, products: FastLayers | None = None) -> NativeLayers:
+    if gemv.kernel() is None or not gemv.faster():
+        pytest.skip(f"peftkit's decode kernel is not used here: {gemv.LIBRARY.why_not or 'not faster than torch'}")
+    native = NativeLayers.build(LlamaStep.build(model), products if products is not None else FastLayers())
+    assert native is not None
+    return native
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "mlp_bias": True}, {"num_key_value_heads": 1},
+                                       {"bf16_values": True}],
+                         ids=["gqa", "biases", "one-kv-head", "bf16-copies"])
+def test_the_kernel_gives_the_layers_results_to_fp32_rounding(overrides) -> None:
+    bf16_values = overrides.pop("bf16_values", False)
+    model = llama(**overrides)
+    if bf16_values:  # a bf16 checkpoint generated from in fp32: the kernel reads bf16 copies of the weights
+        model = model.to(torch.bfloat16).to(torch.float32)
+    products = FastLayers()
+    native = native_for(model, products)
+    assert all(e.bf16[0] == int(bf16_values) for e in native.table)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        theirs = steps(model, None, prompts)
+        ours = steps(model, native, prompts)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert ours[0].abs().max() > 1  # logits that mean something: the comparison is not of near-zeros
+
+
+def test_the_kernel_stands_in_only_for_plain_modules() -> None:
+    model = llama()
+    native_for(model)
+    tuned = TunedModel(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]))  # an unmerged adapter
+    assert NativeLayers.build(LlamaStep.build(tuned.model), FastLayers()) is None
+    model.model.layers[2].mlp.register_forward_hook(lambda *_: None)
+    assert NativeLayers.build(LlamaStep.build(model), FastLayers()) is None
+
+
+def test_a_weight_changed_in_place_is_picked_up_and_the_loop_uses_the_kernel() -> None:
+    model = llama()
+    native = native_for(model)
+    assert native.current()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.mul_(2)  # what merging an adapter does
+    assert not native.current()
+
+    def tokens(direct: bool) -> list[list[int]]:
+        """Two decode steps, a weight changed between them (a fresh model each time, of bf16 values: the kernel reads
+        bf16 copies of its weights, which must be made again)."""
+        model = llama().to(torch.bfloat16).to(torch.float32)
+        decoder = decode.Decoder(model, None, 0, FastLayers(), direct=direct)
+        rows = [decode.Row(list(p), 5, frozenset()) for p in PROMPTS]
+        decoder.add(rows)
+        decoder.step()
+        assert (decoder.native is not None and decoder.native.current()) == direct
+        with torch.no_grad():
+            model.model.layers[1].mlp.up_proj.weight.mul_(-2)
+        decoder.step()  # with the kernel: a fresh plan, over the changed weights
+        assert (decoder.native is not None and decoder.native.current()) == direct
+        return [r.tokens for r in rows]
+
+    assert tokens(True) == tokens(False)
