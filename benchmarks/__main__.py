@@ -50,7 +50,7 @@ def part(name: str, command: list[str], result: Path) -> dict:
     out = {"load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
            "wall_s": round(time.perf_counter() - start, 1)}
     if result.exists():
-        return dict(out, **json.loads(result.read_text()))
+        return {**json.loads(result.read_text()), **out}  # the part's own wall time and load averages win
     return dict(out, error=f"{' '.join(command[1:])} exited with {code} and wrote no result (its output is above)")
 
 

@@ -102,6 +102,25 @@ ROW_TIMES_X(row_bf16, dot_bf16, uint16_t)
 
 #define MAX_ROWS 64
 
+/* Every row of `in` (laid out for the weight's type) against weight row o:
+   out[b * ld + o] = (or +=) x_b . w_o + bias_o. */
+static void product_rows(const float *in, const void *w, int bf16, const float *bias, float *out, int64_t ld,
+                         int64_t rows, int64_t k, int64_t o, int add) {
+    float r[MAX_ROWS];
+    if (bf16)
+        row_bf16(in, (const uint16_t *)w + o * k, rows, k, r);
+    else
+        row_f32(in, (const float *)w + o * k, rows, k, r);
+    float bo = bias ? bias[o] : 0.0f;
+    for (int64_t b = 0; b < rows; b++) {
+        if (add)
+            out[b * ld + o] += r[b] + bo;
+        else
+            out[b * ld + o] = r[b] + bo;
+    }
+}
+
+
 /* Returns 0, or -1 when m is over MAX_ROWS or memory for x's reordered copy is short. */
 int peftkit_gemv(const float *x, const void *w, int w_bf16, const float *bias, float *y, int64_t m, int64_t n,
                  int64_t k, int threads) {
@@ -115,15 +134,7 @@ int peftkit_gemv(const float *x, const void *w, int w_bf16, const float *bias, f
         xs = copy;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < n; o++) {
-        float out[MAX_ROWS];
-        if (w_bf16)
-            row_bf16(xs, (const uint16_t *)w + o * k, m, k, out);
-        else
-            row_f32(xs, (const float *)w + o * k, m, k, out);
-        float b = bias ? bias[o] : 0.0f;
-        for (int64_t i = 0; i < m; i++) y[i * n + o] = out[i] + b;
-    }
+    for (int64_t o = 0; o < n; o++) product_rows(xs, w, w_bf16, bias, y, n, m, k, o, 0);
     free(copy);
     return 0;
 }
@@ -162,23 +173,6 @@ static void rms_norm(const float *x, const float *w, float *out, int64_t rows, i
     }
 }
 
-/* rows of `in` (prepared for the weight's type) against weight rows [from, to): out[b * ld + o] (+)= x_b . w_o + bias */
-static void product_rows(const float *in, const void *w, int bf16, const float *bias, float *out, int64_t ld,
-                         int64_t rows, int64_t k, int64_t o, int add) {
-    float r[MAX_ROWS];
-    if (bf16)
-        row_bf16(in, (const uint16_t *)w + o * k, rows, k, r);
-    else
-        row_f32(in, (const float *)w + o * k, rows, k, r);
-    float bo = bias ? bias[o] : 0.0f;
-    for (int64_t b = 0; b < rows; b++) {
-        if (add)
-            out[b * ld + o] += r[b] + bo;
-        else
-            out[b * ld + o] = r[b] + bo;
-    }
-}
-
 /* hidden: [B, H], updated in place. cos, sin: [B, D]. mask: [B, length] (1: attend). scratch: see decode_step.py. */
 int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *hidden, const float *cos,
                           const float *sin, const int64_t *mask, int64_t rows, int64_t length, int64_t H,
@@ -208,14 +202,9 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
             for (int64_t o = 0; o < QKV; o++) {
                 int p = o < QN ? 0 : (o < QN + KN ? 1 : 2);
                 int64_t at = p == 0 ? o : (p == 1 ? o - QN : o - QN - KN);
-                const float *in = L->bf16[p] ? xs : x;
-                float r[MAX_ROWS];
-                if (L->bf16[p])
-                    row_bf16(in, (const uint16_t *)L->w[p] + at * H, rows, H, r);
-                else
-                    row_f32(in, (const float *)L->w[p] + at * H, rows, H, r);
-                float bo = L->bias[p] ? L->bias[p][at] : 0.0f;
-                for (int64_t b = 0; b < rows; b++) qkv[b * QKV + o] = r[b] + bo;
+                /* weight row `at` of projection p is column o of qkv */
+                product_rows(L->bf16[p] ? xs : x, L->w[p], L->bf16[p], L->bias[p], qkv + (o - at), QKV, rows, H,
+                             at, 0);
             }
             /* rotary embedding of q and k (rotate-half), new k and v into the cache */
 #pragma omp for schedule(static)

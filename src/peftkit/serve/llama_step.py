@@ -247,6 +247,8 @@ class NativeLayers:
             mask = torch.ones(rows, length, dtype=torch.long)
         else:
             mask = attention_mask.to(torch.long).contiguous()
+            if mask.shape != (rows, length):
+                raise RuntimeError(f"attention mask {tuple(mask.shape)} does not match the cache ({rows}, {length})")
         threads = torch.get_num_threads()
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         width = max(self.hidden, self.intermediate, q_width)
