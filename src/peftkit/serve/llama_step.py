@@ -21,6 +21,7 @@ the decoder layers in one kernel call".
 from __future__ import annotations
 
 import ctypes
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -35,6 +36,7 @@ def _code(fn: Any) -> tuple:
     return code.co_code, code.co_consts, code.co_names
 
 
+@functools.lru_cache(maxsize=None)
 def _references() -> dict[str, tuple]:
     from transformers.models.llama import modeling_llama as llama
 
@@ -150,6 +152,22 @@ def _plain_linear(module: Any) -> bool:
             and (b is None or (b.dtype == torch.float32 and b.is_contiguous())))
 
 
+def _projections(layer: nn.Module) -> list[Any]:
+    """A decoder layer's seven projections, in the kernel's order (None where one is missing)."""
+    return [getattr(layer.self_attn if i < 4 else layer.mlp, name, None) for i, name in enumerate(_PROJECTIONS)]
+
+
+def _plain_layer(layer: nn.Module) -> bool:
+    """Whether the kernel may stand in for every module of `layer`: Llama's RMSNorms (fp32 weights) and SiLU MLP, and
+    seven plain linear layers, none hooked."""
+    ref = _references()
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    return (all(_plain(n, ref["norm"]) and isinstance(getattr(n, "weight", None), torch.Tensor)
+                and n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms)
+            and _plain(layer.mlp, ref["mlp"]) and type(layer.mlp.act_fn).__name__ in ("SiLUActivation", "SiLU")
+            and all(_plain_linear(m) for m in _projections(layer)))
+
+
 class NativeLayers:
     """The decoder layers of an fp32 Llama model as one kernel call per decode step (gemv.c's peftkit_decode_layers),
     for up to 16 rows of one token each. The embedding, the rotary table, the final norm and the LM head stay in
@@ -173,9 +191,7 @@ class NativeLayers:
         self.keep: list[torch.Tensor] = []  # the bf16 copies and fp32 biases it reads
         self.table = (gemv.Layer * len(step.layers))()
         for entry, layer in zip(self.table, step.layers):
-            modules = [getattr(layer.self_attn, n) if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
-                       else getattr(layer.mlp, n) for n in _PROJECTIONS]
-            for i, linear in enumerate(modules):
+            for i, linear in enumerate(_projections(layer)):
                 copy = products.bf16_copy(linear.weight) if products is not None else None
                 read = linear.weight if copy is None else copy
                 self.keep.append(read)
@@ -193,22 +209,11 @@ class NativeLayers:
         kernels = gemv.kernel()
         if kernels is None or not gemv.faster():
             return None
-        ref = _references()
         eps: set[float] = set()
         for layer in step.layers:
-            attention, mlp = layer.self_attn, layer.mlp
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if not all(_plain(n, ref["norm"]) and getattr(n, "weight", None) is not None
-                       and n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms):
+            if not _plain_layer(layer) or (layer.self_attn.training and layer.self_attn.attention_dropout):
                 return None
-            if not _plain(mlp, ref["mlp"]) or type(mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU"):
-                return None
-            if not all(_plain_linear(getattr(attention if n in _PROJECTIONS[:4] else mlp, n, None))
-                       for n in _PROJECTIONS):
-                return None
-            if attention.training and attention.attention_dropout:
-                return None
-            eps.update(float(n.variance_epsilon) for n in norms)
+            eps.update(float(n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm))
         head_dim = step.layers[0].self_attn.head_dim
         if len(eps) != 1 or head_dim % 2 or head_dim > 512:
             return None
@@ -218,14 +223,7 @@ class NativeLayers:
         """Whether the plan still stands: the same tensors, unchanged, and no hook or adapter added since."""
         if any(t._version != version for t, version in self.tensors):
             return False
-        ref = _references()
-        for layer in self.step.layers:
-            if not (_plain(layer.mlp, ref["mlp"]) and _plain(layer.input_layernorm)
-                    and _plain(layer.post_attention_layernorm)
-                    and all(_plain_linear(getattr(layer.self_attn if n in _PROJECTIONS[:4] else layer.mlp, n, None))
-                            for n in _PROJECTIONS)):
-                return False
-        return True
+        return all(_plain_layer(layer) for layer in self.step.layers)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
                  cache: Any) -> torch.Tensor:
