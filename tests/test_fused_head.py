@@ -135,3 +135,24 @@ def test_half_precision_head_rounds_its_logits_like_the_plain_path(bias, monkeyp
     assert ours.item() == pytest.approx(plain.item(), rel=1e-4)
     assert (mine.float() - hidden.grad.float()).norm() <= 1e-2 * hidden.grad.float().norm()
     assert mine[::5].abs().max() == 0
+
+
+def test_fp32_chunks_with_a_padded_row_stride_give_the_plain_gradients(monkeypatch) -> None:
+    """A chunk of 22 rows keeps their transposed logits at a row stride of 24 (ALIGN): loss and every gradient as the
+    plain path's, <= 1e-5."""
+    monkeypatch.setattr(fused_head, "CHUNK_ROWS", 24)
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(32, 300, bias=True)
+    hidden = torch.randn(70, 32, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (70,), generator=g)
+    targets[::6] = -100
+    assert [c.stop - c.start for c in fused_head._chunks(70)] == [24, 24, 22]
+    ours = linear_cross_entropy_sum(hidden, head, targets, -100)
+    ours.backward()
+    mine = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    plain = torch.nn.functional.cross_entropy(head(hidden), targets, ignore_index=-100, reduction="sum")
+    plain.backward()
+    assert ours.item() == pytest.approx(plain.item(), rel=1e-6)
+    for a, b in zip(mine, (hidden.grad, head.weight.grad, head.bias.grad)):
+        assert (a - b).abs().max() <= 1e-5

@@ -153,3 +153,108 @@ def test_a_bf16_model_keeps_torchs_operators() -> None:
         with fused_ops.fused_layers(tuned):
             fused = tuned(input_ids=ids).logits
     assert fused.dtype == torch.bfloat16 and torch.equal(fused, plain)
+
+
+def per_example_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float):
+    parts = [torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                              scale=scale, enable_gqa=True)
+             for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts, 2).transpose(1, 2)
+
+
+def row_of_examples(lengths: list[int], heads: int, kv_heads: int, dim: int, seed: int = 0):
+    """q [1, heads, tokens, dim], k and v [1, kv_heads, ...] as transformers' attention hands them over (transposed
+    views of [tokens, heads, dim]), the bounds, and an incoming gradient [1, tokens, heads, dim]."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = sum(lengths)
+    leaves = [torch.randn(1, tokens, n, dim, generator=g).requires_grad_() for n in (heads, kv_heads, kv_heads)]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return leaves, bounds, torch.randn(1, tokens, heads, dim, generator=g)
+
+
+@pytest.mark.parametrize("lengths,heads,kv_heads,dim", [
+    ([5, 17, 33, 1, 64], 4, 2, 16), ([100, 7, 250], 9, 3, 64), ([300], 2, 2, 32), ([9, 40, 3], 4, 2, 8)])
+def test_attention_equals_sdpa_per_example(lengths, heads, kv_heads, dim) -> None:
+    """Forward and every gradient as causal SDPA run example by example, to fp32 rounding (<= 1e-5 relative);
+    grouped-query heads, a one-token example, a head dim of 8 (the 16-wide products' tail)."""
+    leaves, bounds, grad = row_of_examples(lengths, heads, kv_heads, dim)
+    q, k, v = (t.transpose(1, 2) for t in leaves)
+    plain = per_example_sdpa(q, k, v, bounds, 0.3)
+    plain.backward(grad)
+    expected = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    with fused_ops.fused_layers(TunedModel(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))):
+        ours = fused_ops.attention(q, k, v, bounds, 0.3)
+    assert ours is not None and ours.shape == (1, sum(lengths), heads, dim)
+    ours.backward(grad)
+    assert relative(ours, plain) <= 1e-5
+    for leaf, want in zip(leaves, expected):
+        assert relative(leaf.grad, want) <= 1e-5
+
+
+def test_attention_does_not_depend_on_the_thread_count() -> None:
+    leaves, bounds, grad = row_of_examples([70, 3, 130, 41], 6, 2, 16, seed=1)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for t in leaves:
+                t.grad = None
+            fused_ops._active += 1  # as inside a step's fused_layers
+            try:
+                out = fused_ops.attention(*(t.transpose(1, 2) for t in leaves), bounds, 0.25)
+            finally:
+                fused_ops._active -= 1
+            out.backward(grad)
+            results.append([out.detach()] + [t.grad.clone() for t in leaves])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_attention_stands_aside_outside_a_step_and_where_it_does_not_apply(monkeypatch) -> None:
+    leaves, bounds, _ = row_of_examples([20, 30], 4, 2, 16)
+    q, k, v = (t.transpose(1, 2) for t in leaves)
+    assert fused_ops.attention(q, k, v, bounds, 0.25) is None  # no step's fused_layers block is open
+    monkeypatch.setattr(fused_ops, "_active", 1)
+    assert fused_ops.attention(q, k, v, bounds, 0.25) is not None
+    assert fused_ops.attention(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), bounds, 0.25) is None
+    assert fused_ops.attention(q[..., :12], k[..., :12], v[..., :12], bounds, 0.25) is None  # head dim 12
+    monkeypatch.setattr(fused_ops, "ATTENTION_MAX_LEN", 25)  # an example longer than the kernel takes
+    assert fused_ops.attention(q, k, v, bounds, 0.25) is None
+
+
+def test_a_padding_free_step_trains_like_sdpa(monkeypatch) -> None:
+    """A LoRA step's loss and gradients through the trainer's objective on a padding-free batch, with the attention
+    kernel and without it (SDPA per example): loss within 1e-6, gradients within 1e-5 relative."""
+    from peftkit.data import SFTCollator
+    from peftkit.objectives.sft import token_loss_sum
+
+    tuned = TunedModel(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+    tuned.train()
+    g = torch.Generator().manual_seed(5)
+    rows = [{"input_ids": ids, "labels": [-100] * 3 + ids[3:]}
+            for ids in (torch.randint(0, tuned.model.config.vocab_size, (n,), generator=g).tolist()
+                        for n in (19, 40, 7, 33))]
+    batch = SFTCollator(pad_token_id=0, padding_free=True)(rows)
+    calls = []
+    apply = fused_ops._Attention.apply
+    monkeypatch.setattr(fused_ops._Attention, "apply", lambda *a: calls.append(1) or apply(*a))
+    results = []
+    for longest in (fused_ops.ATTENTION_MAX_LEN, 0):  # 0: every example too long for the kernel
+        monkeypatch.setattr(fused_ops, "ATTENTION_MAX_LEN", longest)
+        model = copy.deepcopy(tuned)
+        with fused_ops.fused_layers(model):
+            loss, _ = token_loss_sum(model, batch)
+            loss.backward()
+        results.append((loss.item(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
+    (fused_loss, fused), (plain_loss, plain) = results
+    assert len(calls) == tuned.model.config.num_hidden_layers  # the kernel ran in every layer, then not at all
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6) and fused.keys() == plain.keys()
+    for key, grad in plain.items():
+        assert (fused[key] - grad).norm() <= 1e-5 * grad.norm(), key

@@ -105,3 +105,246 @@ void peftkit_rms_norm_backward(const float *grad, const float *x, const float *w
         for (int64_t i = 0; i < width; i++) dr[i] = k * (gr[i] * w[i] - xr[i] * c);
     }
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Causal attention of a padding-free row's examples (fused_ops.attention), forward and backward, fp32.
+ *
+ * Why: torch's CPU flash attention runs short examples in small blocks; in a LoRA step of SmolLM2 in fp32 it was
+ * ~11% of the time (docs/performance.md, "Attention of padding-free examples in one kernel call"). Here each
+ * (example, head) is done whole: its score matrix (at most MAX_LEN^2 floats) stays in the thread's scratch, the
+ * causal upper triangle is skipped, and all examples and heads of a layer are one parallel loop.
+ *
+ * Layouts: q [tokens, heads, dim] and k, v [tokens, kv_heads, dim] at any token/head strides, dim contiguous; out,
+ * grad_out and dq [tokens, heads, dim] contiguous; dk, dv [tokens, kv_heads, dim] contiguous, zeroed by the caller;
+ * lse [heads, tokens] (log-sum-exp of each row's scaled scores, kept for the backward). Query head h reads key/value
+ * head h / (heads / kv_heads). dim must be a multiple of 8. Each output element is written by one task in a fixed
+ * order: results do not depend on the thread count.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+static inline int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
+
+/* C[r, 0:16] (+)= sum over k in [k0, k1) of A[r, k] * B[k, 0:16], for 4 rows r */
+static inline void mul_4x16(const float *A, int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
+                            int64_t k0, int64_t k1, int accumulate) {
+    __m256 c00, c01, c10, c11, c20, c21, c30, c31;
+    if (accumulate) {
+        c00 = _mm256_loadu_ps(C); c01 = _mm256_loadu_ps(C + 8);
+        c10 = _mm256_loadu_ps(C + ldc); c11 = _mm256_loadu_ps(C + ldc + 8);
+        c20 = _mm256_loadu_ps(C + 2 * ldc); c21 = _mm256_loadu_ps(C + 2 * ldc + 8);
+        c30 = _mm256_loadu_ps(C + 3 * ldc); c31 = _mm256_loadu_ps(C + 3 * ldc + 8);
+    } else {
+        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = _mm256_setzero_ps();
+    }
+    for (int64_t k = k0; k < k1; k++) {
+        const float *b = B + k * ldb;
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8), a;
+        a = _mm256_broadcast_ss(A + k); c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+        a = _mm256_broadcast_ss(A + lda + k); c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
+        a = _mm256_broadcast_ss(A + 2 * lda + k); c20 = _mm256_fmadd_ps(a, b0, c20);
+        c21 = _mm256_fmadd_ps(a, b1, c21);
+        a = _mm256_broadcast_ss(A + 3 * lda + k); c30 = _mm256_fmadd_ps(a, b0, c30);
+        c31 = _mm256_fmadd_ps(a, b1, c31);
+    }
+    _mm256_storeu_ps(C, c00); _mm256_storeu_ps(C + 8, c01);
+    _mm256_storeu_ps(C + ldc, c10); _mm256_storeu_ps(C + ldc + 8, c11);
+    _mm256_storeu_ps(C + 2 * ldc, c20); _mm256_storeu_ps(C + 2 * ldc + 8, c21);
+    _mm256_storeu_ps(C + 3 * ldc, c30); _mm256_storeu_ps(C + 3 * ldc + 8, c31);
+}
+
+static inline void mul_1x16(const float *A, const float *B, int64_t ldb, float *C, int64_t k0, int64_t k1,
+                            int accumulate) {
+    __m256 c0 = accumulate ? _mm256_loadu_ps(C) : _mm256_setzero_ps();
+    __m256 c1 = accumulate ? _mm256_loadu_ps(C + 8) : _mm256_setzero_ps();
+    for (int64_t k = k0; k < k1; k++) {
+        __m256 a = _mm256_broadcast_ss(A + k);
+        c0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(B + k * ldb), c0);
+        c1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(B + k * ldb + 8), c1);
+    }
+    _mm256_storeu_ps(C, c0);
+    _mm256_storeu_ps(C + 8, c1);
+}
+
+/* the same over 8 columns: a head dim that is a multiple of 8 but not of 16 ends with one of these */
+static inline void mul_rx8(int64_t rows, const float *A, int64_t lda, const float *B, int64_t ldb, float *C,
+                           int64_t ldc, int64_t k0, int64_t k1, int accumulate) {
+    for (int64_t r = 0; r < rows; r++) {
+        __m256 c0 = accumulate ? _mm256_loadu_ps(C + r * ldc) : _mm256_setzero_ps();
+        for (int64_t k = k0; k < k1; k++)
+            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(A + r * lda + k), _mm256_loadu_ps(B + k * ldb), c0);
+        _mm256_storeu_ps(C + r * ldc, c0);
+    }
+}
+
+/* C[0:rows, 0:cols] (+)= A[0:rows, k] B[k, 0:cols] over k in [lo(r), hi(r)): row block r0..r0+3 takes k from
+ * `from_row` ? r0 : 0 up to `to_row` ? min(r0 + 4, k_end) : k_end (the causal triangle's extent; entries of A outside
+ * a row's own range must be zero). cols is a multiple of 8. */
+static void product(int64_t rows, const float *A, int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
+                    int64_t cols, int64_t k_end, int from_row, int to_row, int accumulate) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        int64_t k0 = from_row ? r : 0, k1 = to_row ? (r + 4 < k_end ? r + 4 : k_end) : k_end, c = 0;
+        for (; c + 16 <= cols; c += 16)
+            mul_4x16(A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, k0, k1, accumulate);
+        if (c < cols) mul_rx8(4, A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, k0, k1, accumulate);
+    }
+    for (; r < rows; r++) {
+        int64_t k0 = from_row ? r : 0, k1 = to_row ? (r + 1 < k_end ? r + 1 : k_end) : k_end, c = 0;
+        for (; c + 16 <= cols; c += 16) mul_1x16(A + r * lda, B + c, ldb, C + r * ldc + c, k0, k1, accumulate);
+        if (c < cols) mul_rx8(1, A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, k0, k1, accumulate);
+    }
+}
+
+/* dst[d, j] = src[j, d] for j < n (dst's row stride ld, columns n..ld-1 zeroed) */
+static void transpose_rows(const float *src, int64_t src_stride, int64_t n, int64_t dim, float *dst, int64_t ld) {
+    for (int64_t d = 0; d < dim; d++) {
+        float *row = dst + d * ld;
+        for (int64_t j = 0; j < n; j++) row[j] = src[j * src_stride + d];
+        for (int64_t j = n; j < ld; j++) row[j] = 0.0f;
+    }
+}
+
+/* dst[j, i] = src[i, j] for an n x n block of row stride ld */
+static void transpose_square(const float *src, float *dst, int64_t n, int64_t ld) {
+    for (int64_t i0 = 0; i0 < n; i0 += 16)
+        for (int64_t j0 = 0; j0 < n; j0 += 16)
+            for (int64_t i = i0; i < i0 + 16 && i < n; i++)
+                for (int64_t j = j0; j < j0 + 16 && j < n; j++) dst[j * ld + i] = src[i * ld + j];
+}
+
+/* S[i, 0:ceil16(i+1)] = Q_i . K_j for every row i (entries past the row's own width are left as computed) */
+static void scores(int64_t n, const float *q, int64_t q_stride, const float *kt, int64_t ld, int64_t dim, float *s) {
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4)
+        for (int64_t c = 0; c < r + 4; c += 16)
+            mul_4x16(q + r * q_stride, q_stride, kt + c, ld, s + r * ld + c, ld, 0, dim, 0);
+    for (; r < n; r++)
+        for (int64_t c = 0; c < r + 1; c += 16) mul_1x16(q + r * q_stride, kt + c, ld, s + r * ld + c, 0, dim, 0);
+}
+
+/* Row i of P = softmax(scale * S[i, 0..i]), zeros after it up to ld; returns the row's log-sum-exp. With `lse_in`
+ * (the backward), P is rebuilt from the forward's log-sum-exp instead. */
+static float softmax_row(float *s, int64_t i, int64_t ld, float scale, const float *lse_in) {
+    int64_t n = i + 1, j;
+    __m256 vs = _mm256_set1_ps(scale);
+    float peak, total = 0.0f;
+    if (lse_in) {
+        peak = *lse_in;
+    } else {
+        __m256 vmax = _mm256_set1_ps(-INFINITY);
+        for (j = 0; j + 8 <= n; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+        float m[8];
+        _mm256_storeu_ps(m, vmax);
+        peak = m[0];
+        for (int t = 1; t < 8; t++) peak = m[t] > peak ? m[t] : peak;
+        for (; j < n; j++) peak = s[j] > peak ? s[j] : peak;
+        peak *= scale;
+    }
+    __m256 vpeak = _mm256_set1_ps(peak), vsum = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vs, vpeak));
+        _mm256_storeu_ps(s + j, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    for (; j < n; j++) {
+        s[j] = expf(s[j] * scale - peak);
+        total += s[j];
+    }
+    for (int64_t z = n; z < ld; z++) s[z] = 0.0f;
+    if (lse_in) return peak;
+    float parts[8];
+    _mm256_storeu_ps(parts, vsum);
+    for (int t = 0; t < 8; t++) total += parts[t];
+    __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+    for (; j < n; j++) s[j] *= 1.0f / total;
+    return peak + logf(total);
+}
+
+typedef struct { int64_t start, length, head; } Task;
+
+static int longer_first(const void *a, const void *b) {
+    const Task *x = a, *y = b;
+    return (x->length < y->length) - (x->length > y->length);
+}
+
+/* (example, head) tasks, longest examples first so that the last tasks to start are short ones */
+static Task *make_tasks(const int64_t *bounds, int64_t examples, int64_t heads, int64_t *count) {
+    Task *tasks = malloc(sizeof(Task) * examples * heads);
+    int64_t n = 0;
+    for (int64_t e = 0; e < examples; e++)
+        for (int64_t h = 0; h < heads; h++)
+            if (bounds[e + 1] > bounds[e]) tasks[n++] = (Task){bounds[e], bounds[e + 1] - bounds[e], h};
+    qsort(tasks, n, sizeof(Task), longer_first);
+    *count = n;
+    return tasks;
+}
+
+void peftkit_attention_forward(const float *q, const float *k, const float *v, float *out, float *lse,
+                               const int64_t *bounds, int64_t examples, int64_t tokens, int64_t heads,
+                               int64_t kv_heads, int64_t dim, int64_t q_st, int64_t q_sh, int64_t kv_st,
+                               int64_t kv_sh, int64_t v_st, int64_t v_sh, int64_t max_len, float scale,
+                               int threads) {
+    int64_t count, ld = round16(max_len), group = heads / kv_heads;
+    Task *tasks = make_tasks(bounds, examples, heads, &count);
+    #pragma omp parallel num_threads(threads)
+    {
+        float *kt = aligned_alloc(32, sizeof(float) * (dim * ld + ld * ld));
+        float *s = kt + dim * ld;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < count; t++) {
+            int64_t n = tasks[t].length, h = tasks[t].head, g = h / group, t0 = tasks[t].start;
+            const float *qh = q + t0 * q_st + h * q_sh;
+            transpose_rows(k + t0 * kv_st + g * kv_sh, kv_st, n, dim, kt, ld);
+            scores(n, qh, q_st, kt, ld, dim, s);
+            for (int64_t i = 0; i < n; i++) lse[h * tokens + t0 + i] = softmax_row(s + i * ld, i, ld, scale, NULL);
+            product(n, s, ld, v + t0 * v_st + g * v_sh, v_st, out + (t0 * heads + h) * dim, heads * dim, dim, n,
+                    0, 1, 0);
+        }
+        free(kt);
+    }
+    free(tasks);
+}
+
+void peftkit_attention_backward(const float *grad, const float *q, const float *k, const float *v, const float *out,
+                                const float *lse, float *dq, float *dk, float *dv, const int64_t *bounds,
+                                int64_t examples, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t dim,
+                                int64_t q_st, int64_t q_sh, int64_t kv_st, int64_t kv_sh, int64_t v_st, int64_t v_sh,
+                                int64_t max_len, float scale, int threads) {
+    int64_t count, ld = round16(max_len), group = heads / kv_heads;
+    Task *tasks = make_tasks(bounds, examples, kv_heads, &count);  /* one task per key/value head: it owns dk, dv */
+    #pragma omp parallel num_threads(threads)
+    {
+        float *kt = aligned_alloc(32, sizeof(float) * (2 * dim * ld + 3 * ld * ld));
+        float *vt = kt + dim * ld, *p = vt + dim * ld, *ds = p + ld * ld, *swap = ds + ld * ld;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < count; t++) {
+            int64_t n = tasks[t].length, g = tasks[t].head, t0 = tasks[t].start;
+            const float *kg = k + t0 * kv_st + g * kv_sh, *vg = v + t0 * v_st + g * v_sh;
+            float *dkg = dk + (t0 * kv_heads + g) * dim, *dvg = dv + (t0 * kv_heads + g) * dim;
+            transpose_rows(kg, kv_st, n, dim, kt, ld);
+            transpose_rows(vg, v_st, n, dim, vt, ld);
+            for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                const float *qh = q + t0 * q_st + h * q_sh;
+                const float *gh = grad + (t0 * heads + h) * dim, *oh = out + (t0 * heads + h) * dim;
+                scores(n, qh, q_st, kt, ld, dim, p);
+                scores(n, gh, heads * dim, vt, ld, dim, ds);  /* dP = dO V^T */
+                for (int64_t i = 0; i < n; i++) {
+                    float *pi = p + i * ld, *di = ds + i * ld, dot = 0.0f;
+                    softmax_row(pi, i, ld, scale, lse + h * tokens + t0 + i);
+                    for (int64_t d = 0; d < dim; d++) dot += gh[i * heads * dim + d] * oh[i * heads * dim + d];
+                    for (int64_t j = 0; j <= i; j++) di[j] = scale * pi[j] * (di[j] - dot);
+                    for (int64_t j = i + 1; j < ld; j++) di[j] = 0.0f;
+                }
+                product(n, ds, ld, kg, kv_st, dq + (t0 * heads + h) * dim, heads * dim, dim, n, 0, 1, 0);
+                transpose_square(ds, swap, n, ld);
+                product(n, swap, ld, qh, q_st, dkg, kv_heads * dim, dim, n, 1, 0, 1);
+                transpose_square(p, swap, n, ld);
+                product(n, swap, ld, gh, heads * dim, dvg, kv_heads * dim, dim, n, 1, 0, 1);
+            }
+        }
+        free(kt);
+    }
+    free(tasks);
+}

@@ -25,6 +25,9 @@ from torch import nn
 from . import native
 
 FUSED_ENV = "PEFTKIT_FUSED_OPS"  # "0": torch's operators (to compare)
+# Longer examples take SDPA's flash kernel: the attention kernel holds a whole score matrix per thread, and at 1,000
+# tokens (4 MB) its backward falls out of the core's cache and behind flash's.
+ATTENTION_MAX_LEN = 512
 _SOURCE = Path(__file__).with_name("fused_ops.c")
 
 
@@ -34,6 +37,9 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.peftkit_swiglu_backward.argtypes = [p, p, p, p, p, n, t]
     library.peftkit_rms_norm_forward.argtypes = [p, p, p, p, n, n, ctypes.c_float, t]
     library.peftkit_rms_norm_backward.argtypes = [p, p, p, p, p, n, n, t]
+    sizes = [n] * 13  # examples, tokens, heads, kv_heads, dim, the six strides, max_len ... (see fused_ops.c)
+    library.peftkit_attention_forward.argtypes = [p, p, p, p, p, p] + sizes[:12] + [ctypes.c_float, t]
+    library.peftkit_attention_backward.argtypes = [p] * 10 + sizes[:12] + [ctypes.c_float, t]
     return library
 
 
@@ -99,6 +105,60 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # a trained norm (full fine-tuning): sum over rows of grad * xhat
             d_weight = (grad.reshape(-1, width) * (x.reshape(-1, width) * rstd[:, None])).sum(0)
         return dx, d_weight, None
+
+
+class _Attention(torch.autograd.Function):
+    """Causal attention of every example of a padding-free row, in one kernel call each way (fused_ops.c)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, max_len: int,
+                scale: float) -> torch.Tensor:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        _, heads, tokens, dim = q.shape
+        out = q.new_empty(1, tokens, heads, dim)
+        lse = q.new_empty(heads, tokens)
+        LIBRARY.loaded.peftkit_attention_forward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), bounds.data_ptr(),
+            bounds.numel() - 1, tokens, heads, k.shape[1], dim, *_strides(q, k, v), max_len, scale,
+            torch.get_num_threads())
+        ctx.save_for_backward(q, k, v, out, lse, bounds)
+        ctx.settings = (max_len, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse, bounds = ctx.saved_tensors
+        max_len, scale = ctx.settings
+        grad = grad.contiguous()
+        _, heads, tokens, dim = q.shape
+        kv_heads = k.shape[1]
+        dq = q.new_empty(1, tokens, heads, dim)
+        dk, dv = (k.new_zeros(1, tokens, kv_heads, dim) for _ in range(2))
+        LIBRARY.loaded.peftkit_attention_backward(
+            grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), dq.data_ptr(),
+            dk.data_ptr(), dv.data_ptr(), bounds.data_ptr(), bounds.numel() - 1, tokens, heads, kv_heads, dim,
+            *_strides(q, k, v), max_len, scale, torch.get_num_threads())
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+
+
+def _strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    """(token, head) strides of q, k and v, each [1, heads, tokens, dim]"""
+    return q.stride(2), q.stride(1), k.stride(2), k.stride(1), v.stride(2), v.stride(1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int],
+              scale: float) -> torch.Tensor | None:
+    """Causal attention of each example of a padding-free row, [1, tokens, heads, dim]; None where the kernel does
+    not apply, and outside a training step's `fused_layers` block (so evaluation and the RL stages' reference pass
+    keep torch's SDPA unless the step runs this). `q` is [1, heads, tokens, dim], `k` and `v` [1, kv_heads, tokens,
+    dim] (grouped-query heads share theirs); `bounds` are the examples' cumulative lengths, 0 first, tokens last."""
+    longest = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+    if not (_active and LIBRARY.loaded is not None and _fits(q, k, v) and q.dim() == 4 and q.shape[0] == 1
+            and q.shape[-1] % 8 == 0 and q.shape[1] % k.shape[1] == 0 and k.shape == v.shape
+            and k.shape[2] == q.shape[2] and bounds[0] == 0 and bounds[-1] == q.shape[2]
+            and longest <= ATTENTION_MAX_LEN):
+        return None
+    return _Attention.apply(q, k, v, torch.tensor(bounds, dtype=torch.int64), longest, scale)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any, ContextManager, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import fused_ops
 from .methods import virtual_tokens as vt
 
 ATTN_NAME = "peftkit_varlen"
@@ -130,6 +131,11 @@ def varlen_attention_forward(
         raise RuntimeError("Padding-free attention does not apply attention dropout; set padding_free: false.")
     bounds = _bounds(cu_seq_lens_q)
     layer_prefix = prefix[module.layer_idx] if prefix is not None else None
+    if layer_prefix is None and (sliding_window is None or max(e - s for s, e in zip(bounds, bounds[1:]))
+                                 <= sliding_window):
+        fused = fused_ops.attention(query, key, value, bounds, query.shape[-1] ** -0.5 if scaling is None else scaling)
+        if fused is not None:  # the whole row in one kernel call (fp32, in a training step): fused_ops.attention
+            return fused, None
     positions = kwargs.get("position_ids")
     pieces = zip(*(_by_example(t, bounds, dim=2) for t in (query, key, value)))
     parts = [
