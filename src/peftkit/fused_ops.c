@@ -125,9 +125,10 @@ void peftkit_rms_norm_backward(const float *grad, const float *x, const float *w
 
 static inline int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
-/* C[r, 0:16] (+)= sum over k in [k0, k1) of A[r, k] * B[k, 0:16], for 4 rows r */
-static inline void mul_4x16(const float *A, int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
-                            int64_t k0, int64_t k1, int accumulate) {
+/* C[r, 0:16] (+)= sum over k in [k0, k1) of A[r, k] * B[k, 0:16], for 4 rows r; A[r, k] is at A + r * ar + k * ak
+ * (ak = 1 reads A by rows, ar = 1 reads it transposed) */
+static inline void mul_4x16(const float *A, int64_t ar, int64_t ak, const float *B, int64_t ldb, float *C,
+                            int64_t ldc, int64_t k0, int64_t k1, int accumulate) {
     __m256 c00, c01, c10, c11, c20, c21, c30, c31;
     if (accumulate) {
         c00 = _mm256_loadu_ps(C); c01 = _mm256_loadu_ps(C + 8);
@@ -138,14 +139,12 @@ static inline void mul_4x16(const float *A, int64_t lda, const float *B, int64_t
         c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = _mm256_setzero_ps();
     }
     for (int64_t k = k0; k < k1; k++) {
-        const float *b = B + k * ldb;
-        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8), a;
-        a = _mm256_broadcast_ss(A + k); c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
-        a = _mm256_broadcast_ss(A + lda + k); c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
-        a = _mm256_broadcast_ss(A + 2 * lda + k); c20 = _mm256_fmadd_ps(a, b0, c20);
-        c21 = _mm256_fmadd_ps(a, b1, c21);
-        a = _mm256_broadcast_ss(A + 3 * lda + k); c30 = _mm256_fmadd_ps(a, b0, c30);
-        c31 = _mm256_fmadd_ps(a, b1, c31);
+        const float *b = B + k * ldb, *a = A + k * ak;
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8), x;
+        x = _mm256_broadcast_ss(a); c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+        x = _mm256_broadcast_ss(a + ar); c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+        x = _mm256_broadcast_ss(a + 2 * ar); c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+        x = _mm256_broadcast_ss(a + 3 * ar); c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
     }
     _mm256_storeu_ps(C, c00); _mm256_storeu_ps(C + 8, c01);
     _mm256_storeu_ps(C + ldc, c10); _mm256_storeu_ps(C + ldc + 8, c11);
@@ -153,46 +152,30 @@ static inline void mul_4x16(const float *A, int64_t lda, const float *B, int64_t
     _mm256_storeu_ps(C + 3 * ldc, c30); _mm256_storeu_ps(C + 3 * ldc + 8, c31);
 }
 
-static inline void mul_1x16(const float *A, const float *B, int64_t ldb, float *C, int64_t k0, int64_t k1,
-                            int accumulate) {
-    __m256 c0 = accumulate ? _mm256_loadu_ps(C) : _mm256_setzero_ps();
-    __m256 c1 = accumulate ? _mm256_loadu_ps(C + 8) : _mm256_setzero_ps();
-    for (int64_t k = k0; k < k1; k++) {
-        __m256 a = _mm256_broadcast_ss(A + k);
-        c0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(B + k * ldb), c0);
-        c1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(B + k * ldb + 8), c1);
-    }
-    _mm256_storeu_ps(C, c0);
-    _mm256_storeu_ps(C + 8, c1);
-}
-
-/* the same over 8 columns: a head dim that is a multiple of 8 but not of 16 ends with one of these */
-static inline void mul_rx8(int64_t rows, const float *A, int64_t lda, const float *B, int64_t ldb, float *C,
-                           int64_t ldc, int64_t k0, int64_t k1, int accumulate) {
+/* the same for `rows` (1-4) rows over 8 columns: row tails, and a head dim that is a multiple of 8 but not of 16 */
+static inline void mul_rx8(int64_t rows, const float *A, int64_t ar, int64_t ak, const float *B, int64_t ldb,
+                           float *C, int64_t ldc, int64_t k0, int64_t k1, int accumulate) {
     for (int64_t r = 0; r < rows; r++) {
         __m256 c0 = accumulate ? _mm256_loadu_ps(C + r * ldc) : _mm256_setzero_ps();
         for (int64_t k = k0; k < k1; k++)
-            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(A + r * lda + k), _mm256_loadu_ps(B + k * ldb), c0);
+            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(A + r * ar + k * ak), _mm256_loadu_ps(B + k * ldb), c0);
         _mm256_storeu_ps(C + r * ldc, c0);
     }
 }
 
-/* C[0:rows, 0:cols] (+)= A[0:rows, k] B[k, 0:cols] over k in [lo(r), hi(r)): row block r0..r0+3 takes k from
- * `from_row` ? r0 : 0 up to `to_row` ? min(r0 + 4, k_end) : k_end (the causal triangle's extent; entries of A outside
- * a row's own range must be zero). cols is a multiple of 8. */
-static void product(int64_t rows, const float *A, int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
-                    int64_t cols, int64_t k_end, int from_row, int to_row, int accumulate) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        int64_t k0 = from_row ? r : 0, k1 = to_row ? (r + 4 < k_end ? r + 4 : k_end) : k_end, c = 0;
-        for (; c + 16 <= cols; c += 16)
-            mul_4x16(A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, k0, k1, accumulate);
-        if (c < cols) mul_rx8(4, A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, k0, k1, accumulate);
-    }
-    for (; r < rows; r++) {
-        int64_t k0 = from_row ? r : 0, k1 = to_row ? (r + 1 < k_end ? r + 1 : k_end) : k_end, c = 0;
-        for (; c + 16 <= cols; c += 16) mul_1x16(A + r * lda, B + c, ldb, C + r * ldc + c, k0, k1, accumulate);
-        if (c < cols) mul_rx8(1, A + r * lda, lda, B + c, ldb, C + r * ldc + c, ldc, k0, k1, accumulate);
+/* C[0:rows, 0:cols] (+)= A[0:rows, k] B[k, 0:cols], A[r, k] at A + r * ar + k * ak, over k in [lo(r), hi(r)): row
+ * block r0..r0+3 takes k from `from_row` ? r0 : 0 up to `to_row` ? min(r0 + 4, k_end) : k_end (the causal triangle's
+ * extent; entries of A outside a row's own range must be zero). cols is a multiple of 8. */
+static void product(int64_t rows, const float *A, int64_t ar, int64_t ak, const float *B, int64_t ldb, float *C,
+                    int64_t ldc, int64_t cols, int64_t k_end, int from_row, int to_row, int accumulate) {
+    for (int64_t r = 0; r < rows; r += 4) {
+        int64_t n = rows - r < 4 ? rows - r : 4;
+        int64_t k0 = from_row ? r : 0, k1 = to_row ? (r + n < k_end ? r + n : k_end) : k_end, c = 0;
+        const float *a = A + r * ar;
+        float *out = C + r * ldc;
+        if (n == 4)
+            for (; c + 16 <= cols; c += 16) mul_4x16(a, ar, ak, B + c, ldb, out + c, ldc, k0, k1, accumulate);
+        for (; c < cols; c += 8) mul_rx8(n, a, ar, ak, B + c, ldb, out + c, ldc, k0, k1, accumulate);
     }
 }
 
@@ -205,22 +188,14 @@ static void transpose_rows(const float *src, int64_t src_stride, int64_t n, int6
     }
 }
 
-/* dst[j, i] = src[i, j] for an n x n block of row stride ld */
-static void transpose_square(const float *src, float *dst, int64_t n, int64_t ld) {
-    for (int64_t i0 = 0; i0 < n; i0 += 16)
-        for (int64_t j0 = 0; j0 < n; j0 += 16)
-            for (int64_t i = i0; i < i0 + 16 && i < n; i++)
-                for (int64_t j = j0; j < j0 + 16 && j < n; j++) dst[j * ld + i] = src[i * ld + j];
-}
-
 /* S[i, 0:ceil16(i+1)] = Q_i . K_j for every row i (entries past the row's own width are left as computed) */
 static void scores(int64_t n, const float *q, int64_t q_stride, const float *kt, int64_t ld, int64_t dim, float *s) {
-    int64_t r = 0;
-    for (; r + 4 <= n; r += 4)
-        for (int64_t c = 0; c < r + 4; c += 16)
-            mul_4x16(q + r * q_stride, q_stride, kt + c, ld, s + r * ld + c, ld, 0, dim, 0);
-    for (; r < n; r++)
-        for (int64_t c = 0; c < r + 1; c += 16) mul_1x16(q + r * q_stride, kt + c, ld, s + r * ld + c, 0, dim, 0);
+    for (int64_t r = 0; r < n; r += 4) {
+        int64_t rows = n - r < 4 ? n - r : 4, width = round16(r + rows), c = 0;
+        if (rows == 4)
+            for (; c < width; c += 16) mul_4x16(q + r * q_stride, q_stride, 1, kt + c, ld, s + r * ld + c, ld, 0, dim, 0);
+        for (; c < width; c += 8) mul_rx8(rows, q + r * q_stride, q_stride, 1, kt + c, ld, s + r * ld + c, ld, 0, dim, 0);
+    }
 }
 
 /* Row i of P = softmax(scale * S[i, 0..i]), zeros after it up to ld; returns the row's log-sum-exp. With `lse_in`
@@ -299,7 +274,7 @@ void peftkit_attention_forward(const float *q, const float *k, const float *v, f
             transpose_rows(k + t0 * kv_st + g * kv_sh, kv_st, n, dim, kt, ld);
             scores(n, qh, q_st, kt, ld, dim, s);
             for (int64_t i = 0; i < n; i++) lse[h * tokens + t0 + i] = softmax_row(s + i * ld, i, ld, scale, NULL);
-            product(n, s, ld, v + t0 * v_st + g * v_sh, v_st, out + (t0 * heads + h) * dim, heads * dim, dim, n,
+            product(n, s, ld, 1, v + t0 * v_st + g * v_sh, v_st, out + (t0 * heads + h) * dim, heads * dim, dim, n,
                     0, 1, 0);
         }
         free(kt);
@@ -316,8 +291,8 @@ void peftkit_attention_backward(const float *grad, const float *q, const float *
     Task *tasks = make_tasks(bounds, examples, kv_heads, &count);  /* one task per key/value head: it owns dk, dv */
     #pragma omp parallel num_threads(threads)
     {
-        float *kt = aligned_alloc(32, sizeof(float) * (2 * dim * ld + 3 * ld * ld));
-        float *vt = kt + dim * ld, *p = vt + dim * ld, *ds = p + ld * ld, *swap = ds + ld * ld;
+        float *kt = aligned_alloc(32, sizeof(float) * (2 * dim * ld + 2 * ld * ld));
+        float *vt = kt + dim * ld, *p = vt + dim * ld, *ds = p + ld * ld;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < count; t++) {
             int64_t n = tasks[t].length, g = tasks[t].head, t0 = tasks[t].start;
@@ -337,11 +312,10 @@ void peftkit_attention_backward(const float *grad, const float *q, const float *
                     for (int64_t j = 0; j <= i; j++) di[j] = scale * pi[j] * (di[j] - dot);
                     for (int64_t j = i + 1; j < ld; j++) di[j] = 0.0f;
                 }
-                product(n, ds, ld, kg, kv_st, dq + (t0 * heads + h) * dim, heads * dim, dim, n, 0, 1, 0);
-                transpose_square(ds, swap, n, ld);
-                product(n, swap, ld, qh, q_st, dkg, kv_heads * dim, dim, n, 1, 0, 1);
-                transpose_square(p, swap, n, ld);
-                product(n, swap, ld, gh, heads * dim, dvg, kv_heads * dim, dim, n, 1, 0, 1);
+                product(n, ds, ld, 1, kg, kv_st, dq + (t0 * heads + h) * dim, heads * dim, dim, n, 0, 1, 0);
+                /* dK += dS^T Q and dV += P^T dO: dS and P read transposed */
+                product(n, ds, 1, ld, qh, q_st, dkg, kv_heads * dim, dim, n, 1, 0, 1);
+                product(n, p, 1, ld, gh, heads * dim, dvg, kv_heads * dim, dim, n, 1, 0, 1);
             }
         }
         free(kt);
