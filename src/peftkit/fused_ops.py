@@ -37,9 +37,9 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.peftkit_swiglu_backward.argtypes = [p, p, p, p, p, n, t]
     library.peftkit_rms_norm_forward.argtypes = [p, p, p, p, n, n, ctypes.c_float, t]
     library.peftkit_rms_norm_backward.argtypes = [p, p, p, p, p, n, n, t]
-    sizes = [n] * 13  # examples, tokens, heads, kv_heads, dim, the six strides, max_len ... (see fused_ops.c)
-    library.peftkit_attention_forward.argtypes = [p, p, p, p, p, p] + sizes[:12] + [ctypes.c_float, t]
-    library.peftkit_attention_backward.argtypes = [p] * 10 + sizes[:12] + [ctypes.c_float, t]
+    sizes = [n] * 12  # examples, tokens, heads, kv_heads, dim, the six strides, max_len (see fused_ops.c)
+    library.peftkit_attention_forward.argtypes = [p] * 6 + sizes + [ctypes.c_float, t]
+    library.peftkit_attention_backward.argtypes = [p] * 10 + sizes + [ctypes.c_float, t]
     return library
 
 
