@@ -225,6 +225,8 @@ def test_attention_stands_aside_outside_a_step_and_where_it_does_not_apply(monke
     assert fused_ops.attention(q, k, v, bounds, 0.25) is not None
     assert fused_ops.attention(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), bounds, 0.25) is None
     assert fused_ops.attention(q[..., :12], k[..., :12], v[..., :12], bounds, 0.25) is None  # head dim 12
+    assert fused_ops.attention(q, k, v, bounds, 0.25, sliding_window=25) is None  # an example wider than the window
+    assert fused_ops.attention(q, k, v, bounds, 0.25, sliding_window=30) is not None
     monkeypatch.setattr(fused_ops, "ATTENTION_MAX_LEN", 25)  # an example longer than the kernel takes
     assert fused_ops.attention(q, k, v, bounds, 0.25) is None
 

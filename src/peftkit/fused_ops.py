@@ -146,17 +146,18 @@ def _strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ..
     return q.stride(2), q.stride(1), k.stride(2), k.stride(1), v.stride(2), v.stride(1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int],
-              scale: float) -> torch.Tensor | None:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float,
+              sliding_window: int | None = None) -> torch.Tensor | None:
     """Causal attention of each example of a padding-free row, [1, tokens, heads, dim]; None where the kernel does
-    not apply, and outside a training step's `fused_layers` block (so evaluation and the RL stages' reference pass
-    keep torch's SDPA unless the step runs this). `q` is [1, heads, tokens, dim], `k` and `v` [1, kv_heads, tokens,
-    dim] (grouped-query heads share theirs); `bounds` are the examples' cumulative lengths, 0 first, tokens last."""
+    not apply (among others, an example longer than `sliding_window`), and outside a training step's `fused_layers`
+    block (so evaluation and the RL stages' reference pass keep torch's SDPA unless the step runs this). `q` is
+    [1, heads, tokens, dim], `k` and `v` [1, kv_heads, tokens, dim] (grouped-query heads share theirs); `bounds` are
+    the examples' cumulative lengths, 0 first, tokens last."""
     longest = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     if not (_active and LIBRARY.loaded is not None and _fits(q, k, v) and q.dim() == 4 and q.shape[0] == 1
             and q.shape[-1] % 8 == 0 and q.shape[1] % k.shape[1] == 0 and k.shape == v.shape
             and k.shape[2] == q.shape[2] and bounds[0] == 0 and bounds[-1] == q.shape[2]
-            and longest <= ATTENTION_MAX_LEN):
+            and longest <= ATTENTION_MAX_LEN and (sliding_window is None or longest <= sliding_window)):
         return None
     return _Attention.apply(q, k, v, torch.tensor(bounds, dtype=torch.int64), longest, scale)
 

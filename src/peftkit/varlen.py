@@ -131,9 +131,9 @@ def varlen_attention_forward(
         raise RuntimeError("Padding-free attention does not apply attention dropout; set padding_free: false.")
     bounds = _bounds(cu_seq_lens_q)
     layer_prefix = prefix[module.layer_idx] if prefix is not None else None
-    if layer_prefix is None and (sliding_window is None or max(e - s for s, e in zip(bounds, bounds[1:]))
-                                 <= sliding_window):
-        fused = fused_ops.attention(query, key, value, bounds, query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if layer_prefix is None:
+        fused = fused_ops.attention(query, key, value, bounds, query.shape[-1] ** -0.5 if scaling is None else scaling,
+                                    sliding_window)
         if fused is not None:  # the whole row in one kernel call (fp32, in a training step): fused_ops.attention
             return fused, None
     positions = kwargs.get("position_ids")
