@@ -248,6 +248,8 @@ static int longer_first(const void *a, const void *b) {
 static Task *make_tasks(const int64_t *bounds, int64_t examples, int64_t heads, int64_t *count) {
     Task *tasks = malloc(sizeof(Task) * examples * heads);
     int64_t n = 0;
+    *count = 0;
+    if (tasks == NULL) return NULL;
     for (int64_t e = 0; e < examples; e++)
         for (int64_t h = 0; h < heads; h++)
             if (bounds[e + 1] > bounds[e]) tasks[n++] = (Task){bounds[e], bounds[e + 1] - bounds[e], h};
@@ -256,19 +258,25 @@ static Task *make_tasks(const int64_t *bounds, int64_t examples, int64_t heads, 
     return tasks;
 }
 
-void peftkit_attention_forward(const float *q, const float *k, const float *v, float *out, float *lse,
+int peftkit_attention_forward(const float *q, const float *k, const float *v, float *out, float *lse,
                                const int64_t *bounds, int64_t examples, int64_t tokens, int64_t heads,
                                int64_t kv_heads, int64_t dim, int64_t q_st, int64_t q_sh, int64_t kv_st,
                                int64_t kv_sh, int64_t v_st, int64_t v_sh, int64_t max_len, float scale,
                                int threads) {
     int64_t count, ld = round16(max_len), group = heads / kv_heads;
     Task *tasks = make_tasks(bounds, examples, heads, &count);
-    #pragma omp parallel num_threads(threads)
+    int failed = tasks == NULL && examples * heads > 0;
+    #pragma omp parallel num_threads(threads) if (!failed)
     {
-        float *kt = aligned_alloc(32, sizeof(float) * (dim * ld + ld * ld));
-        float *s = kt + dim * ld;
+        float *kt = failed ? NULL : aligned_alloc(32, sizeof(float) * (dim * ld + ld * ld));
+        float *s = kt == NULL ? NULL : kt + dim * ld;
+        if (kt == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < count; t++) {
+            if (kt == NULL) continue;  /* this thread has no scratch: the call fails, its tasks are skipped */
             int64_t n = tasks[t].length, h = tasks[t].head, g = h / group, t0 = tasks[t].start;
             const float *qh = q + t0 * q_st + h * q_sh;
             transpose_rows(k + t0 * kv_st + g * kv_sh, kv_st, n, dim, kt, ld);
@@ -280,21 +288,29 @@ void peftkit_attention_forward(const float *q, const float *k, const float *v, f
         free(kt);
     }
     free(tasks);
+    return failed ? -1 : 0;  /* -1: scratch memory could not be allocated */
 }
 
-void peftkit_attention_backward(const float *grad, const float *q, const float *k, const float *v, const float *out,
+int peftkit_attention_backward(const float *grad, const float *q, const float *k, const float *v, const float *out,
                                 const float *lse, float *dq, float *dk, float *dv, const int64_t *bounds,
                                 int64_t examples, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t dim,
                                 int64_t q_st, int64_t q_sh, int64_t kv_st, int64_t kv_sh, int64_t v_st, int64_t v_sh,
                                 int64_t max_len, float scale, int threads) {
     int64_t count, ld = round16(max_len), group = heads / kv_heads;
     Task *tasks = make_tasks(bounds, examples, kv_heads, &count);  /* one task per key/value head: it owns dk, dv */
-    #pragma omp parallel num_threads(threads)
+    int failed = tasks == NULL && examples * kv_heads > 0;
+    #pragma omp parallel num_threads(threads) if (!failed)
     {
-        float *kt = aligned_alloc(32, sizeof(float) * (2 * dim * ld + 2 * ld * ld));
-        float *vt = kt + dim * ld, *p = vt + dim * ld, *ds = p + ld * ld;
+        float *kt = failed ? NULL : aligned_alloc(32, sizeof(float) * (2 * dim * ld + 2 * ld * ld));
+        float *vt = kt == NULL ? NULL : kt + dim * ld, *p = vt == NULL ? NULL : vt + dim * ld;
+        float *ds = p == NULL ? NULL : p + ld * ld;
+        if (kt == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < count; t++) {
+            if (kt == NULL) continue;
             int64_t n = tasks[t].length, g = tasks[t].head, t0 = tasks[t].start;
             const float *kg = k + t0 * kv_st + g * kv_sh, *vg = v + t0 * v_st + g * v_sh;
             float *dkg = dk + (t0 * kv_heads + g) * dim, *dvg = dv + (t0 * kv_heads + g) * dim;
@@ -321,4 +337,5 @@ void peftkit_attention_backward(const float *grad, const float *q, const float *
         free(kt);
     }
     free(tasks);
+    return failed ? -1 : 0;  /* -1: scratch memory could not be allocated */
 }

@@ -40,6 +40,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     sizes = [n] * 12  # examples, tokens, heads, kv_heads, dim, the six strides, max_len (see fused_ops.c)
     library.peftkit_attention_forward.argtypes = [p] * 6 + sizes + [ctypes.c_float, t]
     library.peftkit_attention_backward.argtypes = [p] * 10 + sizes + [ctypes.c_float, t]
+    library.peftkit_attention_forward.restype = library.peftkit_attention_backward.restype = t  # 0, or -1: no memory
     return library
 
 
@@ -49,6 +50,12 @@ LIBRARY = native.Library(_SOURCE, FUSED_ENV, _declare)
 def kernels() -> Any:
     """The loaded library, or None (see `LIBRARY.why_not`)."""
     return LIBRARY.load()
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("the attention kernel could not allocate its scratch memory: free memory, lower the batch "
+                          f"size or cutoff_len, or set {FUSED_ENV}=0 (torch's SDPA)")
 
 
 def _fits(*tensors: torch.Tensor) -> bool:
@@ -117,10 +124,10 @@ class _Attention(torch.autograd.Function):
         _, heads, tokens, dim = q.shape
         out = q.new_empty(1, tokens, heads, dim)
         lse = q.new_empty(heads, tokens)
-        LIBRARY.loaded.peftkit_attention_forward(
+        _check(LIBRARY.loaded.peftkit_attention_forward(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), bounds.data_ptr(),
             bounds.numel() - 1, tokens, heads, k.shape[1], dim, *_strides(q, k, v), max_len, scale,
-            torch.get_num_threads())
+            torch.get_num_threads()))
         ctx.save_for_backward(q, k, v, out, lse, bounds)
         ctx.settings = (max_len, scale)
         return out
@@ -134,10 +141,10 @@ class _Attention(torch.autograd.Function):
         kv_heads = k.shape[1]
         dq = q.new_empty(1, tokens, heads, dim)
         dk, dv = (k.new_zeros(1, tokens, kv_heads, dim) for _ in range(2))
-        LIBRARY.loaded.peftkit_attention_backward(
+        _check(LIBRARY.loaded.peftkit_attention_backward(
             grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), dq.data_ptr(),
             dk.data_ptr(), dv.data_ptr(), bounds.data_ptr(), bounds.numel() - 1, tokens, heads, kv_heads, dim,
-            *_strides(q, k, v), max_len, scale, torch.get_num_threads())
+            *_strides(q, k, v), max_len, scale, torch.get_num_threads()))
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
 
 
