@@ -134,11 +134,76 @@ def test_the_kernel_gives_the_layers_results_to_fp32_rounding(overrides) -> None
         assert ours[0].abs().max() > 1  # logits that mean something: the comparison is not of near-zeros
 
 
+def trained_lora(model, names=("default",), **settings) -> TunedModel:
+    """`model` with LoRA adapters on every projection whose B is not zero (a trained adapter shows in the logits)."""
+    tuned = None
+    for i, name in enumerate(names):
+        cfg = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **settings})
+        if tuned is None:
+            tuned = TunedModel(model, cfg, adapter_name=name)
+        else:
+            tuned.add_adapter(name, cfg)
+        g = torch.Generator().manual_seed(i)
+        for key, p in tuned.named_parameters():
+            if f"lora_B.{name}" in key:
+                p.data = torch.randn(p.shape, generator=g) * 0.3
+    return tuned.eval()
+
+
+def assert_kernel_matches(model, native) -> None:
+    for prompts in (PROMPTS[:1], PROMPTS):
+        theirs = steps(model, None, prompts)
+        ours = steps(model, native, prompts)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16_values", [False, True], ids=["fp32", "bf16-copies"])
+def test_the_kernel_computes_an_unmerged_lora_adapter(bf16_values) -> None:
+    """`peftkit chat --adapter` and a server of several adapters: LoRA on all seven projections, in the kernel."""
+    base = llama(attention_bias=True)
+    if bf16_values:
+        base = base.to(torch.bfloat16).to(torch.float32)
+    tuned = trained_lora(base)
+    native = native_for(tuned.model)
+    assert native.max_rank == 4 and all(list(e.rank) == [4] * 7 for e in native.table)
+    plain = steps(llama(attention_bias=True), None, PROMPTS[:1])
+    assert not torch.allclose(steps(tuned.model, None, PROMPTS[:1])[0], plain[0], atol=1e-2)  # the adapter shows
+    assert_kernel_matches(tuned.model, native)
+
+
+def test_the_kernel_follows_the_active_adapter() -> None:
+    """Switching adapters (the API between batches), disabling them and merging one each make a new plan."""
+    tuned = trained_lora(llama(), names=("one", "two"), target_modules=["q_proj", "v_proj", "down_proj"])
+    model = tuned.model
+    native = native_for(model)
+    assert_kernel_matches(model, native)
+    tuned.set_adapter("two")
+    assert not native.current()
+    native = native_for(model)
+    assert_kernel_matches(model, native)
+    with tuned.disable_adapter():
+        assert not native.current()
+        native = native_for(model)
+        assert native.max_rank == 0
+        assert_kernel_matches(model, native)
+    tuned.merge_adapter("two")
+    assert not native.current()
+    native = native_for(model)
+    assert native.max_rank == 0  # merged: the base weights hold it
+    assert_kernel_matches(model, native)
+
+
 def test_the_kernel_stands_in_only_for_plain_modules() -> None:
     model = llama()
     native_for(model)
-    tuned = TunedModel(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]))  # an unmerged adapter
-    assert NativeLayers.build(LlamaStep.build(tuned.model), FastLayers()) is None
+    dora = TunedModel(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], use_dora=True))
+    assert NativeLayers.build(LlamaStep.build(dora.model), FastLayers()) is None
+    dropout = TunedModel(llama(), LoraConfig(r=4, target_modules=["v_proj"], lora_dropout=0.1))
+    dropout.train()  # dropout on the adapter's input: torch's forward
+    assert NativeLayers.build(LlamaStep.build(dropout.model), FastLayers()) is None
+    dropout.eval()
+    assert NativeLayers.build(LlamaStep.build(dropout.model), FastLayers()) is not None
     model.model.layers[2].mlp.register_forward_hook(lambda *_: None)
     assert NativeLayers.build(LlamaStep.build(model), FastLayers()) is None
 

@@ -161,7 +161,32 @@ typedef struct {
     const float *norm1, *norm2;  /* RMSNorm weights [hidden] */
     float *keys, *values;    /* this layer's cache: [B, kv_heads, length, head_dim], the new position's slot last */
     int64_t stride_b, stride_h, stride_t;  /* cache strides (elements), the same for keys and values */
+    /* an unmerged LoRA adapter on a projection: y += B' (A x), A [rank, k] and B' = scaling * B [n, rank], fp32 */
+    const float *lora_a[7], *lora_b[7];
+    int64_t rank[7];         /* 0: no adapter on this projection */
 } peftkit_layer;
+
+/* LoRA's first product for the projections first..last-1 of L, which share the input `in` (rows k apart):
+   t[(p - first) * rows * max_rank + b * max_rank + j] = A_p[j] . in_b. An orphaned `omp for`: every thread of the
+   parallel region calls it. */
+static void lora_down(const peftkit_layer *L, int first, int last, const float *in, int64_t rows, int64_t k,
+                      float *t, int64_t max_rank) {
+    if (max_rank == 0) return;  /* the same on every thread: no adapter anywhere */
+    const int64_t per = rows * max_rank, total = (last - first) * per;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < total; i++) {
+        int64_t p = first + i / per, j = i % per % max_rank, b = i % per / max_rank;
+        if (j < L->rank[p]) dot_f32(in + b * k, L->lora_a[p] + j * k, k, t + i, 1);
+    }
+}
+
+/* LoRA's second product for output feature o of projection p: B'_p[o] . t_b */
+static inline float lora_up(const peftkit_layer *L, int p, int64_t o, const float *t_b) {
+    const float *w = L->lora_b[p] + o * L->rank[p];
+    float s = 0.0f;
+    for (int64_t j = 0; j < L->rank[p]; j++) s += w[j] * t_b[j];
+    return s;
+}
 
 static void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t n, float eps) {
     for (int64_t b = 0; b < rows; b++) {
@@ -173,11 +198,12 @@ static void rms_norm(const float *x, const float *w, float *out, int64_t rows, i
     }
 }
 
-/* hidden: [B, H], updated in place. cos, sin: [B, D]. mask: [B, length] (1: attend). scratch: see decode_step.py. */
+/* hidden: [B, H], updated in place. cos, sin: [B, D]. mask: [B, length] (1: attend). max_rank: the largest LoRA rank
+   in `layers` (0: none). scratch: see llama_step.py. */
 int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *hidden, const float *cos,
                           const float *sin, const int64_t *mask, int64_t rows, int64_t length, int64_t H,
                           int64_t heads, int64_t kv_heads, int64_t D, int64_t I, float eps, float scaling,
-                          float *scratch, int threads) {
+                          int64_t max_rank, float *scratch, int threads) {
     if (rows > 16 || D % 2 || D > 512 || heads % kv_heads) return -1;
     const int64_t QN = heads * D, KN = kv_heads * D, groups = heads / kv_heads, half = D / 2;
     const int64_t width = H > I ? (H > QN ? H : QN) : (I > QN ? I : QN);
@@ -186,7 +212,8 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
     float *qkv = xs + rows * width;        /* [B, QN + 2 KN] */
     float *att = qkv + rows * (QN + 2 * KN);   /* [B, QN] */
     float *act = att + rows * QN;          /* [B, I] */
-    float *probs = act + rows * I;         /* [threads, length] */
+    float *low = act + rows * I;           /* LoRA's A x: [3, B, max_rank] */
+    float *probs = low + 3 * rows * max_rank;  /* [threads, length] */
     const int64_t QKV = QN + 2 * KN;
 #pragma omp parallel num_threads(threads)
     {
@@ -197,6 +224,7 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
                 rms_norm(hidden, L->norm1, x, rows, H, eps);
                 if (L->bf16[0] || L->bf16[1] || L->bf16[2]) split_pairs(x, xs, rows, H);
             }
+            lora_down(L, 0, 3, x, rows, H, low, max_rank);
             /* q, k, v: one loop over their output features together */
 #pragma omp for schedule(static)
             for (int64_t o = 0; o < QKV; o++) {
@@ -205,6 +233,9 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
                 /* weight row `at` of projection p is column o of qkv */
                 product_rows(L->bf16[p] ? xs : x, L->w[p], L->bf16[p], L->bias[p], qkv + (o - at), QKV, rows, H,
                              at, 0);
+                if (L->rank[p])
+                    for (int64_t b = 0; b < rows; b++)
+                        qkv[b * QKV + o] += lora_up(L, p, at, low + (p * rows + b) * max_rank);
             }
             /* rotary embedding of q and k (rotate-half), new k and v into the cache */
 #pragma omp for schedule(static)
@@ -262,14 +293,19 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
             }
 #pragma omp single
             if (L->bf16[3]) split_pairs(att, xs, rows, QN);
+            lora_down(L, 3, 4, att, rows, QN, low, max_rank);
 #pragma omp for schedule(static)
-            for (int64_t o = 0; o < H; o++)
+            for (int64_t o = 0; o < H; o++) {
                 product_rows(L->bf16[3] ? xs : att, L->w[3], L->bf16[3], L->bias[3], hidden, H, rows, QN, o, 1);
+                if (L->rank[3])
+                    for (int64_t b = 0; b < rows; b++) hidden[b * H + o] += lora_up(L, 3, o, low + b * max_rank);
+            }
 #pragma omp single
             {
                 rms_norm(hidden, L->norm2, x, rows, H, eps);
                 if (L->bf16[4] || L->bf16[5]) split_pairs(x, xs, rows, H);
             }
+            lora_down(L, 4, 6, x, rows, H, low, max_rank);
 #pragma omp for schedule(static)
             for (int64_t o = 0; o < I; o++) {
                 float g[MAX_ROWS], u[MAX_ROWS];
@@ -281,14 +317,20 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
                 for (int64_t b = 0; b < rows; b++) {
                     float gv = g[b] + (L->bias[4] ? L->bias[4][o] : 0.0f);
                     float uv = u[b] + (L->bias[5] ? L->bias[5][o] : 0.0f);
+                    if (L->rank[4]) gv += lora_up(L, 4, o, low + b * max_rank);
+                    if (L->rank[5]) uv += lora_up(L, 5, o, low + (rows + b) * max_rank);
                     act[b * I + o] = gv / (1.0f + expf(-gv)) * uv;
                 }
             }
 #pragma omp single
             if (L->bf16[6]) split_pairs(act, xs, rows, I);
+            lora_down(L, 6, 7, act, rows, I, low, max_rank);
 #pragma omp for schedule(static)
-            for (int64_t o = 0; o < H; o++)
+            for (int64_t o = 0; o < H; o++) {
                 product_rows(L->bf16[6] ? xs : act, L->w[6], L->bf16[6], L->bias[6], hidden, H, rows, I, o, 1);
+                if (L->rank[6])
+                    for (int64_t b = 0; b < rows; b++) hidden[b * H + o] += lora_up(L, 6, o, low + b * max_rank);
+            }
         }
     }
     return 0;

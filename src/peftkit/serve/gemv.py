@@ -47,7 +47,8 @@ class Layer(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p * 7), ("bf16", ctypes.c_int * 7), ("bias", ctypes.c_void_p * 7),
                 ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("keys", ctypes.c_void_p),
                 ("values", ctypes.c_void_p), ("stride_b", ctypes.c_int64), ("stride_h", ctypes.c_int64),
-                ("stride_t", ctypes.c_int64)]
+                ("stride_t", ctypes.c_int64), ("lora_a", ctypes.c_void_p * 7), ("lora_b", ctypes.c_void_p * 7),
+                ("rank", ctypes.c_int64 * 7)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ def _declare(library: ctypes.CDLL) -> Kernels:
     layers = library.peftkit_decode_layers
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     layers.argtypes = [ctypes.POINTER(Layer), i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
-                       ctypes.c_float, ctypes.c_float, ptr, ctypes.c_int]
+                       ctypes.c_float, ctypes.c_float, i64, ptr, ctypes.c_int]
     layers.restype = ctypes.c_int
     return Kernels(fn, layers)
 

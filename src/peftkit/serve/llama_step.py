@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..methods.lora import LoraLinear
 from . import gemv
 
 
@@ -152,6 +153,47 @@ def _plain_linear(module: Any) -> bool:
             and (b is None or (b.dtype == torch.float32 and b.is_contiguous())))
 
 
+def _kernel_projection(module: Any) -> tuple[nn.Linear, tuple[torch.Tensor, torch.Tensor, float] | None] | None:
+    """(the plain linear layer, its unmerged LoRA (A, B, scaling) or None) that the kernel computes for `module`; None
+    where it cannot: another module, a hook, DoRA, LoRA dropout while training, tensors off fp32 or the CPU. A LoRA
+    layer with no active adapter (disabled, merged) is its base layer, as its forward is."""
+    if _plain_linear(module):
+        return module, None
+    if type(module) is not LoraLinear or not _plain(module) or not _plain_linear(module.base_layer):
+        return None
+    if not module.use_adapter:
+        return module.base_layer, None
+    name = module.active_adapter
+    A, B = module.lora_A[name], module.lora_B[name]
+    if (name in module.lora_magnitude or (module.training and not isinstance(module.lora_dropout[name], nn.Identity))
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 for t in (A, B))):
+        return None
+    return module.base_layer, (A, B, float(module.scaling[name]))
+
+
+def _parts(layer: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """(parent, name, module) for each module of `layer` that the kernel stands in for."""
+    attention, mlp = layer.self_attn, layer.mlp
+    parts = [(layer, name, layer._modules.get(name))
+             for name in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")]
+    parts.append((mlp, "act_fn", mlp._modules.get("act_fn")))
+    for i, name in enumerate(_PROJECTIONS):
+        parent = attention if i < 4 else mlp
+        module = parent._modules.get(name)
+        parts.append((parent, name, module))
+        if type(module) is LoraLinear:
+            parts.append((module, "base_layer", module.base_layer))
+    return parts
+
+
+def _state(module: nn.Module) -> tuple:
+    """What, beyond its tensors, decides what the kernel computes for `module`: the training flag (dropout) and, for a
+    LoRA layer, its active adapter, whether it applies (not disabled or merged) and its scaling."""
+    if type(module) is LoraLinear:
+        return module.training, module.active_adapter, module.use_adapter, module.scaling.get(module.active_adapter)
+    return (module.training,)
+
+
 def _projections(layer: nn.Module) -> list[Any]:
     """A decoder layer's seven projections, in the kernel's order (None where one is missing)."""
     return [getattr(layer.self_attn if i < 4 else layer.mlp, name, None) for i, name in enumerate(_PROJECTIONS)]
@@ -159,13 +201,13 @@ def _projections(layer: nn.Module) -> list[Any]:
 
 def _plain_layer(layer: nn.Module) -> bool:
     """Whether the kernel may stand in for every module of `layer`: Llama's RMSNorms (fp32 weights) and SiLU MLP, and
-    seven plain linear layers, none hooked."""
+    seven plain linear layers (with or without an unmerged LoRA adapter), none hooked."""
     ref = _references()
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     return (all(_plain(n, ref["norm"]) and isinstance(getattr(n, "weight", None), torch.Tensor)
                 and n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms)
             and _plain(layer.mlp, ref["mlp"]) and type(layer.mlp.act_fn).__name__ in ("SiLUActivation", "SiLU")
-            and all(_plain_linear(m) for m in _projections(layer)))
+            and all(_kernel_projection(m) is not None for m in _projections(layer)))
 
 
 class NativeLayers:
@@ -173,8 +215,10 @@ class NativeLayers:
     for up to 16 rows of one token each. The embedding, the rotary table, the final norm and the LM head stay in
     torch and peftkit's product; the cache is transformers' own, its new slot reserved by `cache.update` and filled by
     the kernel. Used where every module it stands in for is the plain one (nn.Linear without an adapter or a hook,
-    Llama's RMSNorm and SiLU MLP), the weights fp32, and the kernel faster than torch here (`gemv.faster`); a weight
-    changed in place (an adapter merged) is picked up at the next step."""
+    Llama's RMSNorm and SiLU MLP), the weights fp32, and the kernel faster than torch here (`gemv.faster`). An
+    unmerged LoRA adapter on a projection is computed in the kernel too (A x, then scaling * B times it, in fp32), so
+    `peftkit chat --adapter` and a server of several adapters decode at the base model's speed; a weight changed in
+    place (an adapter merged) or another adapter made active is picked up at the next step."""
 
     def __init__(self, step: LlamaStep, products: Any, kernels: gemv.Kernels) -> None:
         self.step, self.products, self.kernels = step, products, kernels
@@ -187,21 +231,33 @@ class NativeLayers:
         self.hidden = attention.q_proj.in_features
         self.eps = float(first.input_layernorm.variance_epsilon)
         self.scaling = float(attention.scaling)
-        self.tensors: list[tuple[torch.Tensor, int]] = []  # every tensor the kernel reads, with its version
-        self.keep: list[torch.Tensor] = []  # the bf16 copies and fp32 biases it reads
+        # every tensor the kernel reads, with its version and address (an in-place change, or new data put in)
+        self.tensors: list[tuple[torch.Tensor, int, int]] = []
+        self.keep: list[torch.Tensor] = []  # the bf16 copies, fp32 biases and LoRA tensors it reads
+        self.parts = [part for layer in step.layers for part in _parts(layer)]
+        self.states = [_state(module) for _, _, module in self.parts]
+        self.max_rank = 0
         self.table = (gemv.Layer * len(step.layers))()
         for entry, layer in zip(self.table, step.layers):
-            for i, linear in enumerate(_projections(layer)):
+            for i, module in enumerate(_projections(layer)):
+                linear, lora = _kernel_projection(module)
                 copy = products.bf16_copy(linear.weight) if products is not None else None
                 read = linear.weight if copy is None else copy
                 self.keep.append(read)
                 entry.w[i], entry.bf16[i] = read.data_ptr(), int(copy is not None)
                 entry.bias[i] = None if linear.bias is None else linear.bias.data_ptr()
-                self.tensors += [(t, t._version) for t in (linear.weight, linear.bias) if t is not None]
+                self.tensors += [(t, t._version, t.data_ptr()) for t in (linear.weight, linear.bias) if t is not None]
+                if lora is not None:
+                    A, B, scaling = lora
+                    down, up = A.detach().contiguous(), (B.detach() * scaling).contiguous()
+                    self.keep += [down, up]
+                    entry.lora_a[i], entry.lora_b[i], entry.rank[i] = down.data_ptr(), up.data_ptr(), A.shape[0]
+                    self.max_rank = max(self.max_rank, A.shape[0])
+                    self.tensors += [(t, t._version, t.data_ptr()) for t in (A, B)]
             for name in ("norm1", "norm2"):
                 norm = layer.input_layernorm if name == "norm1" else layer.post_attention_layernorm
                 setattr(entry, name, norm.weight.data_ptr())
-                self.tensors.append((norm.weight, norm.weight._version))
+                self.tensors.append((norm.weight, norm.weight._version, norm.weight.data_ptr()))
 
     @classmethod
     def build(cls, step: LlamaStep, products: Any) -> NativeLayers | None:
@@ -220,10 +276,13 @@ class NativeLayers:
         return cls(step, products, kernels)
 
     def current(self) -> bool:
-        """Whether the plan still stands: the same tensors, unchanged, and no hook or adapter added since."""
-        if any(t._version != version for t, version in self.tensors):
-            return False
-        return all(_plain_layer(layer) for layer in self.step.layers)
+        """Whether the plan still stands: the same tensors, unchanged; the same modules, none hooked since; the same
+        adapter state. It runs before every decode step, so it reads module dicts directly (re-running `build`'s
+        checks through nn.Module's attribute lookup took 6 ms a token on smollm2-135m, 18 with an adapter)."""
+        return (all(t._version == version and t.data_ptr() == address for t, version, address in self.tensors)
+                and not _global_hooks()
+                and all(parent._modules.get(name) is module and not _hooked(module) and _state(module) == state
+                        for (parent, name, module), state in zip(self.parts, self.states)))
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
                  cache: Any) -> torch.Tensor:
@@ -250,12 +309,12 @@ class NativeLayers:
         threads = torch.get_num_threads()
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         width = max(self.hidden, self.intermediate, q_width)
-        scratch = torch.empty(rows * (2 * width + q_width + 2 * kv_width + q_width + self.intermediate)
-                              + threads * length)
+        scratch = torch.empty(rows * (2 * width + q_width + 2 * kv_width + q_width + self.intermediate
+                                      + 3 * self.max_rank) + threads * length)
         status = self.kernels.layers(self.table, len(self.table), hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                      mask.data_ptr(), rows, length, self.hidden, self.heads, self.kv_heads,
                                      self.head_dim, self.intermediate, ctypes.c_float(self.eps),
-                                     ctypes.c_float(self.scaling), scratch.data_ptr(), threads)
+                                     ctypes.c_float(self.scaling), self.max_rank, scratch.data_ptr(), threads)
         if status != 0:
             raise RuntimeError(f"peftkit's decode kernel refused the step (status {status})")
         hidden = base.norm(hidden)
