@@ -204,6 +204,8 @@ def test_the_kernel_stands_in_only_for_plain_modules() -> None:
     assert NativeLayers.build(LlamaStep.build(dropout.model), FastLayers()) is None
     dropout.eval()
     assert NativeLayers.build(LlamaStep.build(dropout.model), FastLayers()) is not None
+    bf16 = TunedModel(llama().to(torch.bfloat16), LoraConfig(r=4, target_modules=["v_proj"]))
+    assert NativeLayers.build(LlamaStep.build(bf16.model), FastLayers()) is None  # bf16 models: torch's products
     model.model.layers[2].mlp.register_forward_hook(lambda *_: None)
     assert NativeLayers.build(LlamaStep.build(model), FastLayers()) is None
 

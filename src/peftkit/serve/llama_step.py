@@ -173,13 +173,10 @@ def _kernel_projection(module: Any) -> tuple[nn.Linear, tuple[torch.Tensor, torc
 
 def _parts(layer: nn.Module) -> list[tuple[nn.Module, str, Any]]:
     """(parent, name, module) for each module of `layer` that the kernel stands in for."""
-    attention, mlp = layer.self_attn, layer.mlp
     parts = [(layer, name, layer._modules.get(name))
              for name in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")]
-    parts.append((mlp, "act_fn", mlp._modules.get("act_fn")))
-    for i, name in enumerate(_PROJECTIONS):
-        parent = attention if i < 4 else mlp
-        module = parent._modules.get(name)
+    parts.append((layer.mlp, "act_fn", layer.mlp._modules.get("act_fn")))
+    for parent, name, module in _projection_slots(layer):
         parts.append((parent, name, module))
         if type(module) is LoraLinear:
             parts.append((module, "base_layer", module.base_layer))
@@ -194,9 +191,16 @@ def _state(module: nn.Module) -> tuple:
     return (module.training,)
 
 
+def _projection_slots(layer: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """(parent, name, module) of a decoder layer's seven projections, in the kernel's order (None where one is
+    missing)."""
+    parents = [layer.self_attn] * 4 + [layer.mlp] * 3
+    return [(parent, name, parent._modules.get(name)) for parent, name in zip(parents, _PROJECTIONS)]
+
+
 def _projections(layer: nn.Module) -> list[Any]:
     """A decoder layer's seven projections, in the kernel's order (None where one is missing)."""
-    return [getattr(layer.self_attn if i < 4 else layer.mlp, name, None) for i, name in enumerate(_PROJECTIONS)]
+    return [module for _, _, module in _projection_slots(layer)]
 
 
 def _plain_layer(layer: nn.Module) -> bool:
