@@ -4,6 +4,8 @@ the model's own forward (another architecture, a hook, virtual tokens), the deco
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
@@ -24,9 +26,10 @@ def llama(**overrides) -> LlamaForCausalLM:
 
 
 def steps(model, direct: LlamaStep | None, prompts: list[list[int]], count: int = 6,
-          layers: FastLayers | None = None) -> list[torch.Tensor]:
+          layers: FastLayers | None = None, fed: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Prefill `prompts` left-padded, then `count` greedy decode steps through `direct` (None: the model's forward);
-    each step's logits and, last, every layer's cached keys and values."""
+    each step's logits and, last, every layer's cached keys and values. `fed`: the tokens to feed each step instead
+    of the greedy ones (another run's, so that a near-tie decided the other way does not change the inputs)."""
     ids, mask = decode.left_padded(prompts, 0)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache = kv.new_cache(model)
@@ -36,7 +39,9 @@ def steps(model, direct: LlamaStep | None, prompts: list[list[int]], count: int 
         token = model(input_ids=ids, attention_mask=padded, position_ids=positions, past_key_values=cache,
                       use_cache=True).logits[:, -1].argmax(-1)
         next_pos = mask.sum(-1)
-        for _ in range(count):
+        for i in range(count):
+            if fed is not None:
+                token = fed[i]
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.long)], dim=1)
             padded = None if bool(mask.all()) else mask
             args = (token[:, None], padded, next_pos[:, None], cache)
@@ -204,10 +209,50 @@ def test_the_kernel_stands_in_only_for_plain_modules() -> None:
     assert NativeLayers.build(LlamaStep.build(dropout.model), FastLayers()) is None
     dropout.eval()
     assert NativeLayers.build(LlamaStep.build(dropout.model), FastLayers()) is not None
-    bf16 = TunedModel(llama().to(torch.bfloat16), LoraConfig(r=4, target_modules=["v_proj"]))
-    assert NativeLayers.build(LlamaStep.build(bf16.model), FastLayers()) is None  # bf16 models: torch's products
+    mixed = llama().to(torch.bfloat16)
+    mixed.model.layers[1].mlp.up_proj.float()  # one fp32 layer in a bf16 model: torch's forward
+    assert NativeLayers.build(LlamaStep.build(mixed), FastLayers()) is None
+    half = llama().to(torch.float16)
+    assert NativeLayers.build(LlamaStep.build(half), FastLayers()) is None
     model.model.layers[2].mlp.register_forward_hook(lambda *_: None)
     assert NativeLayers.build(LlamaStep.build(model), FastLayers()) is None
+
+
+def greedy(prompts: list[list[int]], model) -> torch.Tensor:
+    """The greedy token after each left-padded prompt (what `steps` feeds its first decode step)."""
+    ids, mask = decode.left_padded(prompts, 0)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask,
+                     position_ids=positions).logits[:, -1].argmax(-1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "mlp_bias": True}, {"num_key_value_heads": 1},
+                                       {"lora": True}],
+                         ids=["gqa", "biases", "one-kv-head", "lora"])
+def test_the_kernel_computes_a_bf16_model_as_torch_rounds_it(overrides) -> None:
+    """A bf16 model (what a CPU with native bf16 generates in): bf16 weights and cache, each operator's result rounded
+    to bf16 where torch's bf16 forward rounds it. The logits are torch's bf16 logits up to a rounding flipped by the
+    summation order (a bf16 step of 1/32 at these magnitudes), and much closer to them than the same weights
+    evaluated in fp32 are, which the kernel without its roundings would be."""
+    lora = overrides.pop("lora", False)
+    model = llama(**overrides).to(torch.bfloat16)
+    if lora:  # fp32 adapters on a bf16 base, as peftkit and PEFT load them
+        model = trained_lora(model).model
+        assert model.model.layers[0].self_attn.q_proj.lora_A["default"].dtype == torch.float32
+    native = native_for(model)
+    assert all(list(e.bf16) == [1] * 7 for e in native.table) and native.max_rank == (4 if lora else 0)
+    fp32 = copy.deepcopy(model).float()  # the same weights, evaluated in fp32
+    for prompts in (PROMPTS[:1], PROMPTS):
+        theirs = steps(model, None, prompts)
+        fed = [greedy(prompts, model)] + [logits[:, -1].argmax(-1) for logits in theirs[:5]]
+        ours, exact = steps(model, native, prompts, fed=fed), steps(fp32, None, prompts, fed=fed)
+        assert all(t.dtype == torch.bfloat16 for t in ours)  # logits, then the cache's keys and values
+        ours_off = [(a.float() - b.float()).abs() for a, b in zip(ours, theirs)]
+        exact_off = [(a.float() - b.float()).abs() for a, b in zip(exact, theirs)]
+        assert max(float(d.max()) for d in ours_off) <= 0.125  # four bf16 steps at these magnitudes (4 to 8)
+        assert sum(float(d.mean()) for d in ours_off) < 0.7 * sum(float(d.mean()) for d in exact_off)
+        assert theirs[0].abs().max() > 1
 
 
 def test_a_weight_changed_in_place_is_picked_up_and_the_loop_uses_the_kernel() -> None:
@@ -234,3 +279,20 @@ def test_a_weight_changed_in_place_is_picked_up_and_the_loop_uses_the_kernel() -
         return [r.tokens for r in rows]
 
     assert tokens(True) == tokens(False)
+
+
+def test_the_decode_loop_decodes_a_bf16_model_through_the_kernel() -> None:
+    native_for(llama().to(torch.bfloat16))  # skips where the kernel is not used
+
+    def tokens(direct: bool) -> tuple[list[list[int]], decode.Decoder]:
+        decoder = decode.Decoder(llama().to(torch.bfloat16), None, 0, FastLayers(), direct=direct)
+        rows = [decode.Row(list(p), 6, frozenset()) for p in PROMPTS]
+        decoder.run(rows)
+        return [r.tokens for r in rows], decoder
+
+    ours, decoder = tokens(True)
+    assert decoder.native is not None and decoder.native.dtype == torch.bfloat16
+    theirs, decoder = tokens(False)
+    assert decoder.native is None
+    assert ours == theirs  # no near-tie on this model and prompts: torch's bf16 tokens
+

@@ -141,7 +141,7 @@ int peftkit_gemv(const float *x, const void *w, int w_bf16, const float *bias, f
 
 /* ------------------------------------------------------------------------------------------------------------------
    A whole decode step of a Llama-architecture model's decoder layers, for B <= 16 rows of one new token each (see
-   decode_step.py). Per layer: RMSNorm, q/k/v products, rotary embedding, the new key and value written into the
+   llama_step.py). Per layer: RMSNorm, q/k/v products, rotary embedding, the new key and value written into the
    cache, attention over each row's unmasked positions, the output product added to the residual, RMSNorm, gate and
    up products with SiLU(gate) * up, the down product added to the residual. One OpenMP parallel region for all
    layers: threads split the products by output feature (the same dot functions as peftkit_gemv, so each product's
@@ -149,7 +149,12 @@ int peftkit_gemv(const float *x, const void *w, int w_bf16, const float *bias, f
 
    Why: at batch 1 the ~60 small torch operators per layer around the products (and their Python) took as long as the
    products themselves on a 2-core EPYC. Norms, rotary and softmax accumulate in fp32 in their own order: results
-   equal torch's to fp32 rounding, not to the bit. */
+   equal torch's to fp32 rounding, not to the bit.
+
+   A bf16 model (bf16_model = 1: bf16 weights and cache): every operator still computes in fp32 from the bf16 values,
+   and its result is rounded to bf16 where torch's bf16 forward rounds it (each product's output, each elementwise
+   operator's, the softmax's probabilities before they multiply V as in torch's CPU flash attention), so the numbers
+   are torch's bf16 numbers up to the summation order inside a product. */
 
 #include <math.h>
 #include <omp.h>
@@ -159,12 +164,59 @@ typedef struct {
     int bf16[7];
     const float *bias[7];    /* or NULL */
     const float *norm1, *norm2;  /* RMSNorm weights [hidden] */
-    float *keys, *values;    /* this layer's cache: [B, kv_heads, length, head_dim], the new position's slot last */
+    void *keys, *values;     /* this layer's cache: [B, kv_heads, length, head_dim], the new position's slot last;
+                                fp32, or bf16 for a bf16 model */
     int64_t stride_b, stride_h, stride_t;  /* cache strides (elements), the same for keys and values */
     /* an unmerged LoRA adapter on a projection: y += B' (A x), A [rank, k] and B' = scaling * B [n, rank], fp32 */
     const float *lora_a[7], *lora_b[7];
     int64_t rank[7];         /* 0: no adapter on this projection */
 } peftkit_layer;
+
+/* fp32 -> the nearest bf16 value (ties to even), as torch's .to(torch.bfloat16), kept as fp32 */
+static inline float round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return f;  /* NaN stays NaN */
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* R(v): v rounded to bf16 in a bf16 model's step, v itself in an fp32 one */
+#define R(v) (bf16_model ? round_bf16(v) : (v))
+
+/* 8 cache elements from i on, fp32 or bf16 */
+static inline __attribute__((always_inline)) __m256 load8(const void *p, int64_t i, const int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* q . (D cache elements from `at` on) */
+static inline __attribute__((always_inline)) float dot_cache(const float *q, const void *cache, int64_t at,
+                                                             int64_t D, const int bf16) {
+    __m256 a = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(cache, at + i, bf16), a);
+    float dot = hsum(a);
+    for (; i < D; i++)
+        dot += q[i] * (bf16 ? bf16_to_float(((const uint16_t *)cache)[at + i]) : ((const float *)cache)[at + i]);
+    return dot;
+}
+
+/* D values (bf16 values already, in a bf16 model) into the cache at element `at` */
+static void store_cache(void *cache, int64_t at, const float *v, int64_t D, int bf16) {
+    if (!bf16) {
+        memcpy((float *)cache + at, v, (size_t)D * sizeof(float));
+        return;
+    }
+    uint16_t *to = (uint16_t *)cache + at;
+    for (int64_t i = 0; i < D; i++) {
+        uint32_t u;
+        memcpy(&u, &v[i], 4);
+        to[i] = (uint16_t)(u >> 16);
+    }
+}
 
 /* LoRA's first product for the projections first..last-1 of L, which share the input `in` (rows k apart):
    t[(p - first) * rows * max_rank + b * max_rank + j] = A_p[j] . in_b. An orphaned `omp for`: every thread of the
@@ -188,22 +240,40 @@ static inline float lora_up(const peftkit_layer *L, int p, int64_t o, const floa
     return s;
 }
 
-static void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t n, float eps) {
+/* Output feature o of projection p for every row: r[b] = (W x_b + bias) + LoRA, as the layer's forward computes it
+   (rounded where a bf16 model's is). `in`: the input laid out for the weight's type; `low`: LoRA's A x for this
+   projection, rows max_rank apart. */
+static void project(const peftkit_layer *L, int p, const float *in, int64_t rows, int64_t k, int64_t o,
+                    const float *low, int64_t max_rank, int bf16_model, float *r) {
+    if (L->bf16[p])
+        row_bf16(in, (const uint16_t *)L->w[p] + o * k, rows, k, r);
+    else
+        row_f32(in, (const float *)L->w[p] + o * k, rows, k, r);
+    const float bo = L->bias[p] ? L->bias[p][o] : 0.0f;
+    for (int64_t b = 0; b < rows; b++) {
+        float v = R(r[b] + bo);
+        if (L->rank[p]) v = R(v + R(lora_up(L, p, o, low + b * max_rank)));
+        r[b] = v;
+    }
+}
+
+static void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t n, float eps,
+                     int bf16_model) {
     for (int64_t b = 0; b < rows; b++) {
         const float *xb = x + b * n;
         float s = 0.0f;
         for (int64_t i = 0; i < n; i++) s += xb[i] * xb[i];
         float r = 1.0f / sqrtf(s / (float)n + eps);
-        for (int64_t i = 0; i < n; i++) out[b * n + i] = w[i] * (xb[i] * r);
+        for (int64_t i = 0; i < n; i++) out[b * n + i] = R(w[i] * R(xb[i] * r));
     }
 }
 
-/* hidden: [B, H], updated in place. cos, sin: [B, D]. mask: [B, length] (1: attend). max_rank: the largest LoRA rank
-   in `layers` (0: none). scratch: see llama_step.py. */
+/* hidden: [B, H], updated in place (bf16 values in a bf16 model). cos, sin: [B, D]. mask: [B, length] (1: attend).
+   max_rank: the largest LoRA rank in `layers` (0: none). bf16_model: see above. scratch: see llama_step.py. */
 int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *hidden, const float *cos,
                           const float *sin, const int64_t *mask, int64_t rows, int64_t length, int64_t H,
                           int64_t heads, int64_t kv_heads, int64_t D, int64_t I, float eps, float scaling,
-                          int64_t max_rank, float *scratch, int threads) {
+                          int64_t max_rank, int bf16_model, float *scratch, int threads) {
     if (rows > 16 || D % 2 || D > 512 || heads % kv_heads) return -1;
     const int64_t QN = heads * D, KN = kv_heads * D, groups = heads / kv_heads, half = D / 2;
     const int64_t width = H > I ? (H > QN ? H : QN) : (I > QN ? I : QN);
@@ -215,13 +285,14 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
     float *low = act + rows * I;           /* LoRA's A x: [3, B, max_rank] */
     float *probs = low + 3 * rows * max_rank;  /* [threads, length] */
     const int64_t QKV = QN + 2 * KN;
+    const int cache16 = bf16_model;
 #pragma omp parallel num_threads(threads)
     {
         for (int64_t l = 0; l < n_layers; l++) {
             const peftkit_layer *L = &layers[l];
 #pragma omp single
             {
-                rms_norm(hidden, L->norm1, x, rows, H, eps);
+                rms_norm(hidden, L->norm1, x, rows, H, eps, bf16_model);
                 if (L->bf16[0] || L->bf16[1] || L->bf16[2]) split_pairs(x, xs, rows, H);
             }
             lora_down(L, 0, 3, x, rows, H, low, max_rank);
@@ -230,12 +301,10 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
             for (int64_t o = 0; o < QKV; o++) {
                 int p = o < QN ? 0 : (o < QN + KN ? 1 : 2);
                 int64_t at = p == 0 ? o : (p == 1 ? o - QN : o - QN - KN);
+                float r[MAX_ROWS];
                 /* weight row `at` of projection p is column o of qkv */
-                product_rows(L->bf16[p] ? xs : x, L->w[p], L->bf16[p], L->bias[p], qkv + (o - at), QKV, rows, H,
-                             at, 0);
-                if (L->rank[p])
-                    for (int64_t b = 0; b < rows; b++)
-                        qkv[b * QKV + o] += lora_up(L, p, at, low + (p * rows + b) * max_rank);
+                project(L, p, L->bf16[p] ? xs : x, rows, H, at, low + p * rows * max_rank, max_rank, bf16_model, r);
+                for (int64_t b = 0; b < rows; b++) qkv[b * QKV + o] = r[b];
             }
             /* rotary embedding of q and k (rotate-half), new k and v into the cache */
 #pragma omp for schedule(static)
@@ -246,13 +315,13 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
                 float rotated[512];
                 for (int64_t i = 0; i < D; i++) {
                     float other = i < half ? -v[i + half] : v[i - half];
-                    rotated[i] = v[i] * c[i] + other * s[i];
+                    rotated[i] = R(R(v[i] * c[i]) + R(other * s[i]));
                 }
                 memcpy(v, rotated, (size_t)D * sizeof(float));
                 if (h >= heads) {
                     int64_t kh = h - heads, at = b * L->stride_b + kh * L->stride_h + (length - 1) * L->stride_t;
-                    memcpy(L->keys + at, v, (size_t)D * sizeof(float));
-                    memcpy(L->values + at, qkv + b * QKV + QN + KN + kh * D, (size_t)D * sizeof(float));
+                    store_cache(L->keys, at, v, D, cache16);
+                    store_cache(L->values, at, qkv + b * QKV + QN + KN + kh * D, D, cache16);
                 }
             }
             /* attention: one (row, head) per iteration */
@@ -260,76 +329,73 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
             for (int64_t bh = 0; bh < rows * heads; bh++) {
                 int64_t b = bh / heads, h = bh % heads, kh = h / groups;
                 const float *q = qkv + b * QKV + h * D;
-                const float *K = L->keys + b * L->stride_b + kh * L->stride_h;
-                const float *V = L->values + b * L->stride_b + kh * L->stride_h;
+                const int64_t base = b * L->stride_b + kh * L->stride_h;
                 const int64_t *m = mask + b * length;
                 float *p = probs + (int64_t)omp_get_thread_num() * length;
                 float top = -INFINITY;
                 for (int64_t t = 0; t < length; t++) {
                     if (!m[t]) continue;
-                    const float *k = K + t * L->stride_t;
-                    __m256 a = _mm256_setzero_ps();
-                    int64_t i = 0;
-                    for (; i + 8 <= D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a);
-                    float dot = hsum(a);
-                    for (; i < D; i++) dot += q[i] * k[i];
+                    const int64_t k = base + t * L->stride_t;
+                    float dot = cache16 ? dot_cache(q, L->keys, k, D, 1) : dot_cache(q, L->keys, k, D, 0);
                     p[t] = dot * scaling;
                     if (p[t] > top) top = p[t];
                 }
                 float total = 0.0f;
                 for (int64_t t = 0; t < length; t++) {
                     if (!m[t]) continue;
-                    p[t] = expf(p[t] - top);
-                    total += p[t];
+                    float e = expf(p[t] - top);
+                    total += e;
+                    p[t] = R(e);
                 }
                 float *out = att + b * QN + h * D;
                 for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+                const float inverse = 1.0f / total;
                 for (int64_t t = 0; t < length; t++) {
                     if (!m[t]) continue;
-                    const float *vv = V + t * L->stride_t;
-                    float pt = p[t] / total;
-                    for (int64_t i = 0; i < D; i++) out[i] += pt * vv[i];
+                    const int64_t v = base + t * L->stride_t;
+                    /* fp32: the normalized probability times V; bf16: the rounded exponent, normalized below */
+                    if (cache16) {
+                        const uint16_t *vv = (const uint16_t *)L->values + v;
+                        for (int64_t i = 0; i < D; i++) out[i] += p[t] * bf16_to_float(vv[i]);
+                    } else {
+                        const float *vv = (const float *)L->values + v;
+                        const float pt = p[t] / total;
+                        for (int64_t i = 0; i < D; i++) out[i] += pt * vv[i];
+                    }
                 }
+                if (bf16_model)
+                    for (int64_t i = 0; i < D; i++) out[i] = round_bf16(out[i] * inverse);
             }
 #pragma omp single
             if (L->bf16[3]) split_pairs(att, xs, rows, QN);
             lora_down(L, 3, 4, att, rows, QN, low, max_rank);
 #pragma omp for schedule(static)
             for (int64_t o = 0; o < H; o++) {
-                product_rows(L->bf16[3] ? xs : att, L->w[3], L->bf16[3], L->bias[3], hidden, H, rows, QN, o, 1);
-                if (L->rank[3])
-                    for (int64_t b = 0; b < rows; b++) hidden[b * H + o] += lora_up(L, 3, o, low + b * max_rank);
+                float r[MAX_ROWS];
+                project(L, 3, L->bf16[3] ? xs : att, rows, QN, o, low, max_rank, bf16_model, r);
+                for (int64_t b = 0; b < rows; b++) hidden[b * H + o] = R(hidden[b * H + o] + r[b]);
             }
 #pragma omp single
             {
-                rms_norm(hidden, L->norm2, x, rows, H, eps);
+                rms_norm(hidden, L->norm2, x, rows, H, eps, bf16_model);
                 if (L->bf16[4] || L->bf16[5]) split_pairs(x, xs, rows, H);
             }
             lora_down(L, 4, 6, x, rows, H, low, max_rank);
 #pragma omp for schedule(static)
             for (int64_t o = 0; o < I; o++) {
                 float g[MAX_ROWS], u[MAX_ROWS];
-                const float *ing = L->bf16[4] ? xs : x, *inu = L->bf16[5] ? xs : x;
-                if (L->bf16[4]) row_bf16(ing, (const uint16_t *)L->w[4] + o * H, rows, H, g);
-                else row_f32(ing, (const float *)L->w[4] + o * H, rows, H, g);
-                if (L->bf16[5]) row_bf16(inu, (const uint16_t *)L->w[5] + o * H, rows, H, u);
-                else row_f32(inu, (const float *)L->w[5] + o * H, rows, H, u);
-                for (int64_t b = 0; b < rows; b++) {
-                    float gv = g[b] + (L->bias[4] ? L->bias[4][o] : 0.0f);
-                    float uv = u[b] + (L->bias[5] ? L->bias[5][o] : 0.0f);
-                    if (L->rank[4]) gv += lora_up(L, 4, o, low + b * max_rank);
-                    if (L->rank[5]) uv += lora_up(L, 5, o, low + (rows + b) * max_rank);
-                    act[b * I + o] = gv / (1.0f + expf(-gv)) * uv;
-                }
+                project(L, 4, L->bf16[4] ? xs : x, rows, H, o, low, max_rank, bf16_model, g);
+                project(L, 5, L->bf16[5] ? xs : x, rows, H, o, low + rows * max_rank, max_rank, bf16_model, u);
+                for (int64_t b = 0; b < rows; b++) act[b * I + o] = R(R(g[b] / (1.0f + expf(-g[b]))) * u[b]);
             }
 #pragma omp single
             if (L->bf16[6]) split_pairs(act, xs, rows, I);
             lora_down(L, 6, 7, act, rows, I, low, max_rank);
 #pragma omp for schedule(static)
             for (int64_t o = 0; o < H; o++) {
-                product_rows(L->bf16[6] ? xs : act, L->w[6], L->bf16[6], L->bias[6], hidden, H, rows, I, o, 1);
-                if (L->rank[6])
-                    for (int64_t b = 0; b < rows; b++) hidden[b * H + o] += lora_up(L, 6, o, low + b * max_rank);
+                float r[MAX_ROWS];
+                project(L, 6, L->bf16[6] ? xs : act, rows, I, o, low, max_rank, bf16_model, r);
+                for (int64_t b = 0; b < rows; b++) hidden[b * H + o] = R(hidden[b * H + o] + r[b]);
             }
         }
     }

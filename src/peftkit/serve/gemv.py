@@ -8,8 +8,9 @@ rows MKL took ~100 ms, this kernel ~35 ms (docs/performance.md, "Decode").
 
 The kernel takes fp32 activations and fp32 weights, or bf16 copies of fp32 weights that hold bf16 values (a bf16
 checkpoint loaded in fp32: half the bytes), and accumulates in fp32 as MKL does, in another summation order: results
-equal torch's to fp32 rounding. A row's result does not depend on the rows beside it or on the thread count. bf16
-models keep torch's (or oneDNN's packed) bf16 products, whose exact rounding transformers' own generate shares.
+equal torch's to fp32 rounding. A row's result does not depend on the rows beside it or on the thread count. Here,
+one product at a time (`fast_layers.FastLayers`), bf16 models keep torch's (or oneDNN's packed) bf16 products, whose
+exact rounding transformers' own generate shares; the decoder-layer kernel below takes bf16 models whole.
 
 The same library holds `peftkit_decode_layers`: a Llama model's whole stack of decoder layers for one decode step,
 around these products (llama_step.NativeLayers).
@@ -65,7 +66,7 @@ def _declare(library: ctypes.CDLL) -> Kernels:
     layers = library.peftkit_decode_layers
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     layers.argtypes = [ctypes.POINTER(Layer), i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
-                       ctypes.c_float, ctypes.c_float, i64, ptr, ctypes.c_int]
+                       ctypes.c_float, ctypes.c_float, i64, ctypes.c_int, ptr, ctypes.c_int]
     layers.restype = ctypes.c_int
     return Kernels(fn, layers)
 

@@ -1,5 +1,5 @@
-"""A decode step of a Llama-architecture model without transformers' per-call plumbing, and, for plain fp32 models,
-its decoder layers in one call of peftkit's decode kernel.
+"""A decode step of a Llama-architecture model without transformers' per-call plumbing, and, for plain fp32 or bf16
+models, its decoder layers in one call of peftkit's decode kernel.
 
 `LlamaStep` runs LlamaModel's, LlamaDecoderLayer's and LlamaAttention's forward, statement by statement, calling the
 same functions with the same arguments (the mask builder, the rotary embedding, the attention function from
@@ -14,8 +14,10 @@ the products (norms, rotary, cache writes, attention, SiLU, residual adds) and t
 products themselves (24 of 47 ms a token on smollm2-135m). The kernel (`gemv.c`, `peftkit_decode_layers`) does a
 step's decoder layers in one call and one OpenMP region, with the same products as peftkit's small-batch kernel; its
 norms, rotary and softmax accumulate in fp32 in their own order, so the logits equal torch's to fp32 rounding (tested
-to 1e-4 relative; greedy tokens equal transformers' `generate` on SmolLM2, tested). See docs/performance.md, "Decode:
-the decoder layers in one kernel call".
+to 1e-4 relative; greedy tokens equal transformers' `generate` on SmolLM2, tested). In a bf16 model it rounds each
+operator's result to bf16 where torch does, so its logits are torch's bf16 ones but for a rounding that its summation
+order flips now and then (greedy tokens leave `generate`'s only at near-ties, tested). See docs/performance.md,
+"Decode: the decoder layers in one kernel call" and "Decode: a bf16 model in the kernel".
 """
 
 from __future__ import annotations
@@ -147,16 +149,21 @@ def _plain(module: Any, code: tuple | None = None) -> bool:
             and (code is None or _code(type(module).forward) == code))
 
 
+_DTYPES = (torch.float32, torch.bfloat16)  # the model dtypes the kernel computes
+
+
 def _plain_linear(module: Any) -> bool:
+    """A plain nn.Linear with a contiguous 2-D fp32 or bf16 weight on the CPU (its bias, if any, of the same dtype)."""
     w, b = getattr(module, "weight", None), getattr(module, "bias", None)
-    return (type(module) is nn.Linear and _plain(module) and isinstance(w, torch.Tensor) and gemv.eligible(w)
-            and (b is None or (b.dtype == torch.float32 and b.is_contiguous())))
+    return (type(module) is nn.Linear and _plain(module) and isinstance(w, torch.Tensor) and w.dim() == 2
+            and w.device.type == "cpu" and w.dtype in _DTYPES and w.is_contiguous()
+            and (b is None or (b.dtype == w.dtype and b.is_contiguous())))
 
 
 def _kernel_projection(module: Any) -> tuple[nn.Linear, tuple[torch.Tensor, torch.Tensor, float] | None] | None:
     """(the plain linear layer, its unmerged LoRA (A, B, scaling) or None) that the kernel computes for `module`; None
-    where it cannot: another module, a hook, DoRA, LoRA dropout while training, tensors off fp32 or the CPU. A LoRA
-    layer with no active adapter (disabled, merged) is its base layer, as its forward is."""
+    where it cannot: another module, a hook, DoRA, LoRA dropout while training, adapter tensors off fp32 or the CPU. A
+    LoRA layer with no active adapter (disabled, merged) is its base layer, as its forward is."""
     if _plain_linear(module):
         return module, None
     if type(module) is not LoraLinear or not _plain(module) or not _plain_linear(module.base_layer):
@@ -203,31 +210,38 @@ def _projections(layer: nn.Module) -> list[Any]:
     return [module for _, _, module in _projection_slots(layer)]
 
 
-def _plain_layer(layer: nn.Module) -> bool:
-    """Whether the kernel may stand in for every module of `layer`: Llama's RMSNorms (fp32 weights) and SiLU MLP, and
-    seven plain linear layers (with or without an unmerged LoRA adapter), none hooked."""
+def _plain_layer(layer: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether the kernel may stand in for every module of `layer`: Llama's RMSNorms and SiLU MLP, and seven plain
+    linear layers (with or without an unmerged LoRA adapter), none hooked, their weights all of the model's `dtype`."""
     ref = _references()
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    projections = [_kernel_projection(m) for m in _projections(layer)]
     return (all(_plain(n, ref["norm"]) and isinstance(getattr(n, "weight", None), torch.Tensor)
-                and n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms)
+                and n.weight.dtype == dtype and n.weight.is_contiguous() for n in norms)
             and _plain(layer.mlp, ref["mlp"]) and type(layer.mlp.act_fn).__name__ in ("SiLUActivation", "SiLU")
-            and all(_kernel_projection(m) is not None for m in _projections(layer)))
+            and all(p is not None and p[0].weight.dtype == dtype for p in projections))
 
 
 class NativeLayers:
-    """The decoder layers of an fp32 Llama model as one kernel call per decode step (gemv.c's peftkit_decode_layers),
-    for up to 16 rows of one token each. The embedding, the rotary table, the final norm and the LM head stay in
-    torch and peftkit's product; the cache is transformers' own, its new slot reserved by `cache.update` and filled by
-    the kernel. Used where every module it stands in for is the plain one (nn.Linear without an adapter or a hook,
-    Llama's RMSNorm and SiLU MLP), the weights fp32, and the kernel faster than torch here (`gemv.faster`). An
-    unmerged LoRA adapter on a projection is computed in the kernel too (A x, then scaling * B times it, in fp32), so
-    `peftkit chat --adapter` and a server of several adapters decode at the base model's speed; a weight changed in
-    place (an adapter merged) or another adapter made active is picked up at the next step."""
+    """The decoder layers of an fp32 or bf16 Llama model as one kernel call per decode step (gemv.c's
+    peftkit_decode_layers), for up to 16 rows of one token each. The embedding, the rotary table, the final norm and
+    the LM head stay in torch and peftkit's product; the cache is transformers' own, its new slot reserved by
+    `cache.update` and filled by the kernel. Used where every module it stands in for is the plain one (nn.Linear
+    without an adapter or a hook, Llama's RMSNorm and SiLU MLP), the weights all of the model's dtype, and the kernel
+    faster than torch here (`gemv.faster`). An unmerged LoRA adapter on a projection is computed in the kernel too
+    (A x, then scaling * B times it, in fp32), so `peftkit chat --adapter` and a server of several adapters decode at
+    the base model's speed; a weight changed in place (an adapter merged) or another adapter made active is picked up
+    at the next step.
+
+    A bf16 model (what a CPU with native bf16 generates in): the kernel reads its bf16 weights and bf16 cache, computes
+    in fp32, and rounds each operator's result to bf16 where torch's bf16 forward does, so it decodes at the speed of
+    half the bytes on any AVX2 CPU and gives torch's bf16 numbers up to the summation order inside a product."""
 
     def __init__(self, step: LlamaStep, products: Any, kernels: gemv.Kernels) -> None:
         self.step, self.products, self.kernels = step, products, kernels
         first = step.layers[0]
         attention = first.self_attn
+        self.dtype = step.base.embed_tokens.weight.dtype
         self.head_dim = attention.head_dim
         self.heads = attention.q_proj.out_features // self.head_dim
         self.kv_heads = attention.k_proj.out_features // self.head_dim
@@ -237,7 +251,7 @@ class NativeLayers:
         self.scaling = float(attention.scaling)
         # every tensor the kernel reads, with its version and address (an in-place change, or new data put in)
         self.tensors: list[tuple[torch.Tensor, int, int]] = []
-        self.keep: list[torch.Tensor] = []  # the bf16 copies, fp32 biases and LoRA tensors it reads
+        self.keep: list[torch.Tensor] = []  # the bf16 copies, fp32 copies, biases and LoRA tensors it reads
         self.parts = [part for layer in step.layers for part in _parts(layer)]
         self.states = [_state(module) for _, _, module in self.parts]
         self.max_rank = 0
@@ -245,11 +259,15 @@ class NativeLayers:
         for entry, layer in zip(self.table, step.layers):
             for i, module in enumerate(_projections(layer)):
                 linear, lora = _kernel_projection(module)
-                copy = products.bf16_copy(linear.weight) if products is not None else None
-                read = linear.weight if copy is None else copy
-                self.keep.append(read)
-                entry.w[i], entry.bf16[i] = read.data_ptr(), int(copy is not None)
-                entry.bias[i] = None if linear.bias is None else linear.bias.data_ptr()
+                if linear.weight.dtype == torch.bfloat16:  # a bf16 model: its own weights
+                    copy, read = None, linear.weight
+                else:
+                    copy = products.bf16_copy(linear.weight) if products is not None else None
+                    read = linear.weight if copy is None else copy
+                bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+                self.keep += [t for t in (read, bias) if t is not None]
+                entry.w[i], entry.bf16[i] = read.data_ptr(), int(read.dtype == torch.bfloat16)
+                entry.bias[i] = None if bias is None else bias.data_ptr()
                 self.tensors += [(t, t._version, t.data_ptr()) for t in (linear.weight, linear.bias) if t is not None]
                 if lora is not None:
                     A, B, scaling = lora
@@ -260,7 +278,9 @@ class NativeLayers:
                     self.tensors += [(t, t._version, t.data_ptr()) for t in (A, B)]
             for name in ("norm1", "norm2"):
                 norm = layer.input_layernorm if name == "norm1" else layer.post_attention_layernorm
-                setattr(entry, name, norm.weight.data_ptr())
+                weight = norm.weight.detach().float().contiguous()
+                self.keep.append(weight)
+                setattr(entry, name, weight.data_ptr())
                 self.tensors.append((norm.weight, norm.weight._version, norm.weight.data_ptr()))
 
     @classmethod
@@ -269,9 +289,12 @@ class NativeLayers:
         kernels = gemv.kernel()
         if kernels is None or not gemv.faster():
             return None
+        dtype = step.base.embed_tokens.weight.dtype
+        if dtype not in _DTYPES:
+            return None
         eps: set[float] = set()
         for layer in step.layers:
-            if not _plain_layer(layer) or (layer.self_attn.training and layer.self_attn.attention_dropout):
+            if not _plain_layer(layer, dtype) or (layer.self_attn.training and layer.self_attn.attention_dropout):
                 return None
             eps.update(float(n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm))
         head_dim = step.layers[0].self_attn.head_dim
@@ -292,14 +315,15 @@ class NativeLayers:
                  cache: Any) -> torch.Tensor:
         """LlamaStep's result ([rows, 1, vocabulary] logits) for one token per row."""
         base, rows = self.step.base, input_ids.shape[0]
-        hidden = base.embed_tokens(input_ids).float().contiguous()
-        cos, sin = base.rotary_emb(hidden, position_ids=position_ids)
+        embedded = base.embed_tokens(input_ids)
+        hidden = embedded.to(dtype=torch.float32, copy=True).contiguous()  # the kernel updates it in place
+        cos, sin = base.rotary_emb(embedded, position_ids=position_ids)  # in the model's dtype, as its forward's
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
-        blank = hidden.new_zeros(rows, self.kv_heads, 1, self.head_dim)
+        blank = embedded.new_zeros(rows, self.kv_heads, 1, self.head_dim)
         length = 0
         for index, entry in enumerate(self.table):
             keys, values = cache.update(blank, blank, index)  # reserves the new position's slot (the kernel fills it)
-            if keys.stride() != values.stride() or keys.stride(-1) != 1 or keys.dtype != torch.float32:
+            if keys.stride() != values.stride() or keys.stride(-1) != 1 or keys.dtype != self.dtype:
                 raise RuntimeError("the decode cache's keys and values are not laid out alike")
             entry.keys, entry.values = keys.data_ptr(), values.data_ptr()
             entry.stride_b, entry.stride_h, entry.stride_t = keys.stride(0), keys.stride(1), keys.stride(2)
@@ -318,13 +342,20 @@ class NativeLayers:
         status = self.kernels.layers(self.table, len(self.table), hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                      mask.data_ptr(), rows, length, self.hidden, self.heads, self.kv_heads,
                                      self.head_dim, self.intermediate, ctypes.c_float(self.eps),
-                                     ctypes.c_float(self.scaling), self.max_rank, scratch.data_ptr(), threads)
+                                     ctypes.c_float(self.scaling), self.max_rank, int(self.dtype == torch.bfloat16),
+                                     scratch.data_ptr(), threads)
         if status != 0:
             raise RuntimeError(f"peftkit's decode kernel refused the step (status {status})")
-        hidden = base.norm(hidden)
+        hidden = base.norm(hidden.to(self.dtype))[:, -1:, :]  # bf16 values already, in a bf16 model: exact
         head = self.step.causal_lm.lm_head
-        return head(hidden[:, -1:, :]) if not _plain_linear(head) else self._head(head, hidden[:, -1:, :])
+        return self._head(head, hidden) if _plain_linear(head) and head.weight.dtype == self.dtype else head(hidden)
 
     def _head(self, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-        copy = self.products.bf16_copy(head.weight) if self.products is not None else None
-        return gemv.linear(hidden, head.weight if copy is None else copy, head.bias)
+        """The LM head through peftkit's product: fp32 weights (or their bf16 copies), or a bf16 model's own, whose
+        logits are rounded to bf16 as torch's bf16 product rounds them."""
+        weight = head.weight
+        if weight.dtype == torch.float32 and self.products is not None:
+            copy = self.products.bf16_copy(weight)
+            weight = weight if copy is None else copy
+        bias = None if head.bias is None else head.bias.detach().float()
+        return gemv.linear(hidden.float(), weight, bias).to(self.dtype)
