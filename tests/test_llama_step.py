@@ -9,7 +9,16 @@ import copy
 import pytest
 import torch
 from helpers import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from peftkit import LoraConfig, PrefixTuningConfig, TunedModel
 from peftkit.serve import decode, gemv, kv
@@ -18,11 +27,29 @@ from peftkit.serve.llama_step import LlamaStep, NativeLayers
 
 
 def llama(**overrides) -> LlamaForCausalLM:
+    return family("llama", **overrides)
+
+
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+
+
+def family(architecture: str, **overrides):
+    """A small random model of a Llama-family architecture (Qwen2: q/k/v biases; Qwen3: an RMSNorm on each head of q
+    and k; Mistral: no sliding window unless asked)."""
     torch.manual_seed(0)
     settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
-    cfg = LlamaConfig(**{**settings, **overrides})
-    return LlamaForCausalLM(cfg).eval()
+                    num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, head_dim=16)
+    if architecture == "mistral":
+        settings["sliding_window"] = None
+    config_class, model_class = FAMILIES[architecture]
+    model = model_class(config_class(**{**settings, **overrides})).eval()
+    if architecture == "qwen3":  # norms that are not all ones, so that they show
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.uniform_(0.5, 1.5)
+    return model
 
 
 def steps(model, direct: LlamaStep | None, prompts: list[list[int]], count: int = 6,
@@ -80,6 +107,23 @@ def test_same_logits_and_cache_as_the_models_forward(overrides) -> None:
     assert_bit_equal(model, PROMPTS)  # left-padded rows
 
 
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "mistral"])
+def test_same_logits_and_cache_for_the_other_llama_family_architectures(architecture) -> None:
+    model = family(architecture)
+    assert LlamaStep.build(model).architecture == architecture
+    assert_bit_equal(model, PROMPTS[:1])
+    assert_bit_equal(model, PROMPTS)
+
+
+@pytest.mark.parametrize("architecture, overrides", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    ("mistral", {"sliding_window": 4})], ids=["qwen2", "qwen3", "mistral"])
+def test_a_sliding_window_keeps_the_models_forward(architecture, overrides) -> None:
+    assert LlamaStep.build(family(architecture)) is not None
+    assert LlamaStep.build(family(architecture, **overrides)) is None
+
+
 def test_same_with_a_lora_adapter_and_the_decode_products() -> None:
     tuned = TunedModel(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     for name, p in tuned.named_parameters():
@@ -91,7 +135,7 @@ def test_same_with_a_lora_adapter_and_the_decode_products() -> None:
 
 def test_the_decode_loop_takes_it_only_where_it_is_the_models_own_forward(monkeypatch) -> None:
     assert decode._direct_step(tiny_llama()) is not None
-    assert decode._direct_step(tiny_qwen2()) is None  # Qwen2's attention passes a sliding window: other code
+    assert decode._direct_step(tiny_qwen2()) is not None  # Llama's code but for the (here unused) sliding window
     assert decode._direct_step(tiny_gpt2()) is None
     prefix = TunedModel(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3))  # routes attention, adds a hook
     assert decode._direct_step(prefix) is None
@@ -137,6 +181,27 @@ def test_the_kernel_gives_the_layers_results_to_fp32_rounding(overrides) -> None
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert ours[0].abs().max() > 1  # logits that mean something: the comparison is not of near-zeros
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "mistral"])
+def test_the_kernel_computes_the_other_llama_family_architectures(architecture) -> None:
+    model = family(architecture)
+    native = native_for(model)
+    assert all(bool(e.qnorm) == (architecture == "qwen3") for e in native.table)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        theirs = steps(model, None, prompts)
+        ours = steps(model, native, prompts)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    bf16 = family(architecture).to(torch.bfloat16)
+    native = native_for(bf16)
+    theirs = steps(bf16, None, PROMPTS)
+    fed = [greedy(PROMPTS, bf16)] + [logits[:, -1].argmax(-1) for logits in theirs[:5]]
+    ours = steps(bf16, native, PROMPTS, fed=fed)
+    assert max(float((a.float() - b.float()).abs().max()) for a, b in zip(ours, theirs)) <= 0.125
+    if architecture == "qwen3":  # the per-head norms are modules the kernel stands in for: a hook keeps torch's
+        model.model.layers[1].self_attn.k_norm.register_forward_hook(lambda *_: None)
+        assert NativeLayers.build(LlamaStep.build(model), FastLayers()) is None
 
 
 def trained_lora(model, names=("default",), **settings) -> TunedModel:

@@ -10,11 +10,12 @@ processors it would apply, argmax or multinomial sampling), so greedy decoding g
   generator (a seeded row samples what it samples alone, whatever runs beside it);
 - faster products for the linear layers at small batches (`fast_layers.py`: peftkit's kernel, or bf16 weights packed
   once for oneDNN);
-- for Llama-architecture models, decode steps through `llama_step.py`: the model's own forward without transformers'
-  per-call wrappers (the same logits to the bit), and for plain fp32 or bf16 ones (no hooks; no adapter, or an
-  unmerged LoRA one) of up to 16 rows, the decoder layers in one call of peftkit's decode kernel (fp32: logits equal
-  to fp32 rounding, 1.8x at batch 1, 2.3x with a LoRA adapter; bf16: torch's bf16 roundings, a near-tie now and then
-  decided the other way, 2.7x transformers' bf16 `generate` at batch 1). PEFTKIT_DECODE_KERNEL=0 turns it off.
+- for Llama-family models (Llama, Mistral, Qwen2, Qwen3; no sliding window), decode steps through `llama_step.py`:
+  the model's own forward without transformers' per-call wrappers (the same logits to the bit), and for plain fp32 or
+  bf16 ones (no hooks; no adapter, or an unmerged LoRA one) of up to 16 rows, the decoder layers in one call of
+  peftkit's decode kernel (fp32: logits equal to fp32 rounding, 1.8x at batch 1, 2.3x with a LoRA adapter; bf16:
+  torch's bf16 roundings, a near-tie now and then decided the other way, 2.7x transformers' bf16 `generate` at batch
+  1). PEFTKIT_DECODE_KERNEL=0 turns it off.
 """
 
 from __future__ import annotations

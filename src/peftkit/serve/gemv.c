@@ -140,8 +140,9 @@ int peftkit_gemv(const float *x, const void *w, int w_bf16, const float *bias, f
 }
 
 /* ------------------------------------------------------------------------------------------------------------------
-   A whole decode step of a Llama-architecture model's decoder layers, for B <= 16 rows of one new token each (see
-   llama_step.py). Per layer: RMSNorm, q/k/v products, rotary embedding, the new key and value written into the
+   A whole decode step of a Llama-family model's decoder layers (llama_step.ARCHITECTURES), for B <= 16 rows of one
+   new token each (see llama_step.py). Per layer: RMSNorm, q/k/v products (Qwen3: an RMSNorm on each head of q and
+   k), rotary embedding, the new key and value written into the
    cache, attention over each row's unmasked positions, the output product added to the residual, RMSNorm, gate and
    up products with SiLU(gate) * up, the down product added to the residual. One OpenMP parallel region for all
    layers: threads split the products by output feature (the same dot functions as peftkit_gemv, so each product's
@@ -170,6 +171,7 @@ typedef struct {
     /* an unmerged LoRA adapter on a projection: y += B' (A x), A [rank, k] and B' = scaling * B [n, rank], fp32 */
     const float *lora_a[7], *lora_b[7];
     int64_t rank[7];         /* 0: no adapter on this projection */
+    const float *qnorm, *knorm;  /* Qwen3's RMSNorm weights [head_dim] on each head of q and k, or NULL */
 } peftkit_layer;
 
 /* fp32 -> the nearest bf16 value (ties to even), as torch's .to(torch.bfloat16), kept as fp32 */
@@ -306,12 +308,15 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
                 project(L, p, L->bf16[p] ? xs : x, rows, H, at, low + p * rows * max_rank, max_rank, bf16_model, r);
                 for (int64_t b = 0; b < rows; b++) qkv[b * QKV + o] = r[b];
             }
-            /* rotary embedding of q and k (rotate-half), new k and v into the cache */
+            /* (Qwen3: RMSNorm of each head of q and k), rotary embedding of q and k (rotate-half), new k and v
+               into the cache */
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < rows * (heads + kv_heads); bh++) {
                 int64_t b = bh / (heads + kv_heads), h = bh % (heads + kv_heads);
                 float *v = qkv + b * QKV + (h < heads ? h * D : QN + (h - heads) * D);
                 const float *c = cos + b * D, *s = sin + b * D;
+                const float *head_norm = h < heads ? L->qnorm : L->knorm;
+                if (head_norm) rms_norm(v, head_norm, v, 1, D, eps, bf16_model);
                 float rotated[512];
                 for (int64_t i = 0; i < D; i++) {
                     float other = i < half ? -v[i + half] : v[i - half];

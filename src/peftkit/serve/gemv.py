@@ -49,7 +49,7 @@ class Layer(ctypes.Structure):
                 ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("keys", ctypes.c_void_p),
                 ("values", ctypes.c_void_p), ("stride_b", ctypes.c_int64), ("stride_h", ctypes.c_int64),
                 ("stride_t", ctypes.c_int64), ("lora_a", ctypes.c_void_p * 7), ("lora_b", ctypes.c_void_p * 7),
-                ("rank", ctypes.c_int64 * 7)]
+                ("rank", ctypes.c_int64 * 7), ("qnorm", ctypes.c_void_p), ("knorm", ctypes.c_void_p)]
 
 
 @dataclasses.dataclass(frozen=True)

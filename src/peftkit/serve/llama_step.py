@@ -1,13 +1,14 @@
-"""A decode step of a Llama-architecture model without transformers' per-call plumbing, and, for plain fp32 or bf16
-models, its decoder layers in one call of peftkit's decode kernel.
+"""A decode step of a Llama-family model (Llama, Mistral, Qwen2, Qwen3: `ARCHITECTURES`) without transformers' per-call
+plumbing, and, for plain fp32 or bf16 models, its decoder layers in one call of peftkit's decode kernel.
 
 `LlamaStep` runs LlamaModel's, LlamaDecoderLayer's and LlamaAttention's forward, statement by statement, calling the
 same functions with the same arguments (the mask builder, the rotary embedding, the attention function from
 transformers' registry, `cache.update`), and every submodule as a module, so adapters, hooks and peftkit's decode
 products on the linear layers work as before and the logits are the same to the bit (tested). It is used only where
 that holds by construction: the classes' forward code is Llama's own (compared as bytecode, names and constants, as
-`fused_ops` does), the attention is transformers' "sdpa" or "eager", and no hook sits on a module whose forward this
-replaces. Anything else decodes through the model's own forward. Alone it saves little (~1.5 ms of a ~47 ms step).
+`fused_ops` does), the attention is transformers' "sdpa" or "eager", no layer attends through a sliding window (the
+decode cache's layers are then all full ones), and no hook sits on a module whose forward this replaces. Anything
+else decodes through the model's own forward. Alone it saves little (~1.5 ms of a ~47 ms step).
 
 `NativeLayers` is where the time goes: at batch 1 on a 2-core EPYC the ~60 small torch operators per layer around
 the products (norms, rotary, cache writes, attention, SiLU, residual adds) and their Python took as long as the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import inspect
 from typing import Any, Callable
 
@@ -35,17 +37,52 @@ from . import gemv
 
 
 def _code(fn: Any) -> tuple:
+    """A function's bytecode, names and constants, less its docstring (the first constant), which differs between
+    architectures whose code is the same."""
     code = inspect.unwrap(fn).__code__
-    return code.co_code, code.co_consts, code.co_names
+    return code.co_code, code.co_consts[1:], code.co_names
+
+
+# The architectures whose decode step this runs: module name -> class-name prefix. Their decoder layer, RMSNorm and
+# MLP are Llama's code; their attention passes a sliding window (None here: see `_full_attention`), and Qwen3's
+# normalises each head of q and k first.
+ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 @functools.lru_cache(maxsize=None)
-def _references() -> dict[str, tuple]:
-    from transformers.models.llama import modeling_llama as llama
+def _references() -> dict[str, dict[str, tuple]]:
+    """Per architecture, the code of each forward the step stands in for (or calls through, for the norm and MLP)."""
+    out = {}
+    for name, prefix in ARCHITECTURES.items():
+        module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        classes = {"causal_lm": "ForCausalLM", "model": "Model", "layer": "DecoderLayer", "attention": "Attention",
+                   "norm": "RMSNorm", "mlp": "MLP"}
+        out[name] = {key: _code(getattr(module, prefix + suffix).forward) for key, suffix in classes.items()}
+    return out
 
-    return {"causal_lm": _code(llama.LlamaForCausalLM.forward), "model": _code(llama.LlamaModel.forward),
-            "layer": _code(llama.LlamaDecoderLayer.forward), "attention": _code(llama.LlamaAttention.forward),
-            "norm": _code(llama.LlamaRMSNorm.forward), "mlp": _code(llama.LlamaMLP.forward)}
+
+def _architecture(model: nn.Module, base: nn.Module, layers: list[nn.Module]) -> str | None:
+    """Which of ARCHITECTURES `model` runs the code of (its causal LM's, base model's, layers' and attentions'
+    forwards; Qwen3's model is Qwen2's code, its attention not), or None."""
+    for name, ref in _references().items():
+        if (_code(type(model).forward) == ref["causal_lm"] and _code(type(base).forward) == ref["model"]
+                and all(isinstance(getattr(layer, "self_attn", None), nn.Module)
+                        and _code(type(layer).forward) == ref["layer"]
+                        and _code(type(layer.self_attn).forward) == ref["attention"] for layer in layers)):
+            return name
+    return None
+
+
+def _full_attention(architecture: str, base: nn.Module, layers: list[nn.Module]) -> bool:
+    """Whether every layer attends to the whole cache (no sliding window), as Llama's do: the step builds the one
+    causal mask, and the decode cache's layers are all full ones."""
+    config = base.config
+    if architecture == "mistral":
+        return getattr(config, "sliding_window", None) is None
+    if architecture in ("qwen2", "qwen3"):
+        return (not getattr(base, "has_sliding_layers", True)
+                and all(getattr(layer.self_attn, "sliding_window", 0) is None for layer in layers))
+    return True
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -60,11 +97,14 @@ def _global_hooks() -> bool:
 
 
 class LlamaStep:
-    """The direct forward of one Llama-architecture causal LM; `build(model)` says whether it applies."""
+    """The direct forward of one Llama-family causal LM (ARCHITECTURES); `build(model)` says whether it applies."""
 
-    def __init__(self, causal_lm: nn.Module) -> None:
-        self.causal_lm, self.base = causal_lm, causal_lm.model
+    def __init__(self, causal_lm: nn.Module, architecture: str) -> None:
+        self.causal_lm, self.base, self.architecture = causal_lm, causal_lm.model, architecture
         self.layers = list(self.base.layers[: self.base.config.num_hidden_layers])
+        self.qk_norm = architecture == "qwen3"  # an RMSNorm on each head of q and k, before the rotary embedding
+        # the sliding window these attentions pass (None: see `_full_attention`); Llama's pass none
+        self.window: dict[str, Any] = {} if architecture == "llama" else {"sliding_window": None}
         model_globals = inspect.unwrap(type(self.base).forward).__globals__
         attention_globals = inspect.unwrap(type(self.layers[0].self_attn).forward).__globals__
         self.create_causal_mask: Callable = model_globals["create_causal_mask"]
@@ -75,25 +115,23 @@ class LlamaStep:
     @classmethod
     def build(cls, model: nn.Module) -> LlamaStep | None:
         """The step for `model` (a transformers causal LM), or None where the direct forward would not be the
-        model's own: another architecture or attention, a hook on a replaced module, or an instance forward."""
+        model's own: another architecture or attention, a sliding window, a hook on a replaced module, or an
+        instance forward."""
         base = getattr(model, "model", None)
         layers = getattr(base, "layers", None)
         if not isinstance(base, nn.Module) or not isinstance(layers, nn.ModuleList) or not len(layers):
             return None
         if getattr(base.config, "_attn_implementation", None) not in ("sdpa", "eager"):
             return None
-        ref = _references()
-        if _code(type(model).forward) != ref["causal_lm"] or _code(type(base).forward) != ref["model"]:
+        architecture = _architecture(model, base, list(layers))
+        if architecture is None:
             return None
-        for layer in layers:
-            attention = getattr(layer, "self_attn", None)
-            if (not isinstance(attention, nn.Module) or _code(type(layer).forward) != ref["layer"]
-                    or _code(type(attention).forward) != ref["attention"]):
-                return None
+        if not _full_attention(architecture, base, list(layers[: base.config.num_hidden_layers])):
+            return None
         replaced = [model, base, *layers, *(layer.self_attn for layer in layers)]
         if _global_hooks() or any(_hooked(m) for m in replaced):
             return None
-        return cls(model)
+        return cls(model, architecture)
 
     def still_valid(self) -> bool:
         """Whether nothing since `build` put a hook or an instance forward on a module this step replaces."""
@@ -103,7 +141,7 @@ class LlamaStep:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
                  cache: Any) -> torch.Tensor:
-        """The logits of each row's last position, [rows, 1, vocabulary]: LlamaForCausalLM's forward with
+        """The logits of each row's last position, [rows, 1, vocabulary]: the causal LM's forward with
         `logits_to_keep=1` and `use_cache=True`."""
         base = self.base
         hidden = base.embed_tokens(input_ids)
@@ -128,13 +166,19 @@ class LlamaStep:
                    mask: Any, cache: Any, attend: Callable, kwargs: dict[str, Any]) -> torch.Tensor:
         input_shape = hidden.shape[:-1]
         hidden_shape = (*input_shape, -1, attention.head_dim)
-        query = attention.q_proj(hidden).view(hidden_shape).transpose(1, 2)
-        key = attention.k_proj(hidden).view(hidden_shape).transpose(1, 2)
+        query = attention.q_proj(hidden).view(hidden_shape)
+        if self.qk_norm:
+            query = attention.q_norm(query)
+        key = attention.k_proj(hidden).view(hidden_shape)
+        if self.qk_norm:
+            key = attention.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
         value = attention.v_proj(hidden).view(hidden_shape).transpose(1, 2)
         query, key = self.rotary(query, key, cos, sin)
         key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
         dropout = attention.attention_dropout if attention.training else 0.0
-        out, _ = attend(attention, query, key, value, mask, dropout=dropout, scaling=attention.scaling, **kwargs)
+        out, _ = attend(attention, query, key, value, mask, dropout=dropout, scaling=attention.scaling,
+                        **self.window, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
         return attention.o_proj(out)
 
@@ -178,10 +222,12 @@ def _kernel_projection(module: Any) -> tuple[nn.Linear, tuple[torch.Tensor, torc
     return module.base_layer, (A, B, float(module.scaling[name]))
 
 
-def _parts(layer: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+def _parts(layer: nn.Module, qk_norm: bool) -> list[tuple[nn.Module, str, Any]]:
     """(parent, name, module) for each module of `layer` that the kernel stands in for."""
     parts = [(layer, name, layer._modules.get(name))
              for name in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")]
+    if qk_norm:
+        parts += [(layer.self_attn, name, layer.self_attn._modules.get(name)) for name in ("q_norm", "k_norm")]
     parts.append((layer.mlp, "act_fn", layer.mlp._modules.get("act_fn")))
     for parent, name, module in _projection_slots(layer):
         parts.append((parent, name, module))
@@ -210,14 +256,20 @@ def _projections(layer: nn.Module) -> list[Any]:
     return [module for _, _, module in _projection_slots(layer)]
 
 
-def _plain_layer(layer: nn.Module, dtype: torch.dtype) -> bool:
-    """Whether the kernel may stand in for every module of `layer`: Llama's RMSNorms and SiLU MLP, and seven plain
-    linear layers (with or without an unmerged LoRA adapter), none hooked, their weights all of the model's `dtype`."""
-    ref = _references()
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+def _norms(layer: nn.Module, qk_norm: bool) -> list[Any]:
+    """The RMSNorms of `layer` that the kernel computes: its two, and Qwen3's on each head of q and k."""
+    attention = layer.self_attn
+    return [layer.input_layernorm, layer.post_attention_layernorm,
+            *((attention._modules.get("q_norm"), attention._modules.get("k_norm")) if qk_norm else ())]
+
+
+def _plain_layer(layer: nn.Module, dtype: torch.dtype, ref: dict[str, tuple], qk_norm: bool) -> bool:
+    """Whether the kernel may stand in for every module of `layer`: Llama's RMSNorms and SiLU MLP (the code of `ref`,
+    the architecture's references), and seven plain linear layers (with or without an unmerged LoRA adapter), none
+    hooked, their weights all of the model's `dtype`."""
     projections = [_kernel_projection(m) for m in _projections(layer)]
     return (all(_plain(n, ref["norm"]) and isinstance(getattr(n, "weight", None), torch.Tensor)
-                and n.weight.dtype == dtype and n.weight.is_contiguous() for n in norms)
+                and n.weight.dtype == dtype and n.weight.is_contiguous() for n in _norms(layer, qk_norm))
             and _plain(layer.mlp, ref["mlp"]) and type(layer.mlp.act_fn).__name__ in ("SiLUActivation", "SiLU")
             and all(p is not None and p[0].weight.dtype == dtype for p in projections))
 
@@ -252,7 +304,7 @@ class NativeLayers:
         # every tensor the kernel reads, with its version and address (an in-place change, or new data put in)
         self.tensors: list[tuple[torch.Tensor, int, int]] = []
         self.keep: list[torch.Tensor] = []  # the bf16 copies, fp32 copies, biases and LoRA tensors it reads
-        self.parts = [part for layer in step.layers for part in _parts(layer)]
+        self.parts = [part for layer in step.layers for part in _parts(layer, step.qk_norm)]
         self.states = [_state(module) for _, _, module in self.parts]
         self.max_rank = 0
         self.table = (gemv.Layer * len(step.layers))()
@@ -276,8 +328,7 @@ class NativeLayers:
                     entry.lora_a[i], entry.lora_b[i], entry.rank[i] = down.data_ptr(), up.data_ptr(), A.shape[0]
                     self.max_rank = max(self.max_rank, A.shape[0])
                     self.tensors += [(t, t._version, t.data_ptr()) for t in (A, B)]
-            for name in ("norm1", "norm2"):
-                norm = layer.input_layernorm if name == "norm1" else layer.post_attention_layernorm
+            for name, norm in zip(("norm1", "norm2", "qnorm", "knorm"), _norms(layer, step.qk_norm)):
                 weight = norm.weight.detach().float().contiguous()
                 self.keep.append(weight)
                 setattr(entry, name, weight.data_ptr())
@@ -293,11 +344,15 @@ class NativeLayers:
         if dtype not in _DTYPES:
             return None
         eps: set[float] = set()
+        ref, head_dim = _references()[step.architecture], step.layers[0].self_attn.head_dim
         for layer in step.layers:
-            if not _plain_layer(layer, dtype) or (layer.self_attn.training and layer.self_attn.attention_dropout):
+            if (not _plain_layer(layer, dtype, ref, step.qk_norm)
+                    or (layer.self_attn.training and layer.self_attn.attention_dropout)):
                 return None
-            eps.update(float(n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm))
-        head_dim = step.layers[0].self_attn.head_dim
+            norms = _norms(layer, step.qk_norm)
+            if any(n.weight.shape != (head_dim,) for n in norms[2:]):
+                return None
+            eps.update(float(n.variance_epsilon) for n in norms)
         if len(eps) != 1 or head_dim % 2 or head_dim > 512:
             return None
         return cls(step, products, kernels)
