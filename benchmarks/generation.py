@@ -48,6 +48,8 @@ QUESTIONS = ["Write a long story about a dragon who learns to cook.", "Who are y
              "Explain in detail how a CPU cache works.", "List twenty fruits and say one thing about each.",
              "Tell me about the history of Paris.", "What is two plus two? Explain your reasoning.",
              "Write a poem about the sea at night.", "How do plants turn sunlight into food?"]
+# CPUs without native bf16: the bf16 model, what a CPU with native bf16 decodes in (`peftkit chat` here: fp32)
+BF16_MODEL_ROW = "peftkit bfloat16 (bf16 checkpoint)"
 TARGETS = {"x_transformers_fp32": 1.5, "x_llama_cpp": 0.5}  # from the issue: >= 1.5x generate, within 2x llama.cpp
 
 
@@ -228,8 +230,8 @@ def run(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
         runners[f"transformers generate {own} (bf16 checkpoint)"] = transformers_runner(served, engines["float32"])
         # what a CPU with native bf16 decodes in (the kernel on the bf16 weights and cache), measured here too
         engines["bfloat16"] = ChatEngine(checkpoint, tokenizer)
-        runners["peftkit bfloat16 (bf16 checkpoint)"] = peftkit_runner(engines["bfloat16"])
-        same["peftkit bfloat16 (bf16 checkpoint)"] = "transformers generate bfloat16 (bf16 checkpoint)"
+        runners[BF16_MODEL_ROW] = peftkit_runner(engines["bfloat16"])
+        same[BF16_MODEL_ROW] = "transformers generate bfloat16 (bf16 checkpoint)"
     runners[f"peftkit bf16 checkpoint, {own}, before (no decode kernel, no direct step)"] = peftkit_runner(before)
     runners[f"peftkit bf16 checkpoint, {own}"] = peftkit_runner(engines[f"bf16 checkpoint, {own}"])
     notes = {}
@@ -252,8 +254,7 @@ def run(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
     for r in results.values():
         r.pop("tokens", None)
     results = {k: results[k] for k in [*runners, *(k for k in results if k not in runners)]}
-    best = max((k for k in results if k.startswith("peftkit ") and "before" not in k
-                and k != "peftkit bfloat16 (bf16 checkpoint)"),  # not what `peftkit chat` generates in here
+    best = max((k for k in results if k.startswith("peftkit ") and "before" not in k and k != BF16_MODEL_ROW),
                key=lambda k: results[k]["decode_b1_tok_s"])
     ratios = {"x_transformers_fp32": _ratio(results, best, "transformers generate float32"),
               "x_llama_cpp": _ratio(results, best, "llama.cpp f16"),

@@ -53,10 +53,12 @@ def family(architecture: str, **overrides):
 
 
 def steps(model, direct: LlamaStep | None, prompts: list[list[int]], count: int = 6,
-          layers: FastLayers | None = None, fed: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+          layers: FastLayers | None = None, fed: list[torch.Tensor] | None = None,
+          chosen: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Prefill `prompts` left-padded, then `count` greedy decode steps through `direct` (None: the model's forward);
-    each step's logits and, last, every layer's cached keys and values. `fed`: the tokens to feed each step instead
-    of the greedy ones (another run's, so that a near-tie decided the other way does not change the inputs)."""
+    each step's logits and, last, every layer's cached keys and values. `chosen` collects the token fed to each step;
+    `fed` replaces them (another run's `chosen`, so that a near-tie decided the other way does not change the
+    inputs)."""
     ids, mask = decode.left_padded(prompts, 0)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache = kv.new_cache(model)
@@ -69,6 +71,8 @@ def steps(model, direct: LlamaStep | None, prompts: list[list[int]], count: int 
         for i in range(count):
             if fed is not None:
                 token = fed[i]
+            if chosen is not None:
+                chosen.append(token)
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.long)], dim=1)
             padded = None if bool(mask.all()) else mask
             args = (token[:, None], padded, next_pos[:, None], cache)
@@ -195,8 +199,8 @@ def test_the_kernel_computes_the_other_llama_family_architectures(architecture) 
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     bf16 = family(architecture).to(torch.bfloat16)
     native = native_for(bf16)
-    theirs = steps(bf16, None, PROMPTS)
-    fed = [greedy(PROMPTS, bf16)] + [logits[:, -1].argmax(-1) for logits in theirs[:5]]
+    fed: list[torch.Tensor] = []
+    theirs = steps(bf16, None, PROMPTS, chosen=fed)
     ours = steps(bf16, native, PROMPTS, fed=fed)
     assert max(float((a.float() - b.float()).abs().max()) for a, b in zip(ours, theirs)) <= 0.125
     if architecture == "qwen3":  # the per-head norms are modules the kernel stands in for: a hook keeps torch's
@@ -283,15 +287,6 @@ def test_the_kernel_stands_in_only_for_plain_modules() -> None:
     assert NativeLayers.build(LlamaStep.build(model), FastLayers()) is None
 
 
-def greedy(prompts: list[list[int]], model) -> torch.Tensor:
-    """The greedy token after each left-padded prompt (what `steps` feeds its first decode step)."""
-    ids, mask = decode.left_padded(prompts, 0)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    with torch.inference_mode():
-        return model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask,
-                     position_ids=positions).logits[:, -1].argmax(-1)
-
-
 @pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "mlp_bias": True}, {"num_key_value_heads": 1},
                                        {"lora": True}],
                          ids=["gqa", "biases", "one-kv-head", "lora"])
@@ -309,8 +304,8 @@ def test_the_kernel_computes_a_bf16_model_as_torch_rounds_it(overrides) -> None:
     assert all(list(e.bf16) == [1] * 7 for e in native.table) and native.max_rank == (4 if lora else 0)
     fp32 = copy.deepcopy(model).float()  # the same weights, evaluated in fp32
     for prompts in (PROMPTS[:1], PROMPTS):
-        theirs = steps(model, None, prompts)
-        fed = [greedy(prompts, model)] + [logits[:, -1].argmax(-1) for logits in theirs[:5]]
+        fed: list[torch.Tensor] = []
+        theirs = steps(model, None, prompts, chosen=fed)
         ours, exact = steps(model, native, prompts, fed=fed), steps(fp32, None, prompts, fed=fed)
         assert all(t.dtype == torch.bfloat16 for t in ours)  # logits, then the cache's keys and values
         ours_off = [(a.float() - b.float()).abs() for a, b in zip(ours, theirs)]

@@ -102,22 +102,22 @@ ROW_TIMES_X(row_bf16, dot_bf16, uint16_t)
 
 #define MAX_ROWS 64
 
-/* Every row of `in` (laid out for the weight's type) against weight row o:
-   out[b * ld + o] = (or +=) x_b . w_o + bias_o. */
-static void product_rows(const float *in, const void *w, int bf16, const float *bias, float *out, int64_t ld,
-                         int64_t rows, int64_t k, int64_t o, int add) {
-    float r[MAX_ROWS];
+/* Every row of `in` (laid out for the weight's type) against weight row o of w (fp32 or bf16): r[b] = x_b . w_o. */
+static inline void weight_row(const float *in, const void *w, int bf16, int64_t rows, int64_t k, int64_t o,
+                              float *r) {
     if (bf16)
         row_bf16(in, (const uint16_t *)w + o * k, rows, k, r);
     else
         row_f32(in, (const float *)w + o * k, rows, k, r);
+}
+
+/* out[b * ld + o] = x_b . w_o + bias_o for every row of `in`. */
+static void product_rows(const float *in, const void *w, int bf16, const float *bias, float *out, int64_t ld,
+                         int64_t rows, int64_t k, int64_t o) {
+    float r[MAX_ROWS];
+    weight_row(in, w, bf16, rows, k, o, r);
     float bo = bias ? bias[o] : 0.0f;
-    for (int64_t b = 0; b < rows; b++) {
-        if (add)
-            out[b * ld + o] += r[b] + bo;
-        else
-            out[b * ld + o] = r[b] + bo;
-    }
+    for (int64_t b = 0; b < rows; b++) out[b * ld + o] = r[b] + bo;
 }
 
 
@@ -134,7 +134,7 @@ int peftkit_gemv(const float *x, const void *w, int w_bf16, const float *bias, f
         xs = copy;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < n; o++) product_rows(xs, w, w_bf16, bias, y, n, m, k, o, 0);
+    for (int64_t o = 0; o < n; o++) product_rows(xs, w, w_bf16, bias, y, n, m, k, o);
     free(copy);
     return 0;
 }
@@ -166,7 +166,7 @@ typedef struct {
     const float *bias[7];    /* or NULL */
     const float *norm1, *norm2;  /* RMSNorm weights [hidden] */
     void *keys, *values;     /* this layer's cache: [B, kv_heads, length, head_dim], the new position's slot last;
-                                fp32, or bf16 for a bf16 model */
+                                fp32, or bf16 in a bf16 model */
     int64_t stride_b, stride_h, stride_t;  /* cache strides (elements), the same for keys and values */
     /* an unmerged LoRA adapter on a projection: y += B' (A x), A [rank, k] and B' = scaling * B [n, rank], fp32 */
     const float *lora_a[7], *lora_b[7];
@@ -247,10 +247,7 @@ static inline float lora_up(const peftkit_layer *L, int p, int64_t o, const floa
    projection, rows max_rank apart. */
 static void project(const peftkit_layer *L, int p, const float *in, int64_t rows, int64_t k, int64_t o,
                     const float *low, int64_t max_rank, int bf16_model, float *r) {
-    if (L->bf16[p])
-        row_bf16(in, (const uint16_t *)L->w[p] + o * k, rows, k, r);
-    else
-        row_f32(in, (const float *)L->w[p] + o * k, rows, k, r);
+    weight_row(in, L->w[p], L->bf16[p], rows, k, o, r);
     const float bo = L->bias[p] ? L->bias[p][o] : 0.0f;
     for (int64_t b = 0; b < rows; b++) {
         float v = R(r[b] + bo);
@@ -287,7 +284,6 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
     float *low = act + rows * I;           /* LoRA's A x: [3, B, max_rank] */
     float *probs = low + 3 * rows * max_rank;  /* [threads, length] */
     const int64_t QKV = QN + 2 * KN;
-    const int cache16 = bf16_model;
 #pragma omp parallel num_threads(threads)
     {
         for (int64_t l = 0; l < n_layers; l++) {
@@ -325,8 +321,8 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
                 memcpy(v, rotated, (size_t)D * sizeof(float));
                 if (h >= heads) {
                     int64_t kh = h - heads, at = b * L->stride_b + kh * L->stride_h + (length - 1) * L->stride_t;
-                    store_cache(L->keys, at, v, D, cache16);
-                    store_cache(L->values, at, qkv + b * QKV + QN + KN + kh * D, D, cache16);
+                    store_cache(L->keys, at, v, D, bf16_model);
+                    store_cache(L->values, at, qkv + b * QKV + QN + KN + kh * D, D, bf16_model);
                 }
             }
             /* attention: one (row, head) per iteration */
@@ -341,7 +337,7 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
                 for (int64_t t = 0; t < length; t++) {
                     if (!m[t]) continue;
                     const int64_t k = base + t * L->stride_t;
-                    float dot = cache16 ? dot_cache(q, L->keys, k, D, 1) : dot_cache(q, L->keys, k, D, 0);
+                    float dot = bf16_model ? dot_cache(q, L->keys, k, D, 1) : dot_cache(q, L->keys, k, D, 0);
                     p[t] = dot * scaling;
                     if (p[t] > top) top = p[t];
                 }
@@ -359,7 +355,7 @@ int peftkit_decode_layers(const peftkit_layer *layers, int64_t n_layers, float *
                     if (!m[t]) continue;
                     const int64_t v = base + t * L->stride_t;
                     /* fp32: the normalized probability times V; bf16: the rounded exponent, normalized below */
-                    if (cache16) {
+                    if (bf16_model) {
                         const uint16_t *vv = (const uint16_t *)L->values + v;
                         for (int64_t i = 0; i < D; i++) out[i] += p[t] * bf16_to_float(vv[i]);
                     } else {

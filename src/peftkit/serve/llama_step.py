@@ -64,11 +64,13 @@ def _references() -> dict[str, dict[str, tuple]]:
 def _architecture(model: nn.Module, base: nn.Module, layers: list[nn.Module]) -> str | None:
     """Which of ARCHITECTURES `model` runs the code of (its causal LM's, base model's, layers' and attentions'
     forwards; Qwen3's model is Qwen2's code, its attention not), or None."""
+    if not all(isinstance(getattr(layer, "self_attn", None), nn.Module) for layer in layers):
+        return None
+    codes = {"causal_lm": {_code(type(model).forward)}, "model": {_code(type(base).forward)},
+             "layer": {_code(type(layer).forward) for layer in layers},
+             "attention": {_code(type(layer.self_attn).forward) for layer in layers}}
     for name, ref in _references().items():
-        if (_code(type(model).forward) == ref["causal_lm"] and _code(type(base).forward) == ref["model"]
-                and all(isinstance(getattr(layer, "self_attn", None), nn.Module)
-                        and _code(type(layer).forward) == ref["layer"]
-                        and _code(type(layer.self_attn).forward) == ref["attention"] for layer in layers)):
+        if all(found == {ref[key]} for key, found in codes.items()):
             return name
     return None
 
@@ -371,7 +373,7 @@ class NativeLayers:
         """LlamaStep's result ([rows, 1, vocabulary] logits) for one token per row."""
         base, rows = self.step.base, input_ids.shape[0]
         embedded = base.embed_tokens(input_ids)
-        hidden = embedded.to(dtype=torch.float32, copy=True).contiguous()  # the kernel updates it in place
+        hidden = embedded.float().contiguous()  # a new tensor either way (the lookup's), updated in place by the kernel
         cos, sin = base.rotary_emb(embedded, position_ids=position_ids)  # in the model's dtype, as its forward's
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         blank = embedded.new_zeros(rows, self.kv_heads, 1, self.head_dim)
