@@ -1,4 +1,4 @@
-"""A decoder layer's RMSNorms and SwiGLU as one pass each (fused_ops.c), for fp32 training on CPU.
+"""A decoder layer's RMSNorms and SwiGLU as one pass each (fused_ops.c), for fp32 and bf16 training on CPU.
 
 Why: in fp32 on a CPU without native bf16, a LoRA step of SmolLM2-135M spent ~11% of its time in elementwise
 operators, most of them the pieces of transformers' RMSNorm (to, pow, mean, add, rsqrt, mul, mul) and of
@@ -6,8 +6,10 @@ silu(gate) * up, each a pass over memory with its own output. One pass each for 
 on those operators and keeps fewer tensors for backward (docs/performance.md, "Fused RMSNorm and SwiGLU").
 
 `fused_layers(model)` swaps them in for the modules that compute exactly Llama's RMSNorm and SwiGLU MLP (Llama, Qwen2,
-Qwen3, Mistral, ...: their forward is the same code), for fp32 tensors on the CPU; anything else, and everything when
-the kernels cannot be built or PEFTKIT_FUSED_OPS=0, runs torch's operators as before.
+Qwen3, Mistral, ...: their forward is the same code), for fp32 tensors on the CPU and, on a bf16 base, for bf16 ones
+(rounded as torch's bf16 operators round); anything else, and everything when the kernels cannot be built or
+PEFTKIT_FUSED_OPS=0, runs torch's operators as before. The attention kernel takes fp32 only (in bf16 the batched matmul
+attention of varlen.py is faster).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.peftkit_swiglu_backward.argtypes = [p, p, p, p, p, n, t]
     library.peftkit_rms_norm_forward.argtypes = [p, p, p, p, n, n, ctypes.c_float, t]
     library.peftkit_rms_norm_backward.argtypes = [p, p, p, p, p, n, n, t]
+    library.peftkit_swiglu_forward_bf16.argtypes = [p, p, p, n, t]
+    library.peftkit_swiglu_backward_bf16.argtypes = [p, p, p, p, p, n, t]
+    library.peftkit_rms_norm_forward_bf16.argtypes = [p, p, p, p, n, n, ctypes.c_float, t]
+    library.peftkit_rms_norm_backward_bf16.argtypes = [p, p, p, p, p, n, n, t]
     sizes = [n] * 12  # examples, tokens, heads, kv_heads, dim, the six strides, max_len (see fused_ops.c)
     library.peftkit_attention_forward.argtypes = [p] * 6 + sizes + [ctypes.c_float, t]
     library.peftkit_attention_backward.argtypes = [p] * 10 + sizes + [ctypes.c_float, t]
@@ -58,10 +64,19 @@ def _check(status: int) -> None:
                           f"size or cutoff_len, or set {FUSED_ENV}=0 (torch's SDPA)")
 
 
-def _fits(*tensors: torch.Tensor) -> bool:
-    """Plain fp32 CPU tensors (not a DTensor's shard, not a subclass), the kind the kernels read by pointer."""
-    return all(type(t) in (torch.Tensor, nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu"
-               for t in tensors)
+def _fits(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Plain CPU tensors (not a DTensor's shard, not a subclass) of one of `dtypes`, all of the same, the kind the
+    kernels read by pointer."""
+    return all(type(t) in (torch.Tensor, nn.Parameter) and t.dtype == tensors[0].dtype and t.device.type == "cpu"
+               for t in tensors) and tensors[0].dtype in dtypes
+
+
+_ELEMENTWISE = (torch.float32, torch.bfloat16)  # the norm and SwiGLU kernels' dtypes
+
+
+def _suffix(t: torch.Tensor) -> str:
+    """The C functions' name ending for `t`'s dtype"""
+    return "_bf16" if t.dtype == torch.bfloat16 else ""
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -69,8 +84,8 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate, up = gate.contiguous(), up.contiguous()
         out = torch.empty_like(gate)
-        LIBRARY.loaded.peftkit_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
-                                              torch.get_num_threads())
+        forward = getattr(LIBRARY.loaded, "peftkit_swiglu_forward" + _suffix(gate))
+        forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
         ctx.save_for_backward(gate, up)
         return out
 
@@ -79,8 +94,9 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         grad = grad.contiguous()
         d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
-        LIBRARY.loaded.peftkit_swiglu_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), d_gate.data_ptr(),
-                                               d_up.data_ptr(), gate.numel(), torch.get_num_threads())
+        backward = getattr(LIBRARY.loaded, "peftkit_swiglu_backward" + _suffix(gate))
+        backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), d_gate.data_ptr(), d_up.data_ptr(), gate.numel(),
+                 torch.get_num_threads())
         return d_gate, d_up
 
 
@@ -91,9 +107,10 @@ class _RMSNorm(torch.autograd.Function):
         width = x.shape[-1]
         rows = x.numel() // width
         y = torch.empty_like(x)
-        rstd = x.new_empty(rows)
-        LIBRARY.loaded.peftkit_rms_norm_forward(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(),
-                                                rstd.data_ptr(), rows, width, eps, torch.get_num_threads())
+        rstd = x.new_empty(rows, dtype=torch.float32)
+        forward = getattr(LIBRARY.loaded, "peftkit_rms_norm_forward" + _suffix(x))
+        forward(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, width, eps,
+                torch.get_num_threads())
         ctx.save_for_backward(x, weight, rstd)
         return y
 
@@ -105,12 +122,13 @@ class _RMSNorm(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
-            LIBRARY.loaded.peftkit_rms_norm_backward(grad.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(),
-                                                     rstd.data_ptr(), dx.data_ptr(), rstd.numel(), width,
-                                                     torch.get_num_threads())
+            backward = getattr(LIBRARY.loaded, "peftkit_rms_norm_backward" + _suffix(x))
+            backward(grad.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+                     rstd.numel(), width, torch.get_num_threads())
         d_weight = None
-        if ctx.needs_input_grad[1]:  # a trained norm (full fine-tuning): sum over rows of grad * xhat
-            d_weight = (grad.reshape(-1, width) * (x.reshape(-1, width) * rstd[:, None])).sum(0)
+        if ctx.needs_input_grad[1]:  # a trained norm (full fine-tuning): sum over rows of grad * xhat, in fp32
+            xhat = (x.reshape(-1, width).float() * rstd[:, None]).to(x.dtype)
+            d_weight = (grad.reshape(-1, width).float() * xhat.float()).sum(0).to(weight.dtype)
         return dx, d_weight, None
 
 
@@ -171,14 +189,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[in
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up; one pass where the kernels apply."""
-    if LIBRARY.loaded is not None and _fits(gate, up) and gate.shape == up.shape:
+    if LIBRARY.loaded is not None and _fits(gate, up, dtypes=_ELEMENTWISE) and gate.shape == up.shape:
         return _SwiGLU.apply(gate, up)
     return nn.functional.silu(gate) * up
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """Llama's RMSNorm of `x` (fp32 throughout); None where the kernels do not apply."""
-    if LIBRARY.loaded is not None and _fits(x, weight) and weight.dim() == 1 and x.shape[-1] == weight.shape[0]:
+    """Llama's RMSNorm of `x` (x and weight both fp32 or both bf16); None where the kernels do not apply."""
+    if (LIBRARY.loaded is not None and _fits(x, weight, dtypes=_ELEMENTWISE) and weight.dim() == 1
+            and x.shape[-1] == weight.shape[0]):
         return _RMSNorm.apply(x, weight, eps)
     return None
 
@@ -239,8 +258,8 @@ _active = 0  # fused_layers blocks open now (a training step's forward and backw
 @contextmanager
 def fused_layers(model: nn.Module) -> Iterator[None]:
     """Inside the block (a training step's forward and backward), the model's Llama-style RMSNorms and SwiGLU MLPs
-    run the fused kernels wherever their tensors are fp32 on the CPU; torch's operators elsewhere. Nested blocks over
-    the same modules leave them to the outer one."""
+    run the fused kernels wherever their tensors are fp32 or bf16 on the CPU; torch's operators elsewhere. Nested
+    blocks over the same modules leave them to the outer one."""
     global _active
     parameter = next(model.parameters(), None)
     if parameter is None or parameter.device.type != "cpu" or kernels() is None:

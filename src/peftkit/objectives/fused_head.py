@@ -34,25 +34,44 @@ def _stride(rows: int) -> int:
     return -(-rows // ALIGN) * ALIGN
 
 
-def _logits_t(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              buffer: torch.Tensor) -> torch.Tensor:
-    """The chunk's logits, transposed ([vocabulary, rows]) and in fp32, written into `buffer` (flat, reused).
+_kept: dict[torch.dtype, torch.Tensor] = {}  # the CPU's scratch buffers, by dtype, kept from one step to the next
+
+
+def _scratch(like: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat scratch tensor of `size` elements. On the CPU it is kept for the next call: a fresh 37-75 MB buffer
+    is mapped anew by the allocator each time, and its first touch (page faults) took 25-58 ms a step, as long as
+    the head's softmax. Other devices' allocators cache memory themselves."""
+    if like.device.type != "cpu":
+        return like.new_empty(size, dtype=dtype)
+    kept = _kept.get(dtype)
+    if kept is None or kept.numel() < size:
+        _kept[dtype] = kept = like.new_empty(size, dtype=dtype)
+    return kept[:size]
+
+
+def _logits_t(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor,
+              half: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's logits, transposed ([vocabulary, rows]) and in fp32, in `buffer` (flat, reused), and, in half
+    precision, the same logits in the model's dtype in `half` (flat, reused too; the logits are rounded to the model's
+    dtype as the plain path does); (fp32 logits, their half-precision copy or None).
 
     Why transposed: MKL computes weight @ hidden^T at ~110 GFLOP/s in fp32 on an AVX2 EPYC and hidden @ weight^T at
     ~75 (a [256, 576] x [576, 49152] product; docs/performance.md, "Fused LM head + cross-entropy"). Why a row stride
     rounded up to ALIGN: with 343 rows the same product runs at ~73 GFLOP/s, with a stride of 344 at ~95, and the
-    backward's product from it at 115 against 125. Why one reused buffer: a fresh 50-75 MB tensor per chunk costs
-    page faults on every first touch, as much as the softmax's arithmetic."""
+    backward's product from it at 115 against 125. Why reused buffers (`_scratch`): a fresh 50-75 MB tensor per chunk
+    costs page faults on every first touch, as much as the softmax's arithmetic (in bf16, a [49152, 344] product into
+    a fresh tensor took 67 ms against 51 into a reused one, a conversion to fp32 25 ms against 4 ms)."""
     rows = hidden.shape[0]
     stride = _stride(rows)
-    out = buffer[:weight.shape[0] * stride].view(weight.shape[0], stride)[:, :rows]
-    if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
-        if bias is None:
-            return torch.mm(weight, hidden.t(), out=out)
-        return torch.addmm(bias.float()[:, None], weight, hidden.t(), out=out)
-    # half precision: the logits are rounded to the model's dtype before the fp32 softmax, as the plain path does
-    logits = torch.mm(weight, hidden.t()) if bias is None else torch.addmm(bias[:, None], weight, hidden.t())
-    return out.copy_(logits)
+    fp32 = buffer[:weight.shape[0] * stride].view(weight.shape[0], stride)[:, :rows]
+    logits = fp32 if half is None else half[:weight.shape[0] * stride].view(weight.shape[0], stride)[:, :rows]
+    if bias is None:
+        torch.mm(weight, hidden.t(), out=logits)
+    else:
+        torch.addmm(bias.to(logits.dtype)[:, None], weight, hidden.t(), out=logits)
+    if half is None:
+        return fp32, None
+    return fp32.copy_(logits), logits
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -65,10 +84,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and want[2] else None
         total = hidden.new_zeros((), dtype=torch.float32)
         chunks = _chunks(hidden.shape[0])
-        buffer = hidden.new_empty(weight.shape[0] * _stride(chunks[0].stop - chunks[0].start), dtype=torch.float32)
+        size = weight.shape[0] * _stride(chunks[0].stop - chunks[0].start)
+        buffer = _scratch(hidden, size, torch.float32)
+        half = _scratch(hidden, size, hidden.dtype) if hidden.dtype != torch.float32 else None  # logits, gradient
         for rows in chunks:
             t = targets[rows]
-            logits_t = _logits_t(hidden[rows], weight, bias, buffer)  # [vocabulary, rows]
+            logits_t, half_t = _logits_t(hidden[rows], weight, bias, buffer, half)  # [vocabulary, rows]
             counted = t != ignore_index
             safe = torch.where(counted, t, 0)
             columns = torch.arange(len(t), device=t.device)
@@ -82,7 +103,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             logits_t.mul_(counted / sums)  # softmax, rows without a target zeroed
             logits_t[safe, columns] -= counted.float()  # minus the one-hot target: d loss / d logits, transposed
-            grad_t = logits_t.to(hidden.dtype)  # as autograd would hand it back through `.float()`
+            # in the hidden states' dtype, as autograd would hand it back through `.float()`
+            grad_t = logits_t if half_t is None else half_t.copy_(logits_t)
             if grad_hidden is not None:
                 torch.mm(grad_t.t(), weight, out=grad_hidden[rows])
             if grad_weight is not None:
