@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from test_predict import small_model_dir  # noqa: F401  (a fixture: a small random Llama with smollm2's tokenizer)
 
 from peftkit.models import load_model_and_tokenizer
@@ -127,3 +128,20 @@ def test_a_failing_request_fails_alone_and_the_scheduler_goes_on(engine) -> None
     with pytest.raises(Exception):
         scheduler.submit([engine.tokenizer.vocab_size + 10**6], GenerationParams(max_new_tokens=4), None)
     assert scheduler.submit(prompt(engine, "Hi"), GenerationParams(max_new_tokens=4), None).completion_tokens > 0
+
+
+def test_idle_openmp_threads_are_let_go_and_work_goes_on(engine) -> None:
+    """The scheduler lets the OpenMP workers of its creator and of its own idle worker go (native.py), so a thread's
+    parallel regions are not slowed by another's idle pool; requests after an idle spell decode as before."""
+    from peftkit import native
+
+    x = torch.randn(256, 256)
+    assert native.release_openmp_threads()  # torch's OpenMP runtime is loaded, so it is found and paused
+    assert torch.equal(x @ x, x @ x)  # parallel work starts new threads afterwards
+    scheduler = BatchScheduler(engine)
+    first = scheduler.submit(engine.prompt_ids([{"role": "user", "content": "Hi"}]), GenerationParams(max_new_tokens=8),
+                             None)
+    time.sleep(0.2)  # the worker blocks on its queue, its threads let go
+    again = scheduler.submit(engine.prompt_ids([{"role": "user", "content": "Hi"}]), GenerationParams(max_new_tokens=8),
+                             None)
+    assert again.text == first.text and again.completion_tokens == first.completion_tokens

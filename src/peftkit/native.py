@@ -82,3 +82,30 @@ class Library:
             return self.declare(ctypes.CDLL(str(path))), ""
         except (OSError, AttributeError) as e:
             return None, f"the kernels in {path} could not be loaded: {e}"
+
+
+def release_openmp_threads() -> bool:
+    """Let the calling thread's OpenMP worker threads go (`omp_pause_resource_all`); the next parallel region starts
+    new ones. Returns whether an OpenMP runtime was found and paused.
+
+    Why: GNU OpenMP counts every thread's pool of workers, idle ones included; once a process holds more OpenMP threads
+    than cores, each parallel region and barrier puts its workers to sleep in the kernel and wakes them again instead of
+    spinning. A server decodes in its own thread after the main thread has used OpenMP (loading, warm-up), so it ran
+    that slow way: on 2 cores, a 256k-float `torch.add` took 65-75 us there against 22 us in the main thread, an empty
+    region 7-27 us against 0.7, and a decode step of the layer kernel (a barrier per operator of each layer) 35-41 ms
+    against 24-28 (docs/performance.md, "Decoding in a server's thread"). Linux only (the runtime is found in
+    /proc/self/maps); elsewhere nothing happens."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libgomp" in line or "/libiomp" in line}
+    except OSError:
+        return False
+    paused = False
+    for path in sorted(paths):
+        try:
+            pause = ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+        paused |= pause(1) == 0  # omp_pause_soft
+    return paused

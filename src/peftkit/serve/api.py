@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from transformers import TextIteratorStreamer
 
+from .. import native
 from ..data.formats import RowError
 from .chat import ChatEngine, Completion, GenerationParams
 from .decode import Decoder, Row
@@ -68,6 +69,7 @@ class BatchScheduler:
         self.lanes: dict[str | None, Decoder] = {}  # adapter -> its running batch
         self.waiting: dict[str | None, list[_Job]] = {}  # adapter -> jobs not yet in its batch
         self.running: dict[Row, _Job] = {}
+        native.release_openmp_threads()  # the caller's idle OpenMP workers would slow every region of the batcher's
         threading.Thread(target=self._work, daemon=True, name="peftkit-batcher").start()
 
     # --- requests ---
@@ -125,9 +127,12 @@ class BatchScheduler:
                 self._step(running[turn % len(running)])
 
     def _collect(self, block: bool) -> None:
-        """Move queued jobs to `waiting` (run those the decode loop does not cover); with `block`, wait for one."""
+        """Move queued jobs to `waiting` (run those the decode loop does not cover); with `block`, wait for one (the
+        worker's OpenMP threads let go meanwhile, so that no idle pool slows another thread's regions)."""
         while True:
             try:
+                if block and self.jobs.empty():
+                    native.release_openmp_threads()
                 job = self.jobs.get(block=block)
             except queue.Empty:
                 return
