@@ -25,20 +25,25 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
+def swiglu_both_ways(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """(output, d gate, d up) of the kernel and of torch's silu(gate) * up, on the same random inputs"""
+    g = torch.Generator().manual_seed(len(shape))
+    gate = (torch.randn(shape, generator=g) * 4).to(dtype).requires_grad_()
+    up = torch.randn(shape, generator=g).to(dtype).requires_grad_()
+    grad = torch.randn(shape, generator=g).to(dtype)
+    results = []
+    for swiglu in (fused_ops.swiglu, lambda a, b: torch.nn.functional.silu(a) * b):
+        out = swiglu(gate, up)
+        out.backward(grad)
+        results.append((out.detach(), gate.grad, up.grad))
+        gate.grad = up.grad = None
+    return tuple(results)
+
+
 @pytest.mark.parametrize("shape", [(3, 5), (2, 7, 1536), (1, 4099), (9000,)])
 def test_swiglu_equals_silu_times_up(shape) -> None:
-    g = torch.Generator().manual_seed(len(shape))
-    gate = (torch.randn(shape, generator=g) * 4).requires_grad_()
-    up = torch.randn(shape, generator=g).requires_grad_()
-    grad = torch.randn(shape, generator=g)
-    ours = fused_ops.swiglu(gate, up)
-    ours.backward(grad)
-    mine = gate.grad.clone(), up.grad.clone()
-    gate.grad = up.grad = None
-    theirs = torch.nn.functional.silu(gate) * up
-    theirs.backward(grad)
-    assert relative(ours, theirs) <= 1e-6
-    assert relative(mine[0], gate.grad) <= 1e-6 and relative(mine[1], up.grad) <= 1e-6
+    ours, theirs = swiglu_both_ways(shape, torch.float32)
+    assert all(relative(a, b) <= 1e-6 for a, b in zip(ours, theirs))
 
 
 def test_swiglu_extremes_and_nan() -> None:
@@ -53,22 +58,29 @@ def test_swiglu_extremes_and_nan() -> None:
 
 @pytest.mark.parametrize("trained_weight", [False, True])
 def test_rms_norm_equals_llamas(trained_weight) -> None:
-    g = torch.Generator().manual_seed(1)
-    norm = LlamaRMSNorm(576, eps=1e-5)
-    norm.weight.data = torch.randn(576, generator=g)
-    norm.weight.requires_grad_(trained_weight)
-    x = (torch.randn(2, 37, 576, generator=g) * 3).requires_grad_()
-    grad = torch.randn(2, 37, 576, generator=g)
-    ours = fused_ops.rms_norm(x, norm.weight, norm.variance_epsilon)
-    ours.backward(grad)
-    mine = x.grad.clone(), None if norm.weight.grad is None else norm.weight.grad.clone()
-    x.grad = norm.weight.grad = None
-    theirs = norm(x)
-    theirs.backward(grad)
-    assert relative(ours, theirs) <= 1e-6 and relative(mine[0], x.grad) <= 1e-5
+    ours, theirs = norm_both_ways(trained_weight, torch.float32)
+    assert relative(ours[0], theirs[0]) <= 1e-6 and relative(ours[1], theirs[1]) <= 1e-5
     if trained_weight:
-        assert relative(mine[1], norm.weight.grad) <= 1e-5
-    assert fused_ops.rms_norm(x.detach().to(torch.bfloat16), norm.weight, 1e-5) is None  # mixed dtypes
+        assert relative(ours[2], theirs[2]) <= 1e-5
+    x = torch.randn(2, 576).to(torch.bfloat16)
+    assert fused_ops.rms_norm(x, torch.ones(576), 1e-5) is None  # mixed dtypes
+
+
+def norm_both_ways(trained_weight: bool, dtype: torch.dtype) -> tuple[tuple[torch.Tensor | None, ...], ...]:
+    """(output, dx, d weight or None) of the kernel and of Llama's RMSNorm, on the same random inputs"""
+    g = torch.Generator().manual_seed(1)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(576, generator=g).to(dtype)
+    norm.weight.requires_grad_(trained_weight)
+    x = (torch.randn(2, 37, 576, generator=g) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(2, 37, 576, generator=g).to(dtype)
+    results = []
+    for forward in (lambda v: fused_ops.rms_norm(v, norm.weight, norm.variance_epsilon), norm):
+        out = forward(x)
+        out.backward(grad)
+        results.append((out.detach(), x.grad, norm.weight.grad))
+        x.grad = norm.weight.grad = None
+    return tuple(results)
 
 
 def test_results_do_not_depend_on_the_thread_count() -> None:
@@ -157,39 +169,17 @@ def within_a_bf16_step(ours: torch.Tensor, theirs: torch.Tensor, equal: float = 
 
 @pytest.mark.parametrize("shape", [(3, 5), (2, 7, 1536), (1, 4099)])
 def test_bf16_swiglu_rounds_as_torch(shape) -> None:
-    g = torch.Generator().manual_seed(len(shape))
-    gate = (torch.randn(shape, generator=g) * 4).to(torch.bfloat16).requires_grad_()
-    up = torch.randn(shape, generator=g).to(torch.bfloat16).requires_grad_()
-    grad = torch.randn(shape, generator=g).to(torch.bfloat16)
-    ours = fused_ops.swiglu(gate, up)
-    ours.backward(grad)
-    mine = gate.grad.clone(), up.grad.clone()
-    gate.grad = up.grad = None
-    theirs = torch.nn.functional.silu(gate) * up
-    theirs.backward(grad)
-    within_a_bf16_step(ours, theirs)
-    within_a_bf16_step(mine[0], gate.grad)
-    within_a_bf16_step(mine[1], up.grad)
+    for ours, theirs in zip(*swiglu_both_ways(shape, torch.bfloat16)):
+        within_a_bf16_step(ours, theirs)
 
 
 @pytest.mark.parametrize("trained_weight", [False, True])
 def test_bf16_rms_norm_rounds_as_llamas(trained_weight) -> None:
-    g = torch.Generator().manual_seed(5)
-    norm = LlamaRMSNorm(576, eps=1e-5).to(torch.bfloat16)
-    norm.weight.data = torch.randn(576, generator=g).to(torch.bfloat16)
-    norm.weight.requires_grad_(trained_weight)
-    x = (torch.randn(2, 37, 576, generator=g) * 3).to(torch.bfloat16).requires_grad_()
-    grad = torch.randn(2, 37, 576, generator=g).to(torch.bfloat16)
-    ours = fused_ops.rms_norm(x, norm.weight, norm.variance_epsilon)
-    ours.backward(grad)
-    mine = x.grad.clone(), None if norm.weight.grad is None else norm.weight.grad.clone()
-    x.grad = norm.weight.grad = None
-    theirs = norm(x)
-    theirs.backward(grad)
-    within_a_bf16_step(ours, theirs)
-    within_a_bf16_step(mine[0], x.grad, equal=0.9)  # torch's backward rounds its pieces in bf16 twice more
+    ours, theirs = norm_both_ways(trained_weight, torch.bfloat16)
+    within_a_bf16_step(ours[0], theirs[0])
+    within_a_bf16_step(ours[1], theirs[1], equal=0.9)  # torch's backward rounds its pieces in bf16 twice more
     if trained_weight:  # summed over 74 rows: ours in fp32, torch's in bf16
-        assert mine[1].dtype == torch.bfloat16 and relative(mine[1], norm.weight.grad) <= 2e-2
+        assert ours[2].dtype == torch.bfloat16 and relative(ours[2], theirs[2]) <= 2e-2
 
 
 def test_bf16_extremes_and_nan() -> None:
