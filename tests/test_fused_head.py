@@ -156,3 +156,20 @@ def test_fp32_chunks_with_a_padded_row_stride_give_the_plain_gradients(monkeypat
     assert ours.item() == pytest.approx(plain.item(), rel=1e-6)
     for a, b in zip(mine, (hidden.grad, head.weight.grad, head.bias.grad)):
         assert (a - b).abs().max() <= 1e-5
+
+
+def test_cpu_scratch_buffers_are_kept_per_thread() -> None:
+    """The head's CPU buffers are reused by the next call of the same thread, never shared with another thread."""
+    import threading
+
+    from peftkit.objectives import fused_head
+
+    like = torch.zeros(1)
+    first = fused_head._scratch(like, 100, torch.float32)
+    assert fused_head._scratch(like, 60, torch.float32).data_ptr() == first.data_ptr()
+    assert fused_head._scratch(like, 60, torch.bfloat16).dtype == torch.bfloat16
+    other: list[torch.Tensor] = []
+    thread = threading.Thread(target=lambda: other.append(fused_head._scratch(like, 100, torch.float32)))
+    thread.start()
+    thread.join()
+    assert other[0].data_ptr() != first.data_ptr()

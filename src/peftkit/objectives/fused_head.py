@@ -9,6 +9,7 @@ results agree to rounding.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -34,18 +35,19 @@ def _stride(rows: int) -> int:
     return -(-rows // ALIGN) * ALIGN
 
 
-_kept: dict[torch.dtype, torch.Tensor] = {}  # the CPU's scratch buffers, by dtype, kept from one step to the next
+_kept = threading.local()  # each thread's CPU scratch buffers, by dtype, kept from one step to the next
 
 
 def _scratch(like: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat scratch tensor of `size` elements. On the CPU it is kept for the next call: a fresh 37-75 MB buffer
-    is mapped anew by the allocator each time, and its first touch (page faults) took 25-58 ms a step, as long as
+    """A flat scratch tensor of `size` elements. On the CPU it is kept for the thread's next call: a fresh 37-75 MB
+    buffer is mapped anew by the allocator each time, and its first touch (page faults) took 25-125 ms, as long as
     the head's softmax. Other devices' allocators cache memory themselves."""
     if like.device.type != "cpu":
         return like.new_empty(size, dtype=dtype)
-    kept = _kept.get(dtype)
+    buffers = _kept.__dict__.setdefault("buffers", {})
+    kept = buffers.get(dtype)
     if kept is None or kept.numel() < size:
-        _kept[dtype] = kept = like.new_empty(size, dtype=dtype)
+        buffers[dtype] = kept = like.new_empty(size, dtype=dtype)
     return kept[:size]
 
 
