@@ -8,6 +8,7 @@ keep torch's own operators, so nothing here is required.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -95,17 +96,24 @@ def release_openmp_threads() -> bool:
     region 7-27 us against 0.7, and a decode step of the layer kernel (a barrier per operator of each layer) 35-41 ms
     against 24-28 (docs/performance.md, "Decoding in a server's thread"). Linux only (the runtime is found in
     /proc/self/maps); elsewhere nothing happens."""
+    return any([pause(1) == 0 for pause in _openmp_pauses()])  # omp_pause_soft; a list: every runtime paused
+
+
+@functools.cache
+def _openmp_pauses() -> tuple[Any, ...]:
+    """`omp_pause_resource_all` of each OpenMP runtime loaded (torch's, which peftkit's kernels share), found once:
+    the batcher calls `release_openmp_threads` every time it waits."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "/libgomp" in line or "/libiomp" in line}
     except OSError:
-        return False
-    paused = False
+        return ()
+    pauses = []
     for path in sorted(paths):
         try:
             pause = ctypes.CDLL(path).omp_pause_resource_all
         except (OSError, AttributeError):
             continue
         pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
-        paused |= pause(1) == 0  # omp_pause_soft
-    return paused
+        pauses.append(pause)
+    return tuple(pauses)

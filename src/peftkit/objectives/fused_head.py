@@ -52,7 +52,7 @@ def _scratch(like: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _logits_t(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor,
-              half: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+              half: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The chunk's logits, transposed ([vocabulary, rows]) and in fp32, in `buffer` (flat, reused), and, in half
     precision, the same logits in the model's dtype in `half` (flat, reused too; the logits are rounded to the model's
     dtype as the plain path does); (fp32 logits, their half-precision copy or None).
