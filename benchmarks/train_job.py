@@ -192,7 +192,7 @@ def child_phases(a: argparse.Namespace) -> None:
     code = cli.main(["train", a.config, *a.overrides])
     marks.append(("main returned", time.time(), time.time()))
     Path(a.result).write_text(json.dumps(marks))
-    sys.exit(code)
+    cli.exit_now(code)  # as the `peftkit` command exits
 
 
 def child_eval(a: argparse.Namespace) -> None:

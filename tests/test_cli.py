@@ -68,6 +68,28 @@ def test_env(capsys) -> None:
     assert "torch" in out and "transformers" in out and "PEFTKIT_HOME" in out
 
 
+def test_a_command_runs_with_the_objects_made_before_it_frozen_and_gives_them_back(monkeypatch, capsys) -> None:
+    """main leaves what exists before the command out of the cyclic collector's walks while it runs (faster loading
+    and training), and gives it back after, also when the command fails: a process that runs many commands (the
+    tests, a UI) must not keep the garbage cycles of earlier ones."""
+    import gc
+
+    import peftkit.cli as cli
+
+    seen = []
+
+    def record(args) -> None:
+        seen.append(gc.get_freeze_count())
+        raise cli.PeftkitError("stopped")
+
+    monkeypatch.setattr(cli, "cmd_env", record)
+    gc.unfreeze()
+    assert main(["env"]) == 1  # the parser, built inside main, picks up the patched command
+    assert seen and seen[0] > 1000
+    assert gc.get_freeze_count() == 0
+    assert "stopped" in capsys.readouterr().err
+
+
 def test_export_refuses_tensors_the_config_cannot_hold(tmp_path, capsys) -> None:
     """SSF merged into Llama's bias-free linears creates biases that LlamaConfig (attention_bias=False) would drop."""
     from peftkit.methods.ssf import SsfConfig
