@@ -546,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [args.config, *args.overrides]
         args.config = None
     # What exists now (torch's, transformers' and peftkit's modules: ~300k objects) is never garbage while the
-    # command runs; leaving it out of the cyclic collector's walks saves ~0.7 s of full collections in loading the
-    # model and training (docs/performance.md, "Garbage collection"). Given back when the command returns.
+    # command runs; leaving it out of the cyclic collector's walks saves ~0.5 s of full collections in loading the
+    # model and training the quickstart (docs/performance.md, "Garbage collection"). Given back when it returns.
     gc.freeze()
     try:
         args.func(args)
