@@ -105,8 +105,12 @@ def best_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def peftkit_runner(engine: Any) -> Callable[[list[list[int]], int], list[list[int]]]:
-    """`ChatEngine.generate`'s work: the engine's rows through its decoder, whose tokens it turns into text."""
+    """`ChatEngine.generate`'s work: the engine's rows through its decoder, whose tokens it turns into text. No
+    prompt is reused between calls (as llama.cpp's runner resets): every prompt is prefilled, as transformers' is."""
     from peftkit.serve import GenerationParams
+    from peftkit.serve.prefix import PrefixCache
+
+    engine.prefixes = PrefixCache(budget=0)
 
     def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
         params = GenerationParams(max_new_tokens=n)

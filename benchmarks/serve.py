@@ -12,8 +12,10 @@ Scenarios, each on the same requests ("Tell me a fact about the number i."), gre
   batching, and with the static batching of before (PEFTKIT_DECODE=generate: same-settings requests batched only
   when they arrive together, each batch run to its end);
 - adapters: all requests at once, alternating base / sql / chat, with batching and with max_batch 1.
-Greedy answers do not depend on the batch in float32, so every scenario's texts are compared with the one-client
-texts (bf16 rounding may part a few at near ties: counted). Writes benchmarks/results/serve.json.
+Each scenario starts with no prompt kept (serve/prefix.py): a request reuses only the prompts of the scenario's
+earlier requests (the chat template's system prompt), as a fresh `peftkit api` would. Greedy answers do not depend on
+the batch in float32, so every scenario's texts are compared with the one-client texts (bf16 rounding may part a few
+at near ties: counted). Writes benchmarks/results/serve.json.
 """
 
 from __future__ import annotations
@@ -84,8 +86,11 @@ def scenario(engine: Any, models: list[str], clients: int, max_tokens: int, max_
     """`clients` threads share the requests (request i for `models[i]`), each sending its share one at a time."""
     import openai
 
+    from peftkit.serve.prefix import PrefixCache
+
     if before:
         os.environ["PEFTKIT_DECODE"] = "generate"
+    engine.prefixes = PrefixCache()  # no prompt kept from an earlier scenario (they send the same requests)
     server = Server(engine, max_batch)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0, timeout=1200)
     replies: dict[int, Any] = {}

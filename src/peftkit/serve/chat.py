@@ -25,6 +25,7 @@ from ..methods.base import ModuleTaken
 from ..tuned import TunedModel, share_base
 from . import decode
 from .fast_layers import FastLayers
+from .prefix import PrefixCache
 
 DECODE_ENV = "PEFTKIT_DECODE"  # "generate": always generate through transformers' model.generate
 
@@ -123,6 +124,7 @@ class ChatEngine:
         self.lock = threading.RLock()
         self.layers = FastLayers()  # decode-time products of the linear layers, for every tree (fast_layers.py)
         self.direct_step = True  # False: decode steps through the model's own forward (llama_step.py; to compare)
+        self.prefixes = PrefixCache()  # prompts' keys and values kept for the next prompts that begin alike
         # What `peftkit chat --adapter` and predict use: the adapter active when the engine was made (None: base).
         self.default_adapter: str | None = getattr(model, "active_adapter", None) if self.adapters else None
 
@@ -234,7 +236,7 @@ class ChatEngine:
 
     def decoder(self, model: Any) -> decode.Decoder:
         """A decode batch on `model` (one of `trees`), to fill with `rows`."""
-        return decode.Decoder(model, self.tokenizer, self._pad_id(), self.layers, self.direct_step)
+        return decode.Decoder(model, self.tokenizer, self._pad_id(), self.layers, self.direct_step, self.prefixes)
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]

@@ -36,9 +36,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from . import kv
+from . import kv, prefix
 from .fast_layers import FastLayers
 from .llama_step import LlamaStep, NativeLayers
+from .prefix import PrefixCache
 
 DIRECT_ENV = "PEFTKIT_DIRECT_STEP"  # "0": every decode step through the model's own forward (to compare)
 NATIVE_ENV = "PEFTKIT_DECODE_KERNEL"  # "0": the direct step's layers through torch (to compare)
@@ -126,8 +127,9 @@ class Decoder:
     """
 
     def __init__(self, model: Any, tokenizer: Any, pad_id: int, layers: FastLayers | None = None,
-                 direct: bool = True) -> None:
+                 direct: bool = True, prefixes: PrefixCache | None = None) -> None:
         self.model, self.tokenizer, self.pad_id, self.layers = model, tokenizer, pad_id, layers
+        self.prefixes = prefixes if prefixes is not None and prefixes.enabled else None  # prompts kept (prefix.py)
         params = _forward_parameters(model)
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.keep_logits = "logits_to_keep" in params
@@ -158,7 +160,7 @@ class Decoder:
         direct = self.direct if input_ids.shape[1] == 1 and self.direct is not None and self.direct.still_valid() \
             else None
         args = (kwargs["input_ids"], kwargs["attention_mask"], kwargs["position_ids"], cache)
-        native = self._native() if direct is not None and input_ids.shape[0] <= NATIVE_ROWS else None
+        native = self._native(cache) if direct is not None and input_ids.shape[0] <= NATIVE_ROWS else None
         if native is not None:
             logits = native(*args)
         else:
@@ -166,16 +168,16 @@ class Decoder:
                 logits = direct(*args) if direct is not None else self.model(**kwargs).logits
         return logits[:, -1].to(copy=True, dtype=torch.float32).cpu()
 
-    def _native(self) -> NativeLayers | None:
+    def _native(self, cache: Any) -> NativeLayers | None:
         """The decode kernel's plan for the direct step's model (built on the first decode step, again after a change
-        it cannot stand for), or None where it does not apply."""
+        it cannot stand for), or None where it does not apply (`cache`: the step's)."""
         if self.native is not None and self.native.current():
             return self.native
         if self.native is None and self.native_tried:
             return None
         self.native_tried = True
         self.native = NativeLayers.build(self.direct, self.layers) if self.direct is not None and self.native_on \
-            and kv.rows_supported(self.cache) else None
+            and kv.rows_supported(cache) else None
         return self.native
 
     @torch.inference_mode()  # fewer dispatch layers per op than no_grad: 15% of a step's overhead
@@ -185,10 +187,24 @@ class Decoder:
         rows = [r for r in rows if not _cancelled_before_start(r)]
         if not rows:
             return []
-        ids, mask = left_padded([r.prompt for r in rows], self.pad_id)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        prompts = [r.prompt for r in rows]
         cache = kv.new_cache(self.model)
+        prefixes = self.prefixes if self.prefixes is not None and kv.rows_supported(cache) else None
+        scope = prefixes.scope(self.model) if prefixes is not None else 0
+        found = prefixes.match(scope, prompts) if prefixes is not None else [(0, None)] * len(rows)
+        kept, width = prefix.plan(prompts, [n for n, _ in found])
+        start = max(kept)  # cache positions filled from kept prompts: each row's right-aligned, padding before
+        if start:
+            kv.fill(cache, [None if entry is None else entry.layers for _, entry in found], kept, start)
+        ids, mask = left_padded([p[k:] for p, k in zip(prompts, kept)], self.pad_id)
+        before = (torch.arange(start)[None, :] >= start - torch.tensor(kept)[:, None]).long()  # kept: 1, padding: 0
+        mask = torch.cat([before, mask], dim=1)
+        positions = ((mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))[:, start:]
         logits = self._forward(ids, None if bool(mask.all()) else mask, positions, cache)
+        if prefixes is not None:
+            for i, (p, (n, _)) in enumerate(zip(prompts, found)):
+                if n < len(p):  # the row's prompt ends at the last position, with no gap before it
+                    prefixes.keep(scope, p, kv.row_span(cache, i, start + width - len(p), start + width))
         finished = self._choose(rows, logits)
         going = [i for i, r in enumerate(rows) if not r.done]
         if not going:

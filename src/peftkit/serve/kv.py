@@ -8,7 +8,7 @@ so that the next change to transformers' Cache touches this file alone. Row surg
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -107,3 +107,26 @@ def append_rows(cache: Any, other: Any) -> None:
     for layer, extra in zip(_filled(cache), _filled(other)):
         layer.keys = torch.cat([layer.keys, extra.keys], dim=0)
         layer.values = torch.cat([layer.values, extra.values], dim=0)
+
+
+def fill(cache: Any, rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]] | None], lengths: Sequence[int],
+         width: int) -> None:
+    """Put into an empty `cache` each row's first `lengths[i]` positions of `rows[i]` (per layer (keys, values),
+    [kv heads, positions, head dim]), right-aligned in `width` positions; the rest is zeros (padding, which the
+    attention mask must mark 0)."""
+    first = next(r for r in rows if r is not None)
+    for index, (k0, _) in enumerate(first):
+        keys = k0.new_zeros(len(rows), k0.shape[0], width, k0.shape[2])
+        values = torch.zeros_like(keys)
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            if n:
+                k, v = row[index]
+                keys[i, :, width - n:] = k[:, :n]
+                values[i, :, width - n:] = v[:, :n]
+        cache.update(keys, values, index)
+
+
+def row_span(cache: Any, row: int, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of `row`'s keys and values at positions [start, end) of every layer."""
+    return [(layer.keys[row, :, start:end].clone(), layer.values[row, :, start:end].clone())
+            for layer in cache.layers]
