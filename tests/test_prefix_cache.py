@@ -187,3 +187,16 @@ def test_the_budget_comes_from_the_environment(engine, monkeypatch) -> None:
     monkeypatch.setenv(ENV, "lots")
     with pytest.raises(ConfigError, match=ENV):
         budget_from_env()
+
+
+def test_a_buffer_made_in_inference_mode_counts_by_its_identity() -> None:
+    """Dynamic RoPE replaces its inv_freq inside the decode loop's inference mode: such a tensor has no version
+    counter; the scope still tells a replaced one apart."""
+    model, cache = torch.nn.Linear(2, 2), PrefixCache(BIG)
+    with torch.inference_mode():
+        model.register_buffer("inv_freq", torch.ones(2))
+    scope = cache.scope(model)
+    assert cache.scope(model) == scope
+    with torch.inference_mode():
+        model.inv_freq = torch.full((2,), 2.0)
+    assert cache.scope(model) != scope

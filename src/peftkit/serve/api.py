@@ -1,7 +1,8 @@
 """An OpenAI-compatible API: one base model in memory, any number of adapters, picked per request by `model`.
 
 One worker thread generates everything, with continuous batching: requests for the same adapter share a decode
-batch, a request that arrives while it runs joins it at the next step (its prompt prefilled, its cache rows added),
+batch, a request that arrives while it runs joins it at the next step (its prompt prefilled, past any part kept from
+earlier prompts: prefix.py; its cache rows added),
 and a request that finishes leaves it at once. Each row keeps its own sampling settings, stop strings and seed, so
 any requests can share a batch, and streaming requests take part like the others. Batches of different adapters
 take turns, a step each. The engine's lock makes adapter switching and generation atomic, so requests never mix

@@ -6,6 +6,7 @@ makes the tokens (the model's own forward and DynamicCache, the position ids and
 processors it would apply, argmax or multinomial sampling), so greedy decoding gives `generate`'s tokens, and adds:
 
 - rows that finish leave the batch at once, and new rows join a running batch at the next step (`Decoder.add`);
+- a prompt that begins as a kept one (the caller's `PrefixCache`, prefix.py) prefills only the rest;
 - per-row settings: each row has its own processors, stop ids and strings, token budget, cancel event and sampling
   generator (a seeded row samples what it samples alone, whatever runs beside it);
 - faster products for the linear layers at small batches (`fast_layers.py`: peftkit's kernel, or bf16 weights packed

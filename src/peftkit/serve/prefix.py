@@ -60,8 +60,8 @@ def _state(model: torch.nn.Module) -> tuple[tuple, tuple]:
     tensors, switches = [], [model.training]
     for module in model.modules():
         for t in itertools.chain(module._parameters.values(), module._buffers.values()):
-            if t is not None:
-                tensors.append((id(t), t.data_ptr(), t._version))
+            if t is not None:  # a buffer made in inference mode (dynamic RoPE's) has no version: its identity counts
+                tensors.append((id(t), t.data_ptr(), -1 if t.is_inference() else t._version))
         if isinstance(module, AdapterLayer):
             scaling = getattr(module, "scaling", None)
             switches.append((module.active_adapter, module.disabled, tuple(module.merged_adapters),
