@@ -200,3 +200,19 @@ def test_a_buffer_made_in_inference_mode_counts_by_its_identity() -> None:
     with torch.inference_mode():
         model.inv_freq = torch.full((2,), 2.0)
     assert cache.scope(model) != scope
+
+
+def test_a_bf16_model_reuses_its_own_bf16_keys_and_values(small_model_dir) -> None:  # noqa: F811
+    """What a CPU with native bf16 (or a GPU) generates in: kept keys and values stay in the model's dtype and give
+    the full prefill's logits to bf16 rounding."""
+    model, tokenizer = load_model_and_tokenizer(str(small_model_dir), dtype="bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    engine = ChatEngine(model, tokenizer)
+    kept, other = chat(engine, "Tell me a story about a cat."), chat(engine, "Why is the sky blue?")
+    reference, _ = prefill(model, [other], PrefixCache(0))
+    cache = PrefixCache(BIG)
+    prefill(model, [kept], cache)
+    logits, width = prefill(model, [other], cache)
+    assert width == len(other) - common(kept, other)
+    assert all(k.dtype == torch.bfloat16 for _, e in cache.entries.values() for k, _ in e.layers)
+    torch.testing.assert_close(logits, reference, rtol=2e-2, atol=2e-2)

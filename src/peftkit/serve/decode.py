@@ -40,7 +40,6 @@ from transformers import (
 from . import kv, prefix
 from .fast_layers import FastLayers
 from .llama_step import LlamaStep, NativeLayers
-from .prefix import PrefixCache
 
 DIRECT_ENV = "PEFTKIT_DIRECT_STEP"  # "0": every decode step through the model's own forward (to compare)
 NATIVE_ENV = "PEFTKIT_DECODE_KERNEL"  # "0": the direct step's layers through torch (to compare)
@@ -128,7 +127,7 @@ class Decoder:
     """
 
     def __init__(self, model: Any, tokenizer: Any, pad_id: int, layers: FastLayers | None = None,
-                 direct: bool = True, prefixes: PrefixCache | None = None) -> None:
+                 direct: bool = True, prefixes: prefix.PrefixCache | None = None) -> None:
         self.model, self.tokenizer, self.pad_id, self.layers = model, tokenizer, pad_id, layers
         self.prefixes = prefixes if prefixes is not None and prefixes.enabled else None  # prompts kept (prefix.py)
         params = _forward_parameters(model)

@@ -151,11 +151,6 @@ class PrefixCache:
         _, entry = self.entries.pop(key)
         self.nbytes -= entry.nbytes
 
-    def clear(self) -> None:
-        self.entries.clear()
-        self.scopes.clear()
-        self.nbytes = 0
-
 
 def plan(prompts: Sequence[list[int]], matched: Sequence[int]) -> tuple[list[int], int]:
     """How many leading positions of each prompt to take from kept keys and values, and the common number of
