@@ -158,6 +158,28 @@ def test_fp32_chunks_with_a_padded_row_stride_give_the_plain_gradients(monkeypat
         assert (a - b).abs().max() <= 1e-5
 
 
+def test_cpu_scratch_buffers_grow_by_doubling_up_to_the_largest_need() -> None:
+    """A kept buffer too small is replaced by one twice its size (never more than `most`, never less than asked), so
+    chunks that grow a few rows at a time do not map and touch a new buffer each step."""
+    import threading
+
+    from peftkit.objectives import fused_head
+
+    sizes: list[int] = []
+
+    def grow() -> None:
+        like = torch.zeros(1)
+        for size in (100, 120, 150, 210, 260, 300, 500):
+            sizes.append(fused_head._scratch(like, size, torch.float32, most=300).numel())
+            sizes.append(fused_head._kept.buffers[torch.float32].numel())
+
+    thread = threading.Thread(target=grow)  # its own kept buffers: other tests' leave this thread's alone
+    thread.start()
+    thread.join()
+    assert sizes[0::2] == [100, 120, 150, 210, 260, 300, 500]  # each call gets the size it asked for
+    assert sizes[1::2] == [100, 200, 200, 300, 300, 300, 500]  # kept: doubled, capped at `most`, or what is asked
+
+
 def test_cpu_scratch_buffers_are_kept_per_thread() -> None:
     """The head's CPU buffers are reused by the next call of the same thread, never shared with another thread."""
     import threading

@@ -38,16 +38,21 @@ def _stride(rows: int) -> int:
 _kept = threading.local()  # each thread's CPU scratch buffers, by dtype, kept from one step to the next
 
 
-def _scratch(like: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+def _scratch(like: torch.Tensor, size: int, dtype: torch.dtype, most: int | None = None) -> torch.Tensor:
     """A flat scratch tensor of `size` elements. On the CPU it is kept for the thread's next call: a fresh 37-75 MB
     buffer is mapped anew by the allocator each time, and its first touch (page faults) took 25-125 ms, as long as
-    the head's softmax. Other devices' allocators cache memory themselves."""
+    the head's softmax. Other devices' allocators cache memory themselves.
+
+    A kept buffer too small for `size` is replaced by one of twice its size, up to `most` elements (what the largest
+    call can need): chunks grow by a few rows at a time over a job's first steps, and the README benchmark's job
+    replaced both buffers 5 times (~500 MB of first touches) where doubling replaces them once."""
     if like.device.type != "cpu":
         return like.new_empty(size, dtype=dtype)
     buffers = _kept.__dict__.setdefault("buffers", {})
     kept = buffers.get(dtype)
     if kept is None or kept.numel() < size:
-        buffers[dtype] = kept = like.new_empty(size, dtype=dtype)
+        grown = size if kept is None else max(size, min(2 * kept.numel(), most or size))
+        buffers[dtype] = kept = like.new_empty(grown, dtype=dtype)
     return kept[:size]
 
 
@@ -87,8 +92,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         chunks = _chunks(hidden.shape[0])
         size = weight.shape[0] * _stride(chunks[0].stop - chunks[0].start)
-        buffer = _scratch(hidden, size, torch.float32)
-        half = _scratch(hidden, size, hidden.dtype) if hidden.dtype != torch.float32 else None  # logits, gradient
+        most = weight.shape[0] * _stride(CHUNK_ROWS)
+        buffer = _scratch(hidden, size, torch.float32, most)
+        half = _scratch(hidden, size, hidden.dtype, most) if hidden.dtype != torch.float32 else None  # logits, gradient
         for rows in chunks:
             t = targets[rows]
             logits_t, half_t = _logits_t(hidden[rows], weight, bias, buffer, half)  # [vocabulary, rows]
