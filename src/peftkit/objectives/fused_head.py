@@ -45,7 +45,7 @@ def _scratch(like: torch.Tensor, size: int, dtype: torch.dtype, most: int | None
 
     A kept buffer too small for `size` is replaced by one of twice its size, up to `most` elements (what the largest
     call can need): chunks grow by a few rows at a time over a job's first steps, and the README benchmark's job
-    replaced both buffers 5 times (~500 MB of first touches) where doubling replaces them once."""
+    allocated each buffer 5 times (~500 MB of first touches in all) where doubling allocates it twice."""
     if like.device.type != "cpu":
         return like.new_empty(size, dtype=dtype)
     buffers = _kept.__dict__.setdefault("buffers", {})
