@@ -120,6 +120,18 @@ def test_fsdp_full_fine_tuning_equals_one_process(chat_dir: Path, tmp_path: Path
     assert (a(ids).logits - b(ids).logits).abs().max() <= 1e-4
 
 
+def test_fsdp_with_compiled_layers_equals_one_eager_process(chat_dir: Path, tmp_path: Path) -> None:
+    """torch_compile: true finds the decoder layers FSDP has subclassed (FSDPLlamaDecoderLayer) and trains as eager."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(finetuning_type="full", learning_rate=1e-3, max_steps=3)
+    ok(peftkit("train", "/dev/null", *settings(chat_dir, one, **common, per_device_train_batch_size=2)))
+    result = ok(peftkit("train", "/dev/null", *settings(chat_dir, two, **common, per_device_train_batch_size=1),
+                        "fsdp=full_shard", "torch_compile=true", "--nproc-per-node", "2",
+                        env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}))
+    assert "FSDP on 2 processes" in result.stderr
+    assert close(losses(two), losses(one), 1e-4), (losses(two), losses(one))
+
+
 def test_two_nodes_on_loopback_equal_one_node(chat_dir: Path, tmp_path: Path) -> None:
     """torchrun --nnodes 2 --node_rank 0|1 with a static rendezvous on 127.0.0.1: one process per "machine"."""
     single, multi = tmp_path / "single", tmp_path / "multi"

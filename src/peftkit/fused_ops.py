@@ -19,7 +19,7 @@ import types
 import weakref
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Iterator
+from typing import Any, ContextManager, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -253,6 +253,20 @@ def _swappable_cached(model: nn.Module) -> list[tuple[nn.Module, Any]]:
 
 
 _active = 0  # fused_layers blocks open now (a training step's forward and backward)
+_traced: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # modules torch.compile traces now (train/compile.py)
+
+
+@contextmanager
+def left_to_compiler(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Inside the block, `fused_layers` leaves these modules on torch's operators: torch.compile traces them and fuses
+    them itself, where the kernels' ctypes calls would split its graphs."""
+    modules = [m for m in modules if m not in _traced]
+    _traced.update(modules)
+    try:
+        yield
+    finally:
+        for module in modules:
+            _traced.discard(module)
 
 
 @contextmanager
@@ -265,7 +279,8 @@ def fused_layers(model: nn.Module) -> Iterator[None]:
     if parameter is None or parameter.device.type != "cpu" or kernels() is None:
         yield
         return
-    swapped = [(module, forward) for module, forward in _swappable_cached(model) if "forward" not in module.__dict__]
+    swapped = [(module, forward) for module, forward in _swappable_cached(model)
+               if "forward" not in module.__dict__ and module not in _traced]
     for module, forward in swapped:
         module.forward = types.MethodType(forward, module)
     _active += 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager, nullcontext
-from typing import Any, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -147,10 +147,32 @@ def varlen_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+_compiled_layers = 0  # outside_compiled_graphs blocks open now (train/compile.py)
+
+
+@functools.cache
+def _outside_graphs() -> Callable[..., tuple[torch.Tensor, None]]:
+    """`varlen_attention_forward` as torch.compile leaves it, run eagerly between a compiled layer's graphs: its split
+    at the batch's example boundaries would recompile the layer every step, and the fused kernels are ctypes calls
+    that compile cannot trace."""
+    return torch.compiler.disable(varlen_attention_forward)
+
+
+@contextmanager
+def outside_compiled_graphs() -> Iterator[None]:
+    """Inside the block, padding-free attention is kept out of torch.compile's graphs (see `_outside_graphs`)."""
+    global _compiled_layers
+    _compiled_layers += 1
+    try:
+        yield
+    finally:
+        _compiled_layers -= 1
+
+
 def _register() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_NAME, varlen_attention_forward)
+    AttentionInterface.register(ATTN_NAME, _outside_graphs() if _compiled_layers else varlen_attention_forward)
 
 
 def supports_padding_free(model: torch.nn.Module) -> bool:

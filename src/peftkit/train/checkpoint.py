@@ -35,7 +35,8 @@ RESUME_NEUTRAL_KEYS = frozenset({
     "save_strategy", "save_steps", "save_total_limit", "save_only_model", "eval_strategy", "eval_steps",
     "per_device_eval_batch_size", "do_train", "do_eval", "do_predict", "plot_loss", "report_to",
     "dataloader_num_workers", "preprocessing_num_workers", "overwrite_cache", "gradient_checkpointing",
-    "trust_remote_code", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample",
+    "torch_compile", "trust_remote_code", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+    "do_sample",
     "export_dir", "export_size", "export_format", "export_gguf_type", "ollama_system", "infer_dtype", "export_device",
     "export_legacy_format", "export_quantization_bit", "export_quantization_dataset", "export_hub_model_id",
     "fsdp", "deepspeed", "ddp_timeout", "ddp_find_unused_parameters",  # the engine: same result, any number of ranks

@@ -48,6 +48,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from .compile import compiled_layers, decoder_layers
 from .distributed import (
     Ranks,
     backward,
@@ -126,6 +127,8 @@ class Trainer:
         self.objective = objective or get_objective(cfg.stage)
         self.tuned = tuned
         self.method = tuned.method
+        if cfg.torch_compile:
+            decoder_layers(tuned.model)  # a model without known decoder layers stops here, before any work
         self.train_data = train_data
         # one set (its metrics are eval_loss, ...), or several by name (eval_<name>_loss, ..., and their mean eval_loss)
         self.eval_sets: dict[str, list[dict]] = (
@@ -229,13 +232,19 @@ class Trainer:
 
         def step(optimizer: torch.optim.Optimizer, micro_batches: Sequence[Batch]) -> tuple[float, int]:
             params = [p for param_group in optimizer.param_groups for p in param_group["params"]]
-            return optimizer_step(self.tuned, self.objective, micro_batches, optimizer, params, cfg.max_grad_norm)
+            with self._step_context():
+                return optimizer_step(self.tuned, self.objective, micro_batches, optimizer, params,
+                                      cfg.max_grad_norm)
 
         return TrainingContext(
             total_steps=self.total_steps, train_size=len(self.train_data), batch_size=cfg.per_device_train_batch_size,
             accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed, device=self.device,
             output_dir=self.output_dir, resuming=bool(cfg.resume_from_checkpoint), batches=batches,
             loss=self.objective.loss, make_optimizer=self._make_optimizer, step=step)
+
+    def _step_context(self) -> contextlib.AbstractContextManager[None]:
+        """Around each optimizer step: the compiled decoder layers with torch_compile, nothing otherwise."""
+        return compiled_layers(self.tuned.model) if self.cfg.torch_compile else contextlib.nullcontext()
 
     # --- data order: a fixed permutation per epoch, so a resumed run sees the same batches ---
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -326,9 +335,10 @@ class Trainer:
             step_loss, n_tokens = 0.0, 0
             for i, (batches_i, counted_i) in enumerate(updates):
                 last = i == len(updates) - 1
-                loss_i, units_i = optimizer_step(self.model, self.objective, batches_i, self.optimizer, params,
-                                                 cfg.max_grad_norm, self.method.loss_term,
-                                                 after_step if last else lambda: None, self.ranks, counted_i)
+                with self._step_context():
+                    loss_i, units_i = optimizer_step(self.model, self.objective, batches_i, self.optimizer, params,
+                                                     cfg.max_grad_norm, self.method.loss_term,
+                                                     after_step if last else lambda: None, self.ranks, counted_i)
                 step_loss, n_tokens = step_loss + loss_i, n_tokens + units_i
             removed = self.objective.after_step(self.state.global_step, updates[-1][0])
             if removed:
