@@ -60,3 +60,9 @@ def test_a_model_without_known_decoder_layers_is_refused_before_training(tmp_pat
 
     with pytest.raises(ConfigError, match="torch_compile: found no decoder layers"):
         decoder_layers(Plain())
+
+
+def test_gradient_checkpointing_is_named_as_leaving_the_layers_uncompiled(tmp_path) -> None:
+    """torch's checkpoint disables dynamo inside it, so the compiled forward would silently run eagerly."""
+    with pytest.warns(UserWarning, match="torch_compile has no effect with gradient_checkpointing"):
+        make_cfg(tmp_path, torch_compile=True, gradient_checkpointing=True)

@@ -658,6 +658,9 @@ def _validate(c: TrainConfig) -> None:
         deepspeed_stage(c.deepspeed)
     if c.bf16 and c.fp16:
         raise ConfigError("bf16 and fp16 are both true; choose one.")
+    if c.torch_compile and c.gradient_checkpointing:
+        warnings.warn("torch_compile has no effect with gradient_checkpointing: torch's checkpoint runs the decoder "
+                      "layers uncompiled. Drop one of them.", UserWarning, stacklevel=2)
     if c.eval_strategy == "steps" and c.eval_steps is None:
         c.eval_steps = c.logging_steps
     if not c.metric_for_best_model.startswith("eval_"):  # transformers' spelling: "loss" means eval_loss

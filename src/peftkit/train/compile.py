@@ -5,7 +5,8 @@ every step), and shared by all layers of that class, so a model compiles its lay
 needs no gradient, the others' do), not once per layer. Padding-free attention stays outside the graphs
 (`varlen.outside_compiled_graphs`), and the layers' RMSNorms and SwiGLU MLPs are left to inductor, which fuses them
 itself, instead of peftkit's C kernels (`fused_ops.left_to_compiler`). Only training steps run compiled; evaluation,
-generation and a stage's rollouts run the layers eagerly, so they never trigger a compile for another mode.
+generation and a stage's rollouts run the layers eagerly, so they never trigger a compile for another mode. With
+`gradient_checkpointing` the layers run eagerly too: torch's checkpoint disables dynamo inside it (the config warns).
 
 Off by default: on the README benchmark's job, on 2 CPU cores, the compiled step is 0.99x-1.06x the eager one (the
 fused kernels already cover what inductor fuses) while the compile takes 10-40 s (docs/performance.md, "torch.compile
