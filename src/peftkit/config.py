@@ -55,8 +55,8 @@ IGNORED_KEYS: dict[str, str] = {
     "neat_packing": "`packing` is always neat here (packed examples never attend to each other); "
     "neat_packing: true turns packing on",
     "include_num_input_tokens_seen": "tokens per second are always logged",
-    "torch_compile_backend": "torch_compile uses inductor", "torch_compile_mode": "torch_compile uses inductor's "
-    "default mode",
+    "torch_compile_backend": "torch_compile uses inductor",
+    "torch_compile_mode": "torch_compile uses inductor's default mode",
     "image_max_pixels": _NO_MEDIA, "video_max_pixels": _NO_MEDIA, "freeze_vision_tower": _NO_MEDIA,
     "media_dir": _NO_MEDIA,
     "export_quantization_nsamples": _NO_GPTQ, "export_quantization_maxlen": _NO_GPTQ,

@@ -51,6 +51,7 @@ def cache_dir() -> str:
 
 def _compiled_forward(cls: type) -> Callable[..., Any]:
     if cls not in _compiled:
+        cache_dir()  # before the first call compiles
         _compiled[cls] = torch.compile(cls.forward, dynamic=True)
     return _compiled[cls]
 
@@ -59,7 +60,6 @@ def _compiled_forward(cls: type) -> Callable[..., Any]:
 def compiled_layers(model: nn.Module) -> Iterator[None]:
     """Inside the block (a training step's forward and backward), `model`'s decoder layers run their compiled forward;
     outside it, their own."""
-    cache_dir()
     layers = decoder_layers(model)
     inner = [m for layer in layers for m in layer.modules() if m is not layer]
     with ExitStack() as stack:
