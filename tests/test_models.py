@@ -8,14 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_llama
+from helpers import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
 from tokenizers import Tokenizer
 from tokenizers import models as tok_models
 from transformers import PreTrainedTokenizerFast
 
 from peftkit import models
 from peftkit.errors import ConfigError, ModelLoadError
-from peftkit.models import base_model_id, load_model, load_model_and_tokenizer, load_tokenizer, resolve_model_path
+from peftkit.models import (
+    base_model_id,
+    layer_stack,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -146,3 +153,14 @@ def test_peftkit_home(monkeypatch, tmp_path):
     assert models.peftkit_home() == tmp_path
     monkeypatch.delenv("PEFTKIT_HOME")
     assert models.peftkit_home() == Path.home() / ".cache" / "peftkit"
+
+
+def test_layer_stack_is_the_decoder_layers_list_of_each_family_and_none_without_one() -> None:
+    for model, path in [(tiny_llama(num_hidden_layers=3), "model.layers"), (tiny_qwen2(), "model.layers"),
+                        (tiny_gpt2(), "transformer.h")]:
+        found = layer_stack(model)
+        assert found is not None and found[0] == path and len(found[1]) == model.config.num_hidden_layers, path
+    tuned_base = tiny_llama()
+    tuned_base.extra = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(5)])  # longer, but not the layers
+    assert layer_stack(tuned_base)[0] == "model.layers"
+    assert layer_stack(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None

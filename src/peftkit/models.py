@@ -221,3 +221,29 @@ def load_model_and_tokenizer(name_or_path: str, **kw: Any) -> tuple[transformers
 def base_model_id(model: torch.nn.Module) -> str | None:
     """The name to write as an adapter's base model: the alias it was loaded by, rather than a machine's cache path."""
     return getattr(model, "_peftkit_name", None) or getattr(model, "name_or_path", None) or None
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "num_layers", "n_layer"):
+        if isinstance(getattr(text, key, None), int):
+            return getattr(text, key)
+    return None
+
+
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's ModuleList of decoder layers and its path (`model.layers` in Llama, `transformer.h` in GPT-2), or
+    None. Found by shape rather than by name: a list of same-typed blocks, of the config's layer count where it has
+    one, the largest by parameters. Found afresh at each call: a stage may remove layers (progressive shrinking), and
+    FSDP subclasses them in place (all alike, so the list stays same-typed)."""
+    expected = _num_layers(model)
+    stacks = [(path, m) for path, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1]
+    if expected is not None and any(len(m) == expected for _, m in stacks):
+        stacks = [(p, m) for p, m in stacks if len(m) == expected]
+    if not stacks:
+        return None
+    return max(stacks, key=lambda item: sum(p.numel() for p in item[1].parameters()))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import layer_stack
 from ..settings import Setting
 from .base import Method, MethodConfig, cast_floats, register, reject_adapter_keys
 
@@ -57,32 +58,6 @@ class FreezeConfig(MethodConfig):
         self.freeze_extra_modules = _names(self.freeze_extra_modules) or None
 
 
-def _num_layers(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("num_hidden_layers", "num_layers", "n_layer"):
-        if isinstance(getattr(text, key, None), int):
-            return getattr(text, key)
-    return None
-
-
-def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder blocks (`model.layers` in Llama, `transformer.h` in GPT-2), found by shape rather
-    than by name: a list of same-typed blocks, of the config's layer count where it has one, the largest by
-    parameters."""
-    expected = _num_layers(model)
-    stacks = [(path, m) for path, m in model.named_modules()
-              if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1]
-    if expected is not None and any(len(m) == expected for _, m in stacks):
-        stacks = [(p, m) for p, m in stacks if len(m) == expected]
-    if not stacks:
-        raise ConfigError(f"Freeze tuning found no stack of decoder layers (an nn.ModuleList of blocks) in "
-                          f"{type(model).__name__}; use finetuning_type: full or lora for this model.")
-    return max(stacks, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-
-
 def _matches(path: str, name: str) -> bool:
     return path == name or path.endswith(f".{name}")
 
@@ -98,7 +73,11 @@ class Freeze(Method):
 
     def attach(self) -> None:
         cfg = self.config
-        stack_path, stack = find_layer_stack(self.model)
+        found = layer_stack(self.model)
+        if found is None:
+            raise ConfigError(f"Freeze tuning found no stack of decoder layers (an nn.ModuleList of blocks) in "
+                              f"{type(self.model).__name__}; use finetuning_type: full or lora for this model.")
+        stack_path, stack = found
         n, total = cfg.freeze_trainable_layers, len(stack)
         if abs(n) > total:
             raise ConfigError(f"freeze_trainable_layers is {n}, but the model has {total} decoder layers "

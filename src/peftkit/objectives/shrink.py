@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import layer_stack
 from ..settings import Setting
 from ..varlen import attention_for
 from .base import Batch
@@ -37,12 +38,12 @@ SHRINK_SETTINGS = (
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers: the ModuleList as long as the config's layer count."""
-    count = model.config.num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
-    raise ConfigError(f"Progressive shrinking found no list of {count} decoder layers in {type(model).__name__}.")
+    """The model's list of decoder layers (`models.layer_stack`)."""
+    found = layer_stack(model)
+    if found is None:
+        raise ConfigError(f"Progressive shrinking found no list of decoder layers in {type(model).__name__}; it "
+                          "removes layers from a transformers model's decoder stack (model.layers, transformer.h).")
+    return found[1]
 
 
 def remove_layer(model: nn.Module, position: int) -> list[nn.Parameter]:

@@ -26,21 +26,19 @@ from torch import nn
 
 from .. import fused_ops, varlen
 from ..errors import ConfigError
-from ..models import peftkit_home
+from ..models import layer_stack, peftkit_home
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 _compiled: dict[type, Callable[..., Any]] = {}  # a layer class -> its compiled forward, shared by its layers
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's decoder layers: the modules of the classes transformers keeps whole when it splits a model over
-    devices (`_no_split_modules`), also once FSDP has subclassed them (FSDPLlamaDecoderLayer)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
-    if not layers:
-        raise ConfigError(f"torch_compile: found no decoder layers to compile in {type(model).__name__} (it names "
-                          "none in _no_split_modules); set torch_compile: false.")
-    return layers
+    """The model's decoder layers (`models.layer_stack`)."""
+    found = layer_stack(model)
+    if found is None:
+        raise ConfigError(f"torch_compile: found no decoder layers to compile in {type(model).__name__} (no "
+                          "nn.ModuleList of same-typed blocks); set torch_compile: false.")
+    return list(found[1])
 
 
 def cache_dir() -> str:

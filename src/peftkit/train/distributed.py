@@ -33,6 +33,7 @@ from torch import nn
 from ..config import read_deepspeed
 from ..errors import ConfigError
 from ..io.atomic import temp_dir
+from ..models import layer_stack
 
 # The methods FSDP and DeepSpeed run here: checked to train exactly as one process does (the others train with DDP).
 SHARDED_METHODS = ("full", "freeze", "lora")
@@ -288,7 +289,8 @@ def wrap(model: nn.Module, ranks: Ranks, make_optimizer: Callable[[], torch.opti
     if ranks.engine == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in decoder_layers(model):
+        stack = layer_stack(model)  # the decoder layers, sharded one by one, if the model has a stack of them
+        for layer in stack[1] if stack else ():
             fully_shard(layer)
         fully_shard(model)
         return model, make_optimizer()
@@ -336,12 +338,6 @@ def update(model: nn.Module, optimizer: torch.optim.Optimizer, params: Sequence[
     if max_grad_norm and max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks FSDP shards one by one (the longest ModuleList of the model)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
 
 
 def no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager[None]:
