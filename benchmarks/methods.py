@@ -186,7 +186,7 @@ def child_hf(spec: dict) -> dict:
         output_dir=cfg.output_dir, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
         max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps), weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", seed=cfg.seed,
+        optim="adamw_torch_fused", seed=cfg.seed,
         logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0, train_sampling_strategy="sequential")
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([train_rows[i] for i in order]),

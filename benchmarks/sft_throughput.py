@@ -149,7 +149,7 @@ def run_hf(spec: dict) -> dict:
         output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["steps"], learning_rate=spec["lr"],
         lr_scheduler_type="cosine", warmup_steps=spec["warmup"], weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", seed=spec["seed"], logging_steps=spec["logging_steps"], report_to="none",
+        optim="adamw_torch_fused", seed=spec["seed"], logging_steps=spec["logging_steps"], report_to="none",
         save_strategy="no", use_cpu=True, bf16=spec["bf16"], disable_tqdm=True, dataloader_num_workers=0,
         train_sampling_strategy=spec["sampler"])
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)

@@ -114,7 +114,7 @@ def child_hf(a: argparse.Namespace) -> None:
     args = TrainingArguments(
         output_dir=a.output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=1, num_train_epochs=1,
         learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", seed=42, use_cpu=True, save_strategy="no", report_to="none", logging_steps=10,
+        optim="adamw_torch_fused", seed=42, use_cpu=True, save_strategy="no", report_to="none", logging_steps=10,
         bf16=best and machine()["native_bf16"],
         train_sampling_strategy="group_by_length" if best else "random")  # 5.x's name for group_by_length
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(examples),

@@ -199,8 +199,9 @@ def test_neat_packing_turns_packing_on() -> None:
 
 
 def test_unsupported_settings_warn_and_fall_back() -> None:
-    with pytest.warns(UserWarning, match="adamw_torch"):
-        assert cfg_from("optim=adamw_8bit").optim == "adamw_torch"
+    with pytest.warns(UserWarning, match="adamw_torch_fused"):
+        assert cfg_from("optim=adamw_8bit").optim == "adamw_torch_fused"
+    assert cfg_from().optim == "adamw_torch_fused"  # transformers' default
     with pytest.warns(UserWarning, match="report_to"):
         assert cfg_from("report_to=wandb").report_to == "wandb"
     with pytest.warns(UserWarning, match="report_to"):

@@ -75,3 +75,18 @@ def test_results_name_the_best_step(tmp_path) -> None:
     run(cfg, synthetic_examples(8), lora(), eval_data=synthetic_examples(4, seed=1))
     results = json.loads((Path(cfg.output_dir) / "train_results.json").read_text())
     assert results["best_step"] in (2, 4)
+
+
+def test_optim_fused_by_default_and_the_loop_trains_the_same_weights(tmp_path) -> None:
+    weights = {}
+    for optim in ["adamw_torch_fused", "adamw_torch"]:
+        cfg = make_cfg(tmp_path / optim, max_steps=6, optim=optim, weight_decay=0.1)
+        tuned = lora()
+        trainer, _ = run(cfg, synthetic_examples(12), tuned)
+        assert trainer.optimizer.defaults["fused"] is (True if optim == "adamw_torch_fused" else None)
+        weights[optim] = {name: p.detach().clone() for name, p in tuned.method.trainable_parameters()}
+    start = dict(lora().method.trainable_parameters())
+    for name, fused in weights["adamw_torch_fused"].items():
+        assert not torch.equal(fused, start[name]), name  # trained
+        torch.testing.assert_close(fused, weights["adamw_torch"][name], rtol=1e-5, atol=1e-6)
+    assert make_cfg(tmp_path).optim == "adamw_torch_fused"

@@ -28,6 +28,7 @@ from .settings import Setting, merge_declarations, setting, settings_of
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
+OPTIMS = ("adamw_torch_fused", "adamw_torch")  # transformers' names of torch.optim.AdamW, fused or not
 SAVE_STRATEGIES = ("steps", "epoch", "no")
 BENCHMARK_LANGS = ("en", "zh")
 STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")  # LLaMA-Factory's
@@ -160,7 +161,9 @@ class TrainConfig(_OwnKeys):  # type: ignore[valid-type,misc]
     adam_beta1: float = setting(0.9, "AdamW's beta1.", "extra")
     adam_beta2: float = setting(0.999, "AdamW's beta2.", "extra")
     adam_epsilon: float = setting(1e-8, "AdamW's epsilon.", "extra")
-    optim: str = setting("adamw_torch", "The optimizer: adamw_torch, the only one (others fall back to it).", "extra")
+    optim: str = setting("adamw_torch_fused", "AdamW's implementation: adamw_torch_fused (one fused kernel, "
+                         "transformers' default) or adamw_torch (a loop over the tensors); others fall back to the "
+                         "first.", "extra")
     lr_scheduler_kwargs: dict[str, Any] = setting({}, "Extra arguments of the schedule, e.g. {num_cycles: 2}.",
                                                   "extra")
     logging_steps: int = setting(10, "Log the loss every N steps.", "extra")
@@ -626,9 +629,10 @@ def _validate(c: TrainConfig) -> None:
         if s.choices:
             _check_choice(s.name, getattr(c, s.name), s.choices)
     c.interleave_probs = check_mixing(c.mix_strategy, c.interleave_probs, c.dataset)
-    if c.optim != "adamw_torch":
-        warnings.warn(f"optim '{c.optim}' is not supported; using adamw_torch (torch.optim.AdamW).", stacklevel=2)
-        c.optim = "adamw_torch"
+    if c.optim not in OPTIMS:
+        warnings.warn(f"optim '{c.optim}' is not supported; using adamw_torch_fused (torch.optim.AdamW, fused).",
+                      stacklevel=2)
+        c.optim = "adamw_torch_fused"
     reporters = [c.report_to] if isinstance(c.report_to, str) else c.report_to
     if any(r != "none" for r in reporters):
         warnings.warn(f"report_to={c.report_to!r} is not supported; metrics go to output_dir/trainer_log.jsonl "

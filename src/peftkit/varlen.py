@@ -51,11 +51,12 @@ def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling
     _, heads, n, dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    rows = q[0].reshape(kv_heads, groups * n, dim)
+    # squeeze(0), not [0]: a view both ways, where indexing's backward writes its gradient into a fresh zero tensor
+    rows = q.squeeze(0).reshape(kv_heads, groups * n, dim)
     bias = _future_bias(n, groups, q.dtype, q.device)
-    scores = torch.baddbmm(bias, rows, k[0].transpose(1, 2), alpha=scaling)  # [kv_heads, groups * n, n]
+    scores = torch.baddbmm(bias, rows, k.squeeze(0).transpose(1, 2), alpha=scaling)  # [kv_heads, groups * n, n]
     probs = torch.softmax(scores, dim=-1)
-    return torch.bmm(probs, v[0]).view(1, heads, n, dim)
+    return torch.bmm(probs, v.squeeze(0)).view(1, heads, n, dim)
 
 
 def _use_matmul_attention(q: torch.Tensor) -> bool:

@@ -40,6 +40,7 @@ RESUME_NEUTRAL_KEYS = frozenset({
     "export_dir", "export_size", "export_format", "export_gguf_type", "ollama_system", "infer_dtype", "export_device",
     "export_legacy_format", "export_quantization_bit", "export_quantization_dataset", "export_hub_model_id",
     "fsdp", "deepspeed", "ddp_timeout", "ddp_find_unused_parameters",  # the engine: same result, any number of ranks
+    "optim",  # AdamW fused or looped: the same steps to rounding (the only optimizers; others fall back)
 })
 STATE_NAME = "trainer_state.json"
 BEST_NAME = "best_adapter_state.safetensors"

@@ -135,7 +135,8 @@ KEYS_ZH: dict[str, tuple[str, str]] = {
     "adam_beta1": ("Adam beta1", "AdamW 的 beta1。"),
     "adam_beta2": ("Adam beta2", "AdamW 的 beta2。"),
     "adam_epsilon": ("Adam epsilon", "AdamW 的 epsilon。"),
-    "optim": ("优化器", "优化器：adamw_torch，目前唯一可选（其他取值回退到它）。"),
+    "optim": ("优化器", "AdamW 的实现：adamw_torch_fused（融合内核，transformers 的默认）或 adamw_torch（逐张量循环）；"
+                     "其他优化器回退到前者。"),
     "lr_scheduler_kwargs": ("调度器参数", "学习率调度的额外参数，如 {num_cycles: 2}。"),
     "logging_steps": ("日志间隔", "每 N 步记录一次损失。"),
     "seed": ("随机种子", "初始化、打乱和 dropout 的随机种子。"),
