@@ -218,8 +218,8 @@ class Trainer:
 
     def _make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         cfg = self.cfg
-        # Fused: one kernel for all the tensors (4x faster than the loop over 420 LoRA tensors on a CPU: ~1% of the
-        # quickstart's step), the same steps to the last bit or two (docs/performance.md, "Fused AdamW").
+        # Fused: one kernel for all the tensors (4x faster than the loop over the quickstart's 420 trainable tensors
+        # on a CPU: ~1% of its step), the same steps to the last bit or two (docs/performance.md, "Fused AdamW").
         return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                                  fused=True if cfg.optim == "adamw_torch_fused" else None)
