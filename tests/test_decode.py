@@ -256,13 +256,14 @@ def test_smollm2_greedy_equals_transformers_generate(smollm2, dtype, monkeypatch
 
 
 @pytest.mark.slow
-def test_smollm2_in_bf16_through_the_kernel_leaves_generate_only_at_near_ties(smollm2) -> None:
+def test_smollm2_in_bf16_through_the_kernel_leaves_generate_only_at_near_ties(smollm2, monkeypatch) -> None:
     """The decode kernel computes a bf16 model as torch rounds it but sums in its own order, so a bf16 rounding can
     fall the other way: greedy tokens are `generate`'s until two candidates' bf16 logits lie within a few bf16 steps
     of each other (0.125 apart at logits of 16 to 32), where either is the model's choice. A wrong kernel leaves at
     once, by whole logits."""
-    if gemv.kernel() is None or not gemv.faster():
-        pytest.skip("peftkit's decode kernel is not used here")
+    if gemv.kernel() is None:
+        pytest.skip(f"peftkit's decode kernel is not available here: {gemv.LIBRARY.why_not}")
+    monkeypatch.setattr(gemv, "_faster", True)  # checked wherever it runs, whatever this process's speed probe said
     model, tokenizer = load_model_and_tokenizer(smollm2)
     engine = ChatEngine(model.to(torch.bfloat16), tokenizer)
     ps = prompts(engine, ["Who are you?", "Explain how a CPU cache works.", "List five fruits.",

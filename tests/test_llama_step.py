@@ -159,10 +159,18 @@ def test_a_hook_added_later_sends_steps_back_to_the_models_forward() -> None:
     assert not direct.still_valid()
 
 
+@pytest.fixture(autouse=True)
+def kernel_chosen(monkeypatch):
+    """The kernel's results are checked wherever it can run, not only where this process's speed probe chose it
+    (a busy machine can make the probe say no)."""
+    if gemv.kernel() is not None:
+        monkeypatch.setattr(gemv, "_faster", True)
+
+
 # --- the decode kernel standing in for the decoder layers (NativeLayers) ---
 def native_for(model, products: FastLayers | None = None) -> NativeLayers:
-    if gemv.kernel() is None or not gemv.faster():
-        pytest.skip(f"peftkit's decode kernel is not used here: {gemv.LIBRARY.why_not or 'not faster than torch'}")
+    if gemv.kernel() is None:
+        pytest.skip(f"peftkit's decode kernel is not available here: {gemv.LIBRARY.why_not}")
     native = NativeLayers.build(LlamaStep.build(model), products if products is not None else FastLayers())
     assert native is not None
     return native
