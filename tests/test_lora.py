@@ -254,3 +254,24 @@ def test_bf16_training_product_matches_fp32_product(input_ids) -> None:
     assert abs(fast[0] - slow[0]) <= 1e-2 * slow[0]
     for a, b in zip(fast[1], slow[1]):
         assert (a - b).norm() <= 1e-1 * b.norm()  # 4-6%: bf16 rounding differs by CPU (5.8% without AVX-512)
+
+
+@pytest.mark.parametrize("variant", ["llama", "gpt2"])
+def test_fp32_training_product_matches_the_inference_product(variant: str, input_ids) -> None:
+    """Training on an fp32 base folds the scaling and the sum into one addmm; inference keeps PEFT's `B(A x) * s`
+    added to the base output. Same loss and gradients up to summation order (GPT-2: Conv1D's transposed weight)."""
+    base = (tiny_gpt2 if variant == "gpt2" else tiny_llama)()
+    for module in base.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # GPT-2's own dropout: training and inference then differ only in the LoRA product
+    tuned = TunedModel(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+
+    def loss_and_grads(training: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tuned.train(training)
+        loss = tuned(input_ids=input_ids, labels=input_ids).loss
+        return loss, list(torch.autograd.grad(loss, [p for _, p in tuned.trainable_parameters()]))
+
+    fused, plain = loss_and_grads(True), loss_and_grads(False)
+    assert torch.allclose(fused[0], plain[0], rtol=1e-6, atol=0)
+    for a, b in zip(fused[1], plain[1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)

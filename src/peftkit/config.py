@@ -161,7 +161,7 @@ class TrainConfig(_OwnKeys):  # type: ignore[valid-type,misc]
     adam_beta1: float = setting(0.9, "AdamW's beta1.", "extra")
     adam_beta2: float = setting(0.999, "AdamW's beta2.", "extra")
     adam_epsilon: float = setting(1e-8, "AdamW's epsilon.", "extra")
-    optim: str = setting("adamw_torch_fused", "AdamW's implementation: adamw_torch_fused (one fused kernel, "
+    optim: str = setting(OPTIMS[0], "AdamW's implementation: adamw_torch_fused (one fused kernel, "
                          "transformers' default) or adamw_torch (a loop over the tensors); others fall back to the "
                          "first.", "extra")
     lr_scheduler_kwargs: dict[str, Any] = setting({}, "Extra arguments of the schedule, e.g. {num_cycles: 2}.",
@@ -630,9 +630,9 @@ def _validate(c: TrainConfig) -> None:
             _check_choice(s.name, getattr(c, s.name), s.choices)
     c.interleave_probs = check_mixing(c.mix_strategy, c.interleave_probs, c.dataset)
     if c.optim not in OPTIMS:
-        warnings.warn(f"optim '{c.optim}' is not supported; using adamw_torch_fused (torch.optim.AdamW, fused).",
+        warnings.warn(f"optim '{c.optim}' is not supported; using {OPTIMS[0]} (torch.optim.AdamW, fused).",
                       stacklevel=2)
-        c.optim = "adamw_torch_fused"
+        c.optim = OPTIMS[0]
     reporters = [c.report_to] if isinstance(c.report_to, str) else c.report_to
     if any(r != "none" for r in reporters):
         warnings.warn(f"report_to={c.report_to!r} is not supported; metrics go to output_dir/trainer_log.jsonl "

@@ -233,6 +233,12 @@ class LoraLinear(LoraLayer, LinearAdapterLayer):
             # Inference keeps the fp32 product, as PEFT computes it.
             return result + F.linear(F.linear(dropout(x), A.to(result.dtype)), (B * s).to(result.dtype))
         h = dropout(x.to(A.dtype))
+        if name not in self.lora_magnitude and self.training and result.dtype == A.dtype:
+            # Training in the adapter's dtype (fp32): the scaling and the sum in the up-projection's own product
+            # (addmm), where `* s` and `+` were two more passes over the layer's output forward and one backward.
+            down = F.linear(h, A)
+            return torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), B.t(),
+                               alpha=s).view(result.shape)
         lora = F.linear(F.linear(h, A), B) * s
         if name not in self.lora_magnitude:
             return result + lora.to(result.dtype)
