@@ -37,6 +37,7 @@ def dynamo(tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # inductor compiles the layers: ~1 min a test on 2 cores
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_compiled_layers_train_as_the_eager_ones_in_fp32(tmp_path, dynamo, padding_free) -> None:
     eager, eager_model = train(tmp_path, "eager", False, padding_free)
@@ -55,6 +56,7 @@ def test_compiled_layers_train_as_the_eager_ones_in_fp32(tmp_path, dynamo, paddi
         assert "forward" not in layer.__dict__
 
 
+@pytest.mark.slow
 def test_compiled_layers_train_a_bf16_base_as_the_eager_ones_up_to_rounding(tmp_path, dynamo) -> None:
     """A bf16 base takes the bf16 paths (LoRA's bf16 product, the matmul attention outside the graphs); inductor rounds
     its fused norms and SwiGLU once where torch's operators (and peftkit's kernels) round each step."""

@@ -120,6 +120,7 @@ def test_fsdp_full_fine_tuning_equals_one_process(chat_dir: Path, tmp_path: Path
     assert (a(ids).logits - b(ids).logits).abs().max() <= 1e-4
 
 
+@pytest.mark.slow  # inductor compiles the layers in both ranks: ~1.5 min on 2 cores
 def test_fsdp_with_compiled_layers_equals_one_eager_process(chat_dir: Path, tmp_path: Path) -> None:
     """torch_compile: true finds the decoder layers FSDP has subclassed (FSDPLlamaDecoderLayer) and trains as eager."""
     one, two = tmp_path / "one", tmp_path / "two"

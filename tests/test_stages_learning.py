@@ -50,7 +50,7 @@ def before_and_after(model_name: str, tmp_path, **kw) -> tuple[dict, dict]:
 
 def test_dpo_raises_held_out_reward_accuracy_and_margin(smollm2, tmp_path) -> None:
     before, after = before_and_after(smollm2, tmp_path, stage="dpo", dataset="dpo_en_demo", learning_rate=5e-4,
-                                     pref_beta=0.1, cutoff_len=256)
+                                     pref_beta=0.1, cutoff_len=128)
     assert before["eval_rewards/accuracies"] == 0.0 and before["eval_rewards/margins"] == 0.0  # policy = reference
     assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"]
     assert after["eval_rewards/margins"] > 0.0
