@@ -87,6 +87,7 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
     g = torch.Generator().manual_seed(2)
     gate, up, x = torch.randn(64, 1536, generator=g), torch.randn(64, 1536, generator=g), torch.randn(64, 576)
     weight = torch.randn(576, generator=g)
+    cos, sin = torch.randn(1, 64, 64, generator=g), torch.randn(1, 64, 64, generator=g)
     before = torch.get_num_threads()
     outputs = []
     try:
@@ -94,7 +95,9 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
             torch.set_num_threads(threads)
             outputs.append((fused_ops.swiglu(gate, up), fused_ops.rms_norm(x, weight, 1e-6),
                             fused_ops.swiglu(gate.bfloat16(), up.bfloat16()),
-                            fused_ops.rms_norm(x.bfloat16(), weight.bfloat16(), 1e-6)))
+                            fused_ops.rms_norm(x.bfloat16(), weight.bfloat16(), 1e-6),
+                            fused_ops._rotate(x.view(1, 64, 9, 64).transpose(1, 2), cos, sin, False),
+                            fused_ops._rotate(x.view(1, 64, 9, 64).transpose(1, 2), cos, sin, True)))
     finally:
         torch.set_num_threads(before)
     for results in outputs[1:]:
@@ -154,7 +157,7 @@ def test_nested_blocks_and_a_reference_model_follow_the_step() -> None:
         with fused_ops.fused_layers(policy), fused_ops.like_the_step(reference):
             assert any("forward" in module.__dict__ for module in reference.modules())
         assert not any("forward" in module.__dict__ for module in reference.modules())
-        assert all("forward" in module.__dict__ for module, _ in fused_ops._swappable_cached(policy))
+        assert all("forward" in module.__dict__ for module, _ in fused_ops._swappable_cached(policy)[0])
     assert not any("forward" in module.__dict__ for module in policy.modules())
 
 
@@ -324,3 +327,109 @@ def test_a_padding_free_step_trains_like_sdpa(monkeypatch) -> None:
     assert fused_loss == pytest.approx(plain_loss, rel=1e-6) and fused.keys() == plain.keys()
     for key, grad in plain.items():
         assert (fused[key] - grad).norm() <= 1e-5 * grad.norm(), key
+
+
+def rotary_inputs(batch: int, tokens: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype,
+                  shared: bool = False):
+    """q and k leaves as a layer's projections write them ([batch, tokens, heads * dim]), Llama's cos and sin for
+    positions that differ per row (`shared`: one set for all rows, as a padded batch has them), and incoming gradients
+    [batch, heads, tokens, dim]"""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    g = torch.Generator().manual_seed(tokens)
+    rope = LlamaRotaryEmbedding(LlamaConfig(hidden_size=heads * dim, num_attention_heads=heads))
+    q = torch.randn(batch, tokens, heads * dim, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(batch, tokens, kv_heads * dim, generator=g).to(dtype).requires_grad_()
+    positions = torch.arange(tokens)[None] + (0 if shared else 7 * torch.arange(batch)[:, None])
+    cos, sin = rope(q, positions)
+    grads = [torch.randn(batch, n, tokens, dim, generator=g).to(dtype) for n in (heads, kv_heads)]
+    return q, k, cos, sin, grads
+
+
+def rotated(apply, q, k, cos, sin, grads) -> list[torch.Tensor]:
+    """apply's rotated q and k, and the gradients of q's and k's leaves"""
+    dim = cos.shape[-1]
+    q.grad = k.grad = None
+    out = apply(*(t.view(*t.shape[:2], -1, dim).transpose(1, 2) for t in (q, k)), cos, sin)
+    torch.autograd.backward(list(out), grads)
+    return [t.detach() for t in out] + [q.grad, k.grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,tokens,heads,kv_heads,dim,shared", [
+    (1, 300, 9, 3, 64, False), (2, 17, 4, 2, 16, False), (3, 11, 4, 2, 16, True), (1, 5, 2, 2, 128, False)])
+def test_rotary_equals_transformers_to_the_bit(dtype, batch, tokens, heads, kv_heads, dim, shared) -> None:
+    """The kernel's rotation and its gradient are transformers' apply_rotary_pos_emb's to the bit, in fp32 and in bf16
+    (each product and sum rounded where torch rounds it), in the projections' layout."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    inputs = rotary_inputs(batch, tokens, heads, kv_heads, dim, dtype, shared)
+    assert inputs[2].shape[0] == (1 if shared else batch)
+    fused_ops._active += 1  # as inside a step's fused_layers
+    try:
+        calls = []
+        apply = fused_ops._Rope.apply
+        ours = rotated(lambda *a: calls.append(1) or apply(*a), *inputs)
+        stand_in = rotated(fused_ops.rotary(apply_rotary_pos_emb), *inputs)
+    finally:
+        fused_ops._active -= 1
+    theirs = rotated(apply_rotary_pos_emb, *inputs)
+    assert calls and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert all(torch.equal(a, b) for a, b in zip(stand_in, theirs))
+    assert ours[0].stride() == theirs[0].stride()  # the layout torch's operators leave
+
+
+def test_rotary_stands_aside_outside_a_step_and_where_it_does_not_apply(monkeypatch) -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    calls = []
+    stand_in = fused_ops.rotary(lambda *a: calls.append(1) or apply_rotary_pos_emb(*a))
+    q, k, cos, sin, _ = rotary_inputs(1, 12, 4, 2, 16, torch.float32)
+    q, k = (t.view(1, 12, -1, 16).transpose(1, 2) for t in (q, k))
+    stand_in(q, k, cos, sin)
+    assert len(calls) == 1  # no step's fused_layers block is open
+    monkeypatch.setattr(fused_ops, "_active", 1)
+    stand_in(q, k, cos, sin)
+    assert len(calls) == 1
+    cases = [(q.contiguous(), k, cos, sin),  # another layout
+             (q, k, cos.double(), sin.double()),  # mixed dtypes
+             (q[..., :8], k[..., :8], cos[..., :8], sin[..., :8]),  # head size 8
+             (q, k, cos.requires_grad_(), sin)]  # a trained embedding
+    for case in cases:
+        stand_in(*case)
+    stand_in(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2)  # the other unsqueeze_dim
+    assert len(calls) == 1 + len(cases) + 1
+
+
+def rotary_model(family: str) -> torch.nn.Module:
+    """A tiny model of `family` whose head size (16) the rotary kernel takes"""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(family, vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               max_position_embeddings=128)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_a_step_through_the_rotary_kernel_trains_as_without_it(family, monkeypatch) -> None:
+    """Swapped in for the step's forward and backward in the module the model's attention calls it from (Qwen3 norms
+    q and k before rotating them), put back after; the step's loss and LoRA gradients equal to the bit."""
+    tuned = TunedModel(rotary_model(family), LoraConfig(r=4, target_modules="all-linear",
+                                                        init_lora_weights="gaussian"))
+    plain = copy.deepcopy(tuned)
+    modules, namespaces = fused_ops._swappable_cached(plain)
+    assert len(namespaces) == 1
+    original = namespaces[0]["apply_rotary_pos_emb"]
+    monkeypatch.setitem(fused_ops._found, plain, (modules, []))  # the same step without the rotary kernel
+    calls = []
+    apply = fused_ops._Rope.apply
+    monkeypatch.setattr(fused_ops._Rope, "apply", lambda *a: calls.append(1) or apply(*a))
+    with_kernel = loss_and_grads(tuned, True)
+    assert len(calls) == 2 and namespaces[0]["apply_rotary_pos_emb"] is original
+    without = loss_and_grads(plain, True)
+    assert len(calls) == 2
+    assert torch.equal(with_kernel[0], without[0]) and with_kernel[1].keys() == without[1].keys()
+    assert all(torch.equal(with_kernel[1][key], grad) for key, grad in without[1].items())

@@ -255,6 +255,72 @@ void peftkit_rms_norm_backward_bf16(const uint16_t *grad, const uint16_t *x, con
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
+ * Rotary position embedding (transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin), forward and
+ * backward, fp32 and bf16, for q or k laid out [rows, heads, dim] with cos and sin [cos_rows, dim] (rows: batch x
+ * tokens, a decoder layer's q and k as its projections write them; row r takes cos row r % cos_rows, so positions
+ * shared by a padded batch's rows are given once). In torch it is ~10 operators each way (slices, neg, cat,
+ * three products, sums), each a pass over memory with its own output: 3-4 ms a layer for SmolLM2's 1,000-token rows,
+ * against ~0.3 ms here (docs/performance.md, "Rotary embedding in one pass").
+ *
+ * With half = dim / 2, lo = x[i], hi = x[i + half]:
+ *   forward:  out[i] = lo * cos[i] - hi * sin[i],            out[i + half] = hi * cos[i + half] + lo * sin[i + half]
+ *   backward: dx[i]  = lo * cos[i] + hi * sin[i + half],     dx[i + half]  = hi * cos[i + half] - lo * sin[i]
+ * (lo, hi the gradient's halves in the backward). Each product and each sum is rounded as torch rounds it (to fp32; to
+ * bf16 for bf16 tensors) and never contracted into a fused multiply-add, so both directions give torch's numbers to
+ * the bit. half must be a multiple of 8.
+ */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+void peftkit_rope(const float *x, const float *cos, const float *sin, float *out, int64_t rows, int64_t cos_rows,
+                  int64_t heads, int64_t dim, int backward, int threads) {
+    int64_t half = dim / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r % cos_rows * dim, *s = sin + r % cos_rows * dim;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *xr = x + (r * heads + h) * dim;
+            float *o = out + (r * heads + h) * dim;
+            for (int64_t i = 0; i < half; i += 8) {
+                __m256 lo = _mm256_loadu_ps(xr + i), hi = _mm256_loadu_ps(xr + i + half);
+                __m256 s_lo = _mm256_loadu_ps(s + (backward ? i + half : i));
+                __m256 s_hi = _mm256_loadu_ps(s + (backward ? i : i + half));
+                __m256 a = _mm256_mul_ps(lo, _mm256_loadu_ps(c + i)), p = _mm256_mul_ps(hi, s_lo);
+                __m256 b = _mm256_mul_ps(hi, _mm256_loadu_ps(c + i + half)), q = _mm256_mul_ps(lo, s_hi);
+                _mm256_storeu_ps(o + i, backward ? _mm256_add_ps(a, p) : _mm256_sub_ps(a, p));
+                _mm256_storeu_ps(o + i + half, backward ? _mm256_sub_ps(b, q) : _mm256_add_ps(b, q));
+            }
+        }
+    }
+}
+
+void peftkit_rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out, int64_t rows,
+                       int64_t cos_rows, int64_t heads, int64_t dim, int backward, int threads) {
+    int64_t half = dim / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *c = cos + r % cos_rows * dim, *s = sin + r % cos_rows * dim;
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *xr = x + (r * heads + h) * dim;
+            uint16_t *o = out + (r * heads + h) * dim;
+            for (int64_t i = 0; i < half; i += 8) {
+                __m256 lo = load8_bf16(xr + i), hi = load8_bf16(xr + i + half);
+                __m256 s_lo = load8_bf16(s + (backward ? i + half : i));
+                __m256 s_hi = load8_bf16(s + (backward ? i : i + half));
+                __m256 a = round8_bf16(_mm256_mul_ps(lo, load8_bf16(c + i)));
+                __m256 p = round8_bf16(_mm256_mul_ps(hi, s_lo));
+                __m256 b = round8_bf16(_mm256_mul_ps(hi, load8_bf16(c + i + half)));
+                __m256 q = round8_bf16(_mm256_mul_ps(lo, s_hi));
+                store8_bf16(o + i, round8_bf16(backward ? _mm256_add_ps(a, p) : _mm256_sub_ps(a, p)));
+                store8_bf16(o + i + half, round8_bf16(backward ? _mm256_sub_ps(b, q) : _mm256_add_ps(b, q)));
+            }
+        }
+    }
+}
+
+#pragma GCC pop_options
+
+/* ---------------------------------------------------------------------------------------------------------------
  * Causal attention of a padding-free row's examples (fused_ops.attention), forward and backward, fp32.
  *
  * Why: torch's CPU flash attention runs short examples in small blocks; in a LoRA step of SmolLM2 in fp32 it was

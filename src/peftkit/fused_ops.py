@@ -15,11 +15,13 @@ attention of varlen.py is faster).
 from __future__ import annotations
 
 import ctypes
+import functools
+import inspect
 import types
 import weakref
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -43,6 +45,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.peftkit_swiglu_backward_bf16.argtypes = [p, p, p, p, p, n, t]
     library.peftkit_rms_norm_forward_bf16.argtypes = [p, p, p, p, n, n, ctypes.c_float, t]
     library.peftkit_rms_norm_backward_bf16.argtypes = [p, p, p, p, p, n, n, t]
+    library.peftkit_rope.argtypes = library.peftkit_rope_bf16.argtypes = [p, p, p, p, n, n, n, n, t, t]
     sizes = [n] * 12  # examples, tokens, heads, kv_heads, dim, the six strides, max_len (see fused_ops.c)
     library.peftkit_attention_forward.argtypes = [p] * 6 + sizes + [ctypes.c_float, t]
     library.peftkit_attention_backward.argtypes = [p] * 10 + sizes + [ctypes.c_float, t]
@@ -166,6 +169,60 @@ class _Attention(torch.autograd.Function):
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
 
 
+class _Rope(torch.autograd.Function):
+    """transformers' `apply_rotary_pos_emb` on a layer's q and k, one kernel pass each way per tensor (fused_ops.c).
+    q and k come as their projections write them, [batch, heads, tokens, dim] views of [batch, tokens, heads, dim]
+    memory, and leave in that layout, as torch's elementwise operators leave them."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx: Any, d_q: torch.Tensor, d_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(d_q, cos, sin, True), _rotate(d_k, cos, sin, True), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """The rotation (or, `backward`, its gradient) of x [batch, heads, tokens, dim], computed in and returned as a view
+    of [batch, tokens, heads, dim] memory."""
+    rows_first = x.transpose(1, 2).contiguous()  # a view, no copy, for the layouts `rotary` accepts
+    out = torch.empty_like(rows_first)
+    batch, tokens, heads, dim = rows_first.shape
+    kernel = getattr(LIBRARY.loaded, "peftkit_rope" + _suffix(x))
+    kernel(rows_first.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), batch * tokens,
+           cos.shape[0] * tokens, heads, dim, int(backward), torch.get_num_threads())
+    return out.transpose(1, 2)
+
+
+@functools.cache
+def rotary(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A stand-in for transformers' `apply_rotary_pos_emb` (the function `original`, Llama's code) that runs the
+    kernel where it applies: inside a training step's `fused_layers` block, outside a torch.compile trace, fp32 or
+    bf16 q, k, cos and sin on the CPU in the projections' layout (cos and sin per row or one for all rows), the head
+    size a multiple of 16, no gradient wanted for cos and sin. Elsewhere it calls `original`. The numbers are the same
+    either way. One stand-in per `original`, so that torch.compile's guard on the global sees the same object each
+    step."""
+
+    def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        if (not torch.compiler.is_compiling() and _active and unsqueeze_dim == 1 and LIBRARY.loaded is not None
+                and _fits(q, k, cos, sin, dtypes=_ELEMENTWISE)
+                and q.dim() == k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
+                and q.shape[-1] % 16 == 0 and q.shape[0] == k.shape[0] and cos.shape[0] in (1, q.shape[0])
+                and q.shape[2] == k.shape[2] == cos.shape[1] and q.shape[3] == k.shape[3] == cos.shape[2]
+                and q.transpose(1, 2).is_contiguous() and k.transpose(1, 2).is_contiguous()
+                and cos.is_contiguous() and sin.is_contiguous() and not (cos.requires_grad or sin.requires_grad)):
+            return _Rope.apply(q, k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb.original = original  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
+
+
 def _strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
     """(token, head) strides of q, k and v, each [1, heads, tokens, dim]"""
     return q.stride(2), q.stride(1), k.stride(2), k.stride(1), v.stride(2), v.stride(1)
@@ -222,6 +279,27 @@ def _references() -> tuple[tuple, tuple]:
     return _code(LlamaRMSNorm.forward), _code(LlamaMLP.forward)
 
 
+def _rotary_namespaces(model: nn.Module) -> list[dict[str, Any]]:
+    """The module globals from which `model`'s attention layers call `apply_rotary_pos_emb`, where it and its
+    `rotate_half` are Llama's code (Llama, Mistral, Qwen2, Qwen3, ... copy them); swapping the name there for
+    `rotary`'s stand-in is the one way into the middle of transformers' attention forward."""
+    from transformers.models.llama import modeling_llama as llama
+
+    reference = (_code(inspect.unwrap(llama.apply_rotary_pos_emb)), _code(llama.rotate_half))
+    found: dict[int, dict[str, Any]] = {}
+    for module in model.modules():
+        forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
+        names = getattr(forward, "__globals__", {})
+        if "apply_rotary_pos_emb" not in getattr(getattr(forward, "__code__", None), "co_names", ()):
+            continue
+        function = names.get("apply_rotary_pos_emb")
+        function = getattr(function, "original", function)
+        if (callable(function) and callable(names.get("rotate_half"))
+                and (_code(inspect.unwrap(function)), _code(names["rotate_half"])) == reference):
+            found[id(names)] = names
+    return list(found.values())
+
+
 def _swappable(model: nn.Module) -> list[tuple[nn.Module, Any]]:
     """(module, fused forward) for each module whose class runs Llama's RMSNorm or SwiGLU MLP code: a model family
     that copies Llama's (transformers' "Copied from") has the same bytecode, names and constants; a variant (Gemma's
@@ -243,12 +321,14 @@ def _swappable(model: nn.Module) -> list[tuple[nn.Module, Any]]:
     return found
 
 
-_found: "weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Module, Any]]]" = weakref.WeakKeyDictionary()
+_found: "weakref.WeakKeyDictionary[nn.Module, tuple[list[tuple[nn.Module, Any]], list[dict[str, Any]]]]" = (
+    weakref.WeakKeyDictionary())
 
 
-def _swappable_cached(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+def _swappable_cached(model: nn.Module) -> tuple[list[tuple[nn.Module, Any]], list[dict[str, Any]]]:
+    """(`_swappable(model)`, `_rotary_namespaces(model)`), found once per model"""
     if model not in _found:
-        _found[model] = _swappable(model)
+        _found[model] = _swappable(model), _rotary_namespaces(model)
     return _found[model]
 
 
@@ -271,18 +351,22 @@ def left_to_compiler(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 @contextmanager
 def fused_layers(model: nn.Module) -> Iterator[None]:
-    """Inside the block (a training step's forward and backward), the model's Llama-style RMSNorms and SwiGLU MLPs
-    run the fused kernels wherever their tensors are fp32 or bf16 on the CPU; torch's operators elsewhere. Nested
-    blocks over the same modules leave them to the outer one."""
+    """Inside the block (a training step's forward and backward), the model's Llama-style RMSNorms, SwiGLU MLPs and
+    rotary embeddings run the fused kernels wherever their tensors are fp32 or bf16 on the CPU; torch's operators
+    elsewhere. Nested blocks over the same modules leave them to the outer one."""
     global _active
     parameter = next(model.parameters(), None)
     if parameter is None or parameter.device.type != "cpu" or kernels() is None:
         yield
         return
-    swapped = [(module, forward) for module, forward in _swappable_cached(model)
+    modules, namespaces = _swappable_cached(model)
+    swapped = [(module, forward) for module, forward in modules
                if "forward" not in module.__dict__ and module not in _traced]
     for module, forward in swapped:
         module.forward = types.MethodType(forward, module)
+    rotated = [names for names in namespaces if not hasattr(names["apply_rotary_pos_emb"], "original")]
+    for names in rotated:
+        names["apply_rotary_pos_emb"] = rotary(names["apply_rotary_pos_emb"])
     _active += 1
     try:
         yield
@@ -290,6 +374,8 @@ def fused_layers(model: nn.Module) -> Iterator[None]:
         _active -= 1
         for module, _ in swapped:
             module.__dict__.pop("forward", None)
+        for names in rotated:
+            names["apply_rotary_pos_emb"] = names["apply_rotary_pos_emb"].original
 
 
 def like_the_step(model: nn.Module) -> ContextManager[None]:
