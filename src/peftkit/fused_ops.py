@@ -288,12 +288,13 @@ def _rotary_namespaces(model: nn.Module) -> list[dict[str, Any]]:
     reference = (_code(inspect.unwrap(llama.apply_rotary_pos_emb)), _code(llama.rotate_half))
     found: dict[int, dict[str, Any]] = {}
     for module in model.modules():
-        forward = inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None))
-        names = getattr(forward, "__globals__", {})
-        if "apply_rotary_pos_emb" not in getattr(getattr(forward, "__code__", None), "co_names", ()):
+        forward = getattr(type(module), "forward", None)
+        forward = inspect.unwrap(forward) if forward is not None else None  # past transformers' kwarg decorators
+        if not hasattr(forward, "__code__") or "apply_rotary_pos_emb" not in forward.__code__.co_names:
             continue
+        names = forward.__globals__
         function = names.get("apply_rotary_pos_emb")
-        function = getattr(function, "original", function)
+        function = getattr(function, "original", function)  # another model's step may have it swapped now
         if (callable(function) and callable(names.get("rotate_half"))
                 and (_code(inspect.unwrap(function)), _code(names["rotate_half"])) == reference):
             found[id(names)] = names
