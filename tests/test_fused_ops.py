@@ -433,3 +433,39 @@ def test_a_step_through_the_rotary_kernel_trains_as_without_it(family, monkeypat
     assert len(calls) == 2
     assert torch.equal(with_kernel[0], without[0]) and with_kernel[1].keys() == without[1].keys()
     assert all(torch.equal(with_kernel[1][key], grad) for key, grad in without[1].items())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_padding_free_step_through_the_rotary_kernel_trains_as_without_it(checkpointing, monkeypatch) -> None:
+    """Padding-free rows (positions restart at each example; the attention kernel after the rotation), with and
+    without gradient checkpointing (the backward recomputes the rotation): loss and LoRA gradients equal to the bit."""
+    from peftkit.data import SFTCollator
+    from peftkit.objectives.sft import token_loss_sum
+    from peftkit.varlen import attention_for
+
+    tuned = TunedModel(rotary_model("llama"), LoraConfig(r=4, target_modules="all-linear",
+                                                         init_lora_weights="gaussian"))
+    if checkpointing:
+        tuned.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    tuned.train()
+    g = torch.Generator().manual_seed(5)
+    rows = [{"input_ids": ids, "labels": [-100] * 3 + ids[3:]}
+            for ids in (torch.randint(0, 64, (n,), generator=g).tolist() for n in (19, 40, 7, 33))]
+    batch = SFTCollator(pad_token_id=0, padding_free=True)(rows)
+    calls = []
+    apply = fused_ops._Rope.apply
+    monkeypatch.setattr(fused_ops._Rope, "apply", lambda *a: calls.append(1) or apply(*a))
+    results = []
+    for kernel in (True, False):
+        model = copy.deepcopy(tuned)
+        if not kernel:
+            modules, _ = fused_ops._swappable_cached(model)
+            monkeypatch.setitem(fused_ops._found, model, (modules, []))
+        with attention_for(model, batch), fused_ops.fused_layers(model):  # over the backward too, as the trainer
+            loss, _ = token_loss_sum(model, batch)
+            loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
+    assert len(calls) == (4 if checkpointing else 2)  # two layers, each recomputed in the backward
+    (ours, our_grads), (theirs, their_grads) = results
+    assert torch.equal(ours, theirs) and our_grads.keys() == their_grads.keys()
+    assert all(torch.equal(our_grads[k], grad) for k, grad in their_grads.items())
