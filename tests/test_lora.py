@@ -258,8 +258,9 @@ def test_bf16_training_product_matches_fp32_product(input_ids) -> None:
 
 @pytest.mark.parametrize("variant", ["llama", "gpt2"])
 def test_fp32_training_product_matches_the_inference_product(variant: str, input_ids) -> None:
-    """Training on an fp32 base folds the scaling and the sum into one addmm; inference keeps PEFT's `B(A x) * s`
-    added to the base output. Same loss and gradients up to summation order (GPT-2: Conv1D's transposed weight)."""
+    """Training on an fp32 base folds the scaling and the sum into one addmm, its rank-r products in other layouts;
+    inference keeps PEFT's `B(A x) * s` added to the base output. Same loss and gradients up to summation order
+    (GPT-2: Conv1D's transposed weight)."""
     base = (tiny_gpt2 if variant == "gpt2" else tiny_llama)()
     for module in base.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -273,5 +274,5 @@ def test_fp32_training_product_matches_the_inference_product(variant: str, input
 
     fused, plain = loss_and_grads(True), loss_and_grads(False)
     assert torch.allclose(fused[0], plain[0], rtol=1e-6, atol=0)
-    for a, b in zip(fused[1], plain[1]):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(fused[1], plain[1]):  # fp32 summation order: each gradient within 1e-5 of its norm
+        assert (a - b).norm() <= 1e-5 * b.norm()
