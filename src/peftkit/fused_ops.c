@@ -272,50 +272,49 @@ void peftkit_rms_norm_backward_bf16(const uint16_t *grad, const uint16_t *x, con
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 
-void peftkit_rope(const float *x, const float *cos, const float *sin, float *out, int64_t rows, int64_t cos_rows,
-                  int64_t heads, int64_t dim, int backward, int threads) {
+/* 8 values at element i of an fp32 (bf16 = 0) or bf16 array, as fp32; and back, rounded to bf16 first for bf16 */
+static inline __m256 load8_any(const void *p, int64_t i, int bf16) {
+    return bf16 ? load8_bf16((const uint16_t *)p + i) : _mm256_loadu_ps((const float *)p + i);
+}
+static inline __m256 round8_any(__m256 v, int bf16) { return bf16 ? round8_bf16(v) : v; }
+static inline void store8_any(void *p, int64_t i, __m256 v, int bf16) {
+    if (bf16) store8_bf16((uint16_t *)p + i, round8_bf16(v));
+    else _mm256_storeu_ps((float *)p + i, v);
+}
+
+/* Inlined into each of the two functions below, so that its dtype's branches fold away (~25% faster than not) */
+static inline __attribute__((always_inline)) void rope(const void *x, const void *cos, const void *sin, void *out,
+                                                       int64_t rows, int64_t cos_rows, int64_t heads, int64_t dim,
+                                                       int backward, int bf16, int threads) {
     int64_t half = dim / 2;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const float *c = cos + r % cos_rows * dim, *s = sin + r % cos_rows * dim;
+        int64_t c = r % cos_rows * dim;  /* element offsets of this row's cos and sin */
         for (int64_t h = 0; h < heads; h++) {
-            const float *xr = x + (r * heads + h) * dim;
-            float *o = out + (r * heads + h) * dim;
+            int64_t o = (r * heads + h) * dim;
             for (int64_t i = 0; i < half; i += 8) {
-                __m256 lo = _mm256_loadu_ps(xr + i), hi = _mm256_loadu_ps(xr + i + half);
-                __m256 s_lo = _mm256_loadu_ps(s + (backward ? i + half : i));
-                __m256 s_hi = _mm256_loadu_ps(s + (backward ? i : i + half));
-                __m256 a = _mm256_mul_ps(lo, _mm256_loadu_ps(c + i)), p = _mm256_mul_ps(hi, s_lo);
-                __m256 b = _mm256_mul_ps(hi, _mm256_loadu_ps(c + i + half)), q = _mm256_mul_ps(lo, s_hi);
-                _mm256_storeu_ps(o + i, backward ? _mm256_add_ps(a, p) : _mm256_sub_ps(a, p));
-                _mm256_storeu_ps(o + i + half, backward ? _mm256_sub_ps(b, q) : _mm256_add_ps(b, q));
+                __m256 lo = load8_any(x, o + i, bf16), hi = load8_any(x, o + i + half, bf16);
+                __m256 s_lo = load8_any(sin, c + (backward ? i + half : i), bf16);
+                __m256 s_hi = load8_any(sin, c + (backward ? i : i + half), bf16);
+                __m256 a = round8_any(_mm256_mul_ps(lo, load8_any(cos, c + i, bf16)), bf16);
+                __m256 p = round8_any(_mm256_mul_ps(hi, s_lo), bf16);
+                __m256 b = round8_any(_mm256_mul_ps(hi, load8_any(cos, c + i + half, bf16)), bf16);
+                __m256 q = round8_any(_mm256_mul_ps(lo, s_hi), bf16);
+                store8_any(out, o + i, backward ? _mm256_add_ps(a, p) : _mm256_sub_ps(a, p), bf16);
+                store8_any(out, o + i + half, backward ? _mm256_sub_ps(b, q) : _mm256_add_ps(b, q), bf16);
             }
         }
     }
 }
 
+void peftkit_rope(const float *x, const float *cos, const float *sin, float *out, int64_t rows, int64_t cos_rows,
+                  int64_t heads, int64_t dim, int backward, int threads) {
+    rope(x, cos, sin, out, rows, cos_rows, heads, dim, backward, 0, threads);
+}
+
 void peftkit_rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out, int64_t rows,
                        int64_t cos_rows, int64_t heads, int64_t dim, int backward, int threads) {
-    int64_t half = dim / 2;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *c = cos + r % cos_rows * dim, *s = sin + r % cos_rows * dim;
-        for (int64_t h = 0; h < heads; h++) {
-            const uint16_t *xr = x + (r * heads + h) * dim;
-            uint16_t *o = out + (r * heads + h) * dim;
-            for (int64_t i = 0; i < half; i += 8) {
-                __m256 lo = load8_bf16(xr + i), hi = load8_bf16(xr + i + half);
-                __m256 s_lo = load8_bf16(s + (backward ? i + half : i));
-                __m256 s_hi = load8_bf16(s + (backward ? i : i + half));
-                __m256 a = round8_bf16(_mm256_mul_ps(lo, load8_bf16(c + i)));
-                __m256 p = round8_bf16(_mm256_mul_ps(hi, s_lo));
-                __m256 b = round8_bf16(_mm256_mul_ps(hi, load8_bf16(c + i + half)));
-                __m256 q = round8_bf16(_mm256_mul_ps(lo, s_hi));
-                store8_bf16(o + i, round8_bf16(backward ? _mm256_add_ps(a, p) : _mm256_sub_ps(a, p)));
-                store8_bf16(o + i + half, round8_bf16(backward ? _mm256_sub_ps(b, q) : _mm256_add_ps(b, q)));
-            }
-        }
-    }
+    rope(x, cos, sin, out, rows, cos_rows, heads, dim, backward, 1, threads);
 }
 
 #pragma GCC pop_options
