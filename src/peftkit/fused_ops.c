@@ -259,8 +259,9 @@ void peftkit_rms_norm_backward_bf16(const uint16_t *grad, const uint16_t *x, con
  * backward, fp32 and bf16, for q or k laid out [rows, heads, dim] with cos and sin [cos_rows, dim] (rows: batch x
  * tokens, a decoder layer's q and k as its projections write them; row r takes cos row r % cos_rows, so positions
  * shared by a padded batch's rows are given once). In torch it is ~10 operators each way (slices, neg, cat,
- * three products, sums), each a pass over memory with its own output: 3-4 ms a layer for SmolLM2's 1,000-token rows,
- * against ~0.3 ms here (docs/performance.md, "Rotary embedding in one pass").
+ * three products, sums), each a pass over memory with its own output: q and k of a 1,000-token SmolLM2 row took
+ * 3.1-3.3 ms a layer forward and backward through autograd, 0.85-1.2 ms here (AMD EPYC, 2 cores; docs/performance.md,
+ * "Rotary embedding in one pass").
  *
  * With half = dim / 2, lo = x[i], hi = x[i + half]:
  *   forward:  out[i] = lo * cos[i] - hi * sin[i],            out[i + half] = hi * cos[i + half] + lo * sin[i + half]

@@ -189,7 +189,9 @@ class _Rope(torch.autograd.Function):
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     """The rotation (or, `backward`, its gradient) of x [batch, heads, tokens, dim], computed in and returned as a view
     of [batch, tokens, heads, dim] memory."""
-    rows_first = x.transpose(1, 2).contiguous()  # a view, no copy, for the layouts `rotary` accepts
+    # no copy for the layout `rotary` accepts (and the attention kernel's gradients come in); any other gradient
+    # layout is copied once
+    rows_first = x.transpose(1, 2).contiguous()
     out = torch.empty_like(rows_first)
     batch, tokens, heads, dim = rows_first.shape
     kernel = getattr(LIBRARY.loaded, "peftkit_rope" + _suffix(x))
