@@ -144,6 +144,7 @@ def start(cfg: Any) -> Ranks:
     if not launched():
         if not cuda:
             set_cpu_threads(1)
+            keep_freed_memory()
         if engine_of(cfg) != "deepspeed":
             return Ranks()
         # DeepSpeed's engine runs in a process group even alone (ZeRO's offload on one GPU): one of one, on loopback
@@ -162,6 +163,8 @@ def start(cfg: Any) -> Ranks:
         set_cpu_threads(local_world)
         if engine_of(cfg) == "fsdp":
             return_freed_memory()
+        else:
+            keep_freed_memory()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.ddp_timeout))
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), local_rank, local_world, engine_of(cfg))
@@ -179,7 +182,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Set glibc malloc parameters, unless $MALLOC_MMAP_THRESHOLD_ / $MALLOC_TRIM_THRESHOLD_ say otherwise or this is
+    not glibc. Returns whether every setting was made."""
+    if (os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_")
+            or not sys.platform.startswith("linux")):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(bool(libc.mallopt(param, value)) for param, value in settings)
+    except (OSError, AttributeError):
+        return False
 
 
 def return_freed_memory() -> bool:
@@ -189,15 +205,21 @@ def return_freed_memory() -> bool:
     come from the heap afterwards, and memory freed there stays with the process. FSDP's saving (a share of the
     weights, gradients and optimizer state per rank) then never shows: ranks of a full fine-tuning of smollm2-135m
     peaked at 2.9-3.3 GB, as high as one process. With this they peak at 1.8-2.3 GB against one process's 3.1 GB, for
-    ~10% of FSDP's speed on this CPU (one process would lose ~30%, so only FSDP asks for it). $MALLOC_MMAP_THRESHOLD_
-    wins; elsewhere than glibc nothing changes. Returns whether the setting was made."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
-    except (OSError, AttributeError):
-        return False
+    ~10% of FSDP's speed on this CPU (one process would lose ~30%, so only FSDP asks for it). Returns whether the
+    setting was made."""
+    return _mallopt((M_MMAP_THRESHOLD, 128 * 1024))
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for the next step instead of giving it back to the system and faulting it in again.
+
+    A training step frees and re-allocates the same tensors (1-30 MiB each on smollm2-135m) every step. By default
+    glibc trims the heap's free top beyond twice its mmap threshold (at most 64 MiB), so a step's memory went back to
+    the system and came back page by page: ~15k page faults a step of the README benchmark's job on a CPU, ~0.1 s of
+    kernel time (docs/performance.md, "Freed memory kept"). Here blocks up to 32 MiB (glibc's own dynamic maximum) come
+    from the heap and up to 1 GiB of its free top stays; the peak stays what the step needs. Returns whether the
+    settings were made."""
+    return _mallopt((M_MMAP_THRESHOLD, 32 * 1024 * 1024), (M_TRIM_THRESHOLD, 1024 * 1024 * 1024))
 
 
 def stop() -> None:
