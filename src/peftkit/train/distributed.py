@@ -215,10 +215,10 @@ def keep_freed_memory() -> bool:
 
     A training step frees and re-allocates the same tensors (1-30 MiB each on smollm2-135m) every step. By default
     glibc trims the heap's free top beyond twice its mmap threshold (at most 64 MiB), so a step's memory went back to
-    the system and came back page by page: ~15k page faults a step of the README benchmark's job on a CPU, ~0.1 s of
-    kernel time (docs/performance.md, "Freed memory kept"). Here blocks up to 32 MiB (glibc's own dynamic maximum) come
-    from the heap and up to 1 GiB of its free top stays; the peak stays what the step needs. Returns whether the
-    settings were made."""
+    the system and came back page by page: 6-20k page faults a step of the README benchmark's job on a CPU, 0.03-0.1 s
+    of kernel time (docs/performance.md, "Freed memory kept"). Here blocks up to 32 MiB (glibc's own dynamic
+    maximum) come from the heap and up to 1 GiB of its free top stays; the peak stays what the step needs. Returns
+    whether the settings were made."""
     return _mallopt((M_MMAP_THRESHOLD, 32 * 1024 * 1024), (M_TRIM_THRESHOLD, 1024 * 1024 * 1024))
 
 
