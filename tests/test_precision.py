@@ -22,6 +22,25 @@ def test_base_dtype(monkeypatch, faster: bool) -> None:
 
 
 
+@pytest.mark.parametrize("fp32_s,bf16_s,faster,rounds", [
+    (1.0, 5.0, False, 1), (1.0, 0.3, True, 1),  # one round decides where the dtypes differ several times over
+    (1.0, 0.7, True, 3), (1.0, 0.9, False, 3), (1.0, 1.5, False, 3)])  # a close call takes the best of three
+def test_the_dtype_probe_stops_early_only_when_one_round_decides(monkeypatch, fp32_s, bf16_s, faster, rounds) -> None:
+    calls: list[torch.dtype] = []
+
+    def seconds(dtype: torch.dtype, device: str) -> float:
+        calls.append(dtype)
+        return bf16_s if dtype == torch.bfloat16 else fp32_s
+
+    monkeypatch.setattr(precision, "_matmul_seconds", seconds)
+    precision.bf16_is_faster.cache_clear()
+    try:
+        assert precision.bf16_is_faster("cpu") is faster
+    finally:
+        precision.bf16_is_faster.cache_clear()
+    assert calls == [torch.float32, torch.bfloat16] * rounds
+
+
 @pytest.mark.parametrize("faster", [True, False])
 def test_generation_dtype_of_a_bf16_checkpoint(monkeypatch, tmp_path, faster: bool) -> None:
     """A bf16 checkpoint generates in bf16 where bf16 is fast, else in fp32 on the same weight values; an explicit

@@ -37,11 +37,15 @@ def bf16_is_faster(device: str) -> bool:
     """Whether bf16 matmuls beat fp32 here; on CUDA, whether bf16 is supported at all."""
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
-    # Alternate and keep each dtype's best time, so a busy moment on a shared machine cannot decide alone.
+    # Alternate and keep each dtype's best time, so a busy moment on a shared machine cannot decide alone; stop early
+    # when one round is already decisive (the two kinds of CPU differ by ~2.5x one way and ~5x the other), which
+    # saves ~0.3 s of every command's start on a CPU without native bf16.
     bf16, fp32 = float("inf"), float("inf")
     for _ in range(3):
         fp32 = min(fp32, _matmul_seconds(torch.float32, device))
         bf16 = min(bf16, _matmul_seconds(torch.bfloat16, device))
+        if bf16 > 2 * fp32 or bf16 < 0.4 * fp32:
+            break
     return bf16 < 0.8 * fp32
 
 
