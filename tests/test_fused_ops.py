@@ -284,6 +284,33 @@ def test_attention_does_not_depend_on_the_thread_count() -> None:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
+def test_exp_columns_is_amax_sub_exp_sum_in_two_passes_whatever_the_thread_count() -> None:
+    """The fused head's softmax numerators: column maxima, exp(x - peak) in place and the column sums, as torch's
+    amax, sub_, exp_ and sum compute them to fp32 rounding, at a padded row stride (37 of 40 columns: a scalar tail)
+    over several row blocks; bit-equal on 1, 2 and 3 threads; columns past the view untouched."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(700, 40, generator=g) * 8
+    logits[650, 3] = 50.0  # a peak in the last, partial block
+    peak = logits[:, :37].amax(0)
+    want = (logits[:, :37] - peak).exp()
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            buffer = logits.clone()
+            ours_peak, sums = fused_ops.exp_columns(buffer[:, :37])
+            assert torch.equal(ours_peak, peak) and torch.equal(buffer[:, 37:], logits[:, 37:])
+            results.append((buffer[:, :37], sums))
+    finally:
+        torch.set_num_threads(before)
+    assert relative(results[0][0], want) <= 1e-6
+    assert relative(results[0][1], want.double().sum(0).float()) <= 1e-5
+    for other in results[1:]:
+        assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1])
+    assert fused_ops.exp_columns(logits.t()) is None  # not unit column stride: torch's operators instead
+
+
 def test_attention_stands_aside_outside_a_step_and_where_it_does_not_apply(monkeypatch) -> None:
     leaves, bounds, _ = row_of_examples([20, 30], 4, 2, 16)
     q, k, v = (t.transpose(1, 2) for t in leaves)

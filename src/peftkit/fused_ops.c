@@ -611,3 +611,66 @@ int peftkit_attention_backward(const float *grad, const float *q, const float *k
     free(tasks);
     return failed ? -1 : 0;  /* -1: scratch memory could not be allocated */
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * The fused LM head's softmax numerators (objectives/fused_head.py), fp32, in place: for the chunk's logits transposed
+ * (x: a row per vocabulary entry, `rows` of them at row stride ld, `cols` columns), peak[c] = the max over v, then
+ * x[v, c] = exp(x[v, c] - peak[c]) and sums[c] = the sum over v. Two passes over the 50-75 MB of a chunk's logits
+ * where torch takes four (amax, sub_, exp_, sum). The rows are cut into fixed blocks, each reduced on its own and the
+ * block results combined in block order: results do not depend on the thread count.
+ */
+#define EXP_BLOCK 256
+
+int peftkit_exp_columns(float *x, int64_t rows, int64_t ld, int64_t cols, float *peak, float *sums, int threads) {
+    int64_t blocks = (rows + EXP_BLOCK - 1) / EXP_BLOCK, vec = cols & ~(int64_t)7;
+    float *partial = malloc(sizeof(float) * (blocks * cols + 1));
+    if (partial == NULL) return -1;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            float *acc = partial + b * cols;
+            int64_t end = (b + 1) * EXP_BLOCK < rows ? (b + 1) * EXP_BLOCK : rows;
+            for (int64_t c = 0; c < cols; c++) acc[c] = x[b * EXP_BLOCK * ld + c];
+            for (int64_t v = b * EXP_BLOCK + 1; v < end; v++) {
+                const float *row = x + v * ld;
+                int64_t c = 0;
+                for (; c < vec; c += 8)
+                    _mm256_storeu_ps(acc + c, _mm256_max_ps(_mm256_loadu_ps(acc + c), _mm256_loadu_ps(row + c)));
+                for (; c < cols; c++) acc[c] = row[c] > acc[c] ? row[c] : acc[c];
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t c = 0; c < cols; c++) {
+            float top = partial[c];
+            for (int64_t b = 1; b < blocks; b++) top = partial[b * cols + c] > top ? partial[b * cols + c] : top;
+            peak[c] = top;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            float *acc = partial + b * cols;
+            int64_t end = (b + 1) * EXP_BLOCK < rows ? (b + 1) * EXP_BLOCK : rows;
+            for (int64_t c = 0; c < cols; c++) acc[c] = 0.0f;
+            for (int64_t v = b * EXP_BLOCK; v < end; v++) {
+                float *row = x + v * ld;
+                int64_t c = 0;
+                for (; c < vec; c += 8) {
+                    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + c), _mm256_loadu_ps(peak + c)));
+                    _mm256_storeu_ps(row + c, e);
+                    _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), e));
+                }
+                for (; c < cols; c++) {
+                    row[c] = expf(row[c] - peak[c]);
+                    acc[c] += row[c];
+                }
+            }
+        }
+    }
+    for (int64_t c = 0; c < cols; c++) {
+        float total = 0.0f;
+        for (int64_t b = 0; b < blocks; b++) total += partial[b * cols + c];
+        sums[c] = total;
+    }
+    free(partial);
+    return 0;
+}

@@ -50,6 +50,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.peftkit_attention_forward.argtypes = [p] * 6 + sizes + [ctypes.c_float, t]
     library.peftkit_attention_backward.argtypes = [p] * 10 + sizes + [ctypes.c_float, t]
     library.peftkit_attention_forward.restype = library.peftkit_attention_backward.restype = t  # 0, or -1: no memory
+    library.peftkit_exp_columns.argtypes = [p, n, n, n, p, p, t]
+    library.peftkit_exp_columns.restype = t
     return library
 
 
@@ -244,6 +246,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[in
             and longest <= ATTENTION_MAX_LEN and (sliding_window is None or longest <= sliding_window)):
         return None
     return _Attention.apply(q, k, v, torch.tensor(bounds, dtype=torch.int64), longest, scale)
+
+
+def exp_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a [rows, cols] fp32 CPU tensor with unit column stride (the fused LM head's transposed logits): its column
+    maxima `peak`, then x = exp(x - peak) in place; returns (peak, column sums of the new x). Two passes where torch's
+    amax, sub_, exp_ and sum take four over a chunk's 50-75 MB (docs/performance.md, "The fused head's softmax in two
+    passes"). None where the kernel does not apply: the caller runs torch's operators."""
+    if (x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32 or x.stride(1) != 1 or x.numel() == 0
+            or kernels() is None):
+        return None
+    peak, sums = x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+    if LIBRARY.loaded.peftkit_exp_columns(x.data_ptr(), x.shape[0], x.stride(0), x.shape[1], peak.data_ptr(),
+                                          sums.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError("the fused head's softmax kernel could not allocate its partial sums: free memory, or set "
+                          f"{FUSED_ENV}=0 (torch's operators)")
+    return peak, sums
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

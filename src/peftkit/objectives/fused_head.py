@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..fused_ops import exp_columns
+
 CHUNK_ROWS = 384  # the most rows a chunk holds: 384 x 49k fp32 logits = 75 MB at a time
 ALIGN = 8  # the transposed logits' row stride, in elements: a multiple of 8 floats (32 bytes) keeps MKL's fast path
 
@@ -103,13 +105,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             columns = torch.arange(len(t), device=t.device)
             picked = logits_t[safe, columns]
             # log-sum-exp and softmax in place: the shifted logits become exp(.), then the softmax itself
-            peak = logits_t.amax(0)
-            logits_t.sub_(peak).exp_()
-            sums = logits_t.sum(0)
+            reduced = exp_columns(logits_t)  # two passes over the logits where the kernels apply
+            if reduced is None:
+                peak = logits_t.amax(0)
+                reduced = peak, logits_t.sub_(peak).exp_().sum(0)
+            peak, sums = reduced
             total += ((peak + sums.log() - picked) * counted).sum()
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
-            logits_t.mul_(counted / sums)  # softmax, rows without a target zeroed
+            scale = counted / sums  # each row's softmax normaliser; rows without a target zeroed
+            if half_t is None and grad_weight is None and grad_bias is None:
+                # fp32, the hidden states' gradient alone: (softmax - one-hot) W = scale * (exp W) - W[target], the
+                # scale and the target applied to the [rows, hidden] product, not to the [vocabulary, rows] logits
+                out = grad_hidden[rows]
+                torch.mm(logits_t.t(), weight, out=out)
+                out.mul_(scale[:, None]).sub_(weight[safe] * counted[:, None])
+                continue
+            logits_t.mul_(scale)  # softmax, rows without a target zeroed
             logits_t[safe, columns] -= counted.float()  # minus the one-hot target: d loss / d logits, transposed
             # in the hidden states' dtype, as autograd would hand it back through `.float()`
             grad_t = logits_t if half_t is None else half_t.copy_(logits_t)
