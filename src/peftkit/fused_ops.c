@@ -1,5 +1,5 @@
 /* peftkit's fused operators for training on x86-64 CPUs with AVX2 + FMA (fused_ops.py): norms and SwiGLU in fp32 and
- * bf16, attention in fp32.
+ * bf16; attention, rotary embeddings and the fused LM head's softmax in fp32 (rotary in bf16 too).
  *
  * A Llama-style decoder layer's RMSNorms and its SwiGLU (silu(gate) * up) are, in torch, chains of 3-8 operators,
  * each a pass over memory with its own output tensor. Here each forward and each backward is one pass: for SmolLM2's
