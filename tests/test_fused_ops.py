@@ -429,6 +429,28 @@ def test_rotary_stands_aside_outside_a_step_and_where_it_does_not_apply(monkeypa
     assert len(calls) == 1 + len(cases) + 1
 
 
+def test_the_rotary_reference_is_found_behind_a_hub_kernel_module() -> None:
+    """transformers 5.25 with `kernels` installed turns `apply_rotary_pos_emb` into an nn.Module whose forward calls
+    the function it closes over (kernels' `use_kernel_forward_from_hub`): the kernel's check looks through it."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def plain(q, k, cos, sin, unsqueeze_dim=1):
+        return q, k
+
+    def make(func):
+        class Func(torch.nn.Module):
+            def forward(self, *args, **kwargs):
+                return func(*args, **kwargs)
+
+        return Func()
+
+    assert fused_ops._plain_function(make(plain)) is plain
+    assert fused_ops._plain_function(plain) is plain
+    found = fused_ops._plain_function(apply_rotary_pos_emb)
+    assert found.__name__ == "apply_rotary_pos_emb" and fused_ops._code(found)  # whichever transformers is installed
+    assert fused_ops._code(torch.nn.Identity()) == ()  # no Python code: matches no reference
+
+
 def rotary_model(family: str) -> torch.nn.Module:
     """A tiny model of `family` whose head size (16) the rotary kernel takes"""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -88,5 +88,7 @@ def test_optim_fused_by_default_and_the_loop_trains_the_same_weights(tmp_path) -
     start = dict(lora().method.trainable_parameters())
     for name, fused in weights["adamw_torch_fused"].items():
         assert not torch.equal(fused, start[name]), name  # trained
-        torch.testing.assert_close(fused, weights["adamw_torch"][name], rtol=1e-5, atol=1e-6)
+        # rounding only: weights moved up to ~6e-2 in 6 steps at lr 1e-2; an element whose gradient is near zero
+        # takes Adam's normalised step from its rounding (2.4e-6 seen once); a missing decay would be ~1e-4
+        torch.testing.assert_close(fused, weights["adamw_torch"][name], rtol=1e-5, atol=1e-5)
     assert make_cfg(tmp_path).optim == "adamw_torch_fused"

@@ -289,8 +289,8 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _code(fn: Any) -> tuple:
-    code = fn.__code__
-    return code.co_code, code.co_consts, code.co_names
+    code = getattr(fn, "__code__", None)  # None: not a Python function, matches no reference
+    return (code.co_code, code.co_consts, code.co_names) if code is not None else ()
 
 
 def _references() -> tuple[tuple, tuple]:
@@ -299,13 +299,24 @@ def _references() -> tuple[tuple, tuple]:
     return _code(LlamaRMSNorm.forward), _code(LlamaMLP.forward)
 
 
+def _plain_function(obj: Any) -> Any:
+    """The Python function behind `obj`: past transformers' `functools.wraps` decorators, and past the `nn.Module`
+    that `kernels` (a dependency of transformers since 5.25) makes of a function decorated with
+    `use_kernel_forward_from_hub`, whose forward calls the function it closes over."""
+    if isinstance(obj, nn.Module):
+        cells = getattr(type(obj).forward, "__closure__", None) or ()
+        inner = [c.cell_contents for c in cells if inspect.isfunction(c.cell_contents)]
+        obj = inner[0] if len(inner) == 1 else obj
+    return inspect.unwrap(obj) if callable(obj) else obj
+
+
 def _rotary_namespaces(model: nn.Module) -> list[dict[str, Any]]:
     """The module globals from which `model`'s attention layers call `apply_rotary_pos_emb`, where it and its
     `rotate_half` are Llama's code (Llama, Mistral, Qwen2, Qwen3, ... copy them); swapping the name there for
     `rotary`'s stand-in is the one way into the middle of transformers' attention forward."""
     from transformers.models.llama import modeling_llama as llama
 
-    reference = (_code(inspect.unwrap(llama.apply_rotary_pos_emb)), _code(llama.rotate_half))
+    reference = (_code(_plain_function(llama.apply_rotary_pos_emb)), _code(llama.rotate_half))
     found: dict[int, dict[str, Any]] = {}
     for module in model.modules():
         forward = getattr(type(module), "forward", None)
@@ -316,7 +327,7 @@ def _rotary_namespaces(model: nn.Module) -> list[dict[str, Any]]:
         function = names.get("apply_rotary_pos_emb")
         function = getattr(function, "original", function)  # another model's step may have it swapped now
         if (callable(function) and callable(names.get("rotate_half"))
-                and (_code(inspect.unwrap(function)), _code(names["rotate_half"])) == reference):
+                and (_code(_plain_function(function)), _code(names["rotate_half"])) == reference):
             found[id(names)] = names
     return list(found.values())
 

@@ -331,7 +331,7 @@ def _positions(kwargs: dict[str, Any]) -> torch.Tensor:
     if kwargs.get("cache_position") is not None:
         past = int(kwargs["cache_position"][0])
     else:
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # "cache" since transformers 5.25
         past = cache.get_seq_length() if cache is not None else 0
     return torch.arange(past, past + n, device=tokens.device)[None]
 
