@@ -39,7 +39,8 @@ def _future_bias(n: int, groups: int, dtype: torch.dtype, device: torch.device) 
 
 
 def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal attention of one example as two batched matmuls and a softmax, in the model's half precision.
+    """Causal attention of one example as two batched matmuls and a softmax, in the model's half precision, where
+    the attention kernel does not take the row (fp16, the kernels off or not built: `fused_ops.attention`).
 
     Why: on CPU, SDPA's flash kernel runs its backward in small blocks for short sequences; in bf16, for examples of
     up to ~256 tokens, autograd through these ops is ~1.7x faster per attention layer (docs/performance.md,
@@ -135,7 +136,7 @@ def varlen_attention_forward(
     if layer_prefix is None:
         fused = fused_ops.attention(query, key, value, bounds, query.shape[-1] ** -0.5 if scaling is None else scaling,
                                     sliding_window)
-        if fused is not None:  # the whole row in one kernel call (fp32, in a training step): fused_ops.attention
+        if fused is not None:  # the whole row in one kernel call (in a training step): fused_ops.attention
             return fused, None
     positions = kwargs.get("position_ids")
     pieces = zip(*(_by_example(t, bounds, dim=2) for t in (query, key, value)))
