@@ -338,7 +338,7 @@ def test_attention_stands_aside_outside_a_step_and_where_it_does_not_apply(monke
     assert fused_ops.attention(q, k, v, bounds, 0.25) is None  # no step's fused_layers block is open
     monkeypatch.setattr(fused_ops, "_active", 1)
     assert fused_ops.attention(q, k, v, bounds, 0.25) is not None
-    assert fused_ops.attention(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), bounds, 0.25) is not None
+    assert fused_ops.attention(*(t.to(torch.bfloat16) for t in (q, k, v)), bounds, 0.25) is not None
     assert fused_ops.attention(q.half(), k.half(), v.half(), bounds, 0.25) is None  # fp16: the matmul attention
     assert fused_ops.attention(q, k.to(torch.bfloat16), v, bounds, 0.25) is None  # mixed dtypes
     assert fused_ops.attention(q[..., :12], k[..., :12], v[..., :12], bounds, 0.25) is None  # head dim 12

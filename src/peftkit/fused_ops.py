@@ -254,7 +254,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[in
     all bf16; `bounds` are the examples' cumulative lengths, 0 first, tokens last."""
     longest = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     if not (_active and LIBRARY.loaded is not None and _fits(q, k, v, dtypes=_ELEMENTWISE)
-            and q.dim() == 4 and q.shape[0] == 1 and q.shape[-1] % 8 == 0 and q.shape[1] % k.shape[1] == 0 and k.shape == v.shape
+            and q.dim() == 4 and q.shape[0] == 1 and q.shape[-1] % 8 == 0 and q.shape[1] % k.shape[1] == 0
+            and k.shape == v.shape
             and k.shape[2] == q.shape[2] and bounds[0] == 0 and bounds[-1] == q.shape[2]
             and longest <= ATTENTION_MAX_LEN and (sliding_window is None or longest <= sliding_window)):
         return None
