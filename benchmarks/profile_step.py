@@ -29,14 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # operator name patterns -> category, first match wins
 CATEGORIES = [
     # short examples' attention is batched matmuls + a softmax (varlen._matmul_attention); nothing else here uses them
+    # peftkit's kernels show as their autograd Functions (fused_ops.py, objectives/fused_head.py)
     ("attention",
-     r"(scaled_dot_product|_flash_attention|attention|_efficient|aten::(bmm|baddbmm)$|aten::_softmax($|_b))"),
+     r"(scaled_dot_product|_flash_attention|attention|_Attention|_efficient|aten::(bmm|baddbmm)$|"
+     r"aten::_softmax($|_b))"),
     ("matmul", r"aten::(mm|addmm|matmul|linear|_mkldnn|mkldnn_)"),
-    ("cross-entropy and softmax", r"(log_softmax|logsumexp|nll_loss|cross_entropy|_softmax|exp\b|aten::exp)"),
-    ("norms and activations", r"(rms|layer_norm|silu|gelu|rsqrt|pow|mean|sigmoid)"),
+    ("cross-entropy and softmax",
+     r"(log_softmax|logsumexp|nll_loss|cross_entropy|CrossEntropy|_softmax|exp\b|aten::exp)"),
+    ("norms and activations", r"(rms|RMSNorm|SwiGLU|layer_norm|silu|gelu|rsqrt|pow|mean|sigmoid)"),
     ("casts and copies", r"(aten::to\b|_to_copy|copy_|clone|contiguous|empty_like|aten::cat|index|gather|scatter)"),
     ("optimizer", r"(_foreach|adam|lerp|addcdiv|addcmul|sqrt|zero_)"),
-    ("elementwise", r"aten::(add|mul|sub|div|neg|where|sum|fill_|masked|cumsum|arange|ones|zeros)"),
+    ("elementwise", r"(_Rope|aten::(add|mul|sub|div|neg|where|sum|fill_|masked|cumsum|arange|ones|zeros))"),
 ]
 
 
