@@ -20,6 +20,7 @@ from peftkit.cli import main
 from peftkit.config import TrainConfig
 from peftkit.data import IGNORE_INDEX, build_dataset, load_conversations
 from peftkit.errors import ConfigError
+from peftkit.precision import base_dtype
 from peftkit.train import run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,8 +315,11 @@ def test_every_method_trains_with_dpo(model_dir, data_dir, tmp_path, method) -> 
                    **extra))
     log = [e for e in log_of(out) if "loss" in e]
     assert len(log) == 2 and all(math.isfinite(e["loss"]) and "rewards/accuracies" in e for e in log)
+    # freeze on a bf16 base runs its trained layers in fp32 (methods/freeze.py) and its separate reference in bf16:
+    # their log-probs differ by bf16 rounding (1.7e-4 on this loss seen); elsewhere policy and reference are exact
+    bf16_freeze = method == "freeze" and base_dtype(None, False, "cpu") == torch.bfloat16
     if method not in ("p_tuning", "p_tuning_v2", "prefix_tuning", "prompt_tuning"):  # virtual tokens change outputs
-        assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), method
+        assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-3 if bf16_freeze else 1e-6), method
 
 
 def test_a_dpo_adapter_is_an_ordinary_peft_lora(model_dir, data_dir, tmp_path) -> None:

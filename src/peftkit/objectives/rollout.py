@@ -23,6 +23,7 @@ from transformers import GenerationConfig
 from ..data import get_template
 from ..data.templates import IGNORE_INDEX
 from ..errors import ConfigError
+from ..fused_ops import fused_layers
 from ..serve import decode
 from ..serve.chat import stop_token_ids
 from ..serve.fast_layers import FastLayers
@@ -146,16 +147,19 @@ class Sampler:
 
 @torch.no_grad()
 def frozen_token_logps(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Per label token log-probs of `model` on `batch`, without a graph (an old policy's, a reference's)."""
-    return token_outputs(model, batch).logps.detach()
+    """Per label token log-probs of `model` on `batch`, without a graph (an old policy's, a reference's), through the
+    kernels the training step runs (`fused_ops.fused_layers`: attention, norms, MLP), so that they equal the step's
+    own to the bit until the policy moves."""
+    with fused_layers(model):
+        return token_outputs(model, batch).logps.detach()
 
 
 def reference_token_logps(policy: nn.Module | None, reference: nn.Module | None, batch: Batch) -> torch.Tensor:
     """Per label token log-probs of the reference (`reference.reference_of`), detached. Grad mode is left as the
     caller has it, as for the preference stages' reference: nothing in the reference requires gradients, so no graph
-    is recorded, and a reference run beside the training forwards takes their kernels (bf16 attention differs by grad
-    mode), so the policy's log-ratio to it is exactly 0 until the policy moves."""
-    with reference_of(policy, reference) as model:
+    is recorded; it runs the training step's kernels (`fused_ops.fused_layers`), also between steps (a rollout), so
+    the policy's log-ratio to it is exactly 0 until the policy moves."""
+    with reference_of(policy, reference) as model, fused_layers(model):
         return token_outputs(model, batch).logps.detach()
 
 
