@@ -477,6 +477,15 @@ def test_the_rotary_reference_is_found_behind_a_hub_kernel_module() -> None:
     assert fused_ops._code(torch.nn.Identity()) == ()  # no Python code: matches no reference
 
 
+def test_no_rotary_swap_where_llamas_own_function_cannot_be_read(monkeypatch) -> None:
+    from transformers.models.llama import modeling_llama
+
+    model = rotary_model("llama")
+    assert len(fused_ops._rotary_namespaces(model)) == 1
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", torch.nn.Identity())  # neither a function nor a wrapper
+    assert fused_ops._rotary_namespaces(model) == []
+
+
 def rotary_model(family: str) -> torch.nn.Module:
     """A tiny model of `family` whose head size (16) the rotary kernel takes"""
     from transformers import AutoConfig, AutoModelForCausalLM

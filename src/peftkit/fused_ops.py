@@ -331,6 +331,8 @@ def _rotary_namespaces(model: nn.Module) -> list[dict[str, Any]]:
     from transformers.models.llama import modeling_llama as llama
 
     reference = (_code(_plain_function(llama.apply_rotary_pos_emb)), _code(llama.rotate_half))
+    if not all(reference):  # Llama's own function not found (a transformers we cannot read): swap nothing
+        return []
     found: dict[int, dict[str, Any]] = {}
     for module in model.modules():
         forward = getattr(type(module), "forward", None)
