@@ -148,8 +148,9 @@ class _Attention(torch.autograd.Function):
 
     The kernel computes in fp32. On a bf16 base, q, k and v are widened for it (again in the backward, rather than
     kept: half the saved memory) and the output and gradients rounded to bf16 once; the fp32 output is kept for the
-    backward's rowsum(dO * O). Against the batched bf16 matmuls per example it replaced there, 0.95x the step time on
-    alpaca rows and 0.92x on short ones, fewer roundings (docs/performance.md, "The attention kernel in bf16 steps").
+    backward's rowsum(dO * O). Against the batched bf16 matmuls per example it replaced there, 0.95-0.975x the step
+    time on alpaca rows and 0.92x on short ones, fewer roundings (docs/performance.md, "The attention kernel in bf16
+    steps").
     """
 
     @staticmethod
@@ -248,15 +249,14 @@ def _strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ..
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float,
               sliding_window: int | None = None) -> torch.Tensor | None:
     """Causal attention of each example of a padding-free row, [1, tokens, heads, dim]; None where the kernel does
-    not apply (among others, an example longer than `sliding_window`), and outside a training step's `fused_layers`
-    block (so evaluation and the RL stages' reference pass keep torch's SDPA unless the step runs this). `q` is
+    not apply (among others, an example longer than `sliding_window`), and outside a `fused_layers` block (a training
+    step's, or the RL stages' log-probs between steps, which must match it), so evaluation keeps torch's SDPA. `q` is
     [1, heads, tokens, dim], `k` and `v` [1, kv_heads, tokens, dim] (grouped-query heads share theirs), all fp32 or
     all bf16; `bounds` are the examples' cumulative lengths, 0 first, tokens last."""
     longest = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     if not (_active and LIBRARY.loaded is not None and _fits(q, k, v, dtypes=_ELEMENTWISE)
             and q.dim() == 4 and q.shape[0] == 1 and q.shape[-1] % 8 == 0 and q.shape[1] % k.shape[1] == 0
-            and k.shape == v.shape
-            and k.shape[2] == q.shape[2] and bounds[0] == 0 and bounds[-1] == q.shape[2]
+            and k.shape == v.shape and k.shape[2] == q.shape[2] and bounds[0] == 0 and bounds[-1] == q.shape[2]
             and longest <= ATTENTION_MAX_LEN and (sliding_window is None or longest <= sliding_window)):
         return None
     return _Attention.apply(q, k, v, torch.tensor(bounds, dtype=torch.int64), longest, scale)
