@@ -1,10 +1,11 @@
-"""Choose the dtype for the frozen base weights by measuring, not by assuming: bf16 is 5x faster than fp32 on some
-CPUs and 5x slower on others (no native bf16 instructions)."""
+"""Choose the dtype for the frozen base weights by measuring, not by assuming: bf16 is ~2.5x faster than fp32 on
+some CPUs and ~5x slower on others (no native bf16 instructions)."""
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 import warnings
 
@@ -19,33 +20,51 @@ _FORCED = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
-def _matmul_seconds(dtype: torch.dtype, device: str) -> float:
-    a = torch.randn(512, 1024, device=device).to(dtype)
-    w = torch.randn(1024, 1024, device=device).to(dtype)
-    torch.nn.functional.linear(a, w)  # warm up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+def _operands(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 256 x 1024 activation and a 1024 x 1024 weight in `dtype`, multiplied once: oneDNN builds its kernel on the
+    first call, which must not be timed."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 1024, generator=generator).to(dtype)
+    w = torch.randn(1024, 1024, generator=generator).to(dtype)
     torch.nn.functional.linear(a, w)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return a, w
+
+
+def _matmul_seconds(operands: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The CPU time of one product on this thread: time spent descheduled by other processes does not count."""
+    start = time.thread_time()
+    torch.nn.functional.linear(*operands)
+    return time.thread_time() - start
+
+
+_probe_lock = threading.Lock()  # the probe changes the process's thread count for a moment
 
 
 @functools.lru_cache(maxsize=None)
 def bf16_is_faster(device: str) -> bool:
-    """Whether bf16 matmuls beat fp32 here; on CUDA, whether bf16 is supported at all."""
+    """Whether bf16 matmuls beat fp32 here; on CUDA, whether bf16 is supported at all.
+
+    The two kinds of CPU differ by ~2.5x one way and ~5x the other, so the probe must only survive a busy machine:
+    `peftkit train` started beside another run (the web UI's test starts two at once on 2 cores) once timed a
+    preempted bf16 product at twice fp32's and trained in fp32. Hence one thread, timed by its own CPU time (the
+    ratio is a property of a core; a single thread neither waits at a barrier for a sibling that another process
+    has descheduled nor counts its own time off the CPU), each dtype's best of at least two alternating rounds, and
+    up to five rounds while the ratio is a close call."""
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
-    # Alternate and keep each dtype's best time, so a busy moment on a shared machine cannot decide alone; stop early
-    # when one round is already decisive (the two kinds of CPU differ by ~2.5x one way and ~5x the other), which
-    # saves ~0.3 s of every command's start on a CPU without native bf16.
-    bf16, fp32 = float("inf"), float("inf")
-    for _ in range(3):
-        fp32 = min(fp32, _matmul_seconds(torch.float32, device))
-        bf16 = min(bf16, _matmul_seconds(torch.bfloat16, device))
-        if bf16 > 2 * fp32 or bf16 < 0.4 * fp32:
-            break
+    with _probe_lock:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fp32_operands, bf16_operands = _operands(torch.float32), _operands(torch.bfloat16)
+            fp32, bf16 = float("inf"), float("inf")
+            for round_ in range(5):
+                fp32 = min(fp32, _matmul_seconds(fp32_operands))
+                bf16 = min(bf16, _matmul_seconds(bf16_operands))
+                if round_ >= 1 and not 0.5 <= bf16 / fp32 <= 2:
+                    break
+        finally:
+            torch.set_num_threads(threads)
     return bf16 < 0.8 * fp32
 
 
