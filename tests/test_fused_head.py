@@ -3,7 +3,6 @@ cannot stand in for the model's head."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -13,7 +12,6 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 
 import peftkit.objectives.sft as sft
 from peftkit import LoraConfig, TunedModel
-from peftkit.models import layer_stack
 from peftkit.objectives import fused_head
 from peftkit.objectives.fused_head import fusable_head, linear_cross_entropy_sum
 
@@ -204,57 +202,3 @@ def test_cpu_scratch_buffers_are_kept_per_thread() -> None:
     thread.start()
     thread.join()
     assert other[0].data_ptr() != first.data_ptr()
-
-
-def rows_seen_by_the_last_mlp(model: torch.nn.Module) -> list[int]:
-    """The number of positions each call of the last decoder layer's MLP computes (the dim 1 of its own output, seen
-    by a hook that runs before `last_mlp_on_rows`'s)."""
-    seen: list[int] = []
-    found = layer_stack(model)
-    assert found is not None
-    found[1][-1].mlp.register_forward_hook(
-        lambda module, args, out: seen.append((out[0] if isinstance(out, tuple) else out).shape[1]))
-    return seen
-
-
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-tied"])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_the_last_mlp_on_the_heads_rows_gives_the_whole_layers_loss_and_gradients(make, lora, monkeypatch) -> None:
-    model = make()
-    if lora:
-        model = TunedModel(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
-    batch = padded_batch(model.config.vocab_size, seed=2)
-    batch["labels"][:, 10:20] = -100  # prompts in the middle too: columns no row has a label after
-    kept = int((batch["labels"][:, 1:] != -100).any(dim=0).sum())
-    whole_model, rows_model = copy.deepcopy(model), copy.deepcopy(model)
-    whole_rows, rows = rows_seen_by_the_last_mlp(whole_model), rows_seen_by_the_last_mlp(rows_model)
-    with monkeypatch.context() as m:
-        m.setattr(sft, "last_mlp_on_rows", lambda model, keep, length: contextlib.nullcontext())
-        whole = loss_and_grads(whole_model, batch, True, monkeypatch)
-    on_rows = loss_and_grads(rows_model, batch, True, monkeypatch)
-    assert whole_rows == [60] and rows == [kept] and kept < 45  # the MLP really ran on fewer positions
-    assert on_rows[1] == whole[1] and on_rows[0] == pytest.approx(whole[0], rel=1e-6)
-    assert on_rows[2].keys() == whole[2].keys()
-    for key, grad in whole[2].items():
-        assert (on_rows[2][key] - grad).norm() <= 1e-5 * grad.norm() + 1e-12, key
-    # the hooks are gone after the loss: a plain forward runs the whole layer again
-    rows_model(input_ids=batch["input_ids"][:1])
-    assert rows == [kept, 60]
-
-
-def test_the_last_mlp_stays_whole_under_checkpointing_in_a_mixture_of_experts_and_with_dropout() -> None:
-    """Each case would go wrong or change a seeded run's numbers with fewer rows (`last_mlp_on_rows`)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    batch = padded_batch(tiny_llama().config.vocab_size, seed=3)
-    checkpointed = tiny_llama().train()
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(0)
-    experts = MixtralForCausalLM(MixtralConfig(vocab_size=checkpointed.config.vocab_size, hidden_size=32,
-                                               intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
-    dropout = tiny_gpt2().train()  # GPT-2's MLP ends in dropout (resid_pdrop 0.1)
-    for model in (checkpointed, experts, dropout):
-        seen = rows_seen_by_the_last_mlp(model)
-        sft.token_loss_sum(model, batch)[0].backward()
-        assert seen[0] == 60, type(model).__name__

@@ -18,7 +18,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..fused_ops import exp_columns
-from ..models import layer_stack
 
 CHUNK_ROWS = 384  # the most rows a chunk holds: 384 x 49k fp32 logits = 75 MB at a time
 ALIGN = 8  # the transposed logits' row stride, in elements: a multiple of 8 floats (32 bytes) keeps MKL's fast path
@@ -255,46 +254,3 @@ def hidden_instead_of_logits(model: nn.Module, head: nn.Linear) -> Iterator[None
         yield
     finally:
         inner.set_output_embeddings(head)
-
-
-@contextmanager
-def last_mlp_on_rows(model: nn.Module, rows: torch.Tensor, length: int) -> Iterator[None]:
-    """While inside, the last decoder layer's MLP runs only at the sequence positions `rows` (the ones whose final
-    hidden states the head reads, `logits_to_keep`) of an input `length` long, and adds zeros at the others, which
-    nothing reads after it; calls on other lengths (the virtual-token methods' prefix pass) run whole. An MLP
-    works on each position alone, so the kept positions' values and every gradient are those of the whole layer: the
-    prompt's share of the last layer's largest products is skipped (~1% of a LoRA step on alpaca rows,
-    docs/performance.md). Left as it is where the layer runs compiled (its forward replaced), under gradient
-    checkpointing (the backward's recomputation happens outside this block), for a mixture of experts (its
-    router's balance loss counts every position), and where the MLP applies dropout (GPT-2's, or LoRA's on its
-    projections): fewer rows would draw other random masks, and a seeded run would no longer repeat an earlier one's
-    numbers."""
-    found = layer_stack(getattr(model, "module", model))
-    layer = found[1][-1] if found is not None else None
-    mlp = getattr(layer, "mlp", None)
-    if (not isinstance(mlp, nn.Module) or "forward" in layer.__dict__ or getattr(layer, "gradient_checkpointing", False)
-            or any(hasattr(mlp, name) for name in ("gate", "router", "experts")) or _drops_out(mlp)):
-        yield
-        return
-    shapes: list[torch.Size | None] = []
-
-    def keep_rows(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        x = args[0]
-        whole = x.dim() != 3 or x.shape[1] != length
-        shapes.append(None if whole else x.shape)
-        return None if whole else (x[:, rows], *args[1:])
-
-    def scatter_back(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
-        shape = shapes.pop()
-        return None if shape is None else out.new_zeros(shape).index_copy(1, rows, out)
-
-    hooks = [mlp.register_forward_pre_hook(keep_rows), mlp.register_forward_hook(scatter_back)]
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def _drops_out(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in module.modules())

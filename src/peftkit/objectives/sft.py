@@ -8,7 +8,7 @@ from torch import nn
 from ..data.templates import IGNORE_INDEX
 from ..varlen import attention_for
 from .base import Batch, Objective, register
-from .fused_head import fusable_head, hidden_instead_of_logits, last_mlp_on_rows, linear_cross_entropy_sum
+from .fused_head import fusable_head, hidden_instead_of_logits, linear_cross_entropy_sum
 
 
 def token_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -21,16 +21,15 @@ def token_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    length = batch["labels"].shape[1]
     head = fusable_head(model)
     if head is not None:  # the head and the loss chunk by chunk: the logits are never all held (fused_head.py)
-        with attention_for(model, batch), hidden_instead_of_logits(model, head), last_mlp_on_rows(model, keep, length):
+        with attention_for(model, batch), hidden_instead_of_logits(model, head):
             hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits
         targets = targets[:, keep]
         loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
                                         IGNORE_INDEX)
         return loss, int((targets != IGNORE_INDEX).sum())
-    with attention_for(model, batch), last_mlp_on_rows(model, keep, length):
+    with attention_for(model, batch):
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits.float()
     targets = targets[:, keep]
     loss = torch.nn.functional.cross_entropy(
