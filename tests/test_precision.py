@@ -22,14 +22,23 @@ def test_base_dtype(monkeypatch, faster: bool) -> None:
 
 
 
+@pytest.fixture
+def fresh_probe():
+    """`bf16_is_faster` measures again (its cached answer dropped) inside the test, and the real answer comes back
+    after it."""
+    precision.bf16_is_faster.cache_clear()
+    yield
+    precision.bf16_is_faster.cache_clear()
+
+
 @pytest.mark.parametrize("fp32_s,bf16_s,faster,rounds", [
     ([1.0], [5.0], False, 2), ([1.0], [0.3], True, 2),  # two rounds decide where the dtypes differ several times over
     ([1.0], [0.7], True, 5), ([1.0], [0.9], False, 5), ([1.0], [1.5], False, 5),  # a close call takes the best of 5
     ([1.0], [2.5, 0.4], True, 2),  # one preempted bf16 product (2.5x fp32's) does not decide alone
     ([3.0, 1.0], [0.4], True, 2),  # nor a preempted fp32 one
     ([1.0], [0.9, 0.9, 0.45], True, 3)])  # stops once the best times decide
-def test_the_dtype_probe_needs_two_rounds_and_stops_once_they_decide(monkeypatch, fp32_s, bf16_s, faster,
-                                                                      rounds) -> None:
+def test_the_dtype_probe_needs_two_rounds_and_stops_once_they_decide(monkeypatch, fresh_probe, fp32_s, bf16_s,
+                                                                      faster, rounds) -> None:
     """Each list is the seconds of that dtype's successive products (its last value repeats)."""
     calls: list[torch.dtype] = []
 
@@ -41,23 +50,15 @@ def test_the_dtype_probe_needs_two_rounds_and_stops_once_they_decide(monkeypatch
 
     monkeypatch.setattr(precision, "_matmul_seconds", seconds)
     threads = torch.get_num_threads()
-    precision.bf16_is_faster.cache_clear()
-    try:
-        assert precision.bf16_is_faster("cpu") is faster
-    finally:
-        precision.bf16_is_faster.cache_clear()
+    assert precision.bf16_is_faster("cpu") is faster
     assert calls == [torch.float32, torch.bfloat16] * rounds
     assert torch.get_num_threads() == threads  # the probe's one thread is given back
 
 
-def test_the_dtype_probe_times_one_thread(monkeypatch) -> None:
+def test_the_dtype_probe_times_one_thread(monkeypatch, fresh_probe) -> None:
     seen: list[int] = []
     monkeypatch.setattr(precision, "_matmul_seconds", lambda operands: seen.append(torch.get_num_threads()) or 1.0)
-    precision.bf16_is_faster.cache_clear()
-    try:
-        precision.bf16_is_faster("cpu")
-    finally:
-        precision.bf16_is_faster.cache_clear()
+    precision.bf16_is_faster("cpu")
     assert seen and set(seen) == {1}
 
 
