@@ -263,10 +263,12 @@ def test_attention_equals_sdpa_per_example(lengths, heads, kv_heads, dim) -> Non
 
 
 def test_bf16_attention_is_the_fp32_kernel_on_the_widened_inputs_rounded_once(monkeypatch) -> None:
-    """On a bf16 base the kernel reads q, k and v widened to fp32 and rounds its output and gradients to bf16 once:
-    to the bit the fp32 kernel's results on the same (bf16-valued) inputs, rounded; within bf16 rounding of SDPA's."""
+    """On a bf16 base without AVX512_BF16 the kernel reads q, k and v widened to fp32 and rounds its output and
+    gradients to bf16 once: to the bit the fp32 kernel's results on the same (bf16-valued) inputs, rounded; within
+    bf16 rounding of SDPA's."""
     leaves, bounds, grad = row_of_examples([37, 5, 90], 6, 2, 16, seed=3)
     monkeypatch.setattr(fused_ops, "_active", 1)
+    monkeypatch.setattr(fused_ops, "has_bf16_dot", lambda: False)
     results = {}
     for dtype in (torch.bfloat16, torch.float32):
         inputs = [t.detach().to(torch.bfloat16).to(dtype).requires_grad_() for t in leaves]
@@ -281,6 +283,41 @@ def test_bf16_attention_is_the_fp32_kernel_on_the_widened_inputs_rounded_once(mo
     plain.backward(grad.to(torch.bfloat16).float())
     for half, want in zip(results[torch.bfloat16], [plain.detach()] + [t.grad for t in exact]):
         assert relative(half.float(), want) <= 1e-2
+
+
+def bf16_attention(leaves: list[torch.Tensor], bounds: list[int], grad: torch.Tensor, scale: float):
+    """The kernel's bf16 output and q, k, v gradients for bf16 copies of `leaves` (inside a step's block)."""
+    inputs = [t.detach().to(torch.bfloat16).requires_grad_() for t in leaves]
+    fused_ops._active += 1
+    try:
+        out = fused_ops.attention(*(t.transpose(1, 2) for t in inputs), bounds, scale)
+    finally:
+        fused_ops._active -= 1
+    out.backward(grad.to(torch.bfloat16))
+    return [out.detach()] + [t.grad for t in inputs]
+
+
+@pytest.mark.skipif(not fused_ops.has_bf16_dot(), reason="this CPU has no AVX512_BF16 (or no C compiler)")
+@pytest.mark.parametrize("lengths,heads,kv_heads,dim", [
+    ([37, 5, 90], 6, 2, 16), ([100, 7, 250], 9, 3, 64), ([1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 33], 4, 2, 32),
+    ([300], 2, 2, 48)])
+def test_bf16_attention_on_dot_products_is_as_exact_as_torch_bf16_sdpa(lengths, heads, kv_heads, dim) -> None:
+    """With AVX512_BF16, bf16 attention multiplies in bf16 pairs (P and dS rounded to bf16): output and gradients
+    within bf16 rounding of exact SDPA on the same bf16 values, no further from it than torch's own bf16 SDPA (2x its
+    error, 1e-3 slack for one rounding step), for odd lengths, one-token examples and 16-wide head dims (the products'
+    column tails)."""
+    leaves, bounds, grad = row_of_examples(lengths, heads, kv_heads, dim, seed=3)
+    ours = bf16_attention(leaves, bounds, grad, 0.25)
+    exact = [t.detach().to(torch.bfloat16).float().requires_grad_() for t in leaves]
+    want = per_example_sdpa(*(t.transpose(1, 2) for t in exact), bounds, 0.25)
+    want.backward(grad.to(torch.bfloat16).float())
+    halves = [t.detach().to(torch.bfloat16).requires_grad_() for t in leaves]
+    torch_bf16 = per_example_sdpa(*(t.transpose(1, 2) for t in halves), bounds, 0.25)
+    torch_bf16.backward(grad.to(torch.bfloat16))
+    for mine, theirs, truth in zip(ours, [torch_bf16.detach()] + [t.grad for t in halves],
+                                   [want.detach()] + [t.grad for t in exact]):
+        assert mine.dtype == torch.bfloat16
+        assert relative(mine.float(), truth) <= min(1e-2, 2 * relative(theirs.float(), truth) + 1e-3)
 
 
 def test_attention_does_not_depend_on_the_thread_count() -> None:
@@ -299,6 +336,25 @@ def test_attention_does_not_depend_on_the_thread_count() -> None:
                 fused_ops._active -= 1
             out.backward(grad)
             results.append([out.detach()] + [t.grad.clone() for t in leaves])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("dot", [True, False])
+def test_bf16_attention_does_not_depend_on_the_thread_count(monkeypatch, dot) -> None:
+    """Both bf16 kernels (dot products where the CPU has them, widened to the fp32 one otherwise), 1-3 threads."""
+    if dot and not fused_ops.has_bf16_dot():
+        pytest.skip("this CPU has no AVX512_BF16 (or no C compiler)")
+    monkeypatch.setattr(fused_ops, "has_bf16_dot", lambda: dot)
+    leaves, bounds, grad = row_of_examples([70, 3, 130, 41], 6, 2, 32, seed=1)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(bf16_attention(leaves, bounds, grad, 0.25))
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:

@@ -1,5 +1,6 @@
 /* peftkit's fused operators for training on x86-64 CPUs with AVX2 + FMA (fused_ops.py): norms and SwiGLU in fp32 and
- * bf16; attention, rotary embeddings and the fused LM head's softmax in fp32 (rotary in bf16 too).
+ * bf16; attention, rotary embeddings and the fused LM head's softmax in fp32 (rotary in bf16 too; attention in bf16
+ * on CPUs with AVX512_BF16, in functions compiled for it and called only there).
  *
  * A Llama-style decoder layer's RMSNorms and its SwiGLU (silu(gate) * up) are, in torch, chains of 3-8 operators,
  * each a pass over memory with its own output tensor. Here each forward and each backward is one pass: for SmolLM2's
@@ -613,6 +614,285 @@ int peftkit_attention_backward(const float *grad, const float *q, const float *k
     free(tasks);
     return failed ? -1 : 0;  /* -1: scratch memory could not be allocated */
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * The same attention for bf16 q, k, v and incoming gradient, on CPUs with AVX512_BF16 (fused_ops.attention on a bf16
+ * base): the products on `vdpbf16ps`, which multiplies pairs of bf16 values exactly and adds both products to an fp32
+ * sum, at twice the fp32 FMA rate. The softmax, its log-sum-exp and dS = scale * P * (dP - rowsum(dO * O)) stay fp32;
+ * P and dS are rounded to bf16 to enter the products that read them (P V, dS K, dS^T Q, P^T dO), as torch's CPU flash
+ * attention rounds P for its P V. Outputs fp32: out, lse, dq, dk and dv as in the fp32 kernel.
+ *
+ * Why: with q, k and v widened to fp32 for the fp32 kernel, attention was ~11% of a bf16 LoRA step of SmolLM2
+ * (docs/performance.md, "The attention kernel on bf16 dot products").
+ *
+ * A product's operands: A[r, kk] is a pair of bf16 values (a 32-bit word) at A + r * ar + kk * ak, in words (a bf16
+ * matrix read by rows has ak = 1; a pair-interleaved one read transposed has ar = 1); B[kk] is a row of words, word j
+ * holding B's rows 2kk and 2kk + 1 at column j. The scores read K^T this way without any interleaving (a word of K's
+ * row j is two of its dims), P V and dS K read V and K with their rows interleaved in pairs. Rows are done 4 at a
+ * time in this thread's order over the reduced dimension, so results do not depend on the thread count.
+ */
+#if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10  /* compilers that know AVX512_BF16 */
+#define DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+int peftkit_has_bf16_dot(void) {  /* 1: the functions below exist and this CPU runs them */
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+static inline uint32_t word_at(const uint32_t *p) {  /* bf16 tensors are 2-byte aligned only */
+    uint32_t w;
+    memcpy(&w, p, sizeof w);
+    return w;
+}
+
+/* C[r, 0:16 nc] (+)= sum over kk in [kk0, kk1) of A[r, kk] . B[kk, 0:16 nc] for the 4 rows r; rows >= `rows` read
+ * row rows - 1 again and are not stored. nc (1-4) is a constant where inlined, so the 4 x nc sums stay in
+ * registers. */
+static inline __attribute__((always_inline)) DOT_TARGET void dot_4xnc(
+        int nc, int64_t rows, const uint32_t *A, int64_t ar, int64_t ak, const uint32_t *B, int64_t ldb, float *C,
+        int64_t ldc, int64_t kk0, int64_t kk1, int accumulate) {
+    __m512 acc[4][4];
+    const uint32_t *a[4];
+    #pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+        a[r] = A + (r < rows ? r : rows - 1) * ar;
+        #pragma GCC unroll 4
+        for (int c = 0; c < nc; c++)
+            acc[r][c] = accumulate && r < rows ? _mm512_loadu_ps(C + r * ldc + 16 * c) : _mm512_setzero_ps();
+    }
+    for (int64_t kk = kk0; kk < kk1; kk++) {
+        __m512bh b[4];
+        #pragma GCC unroll 4
+        for (int c = 0; c < nc; c++) b[c] = (__m512bh)_mm512_loadu_si512(B + kk * ldb + 16 * c);
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            __m512bh x = (__m512bh)_mm512_set1_epi32((int)word_at(a[r] + kk * ak));
+            #pragma GCC unroll 4
+            for (int c = 0; c < nc; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, b[c]);
+        }
+    }
+    #pragma GCC unroll 4
+    for (int r = 0; r < 4; r++)
+        #pragma GCC unroll 4
+        for (int c = 0; c < nc; c++)
+            if (r < rows) _mm512_storeu_ps(C + r * ldc + 16 * c, acc[r][c]);
+}
+
+/* C[0:rows, 0:cols] (+)= A[0:rows, k] B[k, 0:cols] over k in [k0, k1) (elements, k0 even), cols a multiple of 16 */
+static DOT_TARGET void dot_rows(int64_t rows, const uint32_t *A, int64_t ar, int64_t ak, const uint32_t *B,
+                                int64_t ldb, float *C, int64_t ldc, int64_t cols, int64_t k0, int64_t k1,
+                                int accumulate) {
+    int64_t kk0 = k0 / 2, kk1 = (k1 + 1) / 2, c = 0;
+    for (; c + 64 <= cols; c += 64) dot_4xnc(4, rows, A, ar, ak, B + c, ldb, C + c, ldc, kk0, kk1, accumulate);
+    switch ((cols - c) / 16) {  /* the rest in one pass: more independent sums than 16 columns at a time */
+        case 3: dot_4xnc(3, rows, A, ar, ak, B + c, ldb, C + c, ldc, kk0, kk1, accumulate); break;
+        case 2: dot_4xnc(2, rows, A, ar, ak, B + c, ldb, C + c, ldc, kk0, kk1, accumulate); break;
+        case 1: dot_4xnc(1, rows, A, ar, ak, B + c, ldb, C + c, ldc, kk0, kk1, accumulate); break;
+        default: break;
+    }
+}
+
+/* C[0:n, 0:cols] (+)= A B row block by row block (4 rows), where row block r takes k from `from_row` ? r : 0 up to
+ * `to_row` ? r + its rows : k_end (the causal triangle; A's entries past a row's own range must be zero, and B's row
+ * k_end too when k_end is odd) */
+static DOT_TARGET void dot_product(int64_t n, const uint32_t *A, int64_t ar, int64_t ak, const uint32_t *B,
+                                   int64_t ldb, float *C, int64_t ldc, int64_t cols, int64_t k_end, int from_row,
+                                   int to_row, int accumulate) {
+    for (int64_t r = 0; r < n; r += 4) {
+        int64_t rows = n - r < 4 ? n - r : 4;
+        dot_rows(rows, A + r * ar, ar, ak, B, ldb, C + r * ldc, ldc, cols, from_row ? r : 0, to_row ? r + rows : k_end,
+                 accumulate);
+    }
+}
+
+/* dst[kk * ld + j] = the word of M's row j at dims 2kk, 2kk + 1 (j < n; zeros for j in [n, round16(n))) */
+static void pack_transposed(const uint16_t *m, int64_t stride, int64_t n, int64_t dim, uint32_t *dst, int64_t ld) {
+    for (int64_t j = 0; j < n; j++) {
+        const uint32_t *row = (const uint32_t *)(m + j * stride);
+        for (int64_t kk = 0; kk < dim / 2; kk++) dst[kk * ld + j] = word_at(row + kk);
+    }
+    for (int64_t kk = 0; kk < dim / 2; kk++)
+        for (int64_t j = n; j < round16(n); j++) dst[kk * ld + j] = 0;
+}
+
+/* 32 bf16 of `lo` and 32 of `hi` interleaved: words lo[i] | hi[i] << 16, for i in [0, 16) (first) and [16, 32) */
+static inline DOT_TARGET void interleave32(__m512i lo, __m512i hi, uint32_t *first, uint32_t *second) {
+    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+    _mm512_storeu_si512(first, _mm512_permutex2var_epi16(lo, low, hi));
+    _mm512_storeu_si512(second, _mm512_permutex2var_epi16(lo, high, hi));
+}
+
+/* dst[jj * dim + d] = the word (M[2jj, d], M[2jj + 1, d]) for 2jj < n, M's row n taken as zeros; dim a multiple of 16 */
+static DOT_TARGET void pack_row_pairs(const uint16_t *m, int64_t stride, int64_t n, int64_t dim, uint32_t *dst) {
+    for (int64_t j = 0; j < n; j += 2) {
+        const uint16_t *lo = m + j * stride, *hi = lo + stride;
+        uint32_t *out = dst + (j / 2) * dim;
+        int64_t d = 0;
+        for (; d + 32 <= dim; d += 32)
+            interleave32(_mm512_loadu_si512(lo + d), j + 1 < n ? _mm512_loadu_si512(hi + d) : _mm512_setzero_si512(),
+                         out + d, out + d + 16);
+        for (; d < dim; d++) out[d] = lo[d] | (j + 1 < n ? (uint32_t)hi[d] << 16 : 0u);
+    }
+}
+
+/* 16 fp32 as bf16 (nearest, ties to even), in the low half */
+static inline DOT_TARGET __m256i bf16x16(const float *p) { return (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p)); }
+
+/* rows lo and hi (fp32, `width` columns, a multiple of 16) as bf16 words lo[j] | hi[j] << 16 */
+static inline DOT_TARGET void interleave_rows(const float *lo, const float *hi, int64_t width, uint32_t *dst) {
+    for (int64_t j = 0; j < width; j += 32) {
+        __m512i a = _mm512_castsi256_si512(bf16x16(lo + j)), b = _mm512_castsi256_si512(bf16x16(hi + j));
+        if (j + 16 < width) {
+            a = _mm512_inserti64x4(a, bf16x16(lo + j + 16), 1);
+            b = _mm512_inserti64x4(b, bf16x16(hi + j + 16), 1);
+            interleave32(a, b, dst + j, dst + j + 16);
+        } else {
+            uint32_t spare[16];
+            interleave32(a, b, dst + j, spare);
+        }
+    }
+}
+
+/* rows [0, rows) of a 4-row fp32 block (row stride ld, `width` columns) as bf16, rows by rows (row stride ld words / 2) */
+static inline DOT_TARGET void to_bf16_rows(const float *s, int64_t rows, int64_t width, int64_t ld, uint16_t *dst) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < width; j += 16) _mm256_storeu_si256((__m256i *)(dst + r * ld + j), bf16x16(s + r * ld + j));
+}
+
+/* sum of a[d] * b[d] over d < dim (a multiple of 16), a bf16, in sixteen lanes */
+static inline DOT_TARGET float bf16_dot_fp32(const uint16_t *a, const float *b, int64_t dim) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16) {
+        __m512 wide = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + d))), 16));
+        acc = _mm512_fmadd_ps(wide, _mm512_loadu_ps(b + d), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+int DOT_TARGET peftkit_attention_forward_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, float *out,
+                                              float *lse, const int64_t *bounds, int64_t examples, int64_t tokens,
+                                              int64_t heads, int64_t kv_heads, int64_t dim, int64_t q_st,
+                                              int64_t q_sh, int64_t kv_st, int64_t kv_sh, int64_t v_st, int64_t v_sh,
+                                              int64_t max_len, float scale, int threads) {
+    int64_t count, ld = round16(max_len), group = heads / kv_heads, half = dim / 2;
+    Task *tasks = make_tasks(bounds, examples, kv_heads, &count);
+    int failed = tasks == NULL && examples * kv_heads > 0;
+    #pragma omp parallel num_threads(threads) if (!failed)
+    {
+        /* K^T's words, V's row pairs, a 4-row block of scores and of P in bf16 */
+        size_t words = half * ld + (ld / 2) * dim + 2 * ld;
+        uint32_t *kt = failed ? NULL : aligned_alloc(64, sizeof(uint32_t) * words + sizeof(float) * 4 * ld);
+        uint32_t *vp = kt == NULL ? NULL : kt + half * ld, *pb = vp == NULL ? NULL : vp + (ld / 2) * dim;
+        float *s = pb == NULL ? NULL : (float *)(pb + 2 * ld);
+        if (kt == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < count; t++) {
+            if (kt == NULL) continue;
+            int64_t n = tasks[t].length, g = tasks[t].head, t0 = tasks[t].start;
+            pack_transposed(k + t0 * kv_st + g * kv_sh, kv_st, n, dim, kt, ld);
+            pack_row_pairs(v + t0 * v_st + g * v_sh, v_st, n, dim, vp);
+            for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                const uint16_t *qh = q + t0 * q_st + h * q_sh;
+                for (int64_t r = 0; r < n; r += 4) {
+                    int64_t rows = n - r < 4 ? n - r : 4, width = round16(r + rows);
+                    dot_rows(rows, (const uint32_t *)(qh + r * q_st), q_st / 2, 1, kt, ld, s, ld, width, 0, dim, 0);
+                    for (int64_t i = r; i < r + rows; i++)
+                        lse[h * tokens + t0 + i] = softmax_row(s + (i - r) * ld, i, scale, NULL);
+                    to_bf16_rows(s, rows, width, ld, (uint16_t *)pb);
+                    dot_rows(rows, pb, ld / 2, 1, vp, dim, out + ((t0 + r) * heads + h) * dim, heads * dim, dim, 0,
+                             r + rows, 0);
+                }
+            }
+        }
+        free(kt);
+    }
+    free(tasks);
+    return failed ? -1 : 0;
+}
+
+int DOT_TARGET peftkit_attention_backward_bf16(const uint16_t *grad, const uint16_t *q, const uint16_t *k,
+                                               const uint16_t *v, const float *out, const float *lse, float *dq,
+                                               float *dk, float *dv, const int64_t *bounds, int64_t examples,
+                                               int64_t tokens, int64_t heads, int64_t kv_heads, int64_t dim,
+                                               int64_t q_st, int64_t q_sh, int64_t kv_st, int64_t kv_sh, int64_t v_st,
+                                               int64_t v_sh, int64_t max_len, float scale, int threads) {
+    int64_t count, ld = round16(max_len), group = heads / kv_heads, half = dim / 2;
+    Task *tasks = make_tasks(bounds, examples, kv_heads, &count);
+    int failed = tasks == NULL && examples * kv_heads > 0;
+    #pragma omp parallel num_threads(threads) if (!failed)
+    {
+        /* K^T's and V^T's words; K's, Q's and dO's row pairs; dS and P with their rows interleaved in pairs (read
+         * transposed by dK and dV); 4-row blocks of dS in bf16, and of scores and dP in fp32 */
+        size_t words = 2 * half * ld + 3 * (ld / 2) * dim + 2 * (ld / 2) * ld + 2 * ld;
+        uint32_t *kt = failed ? NULL : aligned_alloc(64, sizeof(uint32_t) * words + sizeof(float) * 8 * ld);
+        uint32_t *vt = kt == NULL ? NULL : kt + half * ld, *kp = vt == NULL ? NULL : vt + half * ld;
+        uint32_t *qp = kp == NULL ? NULL : kp + (ld / 2) * dim, *gp = qp == NULL ? NULL : qp + (ld / 2) * dim;
+        uint32_t *dsi = gp == NULL ? NULL : gp + (ld / 2) * dim, *pi = dsi == NULL ? NULL : dsi + (ld / 2) * ld;
+        uint32_t *dsb = pi == NULL ? NULL : pi + (ld / 2) * ld;
+        float *p = dsb == NULL ? NULL : (float *)(dsb + 2 * ld), *ds = p == NULL ? NULL : p + 4 * ld;
+        if (kt == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < count; t++) {
+            if (kt == NULL) continue;
+            int64_t n = tasks[t].length, g = tasks[t].head, t0 = tasks[t].start;
+            const uint16_t *kg = k + t0 * kv_st + g * kv_sh, *vg = v + t0 * v_st + g * v_sh;
+            float *dkg = dk + (t0 * kv_heads + g) * dim, *dvg = dv + (t0 * kv_heads + g) * dim;
+            pack_transposed(kg, kv_st, n, dim, kt, ld);
+            pack_transposed(vg, v_st, n, dim, vt, ld);
+            pack_row_pairs(kg, kv_st, n, dim, kp);
+            for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                const uint16_t *qh = q + t0 * q_st + h * q_sh, *gh = grad + (t0 * heads + h) * dim;
+                const float *oh = out + (t0 * heads + h) * dim;
+                pack_row_pairs(qh, q_st, n, dim, qp);
+                pack_row_pairs(gh, heads * dim, n, dim, gp);
+                for (int64_t r = 0; r < n; r += 4) {
+                    int64_t rows = n - r < 4 ? n - r : 4, width = round16(r + rows);
+                    dot_rows(rows, (const uint32_t *)(qh + r * q_st), q_st / 2, 1, kt, ld, p, ld, width, 0, dim, 0);
+                    dot_rows(rows, (const uint32_t *)(gh + r * heads * dim), heads * dim / 2, 1, vt, ld, ds, ld,
+                             width, 0, dim, 0);  /* dP = dO V^T */
+                    for (int64_t i = r; i < r + 4; i++) {
+                        float *pr = p + (i - r) * ld, *dr = ds + (i - r) * ld;
+                        if (i >= n) {  /* past the example: zero rows, the second half of the last pair */
+                            memset(pr, 0, sizeof(float) * width);
+                            memset(dr, 0, sizeof(float) * width);
+                            continue;
+                        }
+                        float dot = bf16_dot_fp32(gh + i * heads * dim, oh + i * heads * dim, dim);
+                        softmax_row(pr, i, scale, lse + h * tokens + t0 + i);
+                        for (int64_t j = 0; j <= i; j++) dr[j] = scale * pr[j] * (dr[j] - dot);
+                        for (int64_t j = i + 1; j < width; j++) pr[j] = dr[j] = 0.0f;
+                    }
+                    to_bf16_rows(ds, rows, width, ld, (uint16_t *)dsb);
+                    for (int64_t i = r; i < r + 4 && i < n; i += 2) {
+                        interleave_rows(ds + (i - r) * ld, ds + (i - r + 1) * ld, width, dsi + (i / 2) * ld);
+                        interleave_rows(p + (i - r) * ld, p + (i - r + 1) * ld, width, pi + (i / 2) * ld);
+                    }
+                    dot_rows(rows, dsb, ld / 2, 1, kp, dim, dq + ((t0 + r) * heads + h) * dim, heads * dim, dim, 0,
+                             r + rows, 0);  /* dQ = dS K */
+                }
+                /* dK += dS^T Q and dV += P^T dO: dS and P read transposed from their interleaved rows */
+                dot_product(n, dsi, 1, ld, qp, dim, dkg, kv_heads * dim, dim, n, 1, 0, 1);
+                dot_product(n, pi, 1, ld, gp, dim, dvg, kv_heads * dim, dim, n, 1, 0, 1);
+            }
+        }
+        free(kt);
+    }
+    free(tasks);
+    return failed ? -1 : 0;
+}
+#else
+int peftkit_has_bf16_dot(void) { return 0; }  /* an older compiler: bf16 attention takes the fp32 kernel */
+#endif
 
 /* ---------------------------------------------------------------------------------------------------------------
  * The fused LM head's softmax numerators (objectives/fused_head.py), fp32, in place: for the chunk's logits transposed

@@ -8,8 +8,8 @@ on those operators and keeps fewer tensors for backward (docs/performance.md, "F
 `fused_layers(model)` swaps them in for the modules that compute exactly Llama's RMSNorm and SwiGLU MLP (Llama, Qwen2,
 Qwen3, Mistral, ...: their forward is the same code), for fp32 tensors on the CPU and, on a bf16 base, for bf16 ones
 (rounded as torch's bf16 operators round); anything else, and everything when the kernels cannot be built or
-PEFTKIT_FUSED_OPS=0, runs torch's operators as before. The attention kernel computes in fp32; bf16 q, k and v are
-widened for it and its results rounded back.
+PEFTKIT_FUSED_OPS=0, runs torch's operators as before. The attention kernel takes bf16 q, k and v on AVX512_BF16's dot
+products where the CPU has them, else widened to fp32 for the fp32 kernel, its results rounded back.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.peftkit_attention_forward.argtypes = [p] * 6 + sizes + [ctypes.c_float, t]
     library.peftkit_attention_backward.argtypes = [p] * 10 + sizes + [ctypes.c_float, t]
     library.peftkit_attention_forward.restype = library.peftkit_attention_backward.restype = t  # 0, or -1: no memory
+    library.peftkit_has_bf16_dot.argtypes, library.peftkit_has_bf16_dot.restype = [], t
+    if library.peftkit_has_bf16_dot():  # else not built (an older compiler) or not for this CPU
+        library.peftkit_attention_forward_bf16.argtypes = [p] * 6 + sizes + [ctypes.c_float, t]
+        library.peftkit_attention_backward_bf16.argtypes = [p] * 10 + sizes + [ctypes.c_float, t]
+        library.peftkit_attention_forward_bf16.restype = library.peftkit_attention_backward_bf16.restype = t
     library.peftkit_exp_columns.argtypes = [p, n, n, n, p, p, t]
     library.peftkit_exp_columns.restype = t
     return library
@@ -143,27 +148,44 @@ def _fp32_view(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@functools.cache
+def has_bf16_dot() -> bool:
+    """Whether this CPU has AVX512_BF16's dot products (`vdpbf16ps`), for the bf16 attention kernel; asked once."""
+    return kernels() is not None and bool(LIBRARY.loaded.peftkit_has_bf16_dot())
+
+
+def _dot_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """bf16 q, k and v as the bf16 kernel reads them (head dim contiguous, a multiple of 16, even token and head
+    strides: two dims are one 32-bit word), or None where it does not apply: the fp32 kernel on widened copies."""
+    if q.dtype != torch.bfloat16 or q.shape[-1] % 16 or not has_bf16_dot():
+        return None
+    views = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return views if all(t.stride(1) % 2 == 0 and t.stride(2) % 2 == 0 for t in views) else None
+
+
 class _Attention(torch.autograd.Function):
     """Causal attention of every example of a padding-free row, in one kernel call each way (fused_ops.c).
 
-    The kernel computes in fp32. On a bf16 base, q, k and v are widened for it (again in the backward, rather than
-    kept: half the saved memory) and the output and gradients rounded to bf16 once; the fp32 output is kept for the
-    backward's rowsum(dO * O). Against the batched bf16 matmuls per example it replaced there, 0.95-0.975x the step
-    time on alpaca rows and 0.92x on short ones, fewer roundings (docs/performance.md, "The attention kernel in bf16
-    steps").
+    fp32 q, k and v take the fp32 kernel. bf16 ones take the bf16 kernel where the CPU has AVX512_BF16 (products of
+    bf16 pairs into fp32 sums; P and dS rounded to bf16 for the products that read them, as in torch's bf16 flash
+    attention), else the fp32 kernel on widened copies (again in the backward, rather than kept: half the saved
+    memory). Either way the output and gradients are rounded to bf16 once, and the fp32 output is kept for the
+    backward's rowsum(dO * O) (docs/performance.md, "The attention kernel in bf16 steps" and "The attention kernel
+    on bf16 dot products").
     """
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, max_len: int,
                 scale: float) -> torch.Tensor:
-        q32, k32, v32 = (_fp32_view(t) for t in (q, k, v))
+        views = _dot_views(q, k, v)
+        qk_v = views or tuple(_fp32_view(t) for t in (q, k, v))
+        run = LIBRARY.loaded.peftkit_attention_forward_bf16 if views else LIBRARY.loaded.peftkit_attention_forward
         _, heads, tokens, dim = q.shape
-        out = q32.new_empty(1, tokens, heads, dim)
-        lse = q32.new_empty(heads, tokens)
-        _check(LIBRARY.loaded.peftkit_attention_forward(
-            q32.data_ptr(), k32.data_ptr(), v32.data_ptr(), out.data_ptr(), lse.data_ptr(), bounds.data_ptr(),
-            bounds.numel() - 1, tokens, heads, k.shape[1], dim, *_strides(q32, k32, v32), max_len, scale,
-            torch.get_num_threads()))
+        out = q.new_empty(1, tokens, heads, dim, dtype=torch.float32)
+        lse = q.new_empty(heads, tokens, dtype=torch.float32)
+        _check(run(*(t.data_ptr() for t in qk_v), out.data_ptr(), lse.data_ptr(), bounds.data_ptr(),
+                   bounds.numel() - 1, tokens, heads, k.shape[1], dim, *_strides(*qk_v), max_len, scale,
+                   torch.get_num_threads()))
         ctx.save_for_backward(q, k, v, out, lse, bounds)
         ctx.settings = (max_len, scale)
         return out.to(q.dtype)
@@ -172,16 +194,17 @@ class _Attention(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse, bounds = ctx.saved_tensors
         max_len, scale = ctx.settings
-        q32, k32, v32 = (_fp32_view(t) for t in (q, k, v))
-        grad = grad.float().contiguous()
+        views = _dot_views(q, k, v)
+        qk_v = views or tuple(_fp32_view(t) for t in (q, k, v))
+        run = LIBRARY.loaded.peftkit_attention_backward_bf16 if views else LIBRARY.loaded.peftkit_attention_backward
+        grad = grad.to(qk_v[0].dtype).contiguous()
         _, heads, tokens, dim = q.shape
         kv_heads = k.shape[1]
-        dq = q32.new_empty(1, tokens, heads, dim)
-        dk, dv = (k32.new_zeros(1, tokens, kv_heads, dim) for _ in range(2))
-        _check(LIBRARY.loaded.peftkit_attention_backward(
-            grad.data_ptr(), q32.data_ptr(), k32.data_ptr(), v32.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), bounds.data_ptr(), bounds.numel() - 1, tokens, heads,
-            kv_heads, dim, *_strides(q32, k32, v32), max_len, scale, torch.get_num_threads()))
+        dq = out.new_empty(1, tokens, heads, dim)
+        dk, dv = (out.new_zeros(1, tokens, kv_heads, dim) for _ in range(2))
+        _check(run(grad.data_ptr(), *(t.data_ptr() for t in qk_v), out.data_ptr(), lse.data_ptr(),
+                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), bounds.data_ptr(), bounds.numel() - 1, tokens, heads,
+                   kv_heads, dim, *_strides(*qk_v), max_len, scale, torch.get_num_threads()))
         return tuple(d.to(t.dtype).transpose(1, 2) for d, t in zip((dq, dk, dv), (q, k, v))) + (None, None, None)
 
 
