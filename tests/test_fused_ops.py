@@ -285,15 +285,16 @@ def test_bf16_attention_is_the_fp32_kernel_on_the_widened_inputs_rounded_once(mo
         assert relative(half.float(), want) <= 1e-2
 
 
-def bf16_attention(leaves: list[torch.Tensor], bounds: list[int], grad: torch.Tensor, scale: float):
-    """The kernel's bf16 output and q, k, v gradients for bf16 copies of `leaves` (inside a step's block)."""
-    inputs = [t.detach().to(torch.bfloat16).requires_grad_() for t in leaves]
+def kernel_attention(leaves: list[torch.Tensor], bounds: list[int], grad: torch.Tensor, scale: float,
+                     dtype: torch.dtype = torch.bfloat16):
+    """The kernel's output and q, k, v gradients for `dtype` copies of `leaves` (inside a step's block)."""
+    inputs = [t.detach().to(dtype).requires_grad_() for t in leaves]
     fused_ops._active += 1
     try:
         out = fused_ops.attention(*(t.transpose(1, 2) for t in inputs), bounds, scale)
     finally:
         fused_ops._active -= 1
-    out.backward(grad.to(torch.bfloat16))
+    out.backward(grad.to(dtype))
     return [out.detach()] + [t.grad for t in inputs]
 
 
@@ -307,7 +308,7 @@ def test_bf16_attention_on_dot_products_is_as_exact_as_torch_bf16_sdpa(lengths, 
     error, 1e-3 slack for one rounding step), for odd lengths, one-token examples and 16-wide head dims (the products'
     column tails)."""
     leaves, bounds, grad = row_of_examples(lengths, heads, kv_heads, dim, seed=3)
-    ours = bf16_attention(leaves, bounds, grad, 0.25)
+    ours = kernel_attention(leaves, bounds, grad, 0.25)
     exact = [t.detach().to(torch.bfloat16).float().requires_grad_() for t in leaves]
     want = per_example_sdpa(*(t.transpose(1, 2) for t in exact), bounds, 0.25)
     want.backward(grad.to(torch.bfloat16).float())
@@ -320,31 +321,10 @@ def test_bf16_attention_on_dot_products_is_as_exact_as_torch_bf16_sdpa(lengths, 
         assert relative(mine.float(), truth) <= min(1e-2, 2 * relative(theirs.float(), truth) + 1e-3)
 
 
-def test_attention_does_not_depend_on_the_thread_count() -> None:
-    leaves, bounds, grad = row_of_examples([70, 3, 130, 41], 6, 2, 16, seed=1)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            for t in leaves:
-                t.grad = None
-            fused_ops._active += 1  # as inside a step's fused_layers
-            try:
-                out = fused_ops.attention(*(t.transpose(1, 2) for t in leaves), bounds, 0.25)
-            finally:
-                fused_ops._active -= 1
-            out.backward(grad)
-            results.append([out.detach()] + [t.grad.clone() for t in leaves])
-    finally:
-        torch.set_num_threads(before)
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
-
-
-@pytest.mark.parametrize("dot", [True, False])
-def test_bf16_attention_does_not_depend_on_the_thread_count(monkeypatch, dot) -> None:
-    """Both bf16 kernels (dot products where the CPU has them, widened to the fp32 one otherwise), 1-3 threads."""
+@pytest.mark.parametrize("dtype,dot", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_attention_does_not_depend_on_the_thread_count(monkeypatch, dtype, dot) -> None:
+    """The fp32 kernel and both bf16 ones (widened to fp32, or on dot products where the CPU has them): bit-equal
+    results on 1, 2 and 3 threads."""
     if dot and not fused_ops.has_bf16_dot():
         pytest.skip("this CPU has no AVX512_BF16 (or no C compiler)")
     monkeypatch.setattr(fused_ops, "has_bf16_dot", lambda: dot)
@@ -354,7 +334,7 @@ def test_bf16_attention_does_not_depend_on_the_thread_count(monkeypatch, dot) ->
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(bf16_attention(leaves, bounds, grad, 0.25))
+            results.append(kernel_attention(leaves, bounds, grad, 0.25, dtype))
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
