@@ -725,7 +725,7 @@ static inline DOT_TARGET void interleave32(__m512i lo, __m512i hi, uint32_t *fir
     _mm512_storeu_si512(second, _mm512_permutex2var_epi16(lo, high, hi));
 }
 
-/* dst[jj * dim + d] = the word (M[2jj, d], M[2jj + 1, d]) for 2jj < n, M's row n taken as zeros; dim a multiple of 16 */
+/* dst[jj * dim + d] = the word (M[2jj, d], M[2jj + 1, d]) for 2jj < n, row n as zeros; dim a multiple of 16 */
 static DOT_TARGET void pack_row_pairs(const uint16_t *m, int64_t stride, int64_t n, int64_t dim, uint32_t *dst) {
     for (int64_t j = 0; j < n; j += 2) {
         const uint16_t *lo = m + j * stride, *hi = lo + stride;
@@ -756,10 +756,11 @@ static inline DOT_TARGET void interleave_rows(const float *lo, const float *hi, 
     }
 }
 
-/* rows [0, rows) of a 4-row fp32 block (row stride ld, `width` columns) as bf16, rows by rows (row stride ld words / 2) */
+/* rows [0, rows) of a 4-row fp32 block (row stride ld, `width` columns) as bf16 rows (row stride ld bf16 values) */
 static inline DOT_TARGET void to_bf16_rows(const float *s, int64_t rows, int64_t width, int64_t ld, uint16_t *dst) {
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t j = 0; j < width; j += 16) _mm256_storeu_si256((__m256i *)(dst + r * ld + j), bf16x16(s + r * ld + j));
+        for (int64_t j = 0; j < width; j += 16)
+            _mm256_storeu_si256((__m256i *)(dst + r * ld + j), bf16x16(s + r * ld + j));
 }
 
 /* sum of a[d] * b[d] over d < dim (a multiple of 16), a bf16, in sixteen lanes */

@@ -163,6 +163,15 @@ def _dot_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
     return views if all(t.stride(1) % 2 == 0 and t.stride(2) % 2 == 0 for t in views) else None
 
 
+def _attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, direction: str
+                      ) -> tuple[tuple[torch.Tensor, ...], Callable[..., int]]:
+    """q, k and v as the attention kernel reads them, and its `direction` ("forward" or "backward") function: the bf16
+    one on bf16 dot products where it applies, else the fp32 one on fp32 (for bf16, widened) copies."""
+    views = _dot_views(q, k, v)
+    inputs = views or tuple(_fp32_view(t) for t in (q, k, v))
+    return inputs, getattr(LIBRARY.loaded, f"peftkit_attention_{direction}" + ("_bf16" if views else ""))
+
+
 class _Attention(torch.autograd.Function):
     """Causal attention of every example of a padding-free row, in one kernel call each way (fused_ops.c).
 
@@ -177,9 +186,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, max_len: int,
                 scale: float) -> torch.Tensor:
-        views = _dot_views(q, k, v)
-        qk_v = views or tuple(_fp32_view(t) for t in (q, k, v))
-        run = LIBRARY.loaded.peftkit_attention_forward_bf16 if views else LIBRARY.loaded.peftkit_attention_forward
+        qk_v, run = _attention_kernel(q, k, v, "forward")
         _, heads, tokens, dim = q.shape
         out = q.new_empty(1, tokens, heads, dim, dtype=torch.float32)
         lse = q.new_empty(heads, tokens, dtype=torch.float32)
@@ -194,9 +201,7 @@ class _Attention(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse, bounds = ctx.saved_tensors
         max_len, scale = ctx.settings
-        views = _dot_views(q, k, v)
-        qk_v = views or tuple(_fp32_view(t) for t in (q, k, v))
-        run = LIBRARY.loaded.peftkit_attention_backward_bf16 if views else LIBRARY.loaded.peftkit_attention_backward
+        qk_v, run = _attention_kernel(q, k, v, "backward")
         grad = grad.to(qk_v[0].dtype).contiguous()
         _, heads, tokens, dim = q.shape
         kv_heads = k.shape[1]
